@@ -1,0 +1,77 @@
+"""fp32 reference attention for a whole hybrid batch: the ground truth every backend is checked against.
+
+Prefill chunk c of sequence s: its queries are the last chunk_len positions of a sequence of
+kv_len = context_len + chunk_len tokens; query i (0-based) sits at position context_len + i and
+attends causally to keys 0..context_len + i. A decode query attends to all kv_len keys of its
+sequence. GQA: query head h reads KV head h // (num_q_heads // num_kv_heads).
+"""
+from __future__ import annotations
+
+import torch
+
+from pod.batch import HybridBatch
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, sm_scale: float,
+            block_q: int = 512) -> torch.Tensor:
+    """q [Lq, Hq, D], k/v [Lk, Hkv, D]; query row i sits at position q_pos0 + i. Returns fp32 [Lq, Hq, D].
+
+    Processes queries in blocks so the [Hq, block_q, Lk] score matrix stays small at 16K contexts.
+    """
+    lq, hq, _ = q.shape
+    lk, hkv, _ = k.shape
+    group = hq // hkv
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)   # [Hq, Lk, D]
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    out = torch.empty(lq, hq, q.shape[-1], dtype=torch.float32, device=q.device)
+    key_pos = torch.arange(lk, device=q.device)
+    for a in range(0, lq, block_q):
+        b = min(a + block_q, lq)
+        qf = q[a:b].float().transpose(0, 1)                          # [Hq, bq, D]
+        s = torch.matmul(qf, kf.transpose(1, 2)) * sm_scale           # [Hq, bq, Lk]
+        q_pos = q_pos0 + torch.arange(a, b, device=q.device)
+        s.masked_fill_(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[a:b] = torch.matmul(torch.softmax(s, dim=-1), vf).transpose(0, 1)
+    return out
+
+
+def reference_prefill(batch: HybridBatch) -> torch.Tensor:
+    """fp32 [total_chunk_tokens, Hq, D]."""
+    spec = batch.spec
+    out = torch.empty(batch.q_prefill.shape, dtype=torch.float32, device=batch.device)
+    for i, c in enumerate(spec.prefill_chunks):
+        a, b = int(batch.q_indptr[i]), int(batch.q_indptr[i + 1])
+        k, v = batch.sequence_kv(i)
+        out[a:b] = _attend(batch.q_prefill[a:b], k, v, c.context_len, batch.sm_scale)
+    return out
+
+
+def reference_decode(batch: HybridBatch) -> torch.Tensor:
+    """fp32 [num_decodes, Hq, D]."""
+    spec = batch.spec
+    out = torch.empty(batch.q_decode.shape, dtype=torch.float32, device=batch.device)
+    for j, n in enumerate(spec.decode_context_lens):
+        k, v = batch.sequence_kv(spec.num_prefill + j)
+        # The decode query is the last position: it sees all n keys.
+        out[j:j + 1] = _attend(batch.q_decode[j:j + 1], k, v, n - 1, batch.sm_scale)
+    return out
+
+
+def reference(batch: HybridBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefill output, decode output), both fp32."""
+    return reference_prefill(batch), reference_decode(batch)
+
+
+def max_rel_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| over the tensor (NaN anywhere in `out` gives inf).
+
+    Normalised by the largest reference magnitude rather than element-wise, so near-zero outputs
+    (which attention produces routinely) do not blow the measure up.
+    """
+    if out is None or ref.numel() == 0:
+        return 0.0
+    o = out.float()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    denom = ref.abs().max().clamp_min(1e-6)
+    return float((o - ref).abs().max() / denom)
