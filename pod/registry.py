@@ -70,6 +70,8 @@ BACKEND_MODULES = (
     "pod.backends",
     "baselines.torch_fa",
     "baselines.flashinfer",
+    "pod.ops",
+    "pod.pod_attention",
 )
 
 

@@ -1,0 +1,451 @@
+"""Every figure and summary table, rebuilt from the result tables.
+
+    python -m analysis.figures [--results results] [--out results/figures]
+
+Figures (PNG + PDF each, the GPU name from the provenance columns in every title):
+  speedup_serial_<sweep>   speed-up over the best serial baseline (faster of fa2_serial, fi_serial) per
+                           batch composition (x), backend (hue), model (facets): the paper's attention figures
+  speedup_fi_pod_<sweep>   the same against FlashInfer's POD kernel
+  roofline                 prefill TFLOP/s and decode GB/s per backend against the measured ceilings, and
+                           the utilisation plane of hybrid batches: a serial schedule cannot pass the
+                           line compute share + bandwidth share = 1, overlap can
+  kernels                  the kernel benchmark: prefill kernels in TFLOP/s, decode kernels in GB/s
+  serving_offline / serving_online   throughput, TTFT / TBT (only when serving results exist)
+Tables (Markdown + CSV): speedup_summary (per backend, per model, per sweep), speedups (per point),
+excluded (rows left out of speed-ups and why), status_counts, kernels_prefill_tflops,
+kernels_decode_gbps, serving; summary.md gathers them.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from analysis.load import Results, load_results  # noqa: E402
+from analysis.speedup import (POD_BASELINE, attention_speedups, kernel_rows, kernel_tables,  # noqa: E402
+                              ordered_compositions, status_counts, summarize)
+
+# Measured on our H100 SXM (bf16 dense matmul, large square GEMM; device-to-device copy), used when
+# the results carry no `ceilings` table of their own.
+DEFAULT_CEILINGS = {"tflops": 800.0, "gbps": 3000.0, "source": "H100 measured defaults"}
+# Sweeps whose points are pure prefill / pure decode kernel benchmarks: reported as TFLOP/s and GB/s
+# tables, not as hybrid-batch speed-ups.
+KERNEL_SWEEPS = {"kernels"}
+# Backends not drawn in the speed-up figures (the fp32 reference is a checker, not a contender).
+HIDDEN_BACKENDS = {"reference"}
+# The speed-up bar figures show these (those present), as the paper's figures show FA_Streams,
+# FI_Batched and POD against the serial baseline; the heat map beside them shows every backend.
+HEADLINE_BACKENDS = ("fa2_streams", "fi_batched", "fi_pod", "fi_batch_pod", "pod_paper", "pod",
+                     "pod_persistent")
+# The kernel benchmark: on a pure prefill (decode) point the serial baselines run only their prefill
+# (decode) kernel, so fi_serial is FlashInfer's kernel and fa2_serial FA2's.
+KERNEL_BACKENDS = {
+    "prefill": {"triton_prefill": "ours (triton_prefill)", "fi_serial": "FlashInfer (fi_serial)",
+                "fa2_serial": "FA2 (fa2_serial)"},
+    "decode": {"triton_decode": "ours (triton_decode)", "fi_serial": "FlashInfer (fi_serial)",
+               "fa2_serial": "FA2 (fa2_serial)"},
+}
+COMPOSITION_AXIS = "batch composition: prefill chunk@context + decodes×context (tokens)"
+
+sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def gpu_title(what: str, gpus) -> str:
+    gpus = [g for g in gpus if g]
+    return f"{what} — {', '.join(gpus) if gpus else 'GPU unknown'}"
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(s)).strip("_").lower() or "unknown"
+
+
+def save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (no tabulate dependency); floats to 4 significant digits."""
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if math.isnan(v) else f"{v:.4g}"
+        if v is None or v is pd.NA:
+            return ""
+        return str(v).replace("|", "\\|")
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.csv", out / f"{name}.md"]
+    df.to_csv(paths[0], index=False)
+    paths[1].write_text(to_markdown(df))
+    return paths
+
+
+def ceilings_for(results: Results, gpu: str) -> dict:
+    """Measured ceilings of `gpu` from the results' ceilings table (best measurement), else defaults."""
+    c = results.ceilings
+    if not c.empty:
+        rows = c[c["gpu"] == gpu] if (c["gpu"] == gpu).any() else c
+        tflops, gbps = rows["tflops"].max(), rows["gbps"].max()
+        if pd.notna(tflops) or pd.notna(gbps):
+            return {"tflops": float(tflops) if pd.notna(tflops) else DEFAULT_CEILINGS["tflops"],
+                    "gbps": float(gbps) if pd.notna(gbps) else DEFAULT_CEILINGS["gbps"],
+                    "source": "measured (ceilings table)"}
+    return dict(DEFAULT_CEILINGS)
+
+
+def hybrid_sweeps(sp: pd.DataFrame) -> pd.DataFrame:
+    """The speed-up rows of every sweep but the kernel benchmarks."""
+    return sp[~sp["sweep"].isin(KERNEL_SWEEPS)]
+
+
+# -- speed-up figures (the paper's attention figures) ------------------------------------------------
+def fig_speedups(sp: pd.DataFrame, out: Path, reference: str) -> list[Path]:
+    """One figure per (sweep, gpu): bars of the speed-up per batch composition, hue backend, facet model
+    (rows: KV layout when a sweep has both)."""
+    col = "speedup_vs_serial" if reference == "serial" else "speedup_vs_fi_pod"
+    ylabel = ("speed-up over best serial (×)\n[faster of fa2_serial, fi_serial]" if reference == "serial"
+              else f"speed-up over {POD_BASELINE} (×)")
+    data = sp[sp[col].notna() & ~sp["backend"].isin(HIDDEN_BACKENDS)]
+    headline = [b for b in HEADLINE_BACKENDS if b in set(data["backend"])]
+    if len(headline) >= 2:
+        data = data[data["backend"].isin(headline)]
+    paths = []
+    gpu_split = data["gpu"].nunique() > 1
+    for (sweep, gpu), d in data.groupby(["sweep", "gpu"], sort=True):
+        order = ordered_compositions(d)
+        backends = [b for b in headline if b in set(d["backend"])] or sorted(d["backend"].unique())
+        layout = "kv_layout" if d["kv_layout"].nunique() > 1 else None
+        width = max(4.0, 0.09 * len(order) * len(backends) + 1.5)
+        # Models side by side while that stays readable, else stacked (long sweeps).
+        facets = (dict(col="model", row=layout) if width * d["model"].nunique() <= 16
+                  else dict(row="model", col=layout))
+        g = sns.catplot(data=d, kind="bar", x="composition", y=col, hue="backend", hue_order=backends,
+                        order=order, errorbar=None, height=3.6, aspect=width / 3.6, sharex=True,
+                        legend_out=True, **facets)
+        for ax in g.axes.flat:
+            ax.axhline(1.0, color="black", lw=1, ls="--")
+            ax.tick_params(axis="x", rotation=60)
+            for t in ax.get_xticklabels():
+                t.set_horizontalalignment("right")
+        g.set_axis_labels("batch composition", ylabel)
+        g.set_titles(row_template="{row_name}", col_template="{col_name}")
+        g.figure.suptitle(gpu_title(f"Attention speed-up, sweep '{sweep}'", [gpu])
+                          + f"\nx: {COMPOSITION_AXIS.split(': ')[1]}", y=1.1)
+        name = f"speedup_{'serial' if reference == 'serial' else slug(POD_BASELINE)}_{slug(sweep)}"
+        paths += save(g.figure, out, name + (f"_{slug(gpu)}" if gpu_split else ""))
+    return paths
+
+
+def fig_speedup_heatmap(sp: pd.DataFrame, out: Path) -> list[Path]:
+    """One heat map per (sweep, gpu): every backend (rows) x batch composition (columns), the speed-up
+    over the best serial baseline in each cell (red slower, blue faster); one panel per model."""
+    data = sp[sp["speedup_vs_serial"].notna() & ~sp["backend"].isin(HIDDEN_BACKENDS)]
+    paths = []
+    gpu_split = data["gpu"].nunique() > 1
+    for (sweep, gpu), d in data.groupby(["sweep", "gpu"], sort=True):
+        order = ordered_compositions(d)
+        d = d.assign(panel=d["model"] + (" " + d["kv_layout"] + " KV" if d["kv_layout"].nunique() > 1 else ""))
+        panels = sorted(d["panel"].unique())
+        backends = sorted(d["backend"].unique())
+        lim = float(np.nanmax(np.abs(np.log2(d["speedup_vs_serial"])))) or 1.0
+        fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                                 figsize=(max(6.0, 0.62 * len(order) + 3), 0.32 * len(backends) * len(panels)
+                                          + 1.6 * len(panels) + 1))
+        for ax, panel in zip(axes[:, 0], panels):
+            t = d[d["panel"] == panel].pivot_table(index="backend", columns="composition",
+                                                    values="speedup_vs_serial", aggfunc="median")
+            t = t.reindex(index=backends, columns=[c for c in order if c in t.columns])
+            with warnings.catch_warnings():  # seaborn 0.13 calls matplotlib's deprecated set_bad
+                warnings.simplefilter("ignore", PendingDeprecationWarning)
+                sns.heatmap(np.log2(t), ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim,
+                            annot=t.map(lambda v: "" if pd.isna(v) else f"{v:.2f}"), fmt="",
+                            annot_kws={"fontsize": 7}, linewidths=0.4,
+                            cbar_kws={"label": "log2 speed-up over best serial"})
+            ax.set_title(panel, fontsize=10)
+            ax.set_xlabel(COMPOSITION_AXIS)
+            ax.set_ylabel("backend")
+            ax.tick_params(axis="x", rotation=60)
+            for lab in ax.get_xticklabels():
+                lab.set_horizontalalignment("right")
+        fig.suptitle(gpu_title(f"Speed-up over best serial (×), every backend, sweep '{sweep}'", [gpu]))
+        fig.tight_layout(rect=(0, 0, 1, 0.98))
+        paths += save(fig, out, f"speedup_heatmap_{slug(sweep)}" + (f"_{slug(gpu)}" if gpu_split else ""))
+    return paths
+
+
+# -- roofline view ---------------------------------------------------------------------------------------
+def fig_roofline(sp: pd.DataFrame, results: Results, out: Path) -> list[Path]:
+    """Left, middle: each backend's prefill TFLOP/s on pure prefill points and decode GB/s on pure
+    decode points (the kernels' own rates; every point with that part when the results have no pure
+    points) against the measured ceilings. Right: hybrid points in the utilisation plane, x = prefill
+    FLOPs / batch time / compute ceiling, y = decode bytes / batch time / bandwidth ceiling. Run one
+    after the other, each part at best at its own ceiling, the two shares add up to at most 1 (the
+    dashed line); only overlapping prefill and decode passes it."""
+    ok = sp[sp["usable"] & ~sp["backend"].isin(HIDDEN_BACKENDS)]
+    pure_pre, pure_dec = kernel_rows(ok)
+    paths = []
+    gpus = sorted(ok["gpu"].unique())
+    for gpu in gpus:
+        d = ok[ok["gpu"] == gpu]
+        ceil = ceilings_for(results, gpu)
+        pre, dec = pure_pre[pure_pre["gpu"] == gpu], pure_dec[pure_dec["gpu"] == gpu]
+        pre_note = dec_note = "pure points"
+        if pre.empty:
+            pre, pre_note = d[(d["num_prefill"] > 0) & d["tflops"].notna()], "all points"
+        if dec.empty:
+            dec, dec_note = d[(d["num_decode"] > 0) & d["gbps"].notna()], "all points"
+        hyb = d[(d["num_prefill"] > 0) & (d["num_decode"] > 0) & d["tflops"].notna() & d["gbps"].notna()]
+        if pre.empty and dec.empty:
+            continue
+        backends = sorted(d["backend"].unique())
+        palette = dict(zip(backends, sns.color_palette("tab20" if len(backends) > 10 else None,
+                                                       n_colors=len(backends))))
+        fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [1, 1, 1.15]})
+        for ax, rows, value, ceiling, unit, what, note in (
+                (axes[0], pre, "tflops", ceil["tflops"], "TFLOP/s", "prefill", pre_note),
+                (axes[1], dec, "gbps", ceil["gbps"], "GB/s", "decode", dec_note)):
+            if rows.empty:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"no {what} rows", ha="center", transform=ax.transAxes)
+                continue
+            order = [b for b in backends if b in set(rows["backend"])]
+            with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated `vert`
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sns.boxplot(data=rows, x="backend", y=value, order=order, ax=ax, color="0.92",
+                            showfliers=False)
+            sns.stripplot(data=rows, x="backend", y=value, order=order, hue="backend",
+                          palette=palette, ax=ax, size=4, alpha=0.8, legend=False)
+            ax.axhline(ceiling, color="crimson", ls="--", lw=1.2)
+            ax.text(0.01, ceiling, f" ceiling {ceiling:.0f} {unit} ({ceil['source']})", color="crimson",
+                    va="bottom", ha="left", fontsize=8, transform=ax.get_yaxis_transform())
+            ax.set_ylim(0, max(ceiling, float(rows[value].max())) * 1.12)
+            ax.set_xlabel("backend")
+            ax.set_ylabel(f"achieved {what} {unit}\n({what} {'FLOPs' if value == 'tflops' else 'bytes'}"
+                          " / batch time)")
+            ax.set_title(f"{what}, {note}", fontsize=10)
+            ax.tick_params(axis="x", rotation=50)
+            for lab in ax.get_xticklabels():
+                lab.set_horizontalalignment("right")
+            sec = ax.secondary_yaxis("right", functions=(lambda y, c=ceiling: 100 * y / c,
+                                                         lambda p, c=ceiling: p * c / 100))
+            sec.set_ylabel("% of ceiling")
+        ax = axes[2]
+        if hyb.empty:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "no hybrid rows", ha="center", transform=ax.transAxes)
+        else:
+            u = hyb.assign(compute_share=hyb["tflops"] / ceil["tflops"], bandwidth_share=hyb["gbps"] / ceil["gbps"])
+            sns.scatterplot(data=u, x="compute_share", y="bandwidth_share", hue="backend",
+                            hue_order=[b for b in backends if b in set(u["backend"])], palette=palette,
+                            ax=ax, s=22, alpha=0.8)
+            lim = max(1.05, float(u[["compute_share", "bandwidth_share"]].max().max()) * 1.05)
+            ax.plot([0, 1], [1, 0], color="black", ls="--", lw=1, label="serial bound (sum = 1)")
+            ax.set_xlim(0, lim)
+            ax.set_ylim(0, lim)
+            ax.set_xlabel("prefill TFLOP/s ÷ compute ceiling")
+            ax.set_ylabel("decode GB/s ÷ bandwidth ceiling")
+            ax.set_title("hybrid points: overlap passes the serial bound", fontsize=10)
+            ax.legend(title="backend", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.suptitle(gpu_title("Roofline view: achieved throughput vs measured ceilings", [gpu]))
+        fig.tight_layout()
+        paths += save(fig, out, "roofline" + (f"_{slug(gpu)}" if len(gpus) > 1 else ""))
+    return paths
+
+
+# -- kernel benchmark ----------------------------------------------------------------------------------
+def fig_kernels(sp: pd.DataFrame, out: Path) -> list[Path]:
+    pre, dec = kernel_rows(sp)
+    paths = []
+    gpus = sorted(set(pre["gpu"]) | set(dec["gpu"]))
+    for gpu in gpus:
+        p, d = pre[pre["gpu"] == gpu], dec[dec["gpu"] == gpu]
+        panels = [(rows, value, unit, what) for rows, value, unit, what in
+                  ((p, "tflops", "TFLOP/s", "prefill"), (d, "gbps", "GB/s", "decode")) if not rows.empty]
+        xlabels = {"prefill": "prefill batch: model, chunk@context (tokens)",
+                   "decode": "decode batch: model, decodes×context (tokens)"}
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.2 * len(panels)), squeeze=False)
+        for ax, (rows, value, unit, what) in zip(axes[:, 0], panels):
+            names = KERNEL_BACKENDS[what]
+            if rows["backend"].isin(list(names)).any():
+                rows = rows[rows["backend"].isin(list(names))]
+            rows = rows.assign(label=rows["model"].astype(str) + " " + rows["composition"],
+                               kernel=rows["backend"].map(lambda b: names.get(b, b)))
+            hue_order = [names[b] for b in names if b in set(rows["backend"])] or sorted(rows["kernel"].unique())
+            order = list(dict.fromkeys(rows.sort_values(["model", "composition_order"])["label"]))
+            sns.barplot(data=rows, x="label", y=value, hue="kernel", order=order, errorbar=None, ax=ax,
+                        hue_order=hue_order)
+            ax.set_xlabel(xlabels[what])
+            ax.set_ylabel(f"{what} {unit}")
+            ax.set_title(f"{what} kernels ({unit})", fontsize=10)
+            ax.tick_params(axis="x", rotation=45)
+            for t in ax.get_xticklabels():
+                t.set_horizontalalignment("right")
+            ax.legend(title="kernel", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.suptitle(gpu_title("Kernel benchmark", [gpu]))
+        fig.tight_layout()
+        paths += save(fig, out, "kernels" + (f"_{slug(gpu)}" if len(gpus) > 1 else ""))
+    return paths
+
+
+# -- serving ---------------------------------------------------------------------------------------------
+def fig_serving(serving: pd.DataFrame, out: Path) -> list[Path]:
+    """Offline: tokens/s and requests/s per backend and model. Online: TTFT, TBT, end-to-end latency
+    against the offered load (QPS). Nothing when there are no serving rows."""
+    paths = []
+    if serving.empty:
+        return paths
+    gpus = sorted(serving["gpu"].unique())
+    for gpu in gpus:
+        s = serving[serving["gpu"] == gpu]
+        backends = sorted(s["backend"].unique())
+        suffix = f"_{slug(gpu)}" if len(gpus) > 1 else ""
+        off = s[s["mode"] == "offline"]
+        if not off.empty:
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+            for ax, value, label in ((axes[0], "tokens_per_s", "throughput (tokens/s)"),
+                                     (axes[1], "requests_per_s", "throughput (requests/s)")):
+                sns.barplot(data=off, x="model", y=value, hue="backend", hue_order=backends,
+                            errorbar=None, ax=ax)
+                ax.set_xlabel("model")
+                ax.set_ylabel(label)
+            fig.suptitle(gpu_title("Offline serving throughput", [gpu]))
+            fig.tight_layout()
+            paths += save(fig, out, "serving_offline" + suffix)
+        on = s[(s["mode"] == "online") & s["qps"].notna()]
+        if not on.empty:
+            metrics = [("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"),
+                       ("tbt_p50_ms", "TBT p50 (ms)"), ("tbt_p99_ms", "TBT p99 (ms)"),
+                       ("e2e_p50_ms", "request latency p50 (ms)")]
+            metrics = [m for m in metrics if on[m[0]].notna().any()]
+            models = sorted(on["model"].unique())
+            fig, axes = plt.subplots(len(models), len(metrics), figsize=(3.6 * len(metrics), 3.3 * len(models)),
+                                     squeeze=False)
+            for i, model in enumerate(models):
+                for j, (value, label) in enumerate(metrics):
+                    ax = axes[i, j]
+                    sns.lineplot(data=on[on["model"] == model].sort_values("qps"), x="qps", y=value,
+                                 hue="backend", hue_order=backends, marker="o", ax=ax,
+                                 legend=(i == 0 and j == len(metrics) - 1))
+                    ax.set_xlabel("offered load (requests/s)")
+                    ax.set_ylabel(label)
+                    ax.set_title(model, fontsize=9)
+            fig.suptitle(gpu_title("Online serving latency vs load", [gpu]))
+            fig.tight_layout()
+            paths += save(fig, out, "serving_online" + suffix)
+    return paths
+
+
+# -- everything ----------------------------------------------------------------------------------------
+def build_tables(results: Results, sp: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Summary tables from the results (no files written)."""
+    tables: dict[str, pd.DataFrame] = {}
+    if not results.attention.empty:
+        sp = attention_speedups(results.attention) if sp is None else sp
+        hybrid = hybrid_sweeps(sp)
+        tables["speedup_summary"] = summarize(hybrid, ["backend"])
+        tables["speedup_by_model"] = summarize(hybrid, ["model", "backend"])
+        tables["speedup_by_sweep"] = summarize(hybrid, ["sweep", "backend"])
+        tables["status_counts"] = status_counts(sp)
+        cols = ["run", "sweep", "gpu", "model", "batch", "backend", "status", "median_ms",
+                "best_serial_backend", "best_serial_ms", "speedup_vs_serial", "fi_pod_ms",
+                "speedup_vs_fi_pod", "prefill_err", "decode_err", "excluded"]
+        tables["speedups"] = sp[cols]
+        tables["excluded"] = sp.loc[~sp["usable"], ["run", "sweep", "model", "batch", "backend", "status",
+                                                    "reason", "prefill_err", "decode_err", "excluded"]]
+        pre, dec = kernel_tables(sp)
+        tables["kernels_prefill_tflops"] = pre
+        tables["kernels_decode_gbps"] = dec
+    if not results.serving.empty:
+        cols = ["sweep", "gpu", "model", "mode", "backend", "qps", "requests_per_s", "tokens_per_s",
+                "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms", "e2e_p50_ms"]
+        tables["serving"] = results.serving[cols].sort_values(["model", "mode", "backend", "qps"])
+    return tables
+
+
+_SECTION_TITLES = {
+    "speedup_summary": "Speed-up per backend (geomean / max / min over compared points)",
+    "speedup_by_model": "Speed-up per model and backend",
+    "speedup_by_sweep": "Speed-up per sweep and backend",
+    "status_counts": "Rows per backend and status",
+    "kernels_prefill_tflops": "Kernel benchmark: prefill TFLOP/s",
+    "kernels_decode_gbps": "Kernel benchmark: decode GB/s",
+    "serving": "Serving",
+}
+
+
+def build_all(results_path: str | Path = "results", out: str | Path = "results/figures") -> dict[str, list[Path]]:
+    """Rebuild every figure and table from the results under `results_path` into `out`.
+    Returns {name: [paths written]}; empty when there are no results."""
+    results = load_results(results_path)
+    out = Path(out)
+    written: dict[str, list[Path]] = {}
+    if results.empty:
+        return written
+    sp = attention_speedups(results.attention) if not results.attention.empty else None
+    if sp is not None:
+        written["speedup_serial"] = fig_speedups(hybrid_sweeps(sp), out, "serial")
+        written["speedup_fi_pod"] = fig_speedups(hybrid_sweeps(sp), out, "fi_pod")
+        written["speedup_heatmap"] = fig_speedup_heatmap(hybrid_sweeps(sp), out)
+        written["roofline"] = fig_roofline(sp, results, out)
+        written["kernels"] = fig_kernels(sp, out)
+    written["serving"] = fig_serving(results.serving, out)
+    tables = build_tables(results, sp)
+    for name, t in tables.items():
+        written[f"table:{name}"] = write_table(t, out, name)
+    gpus = results.gpus()
+    lines = [f"# Results summary — {', '.join(gpus) or 'GPU unknown'}\n",
+             f"Built by `python -m analysis.figures` from `{results.root}`. Speed-ups compare rows of one run "
+             "and point; rows not ok, not meaningfully timed, or with max relative error above the "
+             "tolerance are excluded (see excluded.csv) but counted.\n"]
+    for name, title in _SECTION_TITLES.items():
+        if name in tables and not tables[name].empty:
+            lines += [f"## {title}\n", to_markdown(tables[name])]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    written["summary"] = [summary]
+    return {k: v for k, v in written.items() if v}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default="results", help="folder (or file) of result tables")
+    ap.add_argument("--out", default="results/figures", help="where figures and tables go")
+    args = ap.parse_args(argv)
+    written = build_all(args.results, args.out)
+    if not written:
+        print(f"No result tables under {args.results!r}: nothing to plot. "
+              "Run `make reproduce` on a GPU machine to produce them.")
+        return 0
+    n_fig = sum(len(v) for k, v in written.items() if not k.startswith("table:") and k != "summary") // 2
+    print(f"Wrote {n_fig} figures (PNG + PDF) and {sum(k.startswith('table:') for k in written)} tables "
+          f"(CSV + Markdown) to {args.out}/; summary: {written['summary'][0]}")
+    for name, paths in written.items():
+        print(f"  {name}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

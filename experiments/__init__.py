@@ -1,0 +1,1 @@
+"""Hydra entry points: parse a config, call library code, write result rows."""

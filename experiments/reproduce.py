@@ -1,0 +1,183 @@
+"""`make reproduce`: measure and rebuild every figure and table.
+
+    python -m experiments.reproduce [--sweeps paper balance kernels] [--fresh] [--figures-only]
+                                    [--no-wandb] [--wandb-mode offline|online]
+
+On a GPU (torch.cuda.is_available()): the paper sweeps `sweep=paper`, `sweep=balance`, `sweep=kernels`
+with `backend=all`, composed from conf/attention.yaml and run by pod.harness.run_sweep, rows appended
+to results/<gpu>/<sweep>/<gpu>.csv (results/h100/... on an H100; rows already there are kept and not
+re-measured unless --fresh), then every figure and table rebuilt from results/<gpu>/ into
+results/figures/ (results/<gpu>/figures/ for a GPU other than the H100 the committed figures come from).
+Without a GPU: the smoke sweep (`sweep=smoke backend=cpu`) in the Triton interpreter into
+results/smoke/cpu.csv (git-ignored; always re-measured), its tables into results/smoke/figures/, then the
+figures rebuilt from the committed H100 results in results/h100/ (if there are any yet).
+W&B (offline unless WANDB_MODE says otherwise; --no-wandb: off): the harness logs each sweep's config
+and rows; this script logs the figures and summary tables. wandb missing -> a warning, nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+CONFIG_NAME = "attention"
+PAPER_SWEEPS = ("paper", "balance", "kernels")
+SMOKE_SWEEP = "smoke"
+COMMITTED_GPU = "h100"   # the committed results and figures come from this GPU
+
+
+def has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def compose_sweep(sweep: str, backend: str, results_dir: Path, wandb_enabled: bool, wandb_mode: str):
+    """The harness config of one sweep, composed from conf/ through Hydra's compose API."""
+    from hydra import compose, initialize_config_dir
+    overrides = [f"sweep={sweep}", f"backend={backend}", f"results_dir='{results_dir}'",
+                 f"wandb.enabled={str(wandb_enabled).lower()}", f"wandb.mode={wandb_mode}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=CONFIG_NAME, overrides=overrides)
+
+
+def run_sweeps(sweeps, backend: str, results_dir: Path, args) -> dict[str, int]:
+    """Each sweep through pod.harness.run_sweep; returns {sweep: rows in its results file}."""
+    from pod.harness import run_sweep  # imported late: the interpreter switch must come first
+    rows = {}
+    for sweep in sweeps:
+        cfg = compose_sweep(sweep, backend, results_dir, not args.no_wandb, args.wandb_mode)
+        print(f"[reproduce] sweep={sweep} backend={backend} -> {results_dir}/{sweep}/", flush=True)
+        df = run_sweep(cfg)
+        rows[sweep] = len(df)
+    return rows
+
+
+def clear_sweeps(results_dir: Path, sweeps, device: str) -> None:
+    """Delete this device's earlier rows of `sweeps` (<results_dir>/<sweep>/<device>[.shard*].csv)."""
+    for sweep in sweeps:
+        for f in (results_dir / sweep).glob(f"{device}*.csv"):
+            f.unlink()
+
+
+def rebuild_figures(results_dir: Path, out: Path) -> dict[str, list[Path]]:
+    from analysis.figures import build_all
+    written = build_all(results_dir, out)
+    n = sum(len(v) for v in written.values())
+    if written:
+        print(f"[reproduce] {n} figure/table files from {results_dir}/ -> {out}/ "
+              f"(summary: {out / 'summary.md'})", flush=True)
+    return written
+
+
+def log_to_wandb(written: dict[str, list[Path]], name: str, config: dict, mode: str,
+                 project: str = "pod-attention") -> None:
+    """Figures (PNG) and summary tables of one reproduce run to W&B; never fails the run."""
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("wandb is not installed: figures are not logged to W&B (pip install wandb)",
+                      stacklevel=2)
+        return
+    os.environ.setdefault("WANDB_MODE", mode)
+    try:
+        import pandas as pd
+        run = wandb.init(project=project, name=name, job_type="figures", config=config, reinit=True)
+        for key, paths in written.items():
+            for p in paths:
+                if p.suffix == ".png":
+                    run.log({f"figures/{p.stem}": wandb.Image(str(p))})
+                elif p.suffix == ".csv" and key.startswith("table:"):
+                    df = pd.read_csv(p)
+                    run.log({f"tables/{p.stem}": wandb.Table(dataframe=df.astype(object).where(df.notna(), None))})
+        run.finish()
+    except Exception as e:  # a broken W&B setup must never cost the figures
+        warnings.warn(f"W&B logging of figures failed: {e}", stacklevel=2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sweeps", nargs="+", default=None,
+                    help=f"GPU sweeps (default: {' '.join(PAPER_SWEEPS)}); CPU always runs '{SMOKE_SWEEP}'")
+    ap.add_argument("--backend", default=None, help="backend list of conf/backend (GPU: all, CPU: cpu)")
+    ap.add_argument("--results-root", type=Path, default=ROOT / "results",
+                    help="folder holding results/<gpu>/, results/smoke/ and results/figures/")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="GPU: where the rows go (default <results-root>/<gpu>)")
+    ap.add_argument("--figures", type=Path, default=None,
+                    help="where figures go (default <results-root>/figures for H100 results)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="GPU: delete this GPU's earlier rows of the chosen sweeps and re-measure all")
+    ap.add_argument("--figures-only", action="store_true", help="measure nothing, rebuild figures")
+    ap.add_argument("--no-wandb", action="store_true", help="no W&B logging at all")
+    ap.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled"))
+    return ap.parse_args(argv)
+
+
+def main_gpu(args) -> list[str]:
+    from pod.provenance import device_slug
+    slug = device_slug("cuda")
+    sweeps = args.sweeps or list(PAPER_SWEEPS)
+    results_dir = args.out or args.results_root / slug
+    figures = args.figures or (args.results_root / "figures" if slug == COMMITTED_GPU
+                               else results_dir / "figures")
+    done = []
+    if not args.figures_only:
+        if args.fresh:
+            clear_sweeps(results_dir, sweeps, slug)
+        rows = run_sweeps(sweeps, args.backend or "all", results_dir, args)
+        done.append(f"measured sweeps {', '.join(f'{s} ({n} rows)' for s, n in rows.items())} on "
+                    f"{slug} -> {results_dir}/")
+    written = rebuild_figures(results_dir, figures)
+    if written:
+        done.append(f"rebuilt figures and tables from {results_dir}/ -> {figures}/")
+        if not args.no_wandb:
+            log_to_wandb(written, f"reproduce-{slug}", {"sweeps": sweeps, "results": str(results_dir)},
+                         args.wandb_mode)
+    else:
+        done.append(f"no result rows under {results_dir}/: no figures")
+    return done
+
+
+def main_cpu(args) -> list[str]:
+    # Kernels run in the Triton interpreter: set before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("POD_SIMULATE_SMID", "1")
+    # The harness writes <results_dir>/<sweep>/<device>.csv: results/smoke/cpu.csv here, as
+    # `python -m experiments.attention` (whose default sweep is the smoke one) does.
+    smoke_dir = args.results_root / SMOKE_SWEEP
+    committed = args.results_root / COMMITTED_GPU
+    figures = args.figures or args.results_root / "figures"
+    done = []
+    if not args.figures_only:
+        clear_sweeps(args.results_root, [SMOKE_SWEEP], "cpu")  # scratch: a smoke run always re-measures
+        rows = run_sweeps([SMOKE_SWEEP], args.backend or "cpu", args.results_root, args)
+        rebuild_figures(smoke_dir, smoke_dir / "figures")
+        done.append(f"no GPU: ran the smoke sweep in the Triton interpreter ({rows[SMOKE_SWEEP]} rows) -> "
+                    f"{smoke_dir}/; its tables (status, errors; CPU timings are not meaningful, so no "
+                    f"speed-ups) -> {smoke_dir / 'figures'}/")
+    written = rebuild_figures(committed, figures)
+    if written:
+        done.append(f"rebuilt figures and tables from the committed {COMMITTED_GPU.upper()} results "
+                    f"{committed}/ -> {figures}/")
+        if not args.no_wandb:
+            log_to_wandb(written, f"figures-{COMMITTED_GPU}", {"results": str(committed)}, args.wandb_mode)
+    else:
+        done.append(f"no committed {COMMITTED_GPU.upper()} results under {committed}/ yet: no figures "
+                    "rebuilt (run `make reproduce` on an H100 and commit results/h100/)")
+    return done
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    gpu = has_gpu()
+    done = main_gpu(args) if gpu else main_cpu(args)
+    print("\n[reproduce] done:" + "".join(f"\n  - {line}" for line in done), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

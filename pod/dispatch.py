@@ -1,0 +1,150 @@
+"""The dispatcher: from a batch's shape, pick how POD runs it (see docs/dispatcher.md).
+
+`choose_config(spec, num_sms)` returns a `PodConfig`: the variant (fused one-tile-per-CTA, persistent,
+or serial = prefill launch then decode launch), CTAs per SM, the prefill:decode role policy, tile sizes
+and the decode KV-split count. It is a pure function of the shape (no GPU, no timing) so `plan()` can
+call it and tests can check it.
+
+The decision rests on a two-number cost model, estimated_ms(): prefill attention is compute bound
+(prefill_flops / PREFILL_TFLOPS), decode attention is bandwidth bound (decode_bytes / DECODE_GBPS).
+Fusion hides the smaller of the two under the larger; when the smaller is a negligible share of the
+larger (or absent) there is nothing to hide and the fused kernel's costs (two roles' registers in one
+kernel, the scheduling atomics) are pure loss, so we run serial.
+
+Every threshold is a named constant below, to be set from H100 measurements (docs/dispatcher.md says how).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from pod.batch import BatchSpec
+
+# ---- cost model: sustained throughput of our kernels alone on the target GPU (H100 SXM, bf16) ----------
+PREFILL_TFLOPS = 350.0        # prefill attention alone, TFLOP/s (causal FLOPs of BatchSpec.prefill_flops)
+DECODE_GBPS = 2800.0          # decode attention alone, GB/s (BatchSpec.decode_bytes)
+# ---- when to fuse ------------------------------------------------------------------------------------
+MIN_OVERLAP_SHARE = 0.05      # fuse only if min(t_prefill, t_decode) >= this share of max(...)
+# ---- role policy ---------------------------------------------------------------------------------------
+PROPORTIONAL_ABOVE = 3.0      # if one role's estimated time is > this x the other's: proportional policy
+POLICY_PERIOD = 8             # proportional shares are k/POLICY_PERIOD, k in 1..POLICY_PERIOD-1
+OCCUPANCY_ROLES = True        # after the first ctas_per_sm arrivals, role by what runs on the SM (not
+                              # the paper: pod_paper turns it off)
+# ---- occupancy -------------------------------------------------------------------------------------------
+CTAS_PER_SM = 2               # scheduling slots per SM (persistent grid = CTAS_PER_SM x #SMs)
+RESIDENT_CTAS_PER_SM = 2      # a prefill and a decode CTA must be co-resident: cap registers for this many
+REGISTERS_PER_SM = 65536      # sm_80 / sm_90
+# ---- decode split-KV -------------------------------------------------------------------------------------
+DECODE_CTAS_PER_SM_TARGET = 2 # split decode KV until #decode tiles >= this x #SMs ...
+MIN_SPLIT_TOKENS = 512        # ... but never below this many keys per split ...
+MAX_KV_SPLITS = 16            # ... nor more splits than this per request
+# ---- variant ---------------------------------------------------------------------------------------------
+PERSISTENT_ABOVE_WAVES = 1e9  # use the persistent variant when #tiles > this x (ctas_per_sm x #SMs)
+                              # (off until measured: the paper's one-tile-per-CTA scheme is the default)
+
+VARIANTS = ("fused", "persistent", "serial")
+POLICIES = ("alternating", "proportional")
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    """Knobs of one POD launch. `plan()` fills the `None`s from the batch shape via `choose_config`."""
+
+    variant: str = "fused"               # fused | persistent | serial
+    ctas_per_sm: int = CTAS_PER_SM       # scheduling slots per SM (persistent grid = ctas_per_sm x SMs)
+    policy: str = "alternating"          # alternating (1:1) | proportional (share of estimated time)
+    prefill_share: int | None = None     # explicit policy: prefill gets prefill_share of policy_period
+    policy_period: int | None = None     #   arrival slots on every SM (overrides `policy`)
+    occupancy_roles: bool = OCCUPANCY_ROLES  # replacement CTAs pick the role under its share on their SM
+    block_m: int = 128                   # prefill query rows per tile
+    block_n: int = 32                    # prefill keys per inner step (32: fits 128 regs, see docs)
+    block_n_decode: int = 64             # decode keys per inner step
+    kv_splits: int = 1                   # most KV splits of one decode request (merged in-launch)
+    num_warps: int = 8
+    num_stages: int = 3
+    maxnreg: int | None = 0              # registers/thread cap; 0: auto (RESIDENT_CTAS_PER_SM fit), None: no cap
+    num_sms: int | None = None           # None: the device's SM count (interpreter: 4 simulated SMs)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"PodConfig.variant={self.variant!r}: allowed {VARIANTS}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"PodConfig.policy={self.policy!r}: allowed {POLICIES}")
+        if self.ctas_per_sm < 1:
+            raise ValueError(f"PodConfig.ctas_per_sm={self.ctas_per_sm}: must be >= 1")
+        for name in ("block_m", "block_n", "block_n_decode"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"PodConfig.{name}={v}: must be a power of two >= 16 (tensor-core dot)")
+        if self.kv_splits < 1:
+            raise ValueError(f"PodConfig.kv_splits={self.kv_splits}: must be >= 1")
+        if (self.prefill_share is None) != (self.policy_period is None):
+            raise ValueError("PodConfig.prefill_share and policy_period go together")
+        if self.policy_period is not None and not 0 <= self.prefill_share <= self.policy_period:
+            raise ValueError(f"PodConfig.prefill_share={self.prefill_share}: must be in "
+                             f"[0, policy_period={self.policy_period}]")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def resolved_maxnreg(self) -> int | None:
+        """The register cap passed to the compiler: auto = the most that lets RESIDENT_CTAS_PER_SM
+        CTAs of num_warps warps share an SM's 64K registers (128 for 2 x 8 warps), None if >= 255."""
+        if self.maxnreg != 0:
+            return self.maxnreg
+        cap = REGISTERS_PER_SM // (RESIDENT_CTAS_PER_SM * self.num_warps * 32) // 8 * 8
+        return cap if cap < 255 else None
+
+
+def estimated_ms(spec: BatchSpec) -> tuple[float, float]:
+    """(prefill ms, decode ms) of each role run alone, from the cost model above."""
+    t_prefill = spec.prefill_flops() / (PREFILL_TFLOPS * 1e12) * 1e3
+    t_decode = spec.decode_bytes() / (DECODE_GBPS * 1e9) * 1e3 if spec.num_decode else 0.0
+    return t_prefill, t_decode
+
+
+def role_policy(spec: BatchSpec, config: PodConfig) -> tuple[int, int]:
+    """(prefill_share, policy_period): a CTA whose arrival slot s on its SM has
+    floor((s+1)*share/period) - floor(s*share/period) == 1 starts as a prefill CTA."""
+    if config.prefill_share is not None:
+        return config.prefill_share, config.policy_period
+    if not spec.num_decode:
+        return 1, 1
+    if not spec.num_prefill:
+        return 0, 1
+    if config.policy == "alternating":
+        return 1, 2
+    t_prefill, t_decode = estimated_ms(spec)
+    share = round(POLICY_PERIOD * t_prefill / (t_prefill + t_decode))
+    return min(max(share, 1), POLICY_PERIOD - 1), POLICY_PERIOD
+
+
+def decode_kv_splits(spec: BatchSpec, num_sms: int, block_n_decode: int = 64) -> int:
+    """Most splits per decode request: enough decode tiles to cover DECODE_CTAS_PER_SM_TARGET per SM,
+    each split >= MIN_SPLIT_TOKENS keys, at most MAX_KV_SPLITS."""
+    if not spec.num_decode:
+        return 1
+    items = spec.num_decode * spec.heads.num_kv_heads
+    want = math.ceil(DECODE_CTAS_PER_SM_TARGET * num_sms / items)
+    longest = max(spec.decode_context_lens)
+    room = max(1, longest // max(MIN_SPLIT_TOKENS, block_n_decode))
+    return max(1, min(want, room, MAX_KV_SPLITS))
+
+
+def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None) -> PodConfig:
+    """The dispatcher. `base` supplies the knobs it does not decide (tile sizes, warps, ...)."""
+    base = base or PodConfig()
+    t_prefill, t_decode = estimated_ms(spec)
+    splits = decode_kv_splits(spec, num_sms, base.block_n_decode)
+    # 1. one role only, or one role negligible next to the other: nothing to overlap.
+    if min(t_prefill, t_decode) < MIN_OVERLAP_SHARE * max(t_prefill, t_decode):
+        return replace(base, variant="serial", kv_splits=splits)
+    # 2. both roles matter: fuse. Policy by imbalance of the estimated times.
+    ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
+    policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"
+    n_prefill_tiles = sum(math.ceil(c.chunk_len / base.block_m) for c in spec.prefill_chunks) \
+        * spec.heads.num_q_heads
+    n_decode_tiles = spec.num_decode * spec.heads.num_kv_heads * splits
+    waves = (n_prefill_tiles + n_decode_tiles) / (CTAS_PER_SM * num_sms)
+    variant = "persistent" if waves > PERSISTENT_ABOVE_WAVES else "fused"
+    return replace(base, variant=variant, ctas_per_sm=CTAS_PER_SM, policy=policy, kv_splits=splits)

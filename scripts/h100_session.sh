@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call on the lent H100: set up the image's python with our carried wheels, then run the given stages.
+# Usage (repo root, on the GPU machine):  bash scripts/h100_session.sh STAGE [STAGE ...]
+#   env            GPU, driver, versions, which python packages the image has
+#   fi_warm_bg     start FlashInfer's JIT build + smoke check in the background (log: $OUT/fi_warm.log)
+#   fi_wait        wait for it
+#   fi_pack        pack the JIT cache into <=15 MB parts under $OUT (carry back as .fi_cache next time)
+#   MODULE         anything else: python3 -m MODULE (e.g. pod.kernels.prefill), output appended to $OUT/run.log
+set -uo pipefail
+OUT=${OUT:-$PWD/.device_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1 MAX_JOBS=16
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/tmp/pip.log 2>&1 || { echo "wheel install failed"; tail /tmp/pip.log; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+# FlashInfer's JIT cache: a carried one in .fi_cache (unpacked from parts if needed), else built there.
+export FLASHINFER_WORKSPACE_BASE=$PWD/.fi_cache
+mkdir -p "$FLASHINFER_WORKSPACE_BASE"
+if ls .fi_cache/parts/fi_cache.tgz.* >/dev/null 2>&1; then
+  cat .fi_cache/parts/fi_cache.tgz.* | tar -C .fi_cache -xzf - && echo "unpacked carried FlashInfer JIT cache"
+fi
+log() { tee -a "$OUT/run.log"; }
+for stage in "$@"; do
+  echo "=== stage $stage $(date -u +%T)" | log
+  case "$stage" in
+    env)
+      { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+        python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__,'sms',torch.cuda.get_device_properties(0).multi_processor_count)"
+        python3 -m pip list 2>/dev/null | grep -iE "^(pandas|pyarrow|seaborn|matplotlib|numpy|tqdm|hydra-core|omegaconf|wandb|einops|ninja|nvidia-ml-py|tabulate|flashinfer-python|apache-tvm-ffi|nvidia-cutlass-dsl|click|requests|packaging|joblib) "
+      } 2>&1 | log ;;
+    fi_warm_bg) (python3 -m baselines.gpu_smoke --head-dims 128 --prefill-backends auto --skip-fa2 > "$OUT/fi_warm.log" 2>&1; echo "fi_warm rc=$?" >> "$OUT/fi_warm.log") &
+                FI_PID=$! ;;
+    fi_wait) wait "${FI_PID:-}" 2>/dev/null; cat "$OUT/fi_warm.log" | log ;;
+    fi_pack) rm -rf .fi_cache/parts; mkdir -p "$OUT"
+             tar -C .fi_cache -czf - --exclude=parts . | split -b 15m -d - "$OUT/fi_cache.tgz."
+             ls -la "$OUT" | log; du -sh .fi_cache | log ;;
+    *) python3 -m $stage 2>&1 | log ;;
+  esac
+done

@@ -1,0 +1,387 @@
+"""analysis/: speed-up math on a hand-built results table, figures written, the notebook runs, and
+experiments/reproduce.py takes the right branch (GPU: paper sweeps; CPU: smoke + committed results)."""
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.figures import build_all, to_markdown
+from analysis.load import ATTENTION_COLUMNS, load_results
+from analysis.speedup import attention_speedups, composition_label, geomean, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = "NVIDIA H100 80GB HBM3"
+PROV = dict(gpu=GPU, driver="570.00", torch="2.11.0+cu130", triton="3.6.0", flashinfer="0.6.6",
+            git_commit="abc1234", timestamp="2026-11-25T12:00:00")
+MODELS = {"llama-3-8b": (32, 8), "llama-2-7b": (32, 32)}
+
+
+def _row(point, backend, ms, *, model="llama-3-8b", sweep="paper", status="ok", prefill_err=1e-3,
+         decode_err=1e-3, chunk=1024, ctx=4096, nd=32, dctx=8192, meaningful=True, **extra):
+    hq, hkv = MODELS[model]
+    np_ = 1 if chunk else 0
+    pid = hashlib.sha1(f"{model}{point}".encode()).hexdigest()[:12]
+    pf = 4 * 128 * hq * (chunk * ctx + chunk * (chunk + 1) // 2) if chunk else 0
+    db = 2 * nd * dctx * hkv * 128 * 2 + 2 * nd * hq * 128 * 2
+    t = ms if status == "ok" else float("nan")
+    row = dict(point_id=pid, sweep=sweep, backend=backend, model=model, num_q_heads=hq, num_kv_heads=hkv,
+               head_dim=128, dtype="bfloat16", kv_layout="paged", page_size=16, num_prefill=np_,
+               chunk_len=chunk, prefill_context_len=ctx if chunk else 0, num_decode=nd,
+               decode_context_len=dctx if nd else 0, batch=f"{model} {point}", status=status,
+               reason="" if status == "ok" else "synthetic", median_ms=t, p20_ms=t * 0.99, p80_ms=t * 1.01,
+               timing_meaningful=meaningful, prefill_err=prefill_err if chunk else float("nan"),
+               decode_err=decode_err if nd else float("nan"), prefill_flops=pf, decode_bytes=db,
+               tflops=pf / (t * 1e-3) / 1e12 if chunk else float("nan"),
+               gbps=db / (t * 1e-3) / 1e9 if nd else float("nan"), backend_config="{}", **PROV)
+    row.update(extra)
+    return row
+
+
+def _points(rows, point, times, **kw):
+    for backend, ms in times.items():
+        rows.append(_row(point, backend, ms, **kw))
+
+
+def synthetic_results(root: Path, serving: bool = True) -> Path:
+    """Two attention runs (Parquet + CSV), a kernels sweep, a CPU run, serving rows. Expected speed-ups
+    of pod vs best serial (computed by hand below): run1 p1 1.6, p2 0.5, p3 2.0, p5 2.0, p6 2.0,
+    p7 (llama-2-7b) 1.25; run2 p1 0.5."""
+    root.mkdir(parents=True, exist_ok=True)
+    r1: list[dict] = []
+    # p1: best serial is fi_serial (1.6); vs fi_pod 1.8/1.0.
+    _points(r1, "p1", dict(fa2_serial=2.0, fi_serial=1.6, fi_pod=1.8, pod=1.0), chunk=512, ctx=0)
+    # p2: best serial fa2 (1.0): pod is slower (0.5x).
+    _points(r1, "p2", dict(fa2_serial=1.0, fi_serial=1.2, fi_pod=1.25, pod=2.0), chunk=1024, ctx=4096)
+    _points(r1, "p3", dict(fa2_serial=3.0, fi_serial=3.5, fi_pod=2.0, pod=1.5), chunk=2048, ctx=12288)
+    # p4: pod's prefill output is wrong: its 10x must not count anywhere.
+    _points(r1, "p4", dict(fa2_serial=1.0, fi_serial=1.0, fi_pod=1.0), chunk=1024, ctx=8192, nd=64)
+    r1.append(_row("p4", "pod", 0.1, chunk=1024, ctx=8192, nd=64, prefill_err=0.05))
+    # p5: fa2_serial errored, fi_pod skipped: best serial is fi_serial; no fi_pod speed-up.
+    _points(r1, "p5", dict(fi_serial=2.0, pod=1.0), chunk=1024, ctx=0, nd=128, dctx=2048)
+    r1.append(_row("p5", "fa2_serial", 0.2, chunk=1024, ctx=0, nd=128, dctx=2048, status="error"))
+    r1.append(_row("p5", "fi_pod", 0.2, chunk=1024, ctx=0, nd=128, dctx=2048, status="skipped"))
+    # p6: fi_serial is fastest but its decode output is wrong: best serial must be fa2_serial (2.0).
+    _points(r1, "p6", dict(fa2_serial=2.0, pod=1.0), chunk=512, ctx=2048, nd=16, dctx=16384)
+    r1.append(_row("p6", "fi_serial", 0.5, chunk=512, ctx=2048, nd=16, dctx=16384, decode_err=0.5))
+    # p6: a prefill-only backend on the hybrid point: its time is not the batch's (no speed-up), not wrong.
+    r1.append(_row("p6", "triton_prefill", 0.1, chunk=512, ctx=2048, nd=16, dctx=16384,
+                   decode_err=float("nan")))
+    # p7: another model.
+    _points(r1, "p7", dict(fa2_serial=1.0, fi_serial=2.0, fi_pod=1.5, pod=0.8), model="llama-2-7b")
+    # kernels sweep: pure prefill (TFLOP/s) and pure decode (GB/s) points.
+    _points(r1, "k1", dict(fa2_serial=1.1, fi_serial=0.9, triton_prefill=1.0), sweep="kernels", nd=0)
+    _points(r1, "k2", dict(fa2_serial=1.5, fi_serial=1.2, triton_decode=1.0), sweep="kernels", chunk=0)
+    pd.DataFrame(r1).to_parquet(root / "run1.parquet")
+
+    # run2 repeats p1 with other timings; mixing runs would give pod 0.4x at run1's p1.
+    r2: list[dict] = []
+    _points(r2, "p1", dict(fa2_serial=0.4, fi_serial=0.5, pod=0.8), chunk=512, ctx=0)
+    (root / "sub").mkdir(exist_ok=True)
+    pd.DataFrame(r2).to_csv(root / "sub" / "run2.csv", index=False)
+
+    # A CPU run: timings not meaningful, never a speed-up.
+    r3: list[dict] = []
+    _points(r3, "p1", dict(fa2_serial=100.0, pod=1.0), chunk=512, ctx=0, meaningful=False)
+    pd.DataFrame(r3).to_parquet(root / "cpu_run.parquet")
+
+    # Our own outputs in figures/ must not be read back as results.
+    (root / "figures").mkdir(exist_ok=True)
+    pd.DataFrame([_row("p1", "pod", 0.001)]).to_csv(root / "figures" / "speedups.csv", index=False)
+
+    if serving:
+        srows = []
+        for backend, tput in (("fa2_serial", 1000.0), ("pod", 1200.0)):
+            srows.append(dict(sweep="serving", backend=backend, model="llama-3-8b", mode="offline",
+                              requests_per_s=tput / 500, tokens_per_s=tput, qps=np.nan, ttft_p50_ms=np.nan,
+                              ttft_p99_ms=np.nan, tbt_p50_ms=np.nan, tbt_p99_ms=np.nan, e2e_p50_ms=np.nan,
+                              **PROV))
+            for qps in (0.5, 1.0, 2.0):
+                srows.append(dict(sweep="serving", backend=backend, model="llama-3-8b", mode="online",
+                                  requests_per_s=qps, tokens_per_s=qps * 500, qps=qps,
+                                  ttft_p50_ms=100 * qps, ttft_p99_ms=300 * qps, tbt_p50_ms=20 * qps,
+                                  tbt_p99_ms=50 * qps, e2e_p50_ms=5000 * qps, **PROV))
+        pd.DataFrame(srows).to_parquet(root / "serving.parquet")
+    return root
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    return synthetic_results(tmp_path / "results")
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def test_load_separates_kinds_and_runs(results_dir):
+    r = load_results(results_dir)
+    assert set(ATTENTION_COLUMNS) <= set(r.attention.columns)
+    assert len(r.attention) == 34 + 3 + 2 and len(r.serving) == 8
+    assert sorted(r.attention["run"].unique()) == ["cpu_run.parquet", "run1.parquet", "sub/run2.csv"]
+    assert not (r.attention["median_ms"] == 0.001).any(), "figures/ outputs were read as results"
+    # CSV booleans come back as booleans.
+    assert r.attention["timing_meaningful"].dtype == bool
+    assert r.gpus() == [GPU]
+    assert load_results(results_dir.parent / "nothing").empty
+
+
+# -- speed-up math -----------------------------------------------------------------------------------
+def _sp(results_dir):
+    sp = attention_speedups(load_results(results_dir).attention)
+    return sp.set_index(["run", "batch", "backend"])
+
+
+def test_best_serial_per_point_and_run(results_dir):
+    sp = _sp(results_dir)
+    pod = lambda run, p, m="llama-3-8b": sp.loc[(run, f"{m} {p}", "pod")]  # noqa: E731
+    r1, r2 = "run1.parquet", "sub/run2.csv"
+    assert pod(r1, "p1")["best_serial_backend"] == "fi_serial"
+    assert pod(r1, "p1")["speedup_vs_serial"] == pytest.approx(1.6)
+    assert pod(r1, "p1")["speedup_vs_fi_pod"] == pytest.approx(1.8)
+    assert pod(r1, "p2")["speedup_vs_serial"] == pytest.approx(0.5)
+    assert pod(r1, "p3")["speedup_vs_fi_pod"] == pytest.approx(2.0 / 1.5)
+    # errored fa2_serial is no baseline; skipped fi_pod gives no fi_pod speed-up
+    assert pod(r1, "p5")["best_serial_backend"] == "fi_serial"
+    assert pod(r1, "p5")["speedup_vs_serial"] == pytest.approx(2.0)
+    assert math.isnan(pod(r1, "p5")["speedup_vs_fi_pod"])
+    # a wrong (error-flagged) serial output is no baseline either
+    assert pod(r1, "p6")["best_serial_backend"] == "fa2_serial"
+    assert pod(r1, "p6")["speedup_vs_serial"] == pytest.approx(2.0)
+    # runs are never mixed
+    assert pod(r2, "p1")["speedup_vs_serial"] == pytest.approx(0.4 / 0.8)
+    # the baselines themselves: fi_serial is the best at p1 -> 1.0, fa2_serial 1.6/2.0
+    assert sp.loc[(r1, "llama-3-8b p1", "fi_serial"), "speedup_vs_serial"] == pytest.approx(1.0)
+    assert sp.loc[(r1, "llama-3-8b p1", "fa2_serial"), "speedup_vs_serial"] == pytest.approx(0.8)
+
+
+def test_wrong_or_untimed_rows_are_excluded(results_dir):
+    sp = _sp(results_dir)
+    bad = sp.loc[("run1.parquet", "llama-3-8b p4", "pod")]
+    assert not bad["usable"] and bad["err_flagged"] and "prefill_err" in bad["excluded"]
+    assert math.isnan(bad["speedup_vs_serial"]) and math.isnan(bad["speedup_vs_fi_pod"])
+    cpu = sp.loc[("cpu_run.parquet", "llama-3-8b p1", "pod")]
+    assert not cpu["usable"] and "timing not meaningful" in cpu["excluded"]
+    assert math.isnan(cpu["speedup_vs_serial"])
+    part = sp.loc[("run1.parquet", "llama-3-8b p6", "triton_prefill")]
+    assert not part["usable"] and not part["err_flagged"] and "does not compute decode" in part["excluded"]
+    assert math.isnan(part["speedup_vs_serial"])
+    assert "status=error" in sp.loc[("run1.parquet", "llama-3-8b p5", "fa2_serial"), "excluded"]
+    assert sp["speedup_vs_serial"].max() < 10  # the wrong 0.1 ms kernel's 10x never shows
+
+
+def test_summary_geomean_max_min_share(results_dir):
+    sp = attention_speedups(load_results(results_dir).attention)
+    s = summarize(sp, ["backend"]).set_index(["backend", "vs"])
+    pod = s.loc[("pod", "best serial")]
+    hand = [1.6, 0.5, 2.0, 2.0, 2.0, 1.25, 0.5]  # run1 p1 p2 p3 p5 p6 p7, run2 p1
+    assert pod["compared"] == 7
+    assert pod["geomean"] == pytest.approx((1.6 * 0.5 * 2 * 2 * 2 * 1.25 * 0.5) ** (1 / 7))
+    assert pod["max"] == pytest.approx(2.0) and pod["min"] == pytest.approx(0.5)
+    assert pod["share_faster"] == pytest.approx(5 / 7)
+    assert geomean(hand) == pytest.approx(pod["geomean"])
+    # counts include excluded rows: p1..p7 in run1 (7) + run2 + cpu run
+    assert pod["rows"] == 9 and pod["err_flagged"] == 1 and pod["usable"] == 7
+    fp = s.loc[("pod", "fi_pod")]
+    # vs fi_pod: p1 1.8, p2 0.625, p3 4/3, p7 1.875
+    assert fp["compared"] == 4
+    assert fp["geomean"] == pytest.approx((1.8 * 0.625 * (4 / 3) * 1.875) ** 0.25)
+    assert fp["share_faster"] == pytest.approx(0.75)
+    fa2 = s.loc[("fa2_serial", "best serial")]
+    assert fa2["not_ok"] == 1 and fa2["max"] == pytest.approx(1.0)
+    by_model = summarize(sp, ["model", "backend"]).set_index(["model", "backend", "vs"])
+    assert by_model.loc[("llama-2-7b", "pod", "best serial"), "geomean"] == pytest.approx(1.25)
+    assert by_model.loc[("llama-3-8b", "pod", "best serial"), "compared"] == 6
+
+
+def test_composition_label():
+    assert composition_label(1, 1024, 12288, 64, 4096) == "1K@12K + 64×4K"
+    assert composition_label(2, 512, 0, 0, 0) == "2×512@0"
+    assert composition_label(0, 0, 0, 8, 1536) == "8×1.5K"
+
+
+# -- figures and tables ------------------------------------------------------------------------------
+def _nonempty(p: Path) -> bool:
+    return p.is_file() and p.stat().st_size > 1000
+
+
+def test_build_all_writes_figures_and_tables(results_dir, tmp_path):
+    out = tmp_path / "figs"
+    written = build_all(results_dir, out)
+    for name in ("speedup_serial_paper", "speedup_fi_pod_paper", "speedup_heatmap_paper", "roofline", "kernels",
+                 "serving_offline", "serving_online"):
+        for ext in ("png", "pdf"):
+            assert _nonempty(out / f"{name}.{ext}"), f"{name}.{ext} missing or empty"
+    for name in ("speedup_summary", "speedup_by_model", "speedups", "excluded", "status_counts",
+                 "kernels_prefill_tflops", "kernels_decode_gbps", "serving"):
+        assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").read_text().startswith("|")
+    assert "summary" in written and GPU in (out / "summary.md").read_text()
+    summ = pd.read_csv(out / "speedup_summary.csv").set_index(["backend", "vs"])
+    assert summ.loc[("pod", "best serial"), "compared"] == 7
+    kp = pd.read_csv(out / "kernels_prefill_tflops.csv")
+    assert list(kp.columns) == ["gpu", "model", "batch", "triton_prefill", "fi_serial", "fa2_serial"]
+    assert len(kp) == 1 and kp.loc[0, "fi_serial"] == pytest.approx(kp.loc[0, "triton_prefill"] / 0.9)
+    kd = pd.read_csv(out / "kernels_decode_gbps.csv")
+    assert kd.loc[0, "fi_serial"] < kd.loc[0, "triton_decode"]  # 1.2 ms vs 1.0 ms for the same bytes
+    excluded = pd.read_csv(out / "excluded.csv")
+    assert len(excluded) == 7  # p4 pod, p5 fa2 + fi_pod, p6 fi_serial + triton_prefill, cpu run x2
+
+
+def test_build_all_without_results(tmp_path):
+    # (results without serving rows: see test_reproduce_cpu_runs_smoke_then_committed_figures)
+    assert build_all(tmp_path / "empty", tmp_path / "figs2") == {}
+    assert not (tmp_path / "figs2").exists()
+
+
+def test_markdown_table():
+    md = to_markdown(pd.DataFrame({"a": ["x|y"], "b": [1.23456], "c": [float("nan")]}))
+    assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x\\|y | 1.235 |  |"]
+
+
+# -- the notebook ------------------------------------------------------------------------------------
+def _run_notebook(monkeypatch, results: Path, figures: Path):
+    import nbclient
+    import nbformat
+    monkeypatch.setenv("POD_RESULTS", str(results))
+    monkeypatch.setenv("POD_FIGURES", str(figures))
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    # kernel "python3" resolves to this interpreter (jupyter_client swaps `python` for sys.executable)
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
+                                     resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    return outputs, text
+
+
+def test_notebook_runs_on_results_and_on_none(results_dir, tmp_path, monkeypatch):
+    figs = tmp_path / "nbfigs"
+    outputs, text = _run_notebook(monkeypatch, results_dir, figs)
+    assert "39 attention rows" in text and GPU in text
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) >= 6 and _nonempty(figs / "roofline.png")
+    markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if o.output_type == "display_data")
+    assert "speedup_summary" in markdown and "| pod |" in markdown
+
+    _, text = _run_notebook(monkeypatch, tmp_path / "no_results", tmp_path / "nbfigs2")
+    assert "No results yet" in text and not (tmp_path / "nbfigs2").exists()
+
+
+# -- experiments/reproduce.py ------------------------------------------------------------------------
+class FakeSweeps:
+    """Stands in for pod.harness.run_sweep: records each composed config, writes rows where the harness
+    would (<results_dir>/<sweep>/<device>.csv)."""
+
+    def __init__(self, device: str, meaningful: bool):
+        self.device, self.meaningful, self.cfgs = device, meaningful, []
+
+    def __call__(self, cfg):
+        self.cfgs.append(cfg)
+        rows: list[dict] = []
+        _points(rows, f"{cfg.sweep.name}-p", dict(fa2_serial=2.0, fi_serial=1.5, fi_pod=1.4, pod=1.0),
+                sweep=cfg.sweep.name, meaningful=self.meaningful)
+        folder = Path(cfg.results_dir) / cfg.sweep.name
+        folder.mkdir(parents=True, exist_ok=True)
+        df = pd.DataFrame(rows)
+        df.to_csv(folder / f"{self.device}.csv", index=False)
+        return df
+
+
+class FakeWandb:
+    """Records what reproduce logs (the real wandb is not touched in tests)."""
+
+    def __init__(self):
+        self.logged: dict = {}
+        self.inits = 0
+
+    def init(self, **kw):
+        self.inits += 1
+        return self
+
+    def log(self, data):
+        self.logged.update(data)
+
+    def finish(self):
+        pass
+
+    @staticmethod
+    def Image(path):
+        return ("image", path)
+
+    @staticmethod
+    def Table(dataframe):
+        return ("table", len(dataframe))
+
+
+@pytest.fixture
+def reproduce(monkeypatch):
+    import experiments.reproduce as rp
+    import pod.harness
+    fake_wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    return rp, pod.harness, fake_wandb
+
+
+def test_reproduce_gpu_runs_paper_sweeps_then_figures(reproduce, tmp_path, monkeypatch, capsys):
+    rp, harness, fake_wandb = reproduce
+    fake = FakeSweeps("h100", meaningful=True)
+    monkeypatch.setattr(harness, "run_sweep", fake)
+    monkeypatch.setattr(rp, "has_gpu", lambda: True)
+    out, figs = tmp_path / "h100", tmp_path / "figures"
+    assert rp.main(["--results-root", str(tmp_path), "--out", str(out), "--figures", str(figs)]) == 0
+    assert [c.sweep.name for c in fake.cfgs] == ["paper", "balance", "kernels"]
+    for c in fake.cfgs:
+        assert Path(c.results_dir) == out and "fi_pod" in c.backend.names and "pod" in c.backend.names
+        assert c.wandb.enabled and c.wandb.mode == "offline"
+    assert _nonempty(figs / "speedup_serial_paper.png") and _nonempty(figs / "speedup_serial_balance.pdf")
+    summ = pd.read_csv(figs / "speedup_summary.csv").set_index(["backend", "vs"])
+    assert summ.loc[("pod", "best serial"), "geomean"] == pytest.approx(1.5)  # 1.5 ms / 1.0 ms, 2 sweeps
+    assert "figures/speedup_serial_paper" in fake_wandb.logged
+    assert "tables/speedup_summary" in fake_wandb.logged
+    assert "measured sweeps paper" in capsys.readouterr().out
+
+
+def test_reproduce_cpu_runs_smoke_then_committed_figures(reproduce, tmp_path, monkeypatch, capsys):
+    rp, harness, fake_wandb = reproduce
+    fake = FakeSweeps("cpu", meaningful=False)
+    monkeypatch.setattr(harness, "run_sweep", fake)
+    monkeypatch.setattr(rp, "has_gpu", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # No committed results yet: smoke only, and a clear message.
+    assert rp.main(["--results-root", str(tmp_path), "--no-wandb"]) == 0
+    assert [(c.sweep.name, Path(c.results_dir)) for c in fake.cfgs] == [("smoke", tmp_path)]
+    assert "triton_decode" in fake.cfgs[0].backend.names and not fake.cfgs[0].wandb.enabled
+    assert (tmp_path / "smoke" / "figures" / "status_counts.csv").is_file()
+    assert not (tmp_path / "smoke" / "figures" / "speedup_serial_smoke.png").exists()  # CPU: no speed-ups
+    out = capsys.readouterr().out
+    assert "no committed H100 results" in out and not (tmp_path / "figures").exists()
+    assert fake_wandb.inits == 0
+
+    # Committed H100 results (no serving rows): figures rebuilt from them into <root>/figures.
+    synthetic_results(tmp_path / "h100", serving=False)
+    assert rp.main(["--results-root", str(tmp_path)]) == 0
+    assert _nonempty(tmp_path / "figures" / "speedup_serial_paper.png")
+    assert not list((tmp_path / "figures").glob("serving*"))  # no serving results: no serving figures
+    assert "rebuilt figures and tables from the committed H100 results" in capsys.readouterr().out
+    assert "figures/roofline" in fake_wandb.logged
+
+
+def test_reproduce_without_wandb_installed_warns(reproduce, tmp_path, monkeypatch):
+    rp, *_ = reproduce
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    figs = synthetic_results(tmp_path / "h100")
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        rp.log_to_wandb({"roofline": [figs / "run1.parquet"]}, "x", {}, "offline")
+
+
+def test_reproduce_fresh_clears_only_this_gpus_rows(reproduce, tmp_path):
+    rp, *_ = reproduce
+    folder = tmp_path / "h100" / "paper"
+    folder.mkdir(parents=True)
+    for name in ("h100.csv", "h100.shard0of2.csv", "a100.csv"):
+        (folder / name).write_text("x\n")
+    rp.clear_sweeps(tmp_path / "h100", ["paper", "balance"], "h100")
+    assert sorted(p.name for p in folder.iterdir()) == ["a100.csv"]

@@ -1,0 +1,368 @@
+"""Baselines on the CPU: availability reasons, and the Python logic of every wrapper (argument building,
+which rows go to which call, output splitting) run against CPU stand-ins of the kernels.
+
+The stand-ins are written from the kernels' documented semantics (FA2 varlen with a bottom-right causal
+mask; FlashInfer's CSR page tables), independently of pod.reference, and write into NaN-poisoned
+outputs: a row a wrapper forgets to send stays NaN and fails the comparison with the reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import baselines.flashinfer as fib
+import baselines.torch_fa as tfa
+from pod.batch import BatchSpec, make_batch
+from pod.reference import max_rel_error, reference
+from pod.registry import BackendUnavailable, always_available, get_backend, list_backends
+
+FA_NAMES = ("fa2_serial", "fa2_streams", "fa2_batched")
+FI_NAMES = ("fi_serial", "fi_batched", "fi_batch_attention", "fi_pod", "fi_batch_pod")
+TOL = 1e-2  # bf16 outputs of fp32 math vs the fp32 reference
+
+
+# -- a CPU attention written from the kernels' contracts --------------------------------------------
+def _attend_rows(q, k, v, causal, scale):
+    """q [Lq, Hq, D], k/v [Lk, Hkv, D]; causal is bottom-right aligned (FA2/FlashInfer convention):
+    query i sees keys 0..Lk-Lq+i. fp32 math, output in q's dtype."""
+    lq, hq, _ = q.shape
+    lk, hkv, _ = k.shape
+    assert hq % hkv == 0 and lk >= lq
+    g = hq // hkv
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(g, 1)) * scale
+    if causal:
+        qi = torch.arange(lq)[:, None] + (lk - lq)
+        s = s.masked_fill(torch.arange(lk)[None, :] > qi, float("-inf"))
+    out = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v.float().repeat_interleave(g, 1))
+    return out.to(q.dtype)
+
+
+def _check_indptr(ptr, total):
+    assert ptr.dtype == torch.int32 and int(ptr[0]) == 0 and int(ptr[-1]) == total
+    assert bool((ptr[1:] >= ptr[:-1]).all())
+
+
+def fake_flash_varlen(calls):
+    def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        assert q.dtype == k.dtype == v.dtype and q.stride(-1) == k.stride(-1) == 1
+        _check_indptr(cu_q, q.shape[0])
+        _check_indptr(cu_k, k.shape[0])
+        lq, lk = cu_q.diff().tolist(), cu_k.diff().tolist()
+        assert max_q == max(lq) and max_k == max(lk), "max_q/max_k size FA2's grid: must be exact maxima"
+        out = torch.full_like(q, float("nan"))
+        for b in range(len(lq)):
+            qa, ka = int(cu_q[b]), int(cu_k[b])
+            out[qa:qa + lq[b]] = _attend_rows(q[qa:qa + lq[b]], k[ka:ka + lk[b]], v[ka:ka + lk[b]],
+                                              causal, scale)
+        calls.append(dict(rows=q.shape[0], seqs=len(lq), causal=causal))
+        return out
+    return flash_varlen
+
+
+def _paged_kv(kv, indptr, indices, b, kv_len):
+    k_cache, v_cache = kv
+    pages = indices[int(indptr[b]):int(indptr[b + 1])].long()
+    assert len(pages) == math.ceil(kv_len / k_cache.shape[1])
+    k = k_cache[pages].flatten(0, 1)[:kv_len]
+    v = v_cache[pages].flatten(0, 1)[:kv_len]
+    return k, v
+
+
+def _paged_attention(q, qo_indptr, kv, indptr, indices, kv_lens, causal, scale):
+    _check_indptr(qo_indptr, q.shape[0])
+    _check_indptr(indptr, indices.shape[0])
+    out = torch.full_like(q, float("nan"))
+    for b in range(len(kv_lens)):
+        qa, qb = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        k, v = _paged_kv(kv, indptr, indices, b, int(kv_lens[b]))
+        out[qa:qb] = _attend_rows(q[qa:qb], k, v, causal, scale)
+    return out
+
+
+def _kv_lens(indptr, last_page_len, page_size):
+    return [(int(indptr[b + 1]) - int(indptr[b]) - 1) * page_size + int(last_page_len[b])
+            for b in range(len(last_page_len))]
+
+
+class _Wrapper:
+    log: list
+
+    def _plan_common(self, kw, page_size):
+        self.scale, self.page_size = kw["sm_scale"], page_size
+        assert kw["q_data_type"] == kw["kv_data_type"] and kw["q_data_type"] in (torch.bfloat16, torch.float16)
+
+
+def make_fake_flashinfer(log):
+    class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
+        def __init__(self, workspace, kv_layout, backend="auto"):
+            assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            log.append(("prefill", backend))
+
+        def plan(self, qo_indptr, indptr, indices, last_page_len, hq, hkv, d, page_size, causal, **kw):
+            self._plan_common(kw, page_size)
+            self.csr = (qo_indptr, indptr, indices, _kv_lens(indptr, last_page_len, page_size))
+            self.causal = causal
+
+        def run(self, q, kv):
+            qo, ip, ix, lens = self.csr
+            return _paged_attention(q, qo, kv, ip, ix, lens, self.causal, self.scale)
+
+    class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
+        def __init__(self, workspace, kv_layout, use_tensor_cores=False):
+            assert kv_layout == "NHD"
+            log.append(("decode", use_tensor_cores))
+
+        def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
+            self._plan_common(kw, page_size)
+            self.csr = (indptr, indices, _kv_lens(indptr, last_page_len, page_size))
+
+        def run(self, q, kv):
+            ip, ix, lens = self.csr
+            qo = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+            return _paged_attention(q, qo, kv, ip, ix, lens, False, self.scale)
+
+    class BatchAttention(_Wrapper):
+        def __init__(self, kv_layout="NHD", device="cuda"):
+            assert kv_layout == "NHD"
+            log.append(("batch_attention",))
+
+        def plan(self, qo_indptr, kv_indptr, kv_indices, kv_len_arr, hq, hkv, dqk, dvo, page_size,
+                 causal=False, **kw):
+            self._plan_common(kw, page_size)
+            self.args = (qo_indptr, kv_indptr, kv_indices, kv_len_arr.tolist(), causal)
+
+        def run(self, q, kv):
+            qo, ip, ix, lens, causal = self.args
+            out = _paged_attention(q, qo, kv, ip, ix, lens, causal, self.scale)
+            return out, torch.zeros(q.shape[:2])
+
+    class PODWithPagedKVCacheWrapper(_Wrapper):
+        def __init__(self, workspace, kv_layout):
+            log.append(("pod",))
+
+        def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
+            self._plan_common(kw, page_size)
+            self.csr = (indptr, indices, _kv_lens(indptr, last_page_len, page_size))
+
+        def run(self, q_p, k_p, v_p, q_d, kv, causal_p=False, sm_scale_p=None):
+            assert k_p.shape == v_p.shape and k_p.dim() == 3 and k_p.is_contiguous()
+            ip, ix, lens = self.csr
+            out_p = _attend_rows(q_p, k_p, v_p, causal_p, sm_scale_p or 1 / math.sqrt(q_p.shape[-1]))
+            qo = torch.arange(q_d.shape[0] + 1, dtype=torch.int32)
+            return out_p, _paged_attention(q_d, qo, kv, ip, ix, lens, False, self.scale)
+
+    class BatchPODWithPagedKVCacheWrapper(_Wrapper):
+        def __init__(self, workspace, kv_layout):
+            log.append(("batch_pod",))
+
+        def plan(self, qo_p, ip_p, ix_p, last_p, qo_d, ip_d, ix_d, last_d, hq, hkv, d, page_size, **kw):
+            self._plan_common(kw, page_size)
+            self.p = (qo_p, ip_p, ix_p, _kv_lens(ip_p, last_p, page_size))
+            self.d = (qo_d, ip_d, ix_d, _kv_lens(ip_d, last_d, page_size))
+
+        def run(self, q_p, kv_p, q_d, kv_d, causal_p=False):
+            return (_paged_attention(q_p, self.p[0], kv_p, *self.p[1:], causal_p, self.scale),
+                    _paged_attention(q_d, self.d[0], kv_d, *self.d[1:], False, self.scale))
+
+    return SimpleNamespace(**{c.__name__: c for c in (
+        BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper, BatchAttention,
+        PODWithPagedKVCacheWrapper, BatchPODWithPagedKVCacheWrapper)})
+
+
+# -- batches: uneven lengths, none a multiple of the page size; mixed, prefill-only, decode-only ----
+def _spec(prefill, decode, page_size=None, heads=(4, 2, 64), dtype="bfloat16"):
+    return BatchSpec.build(*heads, prefill=prefill, decode=decode, dtype=dtype, page_size=page_size)
+
+
+MIXED = dict(prefill=[(37, 21), (19, 0)], decode=[1, 45, 18])
+SHAPES = [
+    (MIXED, (4, 2, 64), "bfloat16"),
+    (dict(prefill=[(23, 40)], decode=[33, 7]), (6, 1, 128), "float16"),
+    (dict(prefill=[(29, 5), (3, 60)], decode=[]), (4, 4, 64), "bfloat16"),
+    (dict(prefill=[], decode=[17, 1, 64]), (8, 2, 64), "bfloat16"),
+]
+
+
+def _assert_matches_reference(batch, out):
+    ref_p, ref_d = reference(batch)
+    assert out.prefill.shape == batch.q_prefill.shape and out.decode.shape == batch.q_decode.shape
+    assert out.prefill.dtype == out.decode.dtype == batch.q_prefill.dtype
+    assert max_rel_error(out.prefill, ref_p) < TOL
+    assert max_rel_error(out.decode, ref_d) < TOL
+
+
+# -- registry and availability -----------------------------------------------------------------------
+def test_registry_lists_every_baseline_with_layouts():
+    backends = list_backends()
+    for name in FA_NAMES:
+        assert backends[name].layouts == {"contiguous"}
+    for name in FI_NAMES:
+        assert backends[name].layouts == {"paged"}
+    assert "hfuse" not in backends  # not expressible in Triton/Gluon here: nothing fake registered
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only reasons")
+def test_unavailable_on_cpu_with_reason():
+    for name in FA_NAMES + FI_NAMES:
+        why = get_backend(name).unavailable_reason()
+        assert why and "CUDA" in why, (name, why)
+    if fib.importlib.util.find_spec("flashinfer") is None:
+        for name in FI_NAMES:
+            why = get_backend(name).unavailable_reason()
+            assert "flashinfer" in why and fib.INSTALL_HINT in why
+
+
+def test_flashinfer_missing_or_broken_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(fib.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fib.importlib.util, "find_spec", lambda name: None)
+    why = fib.flashinfer_availability()
+    assert "CUDA" not in why and "flashinfer-python" in why and fib.INSTALL_HINT in why
+    monkeypatch.undo()
+
+    # Installed but broken (e.g. a missing dependency): the import error is the reason.
+    (tmp_path / "flashinfer").mkdir()
+    (tmp_path / "flashinfer" / "__init__.py").write_text("import pynvml_missing_for_test\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(fib.torch.cuda, "is_available", lambda: True)
+    monkeypatch.delitem(sys.modules, "flashinfer", raising=False)
+    fib._import_error.cache_clear()
+    try:
+        why = fib.flashinfer_availability()
+        assert "pynvml_missing_for_test" in why and fib.INSTALL_HINT in why
+        with pytest.raises(BackendUnavailable):
+            fib._fi()
+    finally:
+        fib._import_error.cache_clear()
+        sys.modules.pop("flashinfer", None)
+
+
+def test_wrong_layout_is_refused():
+    paged = make_batch(_spec(**MIXED, page_size=16))
+    contig = make_batch(_spec(**MIXED))
+    anywhere = dataclasses.replace(get_backend("fa2_serial"), availability=always_available)
+    assert "contiguous" in anywhere.unavailable_reason(paged) and anywhere.unavailable_reason(contig) is None
+    with pytest.raises(BackendUnavailable):
+        get_backend("fa2_serial").prepare(paged)
+    with pytest.raises(BackendUnavailable):
+        get_backend("fi_serial").prepare(contig)
+
+
+# -- FA2 wrappers against the CPU stand-in -------------------------------------------------------------
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+
+def _fake_cuda(log):
+    main = _FakeStream("main", log)
+    current = [main]
+    made = []
+
+    class _Ctx:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            current.append(self.s)
+            log.append(("enter", self.s.name))
+
+        def __exit__(self, *exc):
+            current.pop()
+            log.append(("exit", self.s.name))
+
+    def stream_factory(device=None):
+        made.append(_FakeStream(f"side{len(made)}", log))
+        return made[-1]
+
+    return SimpleNamespace(Stream=stream_factory, current_stream=lambda device=None: current[-1],
+                           stream=_Ctx), current
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}-{len(s[0]['prefill'])}p{len(s[0]['decode'])}d")
+@pytest.mark.parametrize("name", FA_NAMES)
+def test_fa2_wrappers_match_reference(name, shape, monkeypatch):
+    parts, heads, dtype = shape
+    calls, stream_log = [], []
+    monkeypatch.setattr(tfa, "flash_varlen", fake_flash_varlen(calls))
+    fake_cuda, current = _fake_cuda(stream_log)
+    monkeypatch.setattr(tfa, "_cuda", fake_cuda)
+    batch = make_batch(_spec(**parts, heads=heads, dtype=dtype), seed=torch.randint(0, 2**31, ()).item())
+    run = get_backend(name).prepare(batch)
+    assert calls == []  # prepare launches nothing
+    _assert_matches_reference(batch, run())
+
+    n_p, n_d = batch.spec.num_prefill, batch.spec.num_decode
+    if name == "fa2_batched":
+        assert calls == [dict(rows=batch.q_prefill.shape[0] + n_d, seqs=n_p + n_d, causal=True)]
+    else:
+        expect = ([dict(rows=batch.q_prefill.shape[0], seqs=n_p, causal=True)] if n_p else []) + \
+                 ([dict(rows=n_d, seqs=n_d, causal=False)] if n_d else [])
+        assert calls == expect
+    if name == "fa2_streams":
+        # Each side stream waits for main before its launch; main waits for both after; main is current again.
+        assert stream_log == [("wait", "side0", "main"), ("enter", "side0"), ("exit", "side0"),
+                              ("wait", "side1", "main"), ("enter", "side1"), ("exit", "side1"),
+                              ("wait", "main", "side0"), ("wait", "main", "side1")]
+        assert current[-1].name == "main"
+
+
+# -- FlashInfer wrappers against the CPU stand-in ------------------------------------------------------
+@pytest.fixture
+def fake_fi(monkeypatch):
+    log = []
+    fake = make_fake_flashinfer(log)
+    monkeypatch.setattr(fib, "_fi", lambda: fake)
+    monkeypatch.setattr(fib, "WORKSPACE_BYTES", 1024)
+    monkeypatch.setattr(fib, "_WORKSPACES", {})
+    return log
+
+
+@pytest.mark.parametrize("page_size", [16, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}-{len(s[0]['prefill'])}p{len(s[0]['decode'])}d")
+@pytest.mark.parametrize("name", FI_NAMES)
+def test_flashinfer_wrappers_match_reference(name, shape, page_size, fake_fi, monkeypatch):
+    parts, heads, dtype = shape
+    monkeypatch.setenv(fib.PREFILL_BACKEND_ENV, "fa2")
+    batch = make_batch(_spec(**parts, heads=heads, dtype=dtype, page_size=page_size),
+                       seed=torch.randint(0, 2**31, ()).item())
+    n_p, n_d = batch.spec.num_prefill, batch.spec.num_decode
+    supported = {"fi_pod": n_p == 1 and n_d > 0, "fi_batch_pod": n_p > 0 and n_d > 0}.get(name, True)
+    if not supported:
+        with pytest.raises(BackendUnavailable, match="prefill"):
+            get_backend(name).prepare(batch)
+        return
+    run = get_backend(name).prepare(batch)
+    _assert_matches_reference(batch, run())
+    if name == "fi_serial":
+        assert fake_fi == [("prefill", "fa2")] * bool(n_p) + [("decode", True)] * bool(n_d)
+        assert run.backend_config == {"prefill_backend": "fa2", "decode_tensor_cores": True}
+    if name == "fi_batched":
+        assert fake_fi == [("prefill", "fa2")]
+
+
+def test_flashinfer_workspace_is_shared_and_zeroed(fake_fi):
+    a = fib.workspace(torch.device("cpu"))
+    assert a is fib.workspace("cpu") and a.numel() == 1024 and not a.any()
+
+
+def test_default_prefill_backend_is_auto(monkeypatch):
+    monkeypatch.delenv(fib.PREFILL_BACKEND_ENV, raising=False)
+    assert fib.prefill_backend() == "auto"
+
+
+def test_gpu_smoke_reports_rows_on_cpu():
+    from baselines import gpu_smoke
+    from pod.batch import ModelHeads
+
+    spec = _spec(prefill=[(9, 3)], decode=[5, 12], page_size=4)
+    rows = gpu_smoke.check_backends(("reference", "fi_pod"), ModelHeads(4, 2, 64), device="cpu", spec=spec)
+    assert rows[0]["status"] == "ok" and rows[0]["prefill_err"] < TOL and rows[0]["decode_err"] < TOL
+    assert rows[1]["status"] == "skipped" and "CUDA" in rows[1]["reason"]

@@ -1,0 +1,346 @@
+"""The harness (pod/harness.py, pod/results.py, pod/provenance.py, experiments/attention.py, conf/)."""
+import json
+import math
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pod import harness
+from pod.batch import BatchSpec
+from pod.harness import expand_points, point_id, run_sweep, shard
+from pod.reference import reference
+from pod.registry import AttentionOutput, Backend, BackendUnavailable, always_available
+from pod.results import COLUMNS, ResultStore, WandbLogger, load_results
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"m": dict(num_q_heads=4, num_kv_heads=2, head_dim=64),
+          "m2": dict(num_q_heads=4, num_kv_heads=2, head_dim=64)}
+
+
+# -- fake backends -----------------------------------------------------------------------------------
+def _correct(batch):
+    def run():
+        p, d = reference(batch)
+        return AttentionOutput(p.to(batch.q_prefill.dtype), d.to(batch.q_decode.dtype))
+    run.backend_config = {"knob": 3}
+    return run
+
+
+def backend(name, prepare=_correct, computes=("prefill", "decode"), layouts=("contiguous", "paged"),
+            availability=always_available):
+    return Backend(name, prepare, frozenset(computes), frozenset(layouts), availability)
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    reg = {}
+    monkeypatch.setattr(harness, "list_backends", lambda: reg)
+    return reg
+
+
+def sweep_cfg(tmp_path, points, names, **kw):
+    cfg = dict(sweep=dict(name="t", base=dict(model="m", page_size=16), points=points), models=MODELS,
+               backend=dict(names=names), results_dir=str(tmp_path), progress=False,
+               wandb=dict(enabled=False))
+    cfg.update(kw)
+    return cfg
+
+
+POINTS = [dict(chunk_len=5, prefill_context_len=3, num_decode=2, decode_context_len=6),
+          dict(chunk_len=0, num_decode=3, decode_context_len=9),
+          dict(chunk_len=7, prefill_context_len=0),
+          dict(chunk_len=4, prefill_context_len=2, num_decode=1, decode_context_len=5, page_size=None),
+          dict(num_prefill=2, chunk_len=3, prefill_context_len=1, num_decode=2, decode_context_len=3)]
+
+
+# -- points --------------------------------------------------------------------------------------------
+def test_expand_points_grid_pairs_points_and_dedup():
+    sweep = dict(base=dict(model="m", page_size=16, num_decode=2, decode_context_len=8),
+                 grids=[dict(chunk_len=[4, 8], prefill_context_len=[0, 16], model=["m", "m2"]),
+                        dict(chunk_len=4, dec=[dict(num_decode=1, decode_context_len=3),
+                                               dict(num_decode=5, decode_context_len=7)])],
+                 points=[dict(chunk_len=4, prefill_context_len=0)])   # duplicate of the 1st grid point
+    pts = expand_points(sweep, MODELS)
+    assert len(pts) == 2 * 2 * 2 + 2
+    assert len({p.point_id for p in pts}) == len(pts)
+    assert pts[0].spec == BatchSpec.build(4, 2, 64, [(4, 0)], [8, 8], page_size=16) and pts[0].model == "m"
+    paired = [p.spec.decode_context_lens for p in pts[-2:]]
+    assert paired == [(3,), (7,) * 5]
+    only_decode = expand_points(dict(points=[dict(model="m", chunk_len=0, num_decode=2,
+                                                  decode_context_len=4)]), MODELS)[0]
+    assert only_decode.spec.num_prefill == 0 and only_decode.spec.page_size is None
+    with pytest.raises(ValueError, match="chunk_size"):
+        expand_points(dict(points=[dict(model="m", chunk_size=4)]), MODELS)
+    with pytest.raises(ValueError, match="unknown model"):
+        expand_points(dict(points=[dict(model="gpt5", chunk_len=4)]), MODELS)
+    with pytest.raises(ValueError, match="page_size"):   # BatchSpec's validation names the field
+        expand_points(dict(points=[dict(model="m", chunk_len=4, page_size=12)]), MODELS)
+
+
+def test_point_id_is_stable_and_distinguishes_points():
+    spec = BatchSpec.build(32, 8, 128, [(1024, 12288)], [8192] * 64, page_size=16)
+    # Pinned: ids must not change between runs/machines, or resume and cross-run joins break.
+    assert point_id("llama3_8b", spec) == point_id("llama3_8b", BatchSpec.build(
+        32, 8, 128, [(1024, 12288)], [8192] * 64, page_size=16)) == "cf9ef4056f76"
+    others = {point_id("llama3_8b", BatchSpec.build(32, 8, 128, [(1024, 12288)], [8192] * 64)),
+              point_id("other", spec),
+              point_id("llama3_8b", BatchSpec.build(32, 8, 128, [(1024, 12288)], [8192] * 63, page_size=16)),
+              point_id("llama3_8b", BatchSpec.build(32, 8, 128, [(1024, 12288)], [8192] * 64, "float16", 16))}
+    assert len(others) == 4 and point_id("llama3_8b", spec) not in others
+
+
+def test_shards_partition_the_points():
+    pts = expand_points(dict(grids=[dict(model="m", chunk_len=[1, 2, 3, 4, 5, 6, 7])]), MODELS)
+    parts = [shard(pts, i, 3) for i in range(3)]
+    assert sorted(p.point_id for part in parts for p in part) == sorted(p.point_id for p in pts)
+    assert [len(x) for x in parts] == [3, 2, 2]
+    with pytest.raises(ValueError, match="shard"):
+        shard(pts, 3, 3)
+
+
+def test_every_sweep_preset_expands():
+    sizes = {}
+    for sweep in ("smoke", "single", "paper", "kernels", "balance"):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("attention", overrides=[f"sweep={sweep}"])
+        sizes[sweep] = len(expand_points(cfg.sweep, cfg.models))
+    assert sizes["single"] == 1 and 4 <= sizes["smoke"] <= 10
+    assert 40 <= sizes["paper"] <= 60 and sizes["kernels"] >= 10 and sizes["balance"] >= 8
+
+
+# -- one run through Hydra's compose API ----------------------------------------------------------------
+def test_hydra_compose_run_writes_rows_with_provenance(tmp_path):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("attention", overrides=[
+            "sweep=single", "batch=hybrid_small", "model=tiny", "backend=reference",
+            f"results_dir={tmp_path}", "wandb.enabled=false", "progress=false",
+            "batch.chunk_len=20", "batch.prefill_context_len=13", "batch.num_decode=3"])
+    df = run_sweep(cfg)
+    files = list(tmp_path.rglob("*.csv"))
+    assert files == [tmp_path / "single" / "cpu.csv"] or torch.cuda.is_available()
+    on_disk = load_results(tmp_path)
+    assert len(df) == len(on_disk) == 1
+    row = on_disk.iloc[0]
+    assert list(on_disk.columns) == list(COLUMNS)
+    spec = BatchSpec.build(8, 2, 64, [(20, 13)], [200] * 3, page_size=16)
+    assert row.point_id == point_id("tiny", spec) and row.batch == spec.describe()
+    assert (row.sweep, row.backend, row.model, row.status, row.reason) == ("single", "reference", "tiny", "ok", "")
+    assert (row.num_q_heads, row.num_kv_heads, row.head_dim, row["dtype"]) == (8, 2, 64, "bfloat16")
+    assert (row.kv_layout, row.page_size, row.num_prefill, row.chunk_len, row.prefill_context_len,
+            row.num_decode, row.decode_context_len) == ("paged", 16, 1, 20, 13, 3, 200)
+    assert row.prefill_err < 1e-2 and row.decode_err < 1e-2
+    assert row.median_ms > 0 and row.p20_ms <= row.median_ms <= row.p80_ms
+    assert row.prefill_flops == spec.prefill_flops() and row.decode_bytes == spec.decode_bytes()
+    assert row.tflops == pytest.approx(spec.prefill_flops() / (row.median_ms * 1e-3) / 1e12)
+    assert row.gbps == pytest.approx(spec.decode_bytes() / (row.median_ms * 1e-3) / 1e9)
+    assert json.loads(row.backend_config) == {}
+    assert row.torch == torch.__version__ and row.triton != ""
+    if not torch.cuda.is_available():
+        assert row.gpu == "cpu" and row.driver == "" and not row.timing_meaningful
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert row.git_commit.split("+")[0] == head.stdout.strip()
+        assert row.git_commit.endswith("+dirty") == bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+            capture_output=True, text=True).stdout.strip())
+    assert datetime.fromisoformat(row.timestamp).tzinfo is not None
+
+
+def test_entry_point_runs_under_hydra_cli(tmp_path):
+    """`python -m experiments.attention` itself (the Hydra CLI), one point on the reference backend."""
+    env_cmd = [sys.executable, "-m", "experiments.attention", "sweep=single", "model=tiny",
+               "backend=reference", "batch.chunk_len=8", "batch.num_decode=2", "wandb.enabled=false",
+               "progress=false", f"results_dir={tmp_path / 'r'}", f"hydra.run.dir={tmp_path / 'h'}"]
+    out = subprocess.run(env_cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = load_results(tmp_path / "r")
+    assert len(df) == 1 and df.status.iloc[0] == "ok" and df.sweep.iloc[0] == "single"
+
+
+# -- resume, statuses ------------------------------------------------------------------------------------
+def test_interrupted_sweep_resumes_without_losing_or_repeating_rows(tmp_path, fake_registry):
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt   # the user hits Ctrl-C on the 3rd point
+        return _correct(batch)
+
+    fake_registry["good"] = backend("good")
+    fake_registry["flaky"] = backend("flaky", prepare=flaky)
+    cfg = sweep_cfg(tmp_path, POINTS, ["good", "flaky"])
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg)
+    first = load_results(tmp_path)
+    assert len(first) == 2 * 2 + 1          # points 1-2 on both backends, point 3 on `good`
+    assert (first.status == "ok").all()
+
+    seen = []
+    fake_registry["good"] = backend("good", prepare=lambda b: seen.append(b.spec) or _correct(b))
+    df = run_sweep(cfg)
+    assert len(seen) == len(POINTS) - 3     # `good` re-ran none of the points it had done
+    assert calls["n"] == 3 + len(POINTS) - 2
+    assert len(df) == 2 * len(POINTS) and not df.duplicated(["point_id", "backend"]).any()
+    assert set(df.point_id) == {p.point_id for p in expand_points(cfg["sweep"], MODELS)}
+    assert (df.status == "ok").all()
+    # Rows of the first run are kept as they were (same timestamps), not re-measured.
+    kept = df.merge(first, on=["point_id", "backend"], suffixes=("", "_first"))
+    assert len(kept) == len(first) and (kept.timestamp == kept.timestamp_first).all()
+    # A third run has nothing to do.
+    assert len(run_sweep(cfg)) == 2 * len(POINTS) and len(seen) == len(POINTS) - 3
+
+
+def test_statuses_skipped_error_oom_and_layout_fallback(tmp_path, fake_registry, monkeypatch):
+    def boom(batch):
+        raise RuntimeError("kernel exploded")
+
+    def oom(batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    def refuses(batch):
+        raise BackendUnavailable("only one prefill chunk")
+
+    def half(batch):   # claims to compute both parts but returns no decode output
+        return lambda: AttentionOutput(reference(batch)[0].to(batch.q_prefill.dtype), None)
+
+    for b in [backend("nogpu", availability=lambda: "needs a CUDA GPU (test)"),
+              backend("contig_only", layouts=("contiguous",)),
+              backend("paged_only", layouts=("paged",)),
+              backend("decode_only", computes=("decode",)),
+              backend("boom", prepare=boom), backend("oom", prepare=oom),
+              backend("refuses", prepare=refuses), backend("half", prepare=half)]:
+        fake_registry[b.name] = b
+    names = list(fake_registry) + ["not_registered"]
+    points = [POINTS[0], POINTS[2], POINTS[3]]   # hybrid paged, prefill-only paged, hybrid contiguous
+    built = []
+    real_batch, real_make = harness._PointBatches.batch, harness.make_batch
+
+    def one_layout_at_a_time(self, spec):   # a point never holds two KV caches at once
+        b = real_batch(self, spec)
+        assert len(self._batches) == 1
+        return b
+    monkeypatch.setattr(harness._PointBatches, "batch", one_layout_at_a_time)
+    monkeypatch.setattr(harness, "make_batch", lambda spec, *a, **k: built.append(spec) or real_make(spec, *a, **k))
+    with pytest.warns(UserWarning, match="not_registered"):
+        df = run_sweep(sweep_cfg(tmp_path, points, names))
+    assert len(df) == len(points) * len(names)
+    rows = lambda name: df[df.backend == name]          # noqa: E731
+
+    assert (rows("nogpu").status == "skipped").all()
+    assert (rows("nogpu").reason == "needs a CUDA GPU (test)").all()
+    # Layout fallback: the row records the layout that actually ran, and the point id is the point's.
+    assert (rows("contig_only").kv_layout == "contiguous").all() and (rows("contig_only").page_size == 0).all()
+    assert (rows("paged_only").kv_layout == "paged").all() and (rows("paged_only").page_size == 16).all()
+    assert (rows("contig_only").status == "ok").all() and (rows("paged_only").status == "ok").all()
+    assert set(rows("contig_only").point_id) == set(rows("paged_only").point_id) == set(df.point_id)
+    assert (rows("contig_only").backend_config == '{"knob": 3}').all()
+    # A decode-only backend on a prefill-only point is skipped; on hybrids it checks its own part.
+    dec = rows("decode_only").set_index("chunk_len")
+    assert dec.loc[7, "status"] == "skipped" and "decode" in dec.loc[7, "reason"]
+    assert dec.loc[5, "status"] == "ok" and math.isnan(dec.loc[5, "prefill_err"])
+    assert dec.loc[5, "decode_err"] < 1e-2 and math.isnan(dec.loc[5, "tflops"]) and dec.loc[5, "gbps"] > 0
+    # Prefill-only point: no decode part -> decode_err NaN even for a backend that computes both.
+    assert math.isnan(rows("contig_only").set_index("chunk_len").loc[7, "decode_err"])
+    assert (rows("boom").status == "error").all()
+    assert rows("boom").reason.str.contains("RuntimeError: kernel exploded").all()
+    assert (rows("oom").status == "oom").all() and rows("oom").reason.str.contains("out of memory").all()
+    assert (rows("refuses").status == "skipped").all()
+    assert (rows("refuses").reason == "only one prefill chunk").all()
+    half_rows = rows("half").set_index("chunk_len")
+    assert half_rows.loc[5, "status"] == "error" and "no decode output" in half_rows.loc[5, "reason"]
+    assert half_rows.loc[7, "status"] == "ok"    # prefill-only point: nothing missing
+    assert (rows("not_registered").status == "error").all()
+    assert rows("not_registered").reason.str.contains("not registered").all()
+    assert len(built) == len(set(built)) == 2 * len(points)   # both layouts of every point, built once
+    for r in df[df.status != "ok"].itertuples():
+        assert math.isnan(r.median_ms) and r.gpu and r.timestamp
+    assert (df.batch != "").all() and (df.gpu != "").all()
+
+
+def test_sweep_stops_when_a_backend_breaks_the_cuda_context(tmp_path, fake_registry):
+    def crash(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    fake_registry.update(a=backend("a"), crash=backend("crash", prepare=crash), b=backend("b"))
+    cfg = sweep_cfg(tmp_path, POINTS[:2], ["a", "crash", "b"])
+    with pytest.raises(harness.CudaContextLost, match="illegal memory access"):
+        run_sweep(cfg)
+    df = load_results(tmp_path)
+    assert list(df.backend) == ["a", "crash"] and list(df.status) == ["ok", "error"]
+    fake_registry["crash"] = backend("crash")   # fixed: a restart retries the error row on request
+    df = run_sweep({**cfg, "rerun_errors": True})
+    assert len(df) == 6 and (df.status == "ok").all()
+
+
+def test_wrong_output_is_recorded_and_warned_and_errors_rerun_on_request(tmp_path, fake_registry):
+    def wrong(batch):
+        def run():
+            p, d = reference(batch)
+            return AttentionOutput((p * 1.1).to(batch.q_prefill.dtype), d.to(batch.q_decode.dtype))
+        return run
+
+    def nan_out(batch):   # a kernel that forgets to write its output (NaN-poisoned buffers)
+        return lambda: AttentionOutput(*batch.empty_outputs())
+
+    state = {"fail": True}
+
+    def sometimes(batch):
+        if state["fail"]:
+            raise RuntimeError("transient")
+        return _correct(batch)
+
+    fake_registry.update(wrong=backend("wrong", prepare=wrong), nan=backend("nan", prepare=nan_out),
+                         sometimes=backend("sometimes", prepare=sometimes))
+    cfg = sweep_cfg(tmp_path, POINTS[:2], ["wrong", "nan", "sometimes"])
+    with pytest.warns(UserWarning, match="exceed error_threshold"):
+        df = run_sweep(cfg)
+    w = df[df.backend == "wrong"].set_index("chunk_len")
+    assert w.loc[5, "prefill_err"] > 0.05 and w.loc[5, "decode_err"] < 1e-2
+    assert df[df.backend == "nan"].decode_err.eq(math.inf).all()
+    assert (df[df.backend == "sometimes"].status == "error").all()
+
+    state["fail"] = False
+    with pytest.warns(UserWarning, match="exceed error_threshold"):
+        df = run_sweep(cfg)
+    assert (df[df.backend == "sometimes"].status == "error").all()   # errors are not retried...
+    with pytest.warns(UserWarning, match="exceed error_threshold"):
+        df = run_sweep({**cfg, "rerun_errors": True})                # ...unless asked
+    assert (df[df.backend == "sometimes"].status == "ok").all()
+    assert len(df) == 6 and not df.duplicated(["point_id", "backend"]).any()   # retried rows replaced
+
+
+# -- storage, W&B -----------------------------------------------------------------------------------------
+def test_result_store_roundtrip_and_schema(tmp_path):
+    store = ResultStore(tmp_path / "a" / "x.csv")
+    assert store.read().empty and store.done() == set()
+    store.append(dict(point_id="p1", backend="b", status="ok", median_ms=1.5, timing_meaningful=True,
+                      prefill_err=None, page_size=0, reason='has, "quotes"\nand a newline'))
+    store.append(dict(point_id="p2", backend="b", status="error", prefill_err=math.nan))
+    with pytest.raises(KeyError, match="bogus"):
+        store.append(dict(point_id="p3", bogus=1))
+    df = store.read()
+    assert list(df.columns) == list(COLUMNS) and len(df) == 2
+    assert df.median_ms.iloc[0] == 1.5 and df.timing_meaningful.iloc[0] == True  # noqa: E712
+    assert df.reason.iloc[0] == 'has, "quotes"\nand a newline' and pd.isna(df.prefill_err).all()
+    assert store.done() == {("p1", "b"), ("p2", "b")} and store.done(rerun_errors=True) == {("p1", "b")}
+    # Siblings (other shards) count as done; a parquet export loads with the same schema.
+    other = ResultStore(tmp_path / "a" / "y.csv", siblings=[tmp_path / "a" / "x.csv"])
+    assert other.done() == {("p1", "b"), ("p2", "b")}
+    df.to_parquet(tmp_path / "a" / "z.parquet")
+    assert len(load_results(tmp_path)) == 4
+
+
+def test_wandb_logger_disabled_missing_and_offline(tmp_path, monkeypatch):
+    WandbLogger(enabled=False).log_row({"point_id": "p", "backend": "b", "status": "ok"})
+    monkeypatch.setitem(sys.modules, "wandb", None)       # `import wandb` raises ImportError
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        logger = WandbLogger(enabled=True)
+    logger.log_row({"point_id": "p", "backend": "b", "status": "ok"})
+    logger.finish(pd.DataFrame({"a": [1]}))
