@@ -33,7 +33,7 @@ reproduce: $(STAMP)
 	$(PY) -m experiments.reproduce
 
 figures: $(STAMP)
-	$(PY) -m analysis.figures
+	$(PY) -m analysis.figures --results results/h100 --out results/figures
 
 clean:
 	rm -rf $(VENV) outputs multirun results/smoke

@@ -102,10 +102,11 @@ def write_table(df: pd.DataFrame, out: Path, name: str) -> list[Path]:
 
 
 def ceilings_for(results: Results, gpu: str) -> dict:
-    """Measured ceilings of `gpu` from the results' ceilings table (best measurement), else defaults."""
+    """Measured ceilings of `gpu` from the results' ceilings table (best measurement of that GPU, or of
+    rows naming no GPU), else the documented defaults."""
     c = results.ceilings
-    if not c.empty:
-        rows = c[c["gpu"] == gpu] if (c["gpu"] == gpu).any() else c
+    rows = c[(c["gpu"] == gpu) | (c["gpu"] == "")] if not c.empty else c
+    if not rows.empty:
         tflops, gbps = rows["tflops"].max(), rows["gbps"].max()
         if pd.notna(tflops) or pd.notna(gbps):
             return {"tflops": float(tflops) if pd.notna(tflops) else DEFAULT_CEILINGS["tflops"],
@@ -135,7 +136,7 @@ def fig_speedups(sp: pd.DataFrame, out: Path, reference: str) -> list[Path]:
     for (sweep, gpu), d in data.groupby(["sweep", "gpu"], sort=True):
         order = ordered_compositions(d)
         backends = [b for b in headline if b in set(d["backend"])] or sorted(d["backend"].unique())
-        layout = "kv_layout" if d["kv_layout"].nunique() > 1 else None
+        layout = "point_layout" if d["point_layout"].nunique() > 1 else None
         width = max(4.0, 0.09 * len(order) * len(backends) + 1.5)
         # Models side by side while that stays readable, else stacked (long sweeps).
         facets = (dict(col="model", row=layout) if width * d["model"].nunique() <= 16
@@ -165,7 +166,8 @@ def fig_speedup_heatmap(sp: pd.DataFrame, out: Path) -> list[Path]:
     gpu_split = data["gpu"].nunique() > 1
     for (sweep, gpu), d in data.groupby(["sweep", "gpu"], sort=True):
         order = ordered_compositions(d)
-        d = d.assign(panel=d["model"] + (" " + d["kv_layout"] + " KV" if d["kv_layout"].nunique() > 1 else ""))
+        two_layouts = d["point_layout"].nunique() > 1
+        d = d.assign(panel=d["model"] + (" " + d["point_layout"] + " KV" if two_layouts else ""))
         panels = sorted(d["panel"].unique())
         backends = sorted(d["backend"].unique())
         lim = float(np.nanmax(np.abs(np.log2(d["speedup_vs_serial"])))) or 1.0
@@ -181,11 +183,14 @@ def fig_speedup_heatmap(sp: pd.DataFrame, out: Path) -> list[Path]:
                 sns.heatmap(np.log2(t), ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim,
                             annot=t.map(lambda v: "" if pd.isna(v) else f"{v:.2f}"), fmt="",
                             annot_kws={"fontsize": 7}, linewidths=0.4,
-                            cbar_kws={"label": "log2 speed-up over best serial"})
+                            cbar_kws={"label": "speed-up (×)"})
+            ticks = [x for x in (0.25, 0.5, 0.67, 1, 1.5, 2, 4) if abs(np.log2(x)) <= lim]
+            ax.collections[0].colorbar.set_ticks(np.log2(ticks), labels=[f"{x:g}×" for x in ticks])
             ax.set_title(panel, fontsize=10)
             ax.set_xlabel(COMPOSITION_AXIS)
             ax.set_ylabel("backend")
             ax.tick_params(axis="x", rotation=60)
+            ax.tick_params(axis="y", rotation=0)
             for lab in ax.get_xticklabels():
                 lab.set_horizontalalignment("right")
         fig.suptitle(gpu_title(f"Speed-up over best serial (×), every backend, sweep '{sweep}'", [gpu]))

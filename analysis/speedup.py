@@ -79,7 +79,13 @@ def attention_speedups(df: pd.DataFrame, tolerance: dict[str, float] | None = No
     pod = (ok[ok["backend"] == POD_BASELINE].groupby(key)["median_ms"].min()
            .rename("fi_pod_ms").reset_index())
 
-    out = df.merge(best, on=key, how="left").merge(pod, on=key, how="left")
+    # The point's KV layout: a backend that lacks it runs the other layout (the row says which ran),
+    # so the point's own is the one most of its rows ran (ties: paged).
+    layout = (df.assign(_paged=df["kv_layout"] == "paged").groupby(key)["_paged"].mean()
+              .map(lambda share: "paged" if share >= 0.5 else "contiguous").rename("point_layout")
+              .reset_index())
+    out = (df.merge(best, on=key, how="left").merge(pod, on=key, how="left")
+           .merge(layout, on=key, how="left"))
     own = out["median_ms"].where(out["usable"])
     out["speedup_vs_serial"] = out["best_serial_ms"] / own
     out["speedup_vs_fi_pod"] = out["fi_pod_ms"] / own

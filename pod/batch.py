@@ -250,7 +250,9 @@ def make_batch(spec: BatchSpec, device: str | torch.device = "cpu", seed: int = 
 
     def randn(*shape):
         # Drawn on the target device's generator: fast for GPU-sized caches, seeded per device.
-        return (torch.randn(*shape, generator=gen, dtype=torch.float32, device=device) * scale).to(dt)
+        # Drawn straight in the batch dtype: no fp32 copy of a multi-GB cache.
+        x = torch.randn(*shape, generator=gen, dtype=dt, device=device)
+        return x.mul_(scale) if scale != 1.0 else x
 
     q_prefill = randn(spec.num_prefill_tokens, h.num_q_heads, h.head_dim)
     q_decode = randn(spec.num_decode, h.num_q_heads, h.head_dim)

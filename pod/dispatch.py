@@ -34,6 +34,8 @@ OCCUPANCY_ROLES = True        # after the first ctas_per_sm arrivals, role by wh
 CTAS_PER_SM = 2               # scheduling slots per SM (persistent grid = CTAS_PER_SM x #SMs)
 RESIDENT_CTAS_PER_SM = 2      # a prefill and a decode CTA must be co-resident: cap registers for this many
 REGISTERS_PER_SM = 65536      # sm_80 / sm_90
+CONTIGUOUS_NUM_STAGES = 3     # software-pipeline depth of both roles' KV loops (64 KB smem at D=128)
+PAGED_NUM_STAGES = 5          # (82 KB smem at D=128: still 2 CTAs per SM)
 # ---- decode split-KV -------------------------------------------------------------------------------------
 DECODE_CTAS_PER_SM_TARGET = 2 # split decode KV until #decode tiles >= this x #SMs ...
 MIN_SPLIT_TOKENS = 512        # ... but never below this many keys per split ...
@@ -61,7 +63,8 @@ class PodConfig:
     block_n_decode: int = 64             # decode keys per inner step
     kv_splits: int = 1                   # most KV splits of one decode request (merged in-launch)
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int | None = None        # None: 3 contiguous, 5 paged (the block-table load takes a
+                                         # pipeline stage: 5 keeps two K/V buffers in flight)
     maxnreg: int | None = 0              # registers/thread cap; 0: auto (RESIDENT_CTAS_PER_SM fit), None: no cap
     num_sms: int | None = None           # None: the device's SM count (interpreter: 4 simulated SMs)
 
@@ -86,6 +89,11 @@ class PodConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def resolved_num_stages(self, paged: bool) -> int:
+        if self.num_stages is not None:
+            return self.num_stages
+        return PAGED_NUM_STAGES if paged else CONTIGUOUS_NUM_STAGES
 
     def resolved_maxnreg(self) -> int | None:
         """The register cap passed to the compiler: auto = the most that lets RESIDENT_CTAS_PER_SM
@@ -138,7 +146,7 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None) 
     splits = decode_kv_splits(spec, num_sms, base.block_n_decode)
     # 1. one role only, or one role negligible next to the other: nothing to overlap.
     if min(t_prefill, t_decode) < MIN_OVERLAP_SHARE * max(t_prefill, t_decode):
-        return replace(base, variant="serial", kv_splits=splits)
+        return replace(base, variant="serial")   # the standalone decode plan picks its own splits
     # 2. both roles matter: fuse. Policy by imbalance of the estimated times.
     ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
     policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"

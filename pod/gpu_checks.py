@@ -35,7 +35,8 @@ SMALL = BatchSpec.build(**LLAMA3_8B, prefill=[(300, 700), (77, 0)], decode=[1000
 
 # Configurations worth comparing on the H100 (resources, speed): name -> PodConfig.
 CANDIDATES = {
-    "8w_m128_n32": PodConfig(num_warps=8, block_m=128, block_n=32, num_stages=3),
+    "8w_m128_n32": PodConfig(num_warps=8, block_m=128, block_n=32),   # the default
+    "8w_m128_n32_s3": PodConfig(num_warps=8, block_m=128, block_n=32, num_stages=3),
     "8w_m128_n64": PodConfig(num_warps=8, block_m=128, block_n=64, num_stages=2),
     "8w_m128_n64_nocap": PodConfig(num_warps=8, block_m=128, block_n=64, num_stages=2, maxnreg=None),
     "4w_m64_n64": PodConfig(num_warps=4, block_m=64, block_n=64, num_stages=2),
@@ -160,6 +161,7 @@ def offline_resources(configs: dict | None = None, head_dim: int = 128, group: i
                          D_BLOCK_M=max(16, 1 << (group - 1).bit_length()), D_BLOCK_N=cfg.block_n_decode,
                          D_PAGE_SIZE=page_size or 1, D_PAGED=page_size is not None, D_FUSE_MERGE=True,
                          HAS_PREFILL=True, HAS_DECODE=True, PERSISTENT=variant == "persistent",
+                         OCCUPANCY_ROLES=cfg.occupancy_roles and variant != "persistent",
                          SIMULATE_SMID=False, TRACE=False)
             sig, attrs = {}, {}
             for i, n in enumerate(names):
@@ -180,7 +182,7 @@ def offline_resources(configs: dict | None = None, head_dim: int = 128, group: i
                     attrs[(i,)] = [["tt.divisibility", 16]]
             src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                             constexprs={(names.index(k),): v for k, v in const.items()})
-            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.resolved_num_stages(page_size is not None))
             if cfg.resolved_maxnreg() is not None:
                 opts["maxnreg"] = cfg.resolved_maxnreg()
             k = triton.compile(src, target=GPUTarget("cuda", arch, 64), options=opts)

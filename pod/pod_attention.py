@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from pod.batch import BatchSpec, HybridBatch
-from pod.dispatch import PodConfig, choose_config, role_policy
+from pod.dispatch import PodConfig, choose_config, decode_kv_splits, role_policy
 from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
 from pod.kernels.pod_fused import COUNTER_WORDS, pod_fused_kernel
 from pod.kernels.prefill import PrefillConfig, PrefillWork, plan_prefill, prefill, prefill_launch_args
@@ -112,12 +112,13 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
         dec = plan_decode(spec, num_sms, device=device)
         launches = ()
     else:
+        stages = config.resolved_num_stages(spec.paged)
         pre = plan_prefill(spec, PrefillConfig(block_m=config.block_m, block_n=config.block_n,
-                                               num_warps=config.num_warps,
-                                               num_stages=config.num_stages), device=device)
+                                               num_warps=config.num_warps, num_stages=stages),
+                           device=device)
         dec = plan_decode(spec, num_sms, kv_splits=config.kv_splits, block_n=config.block_n_decode,
-                          num_warps=config.num_warps, num_stages=config.num_stages,
-                          fuse_merge=True, device=device)
+                          num_warps=config.num_warps, num_stages=stages, fuse_merge=True,
+                          device=device)
         n_p, n_d = pre.num_tiles, dec.num_tiles
         persistent = config.variant == "persistent"
         grid = min(config.ctas_per_sm * num_sms, n_p + n_d) if persistent else n_p + n_d
@@ -129,8 +130,8 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
                 prefill_share=share, policy_period=period, launches=launches)
 
 
-def _launch_kwargs(config: PodConfig) -> dict:
-    kw = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+def _launch_kwargs(config: PodConfig, paged: bool) -> dict:
+    kw = dict(num_warps=config.num_warps, num_stages=config.resolved_num_stages(paged))
     if not _interpreting():
         maxnreg = config.resolved_maxnreg()
         if maxnreg is not None:
@@ -154,7 +155,7 @@ def fused_launcher(p: Plan, batch: HybridBatch, o_prefill: torch.Tensor, o_decod
                   OCCUPANCY_ROLES=p.config.occupancy_roles and not l.persistent
                   and l.has_prefill and l.has_decode,
                   SIMULATE_SMID=p.simulate_smid, TRACE=trace is not None,
-                  **_launch_kwargs(p.config))
+                  **_launch_kwargs(p.config, p.spec.paged))
     kernel = pod_fused_kernel[(l.grid,)]
     return lambda: kernel(*args, **kwargs)
 
@@ -231,8 +232,9 @@ def prepare_pod_paper(batch: HybridBatch):
 @register_backend("pod_persistent", availability=_available,
                   description="POD fused, persistent work-stealing workers (ctas_per_sm x SMs)")
 def prepare_pod_persistent(batch: HybridBatch):
-    cfg = replace(PodConfig(variant="persistent"),
-                  kv_splits=choose_config(batch.spec, _device_num_sms(batch.device)).kv_splits)
+    cfg = PodConfig(variant="persistent")
+    cfg = replace(cfg, kv_splits=decode_kv_splits(batch.spec, _device_num_sms(batch.device),
+                                                  cfg.block_n_decode))
     return _prepare(batch, cfg)
 
 

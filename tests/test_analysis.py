@@ -23,7 +23,9 @@ MODELS = {"llama-3-8b": (32, 8), "llama-2-7b": (32, 32)}
 
 
 def _row(point, backend, ms, *, model="llama-3-8b", sweep="paper", status="ok", prefill_err=1e-3,
-         decode_err=1e-3, chunk=1024, ctx=4096, nd=32, dctx=8192, meaningful=True, **extra):
+         decode_err=1e-3, chunk=1024, ctx=4096, nd=32, dctx=8192, meaningful=True, layout="paged", **extra):
+    # As the harness records it: the layout that ran (FA2 has no paged KV, fi_pod only paged KV).
+    ran = "contiguous" if backend.startswith("fa2") else "paged" if backend == "fi_pod" else layout
     hq, hkv = MODELS[model]
     np_ = 1 if chunk else 0
     pid = hashlib.sha1(f"{model}{point}".encode()).hexdigest()[:12]
@@ -31,7 +33,7 @@ def _row(point, backend, ms, *, model="llama-3-8b", sweep="paper", status="ok", 
     db = 2 * nd * dctx * hkv * 128 * 2 + 2 * nd * hq * 128 * 2
     t = ms if status == "ok" else float("nan")
     row = dict(point_id=pid, sweep=sweep, backend=backend, model=model, num_q_heads=hq, num_kv_heads=hkv,
-               head_dim=128, dtype="bfloat16", kv_layout="paged", page_size=16, num_prefill=np_,
+               head_dim=128, dtype="bfloat16", kv_layout=ran, page_size=16 if ran == "paged" else 0, num_prefill=np_,
                chunk_len=chunk, prefill_context_len=ctx if chunk else 0, num_decode=nd,
                decode_context_len=dctx if nd else 0, batch=f"{model} {point}", status=status,
                reason="" if status == "ok" else "synthetic", median_ms=t, p20_ms=t * 0.99, p80_ms=t * 1.01,
@@ -51,7 +53,7 @@ def _points(rows, point, times, **kw):
 def synthetic_results(root: Path, serving: bool = True) -> Path:
     """Two attention runs (Parquet + CSV), a kernels sweep, a CPU run, serving rows. Expected speed-ups
     of pod vs best serial (computed by hand below): run1 p1 1.6, p2 0.5, p3 2.0, p5 2.0, p6 2.0,
-    p7 (llama-2-7b) 1.25; run2 p1 0.5."""
+    p7 (llama-2-7b) 1.25, p8 2.0; run2 p1 0.5."""
     root.mkdir(parents=True, exist_ok=True)
     r1: list[dict] = []
     # p1: best serial is fi_serial (1.6); vs fi_pod 1.8/1.0.
@@ -74,6 +76,8 @@ def synthetic_results(root: Path, serving: bool = True) -> Path:
                    decode_err=float("nan")))
     # p7: another model.
     _points(r1, "p7", dict(fa2_serial=1.0, fi_serial=2.0, fi_pod=1.5, pod=0.8), model="llama-2-7b")
+    # p8: a contiguous-KV point (fi_pod ran it paged); FA2 ran p1..p7 contiguous: layouts by point.
+    _points(r1, "p8", dict(fa2_serial=1.0, fi_serial=1.1, fi_pod=0.9, pod=0.5), layout="contiguous")
     # kernels sweep: pure prefill (TFLOP/s) and pure decode (GB/s) points.
     _points(r1, "k1", dict(fa2_serial=1.1, fi_serial=0.9, triton_prefill=1.0), sweep="kernels", nd=0)
     _points(r1, "k2", dict(fa2_serial=1.5, fi_serial=1.2, triton_decode=1.0), sweep="kernels", chunk=0)
@@ -119,7 +123,7 @@ def results_dir(tmp_path):
 def test_load_separates_kinds_and_runs(results_dir):
     r = load_results(results_dir)
     assert set(ATTENTION_COLUMNS) <= set(r.attention.columns)
-    assert len(r.attention) == 34 + 3 + 2 and len(r.serving) == 8
+    assert len(r.attention) == 38 + 3 + 2 and len(r.serving) == 8
     assert sorted(r.attention["run"].unique()) == ["cpu_run.parquet", "run1.parquet", "sub/run2.csv"]
     assert not (r.attention["median_ms"] == 0.001).any(), "figures/ outputs were read as results"
     # CSV booleans come back as booleans.
@@ -131,7 +135,7 @@ def test_load_separates_kinds_and_runs(results_dir):
 # -- speed-up math -----------------------------------------------------------------------------------
 def _sp(results_dir):
     sp = attention_speedups(load_results(results_dir).attention)
-    return sp.set_index(["run", "batch", "backend"])
+    return sp.set_index(["run", "batch", "backend"]).sort_index()
 
 
 def test_best_serial_per_point_and_run(results_dir):
@@ -155,6 +159,10 @@ def test_best_serial_per_point_and_run(results_dir):
     # the baselines themselves: fi_serial is the best at p1 -> 1.0, fa2_serial 1.6/2.0
     assert sp.loc[(r1, "llama-3-8b p1", "fi_serial"), "speedup_vs_serial"] == pytest.approx(1.0)
     assert sp.loc[(r1, "llama-3-8b p1", "fa2_serial"), "speedup_vs_serial"] == pytest.approx(0.8)
+    # a point's layout is its own, whatever layout a backend had to run it in
+    assert set(sp.loc[(r1, "llama-3-8b p1"), "point_layout"]) == {"paged"}
+    assert set(sp.loc[(r1, "llama-3-8b p8"), "point_layout"]) == {"contiguous"}
+    assert sp.loc[(r1, "llama-3-8b p8", "pod"), "speedup_vs_serial"] == pytest.approx(2.0)
 
 
 def test_wrong_or_untimed_rows_are_excluded(results_dir):
@@ -176,24 +184,24 @@ def test_summary_geomean_max_min_share(results_dir):
     sp = attention_speedups(load_results(results_dir).attention)
     s = summarize(sp, ["backend"]).set_index(["backend", "vs"])
     pod = s.loc[("pod", "best serial")]
-    hand = [1.6, 0.5, 2.0, 2.0, 2.0, 1.25, 0.5]  # run1 p1 p2 p3 p5 p6 p7, run2 p1
-    assert pod["compared"] == 7
-    assert pod["geomean"] == pytest.approx((1.6 * 0.5 * 2 * 2 * 2 * 1.25 * 0.5) ** (1 / 7))
+    hand = [1.6, 0.5, 2.0, 2.0, 2.0, 1.25, 2.0, 0.5]  # run1 p1 p2 p3 p5 p6 p7 p8, run2 p1
+    assert pod["compared"] == 8
+    assert pod["geomean"] == pytest.approx((1.6 * 0.5 * 2 * 2 * 2 * 1.25 * 2 * 0.5) ** (1 / 8))
     assert pod["max"] == pytest.approx(2.0) and pod["min"] == pytest.approx(0.5)
-    assert pod["share_faster"] == pytest.approx(5 / 7)
+    assert pod["share_faster"] == pytest.approx(6 / 8)
     assert geomean(hand) == pytest.approx(pod["geomean"])
-    # counts include excluded rows: p1..p7 in run1 (7) + run2 + cpu run
-    assert pod["rows"] == 9 and pod["err_flagged"] == 1 and pod["usable"] == 7
+    # counts include excluded rows: p1..p8 in run1 (8) + run2 + cpu run
+    assert pod["rows"] == 10 and pod["err_flagged"] == 1 and pod["usable"] == 8
     fp = s.loc[("pod", "fi_pod")]
-    # vs fi_pod: p1 1.8, p2 0.625, p3 4/3, p7 1.875
-    assert fp["compared"] == 4
-    assert fp["geomean"] == pytest.approx((1.8 * 0.625 * (4 / 3) * 1.875) ** 0.25)
-    assert fp["share_faster"] == pytest.approx(0.75)
+    # vs fi_pod: p1 1.8, p2 0.625, p3 4/3, p7 1.875, p8 1.8
+    assert fp["compared"] == 5
+    assert fp["geomean"] == pytest.approx((1.8 * 0.625 * (4 / 3) * 1.875 * 1.8) ** 0.2)
+    assert fp["share_faster"] == pytest.approx(0.8)
     fa2 = s.loc[("fa2_serial", "best serial")]
     assert fa2["not_ok"] == 1 and fa2["max"] == pytest.approx(1.0)
     by_model = summarize(sp, ["model", "backend"]).set_index(["model", "backend", "vs"])
     assert by_model.loc[("llama-2-7b", "pod", "best serial"), "geomean"] == pytest.approx(1.25)
-    assert by_model.loc[("llama-3-8b", "pod", "best serial"), "compared"] == 6
+    assert by_model.loc[("llama-3-8b", "pod", "best serial"), "compared"] == 7
 
 
 def test_composition_label():
@@ -219,7 +227,7 @@ def test_build_all_writes_figures_and_tables(results_dir, tmp_path):
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").read_text().startswith("|")
     assert "summary" in written and GPU in (out / "summary.md").read_text()
     summ = pd.read_csv(out / "speedup_summary.csv").set_index(["backend", "vs"])
-    assert summ.loc[("pod", "best serial"), "compared"] == 7
+    assert summ.loc[("pod", "best serial"), "compared"] == 8
     kp = pd.read_csv(out / "kernels_prefill_tflops.csv")
     assert list(kp.columns) == ["gpu", "model", "batch", "triton_prefill", "fi_serial", "fa2_serial"]
     assert len(kp) == 1 and kp.loc[0, "fi_serial"] == pytest.approx(kp.loc[0, "triton_prefill"] / 0.9)
@@ -260,7 +268,7 @@ def _run_notebook(monkeypatch, results: Path, figures: Path):
 def test_notebook_runs_on_results_and_on_none(results_dir, tmp_path, monkeypatch):
     figs = tmp_path / "nbfigs"
     outputs, text = _run_notebook(monkeypatch, results_dir, figs)
-    assert "39 attention rows" in text and GPU in text
+    assert "43 attention rows" in text and GPU in text
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) >= 6 and _nonempty(figs / "roofline.png")
     markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if o.output_type == "display_data")
@@ -385,3 +393,16 @@ def test_reproduce_fresh_clears_only_this_gpus_rows(reproduce, tmp_path):
         (folder / name).write_text("x\n")
     rp.clear_sweeps(tmp_path / "h100", ["paper", "balance"], "h100")
     assert sorted(p.name for p in folder.iterdir()) == ["a100.csv"]
+
+
+def test_ceilings_from_results_else_documented_defaults(results_dir):
+    from analysis.figures import DEFAULT_CEILINGS, ceilings_for
+    assert ceilings_for(load_results(results_dir), GPU) == DEFAULT_CEILINGS
+    pd.DataFrame([dict(gpu=GPU, peak_tflops=712.5, copy_gbps=2890.0),
+                  dict(gpu="NVIDIA A100-SXM4-80GB", peak_tflops=280.0, copy_gbps=1700.0)]
+                 ).to_csv(results_dir / "ceilings.csv", index=False)
+    r = load_results(results_dir)
+    assert len(r.attention) == 43  # the ceilings file is not read as attention rows
+    c = ceilings_for(r, GPU)
+    assert (c["tflops"], c["gbps"]) == (712.5, 2890.0) and "measured" in c["source"]
+    assert ceilings_for(r, "NVIDIA H200") == DEFAULT_CEILINGS  # never another GPU's ceilings

@@ -244,3 +244,28 @@ def test_decode_kernel_compiles_for_sm90_with_pipelined_loads():
         # The fused merge adds a second loop to the tile's epilogue: a few spilled bytes are tolerated.
         assert (r["spill_bytes"] or 0) <= (64 if r["fuse_merge"] else 0), f"register spills: {r}"
         assert r["shared_bytes"] <= 160 * 1024, r
+
+
+def test_autotuned_launch_path_passes_every_argument(monkeypatch):
+    """The GPU path launches the autotuned kernel without BLOCK_N; the interpreter cannot autotune, so
+    stand in for the autotuner with a launch that picks BLOCK_N itself and check the result."""
+    import pod.kernels.decode as dec
+
+    picked = {}
+
+    class FakeAutotuner:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert "BLOCK_N" not in kwargs and "num_stages" not in kwargs
+                picked.update(kwargs)
+                return dec._decode_kernel[grid](*args, BLOCK_N=16, **kwargs)
+            return launch
+
+    monkeypatch.setattr(dec, "_decode_kernel_autotuned", FakeAutotuner())
+    spec = BatchSpec.build(8, 2, 64, prefill=[(4, 4)], decode=[1, 60, 23], dtype="bfloat16")
+    batch = make_batch(spec, seed=_seed())
+    work = plan_decode(batch, kv_splits=2)
+    work.config = None                      # as on the GPU: BLOCK_N left to the autotuner
+    out = dec.decode(batch, work, torch.full_like(batch.q_decode, float("nan")))
+    assert picked["GROUP"] == 4 and picked["PAGED"] is False
+    _check(batch, work, out)

@@ -78,6 +78,13 @@ def test_fused_matches_reference(case):
     _check(spec, PodConfig(**{**SMALL, **cfg_kw}), seed=torch.seed() % 10_000)
 
 
+def test_default_gpu_tiles():
+    """The H100 defaults (BLOCK_M=128, BLOCK_N=32, decode BLOCK_N=64, 8 warps) on ragged lengths."""
+    spec = BatchSpec.build(8, 2, 128, prefill=[(130, 70)], decode=[200, 5, 64], page_size=16)
+    p, _, _ = _check(spec, PodConfig(num_sms=3, kv_splits=2), seed=torch.seed() % 10_000)
+    assert (p.config.block_m, p.config.block_n, p.config.block_n_decode) == (128, 32, 64)
+
+
 def test_counters_reset_so_a_second_launch_is_right():
     """No memset between launches: the kernel zeroes its own workspace; the same plan runs twice on
     fresh inputs and each result is right (a stale counter would skip tiles -> NaN rows)."""
@@ -94,11 +101,12 @@ def test_counters_reset_so_a_second_launch_is_right():
     assert torch.count_nonzero(p.counters) == 0
 
 
-def test_sm_aware_schedule_trace():
+@pytest.mark.parametrize("occupancy_roles", [False, True])
+def test_sm_aware_schedule_trace(occupancy_roles):
     """Every CTA: slot = its arrival order on its (simulated) SM, role from the 1:1 policy, and the
     first-claimed tiles of the one-tile-per-CTA grid are each role's tiles exactly once."""
     spec = BatchSpec.build(4, 2, 64, prefill=[(40, 8)], decode=[30, 45, 12, 70])
-    cfg = PodConfig(**SMALL, kv_splits=2)
+    cfg = PodConfig(**SMALL, kv_splits=2, occupancy_roles=occupancy_roles)
     batch = make_batch(spec, "cpu", seed=3)
     p = plan(batch, cfg)
     (l,) = p.launches
@@ -110,11 +118,19 @@ def test_sm_aware_schedule_trace():
     assert torch.equal(smid, torch.arange(l.grid) % cfg.num_sms)
     for sm in range(cfg.num_sms):                       # arrival slots 0, 1, 2, ... on every SM
         assert torch.equal(slot[smid == sm].sort().values, torch.arange(int((smid == sm).sum())))
-    assert torch.equal(want, slot % 2)                  # 1:1 alternating: D, P, D, P, ...
+    first = slot < cfg.ctas_per_sm
+    assert torch.equal(want[first], slot[first] % 2)    # 1:1 alternating: D, P, D, P, ...
+    if occupancy_roles:
+        # The interpreter runs CTAs one at a time: a replacement CTA finds its SM empty (0 running),
+        # so it starts as prefill (its share of 1 CTA is 1/2 > 0 running prefills).
+        assert (want[~first] == 1).all()
+    else:
+        assert torch.equal(want, slot % 2)
     assert torch.equal(tile[role == 1].sort().values, torch.arange(p.n_prefill_tiles))
     assert torch.equal(tile[role == 0].sort().values, torch.arange(p.n_decode_tiles))
     ref_p, ref_d = reference(batch)
     assert max_rel_error(out[0], ref_p) <= TOL and max_rel_error(out[1], ref_d) <= TOL
+    assert torch.count_nonzero(p.counters) == 0
 
 
 def test_persistent_grid_is_workers_and_steals():

@@ -237,15 +237,18 @@ def test_model_configs_have_published_shapes(name, params):
 def test_experiment_writes_a_row(tmp_path, mode):
     cfg = compose_serving("serving/model=tiny", "serving/workload=tiny", "serving/scheduler=tiny",
                           "device=cpu", "dtype=float32", "num_layers=2", "num_requests=4", "num_pages=64",
-                          "backends=[reference]", f"mode={mode}", "qps=200", f"out_dir={tmp_path}")
+                          "backends=[reference]", f"mode={mode}", "qps=200", f"out_dir={tmp_path}",
+                          "sweep_name=smoke")
     rows = serve(cfg)
-    with open(tmp_path / "serving" / "cpu.csv") as f:
+    with open(tmp_path / "smoke" / "cpu.csv") as f:
         table = list(csv.DictReader(f))
     assert len(rows) == len(table) == 1
     row, saved = rows[0], table[0]
     assert tuple(saved) == SERVING_COLUMNS
     assert row["status"] == "ok", row["reason"]
     assert saved["backend"] == "reference" and saved["mode"] == mode and saved["model"] == "tiny"
+    assert saved["sweep"] == "smoke"
+    assert 0 < row["iteration_p50_ms"] <= row["iteration_max_ms"]
     assert row["num_requests"] == 4 and row["chunk_size"] == 32 and row["iterations"] > 0
     assert row["requests_per_s"] > 0 and row["tokens_per_s"] > row["requests_per_s"]
     assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] <= row["e2e_p99_ms"]

@@ -12,7 +12,14 @@ with a single split writes its final output directly (no merge, no workspace).
 Plan/run. `plan_decode(batch_or_spec, num_sms, ...)` does all shape work on the host once (split
 counts, the work list, workspace allocation, the merge list) and returns a `DecodeWork`;
 `decode(batch, work, out)` only launches (the decode kernel, then the merge kernel if any request
-has more than one split). Nothing in `decode` synchronises with the host.
+has more than one split); `decode_runner(batch, work, out)` binds the launch arguments once and
+returns the closure a timed run() calls. Nothing in either synchronises with the host.
+
+Splits. By default the plan targets ``num_sms * ctas_per_sm`` resident CTAs (num_sms queried from the
+device, INTERPRET_NUM_SMS in the interpreter) and picks the keys per split with the shortest modelled
+makespan (split_policy="balanced"; "fit" is FlashInfer's rule: the smallest chunk whose tiles fit one
+wave). Requests get different split counts (a long request gets more). `kv_splits`, `target_ctas` or
+`kv_chunk_len` override it, e.g. for a fused kernel that wants fewer decode CTAs.
 
 Work list. ``work`` is int32 ``[num_items, 4]``, one row per (request, split):
 ``(request, kv_start, kv_end, part_row)`` with ``0 <= kv_start < kv_end <= L_r`` and ``part_row`` the
@@ -67,15 +74,16 @@ import triton
 import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
-from pod.kernels.common import kv_tile_offsets, online_softmax_update, qk_scale_log2, softmax_finalize
+from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
 from pod.kernels.merge import merge_heads, merge_partials
 
 # -- launch configurations ------------------------------------------------------------------------
 # H100 decode is HBM-bound: BLOCK_N 64-128 keys a step, K and V tiles multi-buffered in shared
 # memory (cp.async, 16-byte loads along D), 4 warps. At most 4 configs are tried. Shared memory at
-# D=128 bf16 (compile_decode_kernel, sm_90): contiguous s3/s4/s5 at BLOCK_N 64 = 70/102/134 KB (2/3/4
-# K+V buffers); paged spends one stage on the block-table load, so it needs a stage more for the same
-# depth: s3 = s4 = 38 KB (1 buffer), s5 = 70 KB (2 buffers); BLOCK_N 128 s3 = 136 KB contiguous, 72 KB paged.
+# D=128 bf16 (`python -m pod.kernels.decode --sm90-report`): contiguous s3/s4/s5 at BLOCK_N 64 =
+# 70/102/134 KB (2/3/4 K+V buffers); paged spends one stage on the block-table load, so it needs a
+# stage more for the same depth: s3 = s4 = 38 KB (1 buffer), s5 = 70 KB (2 buffers); BLOCK_N 128 s3 =
+# 136 KB contiguous, 72 KB paged.
 AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -83,7 +91,7 @@ AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
 ]
 MAX_BLOCK_N = 128            # splits are aligned to this when BLOCK_N is left to the autotuner
-FIXED_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # for callers that need one fixed config
+FIXED_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # one fixed config (paged: num_stages 5)
 INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=4, num_stages=1)  # interpreter: small and fast
 INTERPRET_NUM_SMS = 8        # stands in for the SM count when there is no GPU
 
@@ -138,8 +146,8 @@ def decode_tile(tile_id,
         off = kv_tile_offsets(seq, start, kv_end, kv_indptr_ptr, block_table_ptr, stride_bt,
                               stride_kv_page, stride_kv_token, BLOCK_N, PAGE_SIZE, PAGED) + head_off
         k = tl.load(k_ptr + off[:, None] + offs_d[None, :])                    # [BLOCK_N, D]
-        s2 = tl.dot(q, tl.trans(k)) * qk_scale                                 # [BLOCK_M, BLOCK_N]
-        p, m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, s2)
+        qk = tl.dot(q, tl.trans(k))                                            # [BLOCK_M, BLOCK_N] fp32
+        p, m_i, l_i, acc = online_softmax_update_qk(m_i, l_i, acc, qk, qk_scale)
         v = tl.load(v_ptr + off[:, None] + offs_d[None, :])                    # [BLOCK_N, D]
         acc = tl.dot(p.to(v.dtype), v, acc)
     # Tail: 0 or 1 tile with keys at or past kv_end masked to -inf (never reads past the sequence).
@@ -148,9 +156,8 @@ def decode_tile(tile_id,
         off = kv_tile_offsets(seq, start, kv_end, kv_indptr_ptr, block_table_ptr, stride_bt,
                               stride_kv_page, stride_kv_token, BLOCK_N, PAGE_SIZE, PAGED) + head_off
         k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=key_valid[:, None], other=0.0)
-        s2 = tl.dot(q, tl.trans(k)) * qk_scale
-        s2 = tl.where(key_valid[None, :], s2, float("-inf"))
-        p, m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, s2)
+        qk = tl.where(key_valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        p, m_i, l_i, acc = online_softmax_update_qk(m_i, l_i, acc, qk, qk_scale)
         v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=key_valid[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
 
@@ -353,7 +360,8 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
                 ctas_per_sm: int = 2, target_ctas: int | None = None, kv_splits: int | None = None,
                 kv_chunk_len: int | None = None, min_kv_chunk_len: int = 256,
                 split_policy: str = "balanced", block_n: int | None = None, num_warps: int = 4,
-                num_stages: int = 3, fuse_merge: bool = False, device: torch.device | str | None = None) -> DecodeWork:
+                num_stages: int | None = None, fuse_merge: bool = False,
+                device: torch.device | str | None = None) -> DecodeWork:
     """Plan the decode part of a batch: split counts, work list, workspace. Shape only, no launch.
 
     Splits (first that is given wins):
@@ -365,8 +373,10 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
               makespan (`choose_kv_chunk_len_balanced`), "fit" the smallest chunk whose tiles fit in
               one wave of target_ctas (FlashInfer's rule, `choose_kv_chunk_len`).
     block_n:  fix BLOCK_N (and num_warps/num_stages) instead of autotuning; always fixed in the
-              interpreter (INTERPRET_CONFIG). Splits start at multiples of BLOCK_N (of MAX_BLOCK_N when
-              autotuned), which is what lets a fused kernel run `decode_tile` with its own BLOCK_N <= it.
+              interpreter (INTERPRET_CONFIG). num_stages None: 3 contiguous, 5 paged (two K/V buffers
+              in flight either way; paged spends a stage on the block-table load).
+              Splits start at multiples of BLOCK_N (of MAX_BLOCK_N when autotuned), which is what
+              lets a fused kernel run `decode_tile` with any BLOCK_N dividing that alignment.
     fuse_merge: the last split CTA of each (request, kv head) merges; no merge launch.
     """
     if isinstance(batch_or_spec, HybridBatch):
@@ -379,7 +389,8 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
     if block_n is None and interpreting():
         config = dict(INTERPRET_CONFIG)
     elif block_n is not None:
-        config = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        stages = num_stages if num_stages is not None else (5 if spec.paged else 3)
+        config = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=stages)
     else:
         config = None
     align = config["BLOCK_N"] if config else MAX_BLOCK_N
@@ -526,17 +537,22 @@ def default_bench_shapes() -> list[BatchSpec]:
 
 
 def bench_decode(shapes: list[BatchSpec] | None = None, plans: dict[str, dict] | None = None,
-                 device: str = "cuda", check: bool = True) -> list[dict]:
-    """Time `decode()` (median of triton.testing.do_bench) for every shape x plan variant.
+                 device: str = "cuda", check: bool = True,
+                 baselines: tuple[str, ...] = ("fi_serial",)) -> list[dict]:
+    """Time `decode()` (median of triton.testing.do_bench) for every shape x plan variant, and the
+    registered `baselines` (fi_serial on a decode-only batch = FlashInfer's BatchDecode with tensor
+    cores; paged only) on the same batch.
 
     plans: name -> plan_decode kwargs; default: autotuned with the balanced split heuristic, with
-    FlashInfer's fit rule, the fixed config (BLOCK_N 64, 4 warps, 3 stages), the merge fused into the
-    decode launch, and no split at all.
-    Returns one dict per run: batch, plan, splits (max), tiles, median_ms, gbps (spec.decode_bytes()
-    / time), decode_err (max rel error vs the fp32 reference).
+    FlashInfer's fit rule, the fixed config (BLOCK_N 64, 4 warps), the merge fused into the decode
+    launch, and no split at all.
+    Returns one dict per run: batch, plan (or the baseline's name), config, max_splits, tiles,
+    median_ms, gbps (spec.decode_bytes() / time), decode_err (max rel error vs the fp32 reference),
+    vs_baseline (the first available baseline's time / this time: >= 0.98 is the target).
     Usage on the GPU:  python -m pod.kernels.decode   (prints a table)."""
     from pod.batch import make_batch
     from pod.reference import max_rel_error, reference_decode
+    from pod.registry import get_backend
     plans = plans or {"auto": {}, "fit": dict(split_policy="fit"),
                       "fixed64": dict(block_n=FIXED_CONFIG["BLOCK_N"]),
                       "auto_fused_merge": dict(fuse_merge=True), "no_split": dict(kv_splits=1)}
@@ -544,6 +560,21 @@ def bench_decode(shapes: list[BatchSpec] | None = None, plans: dict[str, dict] |
     for spec in shapes or default_bench_shapes():
         batch = make_batch(spec, device=device, seed=0)
         ref = reference_decode(batch) if check else None
+        spec_rows, base_ms = [], None
+        for name in baselines:
+            backend = get_backend(name)
+            why = backend.unavailable_reason(batch)
+            if why is not None:
+                spec_rows.append(dict(batch=spec.describe(), plan=name, config=f"unavailable: {why}"))
+                continue
+            run = backend.prepare(batch)
+            out = run().decode
+            ms = triton.testing.do_bench(run, return_mode="median")
+            base_ms = base_ms or ms
+            spec_rows.append(dict(batch=spec.describe(), plan=name,
+                                  config=str(getattr(run, "backend_config", "")), median_ms=ms,
+                                  gbps=spec.decode_bytes() / (ms * 1e-3) / 1e9,
+                                  decode_err=max_rel_error(out, ref) if check else float("nan")))
         for name, kw in plans.items():
             work = plan_decode(batch, **kw)
             out = torch.full_like(batch.q_decode, float("nan"))
@@ -551,9 +582,15 @@ def bench_decode(shapes: list[BatchSpec] | None = None, plans: dict[str, dict] |
             run()                                      # compiles (and autotunes) outside the timing
             err = max_rel_error(out, ref) if check else float("nan")
             ms = triton.testing.do_bench(run, return_mode="median")
-            rows.append(dict(batch=spec.describe(), plan=name, max_splits=max(work.splits),
-                             tiles=work.num_tiles, median_ms=ms,
-                             gbps=spec.decode_bytes() / (ms * 1e-3) / 1e9, decode_err=err))
+            cfg = work.config or getattr(_decode_kernel_autotuned, "best_config", None)
+            spec_rows.append(dict(batch=spec.describe(), plan=name, config=str(cfg),
+                                  max_splits=max(work.splits), kv_chunk_len=work.kv_chunk_len,
+                                  tiles=work.num_tiles, median_ms=ms,
+                                  gbps=spec.decode_bytes() / (ms * 1e-3) / 1e9, decode_err=err))
+        for r in spec_rows:
+            if base_ms is not None and "median_ms" in r:
+                r["vs_baseline"] = base_ms / r["median_ms"]
+        rows += spec_rows
         del batch, ref
     return rows
 

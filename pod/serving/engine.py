@@ -38,7 +38,7 @@ import torch
 from pod.batch import SUPPORTED_DTYPES, BatchSpec, HybridBatch, PrefillChunk
 from pod.reference import max_rel_error, reference
 from pod.registry import get_backend
-from pod.serving.kv_cache import PagedKVCache, pages_for
+from pod.serving.kv_cache import PagedKVCache
 from pod.serving.model import LlamaModel
 from pod.serving.scheduler import IterationPlan, Request, Scheduler, SchedulerConfig
 from pod.serving.workload import RequestSpec
@@ -252,8 +252,8 @@ class Engine:
         if why is not None:
             raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
         if "paged" not in self.backend.layouts or self.backend.computes != {"prefill", "decode"}:
-            raise RuntimeError(f"backend {backend!r} cannot serve: it supports {sorted(self.backend.layouts)} "
-                               f"KV and computes {sorted(self.backend.computes)}; the engine needs paged KV "
+            raise RuntimeError(f"backend {backend!r} cannot serve: it supports "
+                               f"{sorted(self.backend.layouts)} KV and computes {sorted(self.backend.computes)}; the engine needs paged KV "
                                f"and both prefill and decode")
         self.plan_per_layer, self.verify, self.record_logits = plan_per_layer, verify, record_logits
         self.device = model.device

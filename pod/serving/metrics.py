@@ -6,6 +6,8 @@
   tbt_*_ms             time between tokens: gaps between consecutive output tokens of a request,
                        pooled over all requests (a preempted request's recompute gap included)
   e2e_*_ms             end-to-end latency: last output token ready - arrival
+  iteration_p50_ms, iteration_max_ms   wall time between iteration ends (a max far above the
+                       median flags a JIT compile or autotune inside the timed run)
   forward_ms, attention_ms, plan_ms   device time summed over iterations (CUDA events; perf_counter
                        on CPU): the whole iteration (index build, plan, layers, sampling), the
                        backend's run() calls, its prepare() calls; attention_share = attention_ms / forward_ms
@@ -33,6 +35,7 @@ SERVING_COLUMNS = (
     "requests_per_s", "tokens_per_s", "output_tokens_per_s",
     "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
     "iterations", "hybrid_iterations", "mean_decodes_per_iteration", "preemptions",
+    "iteration_p50_ms", "iteration_max_ms",
     "makespan_s", "forward_ms", "attention_ms", "plan_ms", "attention_share", "attn_err",
     "mean_prompt_len", "mean_output_len", "kv_pages", "timing_meaningful", "backend_config",
     "gpu", "driver", "torch", "triton", "flashinfer", "git_commit", "timestamp",
@@ -55,6 +58,8 @@ def summarize(run: EngineRun) -> dict[str, Any]:
     fwd = sum(i.forward_ms for i in its)
     attn = sum(i.attention_ms for i in its)
     span = run.makespan_s
+    ends = [i.end_s for i in its]
+    walls = [(b - a) * 1e3 for a, b in zip([0.0] + ends, ends)]   # includes online idle gaps
     return {
         "num_requests": len(reqs),
         "requests_per_s": len(reqs) / span, "tokens_per_s": (prompt + output) / span,
@@ -66,7 +71,9 @@ def summarize(run: EngineRun) -> dict[str, Any]:
         "hybrid_iterations": sum(1 for i in its if i.num_prefill and i.num_decode),
         "mean_decodes_per_iteration": (sum(i.num_decode for i in its) / len(its)) if its else 0.0,
         "preemptions": run.num_preemptions, "makespan_s": span,
-        "forward_ms": fwd, "attention_ms": attn, "plan_ms": sum(i.plan_ms for i in its), "attention_share": attn / fwd if fwd else float("nan"),
+        "iteration_p50_ms": _pct(walls, 50), "iteration_max_ms": max(walls) if walls else float("nan"),
+        "forward_ms": fwd, "attention_ms": attn, "plan_ms": sum(i.plan_ms for i in its),
+        "attention_share": attn / fwd if fwd else float("nan"),
         "attn_err": run.attn_err,
         "mean_prompt_len": prompt / len(reqs), "mean_output_len": output / len(reqs),
         "backend_config": json.dumps(run.backend_config, sort_keys=True),
