@@ -7,19 +7,16 @@
     compute-sanitizer --tool synccheck python -m pod.gpu_checks sanitize
     python -m pod.gpu_checks resources     # (c) registers / shared memory / spills of the compiled
                                            #     kernel and the CTAs per SM they allow, per config
-    python -m pod.gpu_checks offline       # (c') the same from ptxas, without a GPU (sm_90a target)
+    python -m pod.gpu_checks offline [contig]   # (c') the same from ptxas, without a GPU (sm_90a)
+    python -m pod.gpu_checks schedule      # (d) traced launch: real %smid, roles per SM, tiles once
     python -m pod.gpu_checks bench         # quick do_bench: pod variants vs triton_serial (orientation)
 
-Nothing here runs in the CPU test suite except `offline_resources` (no GPU needed, but slow: not in CI).
+Only the sm_90 compile report (`pod.pod_attention.sm90_report`, no GPU needed) runs in the CPU tests.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 
 import torch
@@ -116,6 +113,31 @@ def sanitize_smoke() -> None:
     print("sanitize smoke: done")
 
 
+def schedule_stats(spec: BatchSpec = ORIENTATION, config: PodConfig | None = None) -> dict:
+    """(d) One traced launch on the GPU: which SMs the CTAs landed on (real %smid) and how the roles
+    spread over SMs, to see the SM-aware scheduling work (every SM should run both roles)."""
+    from pod.pod_attention import fused_launcher, plan
+    dev = _cuda()
+    batch = make_batch(spec, dev, seed=0)
+    p = plan(batch, config or PodConfig(variant="fused"))
+    (l,) = p.launches
+    trace = torch.full((l.grid, 5), -1, dtype=torch.int32, device=dev)
+    fused_launcher(p, batch, *batch.empty_outputs(), l, trace=trace)()
+    t = trace.cpu()
+    smid, role = t[:, 0].long(), t[:, 3].long()
+    n_sm = int(smid.max()) + 1
+    pre = torch.bincount(smid[role == 1], minlength=n_sm).float()
+    tot = torch.bincount(smid, minlength=n_sm).float()
+    share = pre[tot > 0] / tot[tot > 0]
+    return dict(grid=l.grid, sms_used=int((tot > 0).sum()), num_sms=p.num_sms,
+                prefill_share_per_sm_min=float(share.min()), prefill_share_per_sm_max=float(share.max()),
+                sms_with_both_roles=int(((share > 0) & (share < 1)).sum()),
+                tiles_claimed_once=bool(torch.equal(t[role == 1, 4].sort().values,
+                                                    torch.arange(p.n_prefill_tiles))
+                                        and torch.equal(t[role == 0, 4].sort().values,
+                                                        torch.arange(p.n_decode_tiles))))
+
+
 def resources(spec: BatchSpec = ORIENTATION, configs: dict | None = None) -> dict:
     """(c) Compile each candidate config on this GPU (a launch) and read the compiled kernel's
     registers, spills and shared memory; the CTAs per SM they allow must be >= 2 for POD's overlap."""
@@ -138,66 +160,18 @@ def resources(spec: BatchSpec = ORIENTATION, configs: dict | None = None) -> dic
     return out
 
 
-def offline_resources(configs: dict | None = None, head_dim: int = 128, group: int = 4,
-                      page_size: int | None = 16, arch: int = 90) -> dict:
-    """(c') Without a GPU: compile the fused kernel for sm_`arch` from its source (Triton's compiler,
-    then the bundled ptxas -v) and report registers, spills and shared memory per candidate config.
-    Strides and pointers are assumed 16-divisible, as Triton specialises them at a real launch.
-    Run in a process without TRITON_INTERPRET (the kernel must be a compiled JITFunction)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from pod.kernels.pod_fused import pod_fused_kernel as fn
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    names = fn.arg_names
-    half = {"p_Q", "p_K", "p_V", "p_O", "d_q", "d_o", "d_k", "d_v"}
-    f32 = {"p_LSE", "d_part_o", "d_part_lse"}
+def offline_resources(configs: dict | None = None, page_size: int | None = 16,
+                      head_dim: int = 128) -> dict:
+    """(c') Without a GPU: compile the fused kernel for sm_90 as a launch on a Llama-3-8B-shaped batch
+    would specialise it (pod.pod_attention.sm90_report: Triton's compiler, then the bundled ptxas -v)
+    and report registers, spills, shared memory and the CTAs per SM they allow, per candidate config
+    and variant. Run in a process without TRITON_INTERPRET (the kernel must be a compiled JITFunction)."""
+    from pod.pod_attention import sm90_report
+    spec = BatchSpec.build(32, 8, head_dim, prefill=[(300, 700)], decode=[1000, 513], page_size=page_size)
     out = {}
     for name, cfg in (configs or CANDIDATES).items():
         for variant in ("fused", "persistent"):
-            const = dict(P_GROUP=group, P_HEAD_DIM=head_dim, P_BLOCK_M=cfg.block_m, P_BLOCK_N=cfg.block_n,
-                         P_PAGE_SIZE=page_size or 1, P_PAGED=page_size is not None, P_HAS_LSE=False,
-                         D_NUM_KV_HEADS=8, D_GROUP=group, D_HEAD_DIM=head_dim,
-                         D_BLOCK_M=max(16, 1 << (group - 1).bit_length()), D_BLOCK_N=cfg.block_n_decode,
-                         D_PAGE_SIZE=page_size or 1, D_PAGED=page_size is not None, D_FUSE_MERGE=True,
-                         HAS_PREFILL=True, HAS_DECODE=True, PERSISTENT=variant == "persistent",
-                         OCCUPANCY_ROLES=cfg.occupancy_roles and variant != "persistent",
-                         SIMULATE_SMID=False, TRACE=False)
-            sig, attrs = {}, {}
-            for i, n in enumerate(names):
-                if n in const:
-                    sig[n] = "constexpr"
-                elif n in half:
-                    sig[n] = "*bf16"
-                elif n in f32:
-                    sig[n] = "*fp32"
-                elif "qk_scale" in n:
-                    sig[n] = "fp32"
-                elif n.startswith(("p_", "d_")) and "stride" not in n and n not in (
-                        "p_num_q_heads", "d_seq_offset") or n in ("counters", "trace"):
-                    sig[n] = "*i32"
-                else:
-                    sig[n] = "i32"
-                if sig[n].startswith("*") or ("stride" in n and "bt" not in n and "lse" not in n):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                            constexprs={(names.index(k),): v for k, v in const.items()})
-            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.resolved_num_stages(page_size is not None))
-            if cfg.resolved_maxnreg() is not None:
-                opts["maxnreg"] = cfg.resolved_maxnreg()
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 64), options=opts)
-            with tempfile.TemporaryDirectory() as tmp:
-                ptx = os.path.join(tmp, "k.ptx")
-                with open(ptx, "w") as f:
-                    f.write(k.asm["ptx"])
-                log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", ptx, "-o", ptx + ".cubin"],
-                                     capture_output=True, text=True).stderr
-            regs = int(re.search(r"Used (\d+) registers", log).group(1))
-            spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
-            out[f"{name}/{variant}"] = dict(
-                n_regs=regs, spill_store_bytes=spills, shared=k.metadata.shared, num_warps=cfg.num_warps,
-                maxnreg=cfg.resolved_maxnreg(),
-                max_ctas_per_sm=max_ctas_per_sm(regs, k.metadata.shared, cfg.num_warps))
+            out[f"{name}/{variant}"] = sm90_report(replace(cfg, variant=variant), spec)
     return out
 
 
@@ -237,7 +211,12 @@ def main(argv: list[str]) -> int:
         print(json.dumps(rep, indent=1))
         return 0 if all(r["max_ctas_per_sm"] >= RESIDENT_CTAS_PER_SM for r in rep.values()) else 1
     if cmd == "offline":
-        print(json.dumps(offline_resources(), indent=1))
+        page_size = None if argv[1:2] == ["contig"] else 16
+        for name, rep in offline_resources(page_size=page_size).items():
+            print(json.dumps(dict(config=name, **rep)))
+        return 0
+    if cmd == "schedule":
+        print(json.dumps(schedule_stats(), indent=1))
         return 0
     if cmd == "bench":
         print(json.dumps(quick_bench(), indent=1))

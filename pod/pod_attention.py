@@ -24,8 +24,10 @@ import torch
 from pod.batch import BatchSpec, HybridBatch
 from pod.dispatch import PodConfig, choose_config, decode_kv_splits, role_policy
 from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
-from pod.kernels.pod_fused import COUNTER_WORDS, pod_fused_kernel
-from pod.kernels.prefill import PrefillConfig, PrefillWork, plan_prefill, prefill, prefill_launch_args
+from pod.kernels.pod_fused import (COUNTER_WORDS, DECODE_TILE_CONSTEXPRS, PREFILL_TILE_CONSTEXPRS,
+                                   pod_fused_kernel)
+from pod.kernels.prefill import (PrefillConfig, PrefillWork, plan_prefill, prefill_launch_args,
+                                 prefill_runner)
 from pod.registry import AttentionOutput, cuda_available, register_backend
 
 SIMULATED_NUM_SMS = 4   # SMs the interpreter pretends to have (CTA i "runs" on SM i % 4)
@@ -139,25 +141,57 @@ def _launch_kwargs(config: PodConfig, paged: bool) -> dict:
     return kw
 
 
-def fused_launcher(p: Plan, batch: HybridBatch, o_prefill: torch.Tensor, o_decode: torch.Tensor,
-                   l: Launch, trace: torch.Tensor | None = None):
-    """Bind the fused kernel's arguments once; returns a closure that launches it (no host sync).
-    `trace` (tests, debugging): int32 [grid, 5] gets every CTA's (smid, slot, wanted role, first
-    claimed role, first tile); roles are 1 = prefill, 0 = decode."""
+def fused_launch_args(p: Plan, batch: HybridBatch, o_prefill: torch.Tensor, o_decode: torch.Tensor,
+                      l: Launch, trace: torch.Tensor | None = None) -> tuple[tuple, dict]:
+    """(positional args, keyword args) of one pod_fused_kernel launch. The tile helpers' arguments are
+    the standalone kernels' own (prefill_launch_args, DecodeWork.tile_args), forwarded unchanged."""
     p_args = prefill_launch_args(batch, p.prefill, o_prefill, None)
     d_args = p.decode.tile_args(batch, o_decode)
-    p_const = {f"P_{k}": v for k, v in p.prefill.constexprs(has_lse=False).items()}
-    d_const = {f"D_{k}": v for k, v in p.decode.tile_constexprs(p.config.block_n_decode).items()}
+    p_const = p.prefill.constexprs(has_lse=False)
+    d_const = p.decode.tile_constexprs(p.config.block_n_decode)
+    if set(p_const) != set(PREFILL_TILE_CONSTEXPRS) or set(d_const) != set(DECODE_TILE_CONSTEXPRS):
+        raise RuntimeError(f"prefill_tile/decode_tile constexprs changed: {sorted(p_const)} / "
+                           f"{sorted(d_const)}; update pod_fused_kernel's P_*/D_* parameters")
     args = (*p_args, *d_args, l.n_prefill_tiles, l.n_decode_tiles, p.counters, p.prefill_share,
             p.policy_period, p.config.ctas_per_sm, p.num_sms, trace if trace is not None else p.counters)
-    kwargs = dict(**p_const, **d_const, HAS_PREFILL=l.has_prefill, HAS_DECODE=l.has_decode,
-                  PERSISTENT=l.persistent,
+    kwargs = dict(**{f"P_{k}": v for k, v in p_const.items()}, **{f"D_{k}": v for k, v in d_const.items()},
+                  HAS_PREFILL=l.has_prefill, HAS_DECODE=l.has_decode, PERSISTENT=l.persistent,
                   OCCUPANCY_ROLES=p.config.occupancy_roles and not l.persistent
                   and l.has_prefill and l.has_decode,
                   SIMULATE_SMID=p.simulate_smid, TRACE=trace is not None,
                   **_launch_kwargs(p.config, p.spec.paged))
+    return args, kwargs
+
+
+def fused_launcher(p: Plan, batch: HybridBatch, o_prefill: torch.Tensor, o_decode: torch.Tensor,
+                   l: Launch, trace: torch.Tensor | None = None):
+    """Bind the fused kernel's arguments once; returns a closure that launches it (no host sync) and
+    returns Triton's compiled-kernel handle. `trace` (tests, debugging): int32 [grid, 5] gets every
+    CTA's (smid, slot, wanted role, first claimed role, first tile); roles are 1 = prefill, 0 = decode."""
+    args, kwargs = fused_launch_args(p, batch, o_prefill, o_decode, l, trace)
     kernel = pod_fused_kernel[(l.grid,)]
     return lambda: kernel(*args, **kwargs)
+
+
+def sm90_report(config: PodConfig | None = None, spec: BatchSpec | None = None) -> dict:
+    """No GPU needed (but the interpreter must be off): compile the fused kernel for sm_90 exactly as a
+    launch on `spec` would specialise it, and report shared memory, registers, spills and wgmma /
+    cp.async counts (pod.kernels.common.sm90_compile_report) plus the CTAs per SM they allow."""
+    from pod.batch import make_batch
+    from pod.kernels.common import sm90_compile_report
+    spec = spec or BatchSpec.build(32, 8, 128, prefill=[(300, 700)], decode=[1000, 513], page_size=16)
+    config = config or PodConfig()
+    batch = make_batch(spec, "cpu", seed=0)
+    p = plan(batch, replace(config, num_sms=config.num_sms or 132))
+    p.simulate_smid = False                  # compile the real %smid path
+    o_p, o_d = batch.empty_outputs()
+    args, kwargs = fused_launch_args(p, batch, o_p, o_d, p.launches[0])
+    rep = sm90_compile_report(pod_fused_kernel, *args, **kwargs)
+    rep.update(variant=p.config.variant, num_warps=p.config.num_warps,
+               num_stages=kwargs["num_stages"], maxnreg=kwargs.get("maxnreg"))
+    from pod.gpu_checks import max_ctas_per_sm
+    rep["max_ctas_per_sm"] = max_ctas_per_sm(rep["registers"], rep["shared_bytes"], p.config.num_warps)
+    return rep
 
 
 def runner(p: Plan, batch: HybridBatch, out: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -166,12 +200,11 @@ def runner(p: Plan, batch: HybridBatch, out: tuple[torch.Tensor, torch.Tensor] |
     o_prefill, o_decode = out if out is not None else (torch.empty_like(batch.q_prefill),
                                                        torch.empty_like(batch.q_decode))
     if p.config.variant == "serial":
+        launch_prefill = prefill_runner(batch, p.prefill, o_prefill)
         launch_decode = decode_runner(batch, p.decode, o_decode)
-        has_prefill = p.prefill.num_units > 0
 
         def serial():
-            if has_prefill:
-                prefill(batch, p.prefill, o_prefill, return_lse=False)
+            launch_prefill()
             launch_decode()
             return o_prefill, o_decode
         return serial
@@ -201,6 +234,10 @@ def _available() -> str | None:
 
 
 def _prepare(batch: HybridBatch, config: PodConfig | None):
+    if config is None and os.environ.get("POD_AUTOTUNE", "0") not in ("", "0") and not _interpreting():
+        config, timings = autotune_config(batch)
+    else:
+        timings = None
     p = plan(batch, config)
     launch = runner(p, batch)
     if not _interpreting():
@@ -209,13 +246,53 @@ def _prepare(batch: HybridBatch, config: PodConfig | None):
     def run_() -> AttentionOutput:
         return AttentionOutput(*launch())
     run_.backend_config = p.describe()
+    if timings is not None:
+        run_.backend_config["autotune_ms"] = timings
     run_.plan = p
     return run_
+
+
+def autotune_candidates(spec: BatchSpec, num_sms: int) -> dict[str, PodConfig]:
+    """What POD_AUTOTUNE=1 times for the `pod` backend: the dispatcher's choice, its neighbours in the
+    knobs measured least (tile shape, variant, occupancy roles), and serial. Few on purpose: each
+    distinct set of tile constexprs is one more compile (cached across batches)."""
+    chosen = choose_config(spec, num_sms)
+    fused = chosen if chosen.variant != "serial" else replace(
+        chosen, variant="fused", kv_splits=decode_kv_splits(spec, num_sms, chosen.block_n_decode))
+    cands = {"dispatcher": chosen,
+             "fused": fused,
+             "fused_4w_m64": replace(fused, num_warps=4, block_m=64, block_n=64),
+             "persistent": replace(fused, variant="persistent"),
+             "fused_flip_occupancy": replace(fused, occupancy_roles=not fused.occupancy_roles),
+             "serial": replace(chosen, variant="serial")}
+    if not (spec.num_prefill and spec.num_decode):
+        cands = {k: v for k, v in cands.items() if k in ("dispatcher", "serial")}
+    return cands
+
+
+def autotune_config(batch: HybridBatch, candidates: dict[str, PodConfig] | None = None,
+                    timer=None) -> tuple[PodConfig, dict[str, float]]:
+    """Time every candidate config on `batch` (untimed prepare work, like Triton's autotuner) and
+    return the fastest and all timings (ms). `timer(fn) -> ms` defaults to triton.testing.do_bench."""
+    if timer is None:
+        import triton.testing
+
+        def timer(fn):
+            return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    candidates = candidates or autotune_candidates(batch.spec, _device_num_sms(batch.device))
+    timings = {}
+    for name, cfg in candidates.items():
+        launch = runner(plan(batch, cfg), batch)
+        launch()                                       # compile outside the timing
+        timings[name] = float(timer(launch))
+    best = min(timings, key=timings.get)
+    return candidates[best], timings
 
 
 @register_backend("pod", availability=_available,
                   description="POD fused prefill+decode (Triton), dispatcher-chosen config")
 def prepare_pod(batch: HybridBatch):
+    """POD with the dispatcher's config (env POD_AUTOTUNE=1: the fastest of autotune_candidates)."""
     return _prepare(batch, None)
 
 

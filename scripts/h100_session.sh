@@ -5,6 +5,9 @@
 #   fi_warm_bg     start FlashInfer's JIT build + smoke check in the background (log: $OUT/fi_warm.log)
 #   fi_wait        wait for it
 #   fi_pack        pack the JIT cache into <=15 MB parts under $OUT (carry back as .fi_cache next time)
+#   ceilings       copy bandwidth and bf16 matmul rate -> .gpu_results/ceilings.csv
+#   sweep:NAME     python -m experiments.attention sweep=NAME backend=all into .gpu_results/ (resumes)
+#   collect        .gpu_results/ -> $OUT/gpu_results.tgz
 #   MODULE         anything else: python3 -m MODULE (e.g. pod.kernels.prefill), output appended to $OUT/run.log
 set -uo pipefail
 OUT=${OUT:-$PWD/.device_out}; mkdir -p "$OUT"
@@ -37,6 +40,11 @@ for stage in "$@"; do
     fi_pack) rm -rf .fi_cache/parts; mkdir -p "$OUT"
              tar -C .fi_cache -czf - --exclude=parts . | split -b 15m -d - "$OUT/fi_cache.tgz."
              ls -la "$OUT" | log; du -sh .fi_cache | log ;;
+    ceilings) python3 -m experiments.ceilings --out .gpu_results/ceilings.csv 2>&1 | log ;;
+    sweep:*)  # resumable: rows accumulate in .gpu_results/<sweep>/ across calls on a warm machine
+              python3 -m experiments.attention sweep=${stage#sweep:} backend=all results_dir=.gpu_results \
+                progress=false wandb.enabled=false 2>&1 | grep -v "^\s*$" | log ;;
+    collect) tar -czf "$OUT/gpu_results.tgz" .gpu_results 2>&1 | log; ls -la "$OUT" | log ;;
     *) python3 -m $stage 2>&1 | log ;;
   esac
 done

@@ -165,25 +165,27 @@ def test_tma_path_matches_reference(page):
 
 def test_sm90_compile_fits_two_ctas_per_sm_and_pipelines():
     """Compile for sm_90 with the bundled ptxas (no GPU needed; the interpreter must be off, hence the
-    subprocess). The "fused" config must leave room for a decode CTA on the same SM (<= 100 KB shared
-    memory), nothing may spill, K/V loads must be pipelined (cp.async) into wgmma; the TMA config
-    must really issue TMA loads."""
+    subprocess). The "fused" configs must leave room for a second CTA on the same SM (<= 100 KB shared
+    memory; fused_m64 also in registers), nothing may spill, K/V loads must be pipelined (cp.async)
+    into wgmma; the TMA config must really issue TMA loads."""
     import json
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmds = [["--sm90", "fused", "h100_tma"], ["--sm90", "fused", "--page-size", "16"]]
+    cmds = [["--sm90", "fused", "h100_tma", "fused_m64"], ["--sm90", "fused", "--page-size", "16"]]
     reports = []
     for args in cmds:
         res = subprocess.run([sys.executable, "-m", "pod.kernels.prefill", *args], env=env,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         reports += [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    fused_contig, tma, fused_paged = reports
-    for r in (fused_contig, fused_paged):
+    fused_contig, tma, m64, fused_paged = reports
+    for r in (fused_contig, fused_paged, m64):
         assert r["shared_bytes"] <= 100 * 1024, r
         assert r["cp_async"] > 0 and r["wgmma"] > 0, r
+    # fused_m64: two CTAs of 4 warps fit the SM's 64K registers without a register cap.
+    assert 2 * 4 * 32 * m64["registers"] <= 65536, m64
     for r in reports:
         assert r["spill_bytes"] == 0, r
     assert tma["use_tma"] and tma["tma_loads"] > 0 and tma["cp_async"] == 0, tma

@@ -65,6 +65,14 @@ CTR_PREFILL = tl.constexpr(0)
 CTR_DECODE = tl.constexpr(1)
 CTR_DONE = tl.constexpr(2)
 
+# The tile helpers' constexprs this kernel forwards (as P_<name> / D_<name>). pod.pod_attention checks
+# that the standalone plans ask for exactly these, so a new knob there fails loudly in the CPU tests
+# instead of as an unexpected keyword at the first GPU launch.
+PREFILL_TILE_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PAGE_SIZE", "PAGED", "HAS_LSE",
+                           "USE_TMA", "WARP_SPECIALIZE")
+DECODE_TILE_CONSTEXPRS = ("NUM_KV_HEADS", "GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PAGE_SIZE", "PAGED",
+                          "FUSE_MERGE")
+
 
 # ----------------------------------------------------------------------------------------------------
 # Scheduling helpers
@@ -123,7 +131,7 @@ def _run_tile(is_prefill, tile,
               d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset, d_qk_scale,
               P_GROUP: tl.constexpr, P_HEAD_DIM: tl.constexpr, P_BLOCK_M: tl.constexpr,
               P_BLOCK_N: tl.constexpr, P_PAGE_SIZE: tl.constexpr, P_PAGED: tl.constexpr,
-              P_HAS_LSE: tl.constexpr,
+              P_HAS_LSE: tl.constexpr, P_USE_TMA: tl.constexpr, P_WARP_SPECIALIZE: tl.constexpr,
               D_NUM_KV_HEADS: tl.constexpr, D_GROUP: tl.constexpr, D_HEAD_DIM: tl.constexpr,
               D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_PAGE_SIZE: tl.constexpr,
               D_PAGED: tl.constexpr, D_FUSE_MERGE: tl.constexpr,
@@ -135,7 +143,8 @@ def _run_tile(is_prefill, tile,
                          p_stride_q_tok, p_stride_q_head, p_stride_o_tok, p_stride_o_head,
                          p_stride_lse_tok, p_stride_lse_head,
                          p_stride_kv_page, p_stride_kv_tok, p_stride_kv_head, p_stride_bt, p_qk_scale,
-                         P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE)
+                         P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
+                         P_USE_TMA, P_WARP_SPECIALIZE)
     else:
         if HAS_DECODE:
             decode_tile(tile, d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
@@ -161,7 +170,7 @@ def pod_fused_kernel(
         num_sim_sms, trace,
         P_GROUP: tl.constexpr, P_HEAD_DIM: tl.constexpr, P_BLOCK_M: tl.constexpr,
         P_BLOCK_N: tl.constexpr, P_PAGE_SIZE: tl.constexpr, P_PAGED: tl.constexpr,
-        P_HAS_LSE: tl.constexpr,
+        P_HAS_LSE: tl.constexpr, P_USE_TMA: tl.constexpr, P_WARP_SPECIALIZE: tl.constexpr,
         D_NUM_KV_HEADS: tl.constexpr, D_GROUP: tl.constexpr, D_HEAD_DIM: tl.constexpr,
         D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_PAGE_SIZE: tl.constexpr,
         D_PAGED: tl.constexpr, D_FUSE_MERGE: tl.constexpr,
@@ -204,7 +213,7 @@ def pod_fused_kernel(
                   d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset,
                   d_qk_scale,
                   P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
-                  D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M, D_BLOCK_N, D_PAGE_SIZE, D_PAGED,
+                  P_USE_TMA, P_WARP_SPECIALIZE, D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M, D_BLOCK_N, D_PAGE_SIZE, D_PAGED,
                   D_FUSE_MERGE, HAS_PREFILL, HAS_DECODE)
         if OCCUPANCY_ROLES:
             tl.atomic_add(running + is_prefill, -1, sem="relaxed")

@@ -43,8 +43,8 @@ other). K and V must have the same strides. The tile writes O and (HAS_LSE) LSE 
 and head only; rows past chunk_len are neither read nor written.
 
 Configs (`PREFILL_CONFIGS`, or any `PrefillConfig`): "autotune" (GPU default; override with env
-POD_PREFILL_CONFIG), "h100"/"h100_tma" fixed, "fused"/"fused_small" sized for a fused kernel sharing
-the SM with a decode CTA, "interpret" for CPU tests. `bench_prefill()` times them on the GPU;
+POD_PREFILL_CONFIG), "h100"/"h100_tma" fixed, "fused"/"fused_small"/"fused_m64" sized for a fused
+kernel sharing the SM with a decode CTA, "interpret" for CPU tests. `bench_prefill()` times them on the GPU;
 `python -m pod.kernels.prefill --sm90` reports their sm_90 shared memory/registers without a GPU.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ import triton
 import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
-from pod.kernels.common import (ensure_tma_allocator, kv_tile_offsets, online_softmax_update_qk, qk_scale_log2,
-                               softmax_finalize)
+from pod.kernels.common import (ensure_tma_allocator, kv_tile_offsets, online_softmax_update_qk,
+                               paged_tile_offsets, qk_scale_log2, softmax_finalize)
 
 
 def interpreting() -> bool:
@@ -72,12 +72,16 @@ def interpreting() -> bool:
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, seq, kv_len, kv_indptr, block_table,
-             stride_bt_seq, stride_kv_page, stride_kv_tok, kv_head_off, qk_scale,
+             stride_bt_seq, stride_kv_page, stride_kv_tok, kv_head_off, qk_scale, off_pre,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-             PAGED: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+             PAGED: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+             PAGED_ADDR: tl.constexpr = 0, OFF_GIVEN: tl.constexpr = False):
     """One KV tile (keys start..start+BLOCK_N-1) of one query block: scores, online softmax, P @ V.
 
-    MASKED: apply the causal mask (key <= query position) and the length mask (key < kv_len)."""
+    MASKED: apply the causal mask (key <= query position) and the length mask (key < kv_len).
+    Pointer path: OFF_GIVEN uses ``off_pre`` (int64 [BLOCK_N] row offsets incl. the head, computed
+    one iteration ahead by the caller); else PAGED_ADDR > 0 builds them with `paged_tile_offsets`
+    (one block-table read a page), PAGED_ADDR == 0 with `kv_tile_offsets` (one a key)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     key_ok = offs_n < kv_len
     if USE_TMA:
@@ -92,8 +96,14 @@ def _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, seq, kv_len, 
         k = k_desc.load([row, kv_head_off])                     # [BLOCK_N, D]
         qk = tl.dot(q, k.T)                                    # [BLOCK_M, BLOCK_N] raw scores
     else:
-        off = kv_tile_offsets(seq, start, kv_len, kv_indptr, block_table, stride_bt_seq,
-                              stride_kv_page, stride_kv_tok, BLOCK_N, PAGE_SIZE, PAGED) + kv_head_off
+        if OFF_GIVEN:
+            off = off_pre
+        elif PAGED and PAGED_ADDR > 0:
+            off = paged_tile_offsets(seq, start, kv_len, block_table, stride_bt_seq, stride_kv_page,
+                                     stride_kv_tok, BLOCK_N, PAGE_SIZE, MASKED) + kv_head_off
+        else:
+            off = kv_tile_offsets(seq, start, kv_len, kv_indptr, block_table, stride_bt_seq,
+                                  stride_kv_page, stride_kv_tok, BLOCK_N, PAGE_SIZE, PAGED) + kv_head_off
         offs_d = tl.arange(0, HEAD_DIM)
         if MASKED:
             k = tl.load(K + off[None, :] + offs_d[:, None], mask=key_ok[None, :], other=0.0)
@@ -131,13 +141,17 @@ def prefill_tile(tile_id,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                  HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr = False,
-                 WARP_SPECIALIZE: tl.constexpr = False):
+                 WARP_SPECIALIZE: tl.constexpr = False, PAGED_ADDR: tl.constexpr = 0):
     """One tile: BLOCK_M query rows of one chunk, one q head (see the module docstring).
 
     USE_TMA (optional, default False): load K/V tiles through tensor descriptors (TMA on Hopper) instead
     of pointer tensors; needs a dense cache and, when PAGED, PAGE_SIZE % BLOCK_N == 0; the launcher must
     have called `pod.kernels.common.ensure_tma_allocator()`. WARP_SPECIALIZE (optional, default False):
-    ask Triton to warp-specialise the unmasked KV loop."""
+    ask Triton to warp-specialise the unmasked KV loop. PAGED_ADDR (optional, default 0; paged pointer
+    path only, PAGE_SIZE and BLOCK_N powers of two): 0 = one block-table read per key
+    (`kv_tile_offsets`); 1 = one per page (`paged_tile_offsets`); 2 = as 1, and the unmasked loop reads
+    the next tile's page ids one iteration ahead (software prefetch: the K/V loads of a pipeline stage
+    never wait on a dependent block-table load)."""
     unit = tile_id // num_q_heads
     head = tile_id % num_q_heads
     # work_units: [num_units, 2] int32 (chunk, q_block); chunk c is sequence c of the batch.
@@ -162,10 +176,10 @@ def prefill_tile(tile_id,
         kv_head_off = kv_head * stride_kv_head                 # column of the 2-D [tokens, Hkv*D] view
         if PAGED:
             # Every page is allocated, and a tile never leaves its page: no bound needed on the rows.
-            k_desc = tl.make_tensor_descriptor(K, shape=[2147483647, stride_kv_tok], strides=[stride_kv_tok, 1],
-                                               block_shape=[BLOCK_N, HEAD_DIM])
-            v_desc = tl.make_tensor_descriptor(V, shape=[2147483647, stride_kv_tok], strides=[stride_kv_tok, 1],
-                                               block_shape=[BLOCK_N, HEAD_DIM])
+            k_desc = tl.make_tensor_descriptor(K, shape=[2147483647, stride_kv_tok],
+                                               strides=[stride_kv_tok, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(V, shape=[2147483647, stride_kv_tok],
+                                               strides=[stride_kv_tok, 1], block_shape=[BLOCK_N, HEAD_DIM])
         else:
             row0 = tl.load(kv_indptr + chunk).to(tl.int64)
             k_desc = tl.make_tensor_descriptor(K + row0 * stride_kv_tok, shape=[kv_len, stride_kv_tok],
@@ -186,16 +200,30 @@ def prefill_tile(tile_id,
     # Keys [full_end, kv_hi): the diagonal, causal-masked. kv_hi: one past the last row's position.
     kv_hi = context + tl.minimum((q_block + 1) * BLOCK_M, chunk_len)
 
-    for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        m_i, l_i, acc = _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, chunk, kv_len,
-                                 kv_indptr, block_table, stride_bt_seq, stride_kv_page, stride_kv_tok,
-                                 kv_head_off, qk_scale, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
-                                 False, USE_TMA)
+    if PAGED and PAGED_ADDR == 2 and not USE_TMA:
+        # Offsets of tile `start` were read during the previous iteration. The read for the tile after
+        # the last unmasked one is masked by kv_len (it may be a diagonal tile or past the end).
+        off = paged_tile_offsets(chunk, 0, kv_len, block_table, stride_bt_seq, stride_kv_page,
+                                 stride_kv_tok, BLOCK_N, PAGE_SIZE, True) + kv_head_off
+        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            off_next = paged_tile_offsets(chunk, start + BLOCK_N, kv_len, block_table, stride_bt_seq,
+                                          stride_kv_page, stride_kv_tok, BLOCK_N, PAGE_SIZE, True) + kv_head_off
+            m_i, l_i, acc = _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, chunk, kv_len,
+                                     kv_indptr, block_table, stride_bt_seq, stride_kv_page, stride_kv_tok,
+                                     kv_head_off, qk_scale, off, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
+                                     False, USE_TMA, PAGED_ADDR, True)
+            off = off_next
+    else:
+        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            m_i, l_i, acc = _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, chunk, kv_len,
+                                     kv_indptr, block_table, stride_bt_seq, stride_kv_page, stride_kv_tok,
+                                     kv_head_off, qk_scale, 0, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
+                                     False, USE_TMA, PAGED_ADDR, False)
     for start in range(full_end, kv_hi, BLOCK_N):
         m_i, l_i, acc = _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, chunk, kv_len,
                                  kv_indptr, block_table, stride_bt_seq, stride_kv_page, stride_kv_tok,
-                                 kv_head_off, qk_scale, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
-                                 True, USE_TMA)
+                                 kv_head_off, qk_scale, 0, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
+                                 True, USE_TMA, PAGED_ADDR, False)
 
     out, lse2 = softmax_finalize(m_i, l_i, acc)
     tl.store(O + q_rows[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
@@ -214,7 +242,8 @@ def _prefill_kernel(Q, K, V, O, LSE,
                     qk_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-                    HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                    HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                    PAGED_ADDR: tl.constexpr = 0):
     prefill_tile(tl.program_id(0),
                  Q, K, V, O, LSE,
                  q_indptr, kv_lens, kv_indptr, block_table, work_units,
@@ -223,7 +252,8 @@ def _prefill_kernel(Q, K, V, O, LSE,
                  stride_lse_tok, stride_lse_head,
                  stride_kv_page, stride_kv_tok, stride_kv_head, stride_bt_seq,
                  qk_scale,
-                 GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, HAS_LSE, USE_TMA, WARP_SPECIALIZE)
+                 GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, HAS_LSE, USE_TMA, WARP_SPECIALIZE,
+                 PAGED_ADDR)
 
 
 # Autotune space on the GPU (BLOCK_M is fixed by the plan because the work list depends on it).
@@ -238,7 +268,8 @@ AUTOTUNE_CONFIGS = [
 ]
 _prefill_kernel_autotuned = triton.autotune(
     configs=AUTOTUNE_CONFIGS,
-    key=["GROUP", "HEAD_DIM", "BLOCK_M", "PAGE_SIZE", "PAGED", "HAS_LSE", "USE_TMA", "WARP_SPECIALIZE"],
+    key=["GROUP", "HEAD_DIM", "BLOCK_M", "PAGE_SIZE", "PAGED", "HAS_LSE", "USE_TMA", "WARP_SPECIALIZE",
+         "PAGED_ADDR"],
 )(_prefill_kernel)
 
 
@@ -253,18 +284,22 @@ class PrefillConfig:
     use_tma: K/V through tensor descriptors (TMA); used where the layout allows it (contiguous KV, or
     pages holding whole KV tiles), else the plan falls back to pointer loads.
     warp_specialize: Triton's automatic warp specialisation of the unmasked KV loop. Triton 3.6 ignores
-    it on sm_90 (the sm_90 compile has no warp-specialised partitions); kept for newer Triton / Blackwell."""
+    it on sm_90 (the sm_90 compile has no warp-specialised partitions); kept for newer Triton / Blackwell.
+    paged_addr: paged-KV address generation of the pointer path (see `prefill_tile`'s PAGED_ADDR):
+    0 one block-table read a key, 1 one a page, 2 one a page read one KV tile ahead. Used where the
+    page size is a power of two and the K/V loads are pointer loads, else 0."""
     block_m: int = 128
     block_n: int | None = 64
     num_warps: int = 8
     num_stages: int = 3
     use_tma: bool = False
     warp_specialize: bool = False
+    paged_addr: int = 0
 
     def to_json(self) -> dict:
         return {"block_m": self.block_m, "block_n": self.block_n, "num_warps": self.num_warps,
                 "num_stages": self.num_stages, "use_tma": self.use_tma,
-                "warp_specialize": self.warp_specialize}
+                "warp_specialize": self.warp_specialize, "paged_addr": self.paged_addr}
 
 
 PREFILL_CONFIGS: dict[str, PrefillConfig] = {
@@ -274,11 +309,30 @@ PREFILL_CONFIGS: dict[str, PrefillConfig] = {
     # FA-tutorial-like fixed choices for Hopper, D=128 (128 KB shared memory).
     "h100": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     "h100_tma": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True),
-    # For the fused POD kernel, where a prefill CTA and a decode CTA must share an SM. D=128 bf16:
-    # Q 32 KB + 2 stages x (K 16 KB + V 16 KB) = 96 KB shared memory, 8 warps (~190 registers).
+    # For the fused POD kernel, where a prefill CTA and a decode CTA share an SM. One fused kernel has
+    # one register count and warp count for both roles, so 2 CTAs/SM need
+    # 2 * num_warps * 32 * registers <= 65536 and 2 * shared <= ~227 KB. sm_90 compile, D=128 bf16:
+    #   "fused":       BLOCK_M=128, 8 warps: 96 KB, ~190 registers -> 2 CTAs/SM only with maxnreg=128
+    #                  (which spills 100-200 B; Q 32 KB + 2 stages x (K 16 KB + V 16 KB)).
+    #   "fused_small": BLOCK_M=128, BLOCK_N=32, 8 warps: 64 KB, ~146 registers.
+    #   "fused_m64":   BLOCK_M=64, 4 warps: 80 KB, ~215 registers -> 2 x 27.5K registers: fits 2 CTAs/SM.
     "fused": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
-    # Smaller still: 64 KB shared memory and ~150 registers (8 warps), for 2 CTAs a SM at D=128.
     "fused_small": PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),
+    "fused_m64": PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    # Candidates for the standalone defaults, compared by `bench_variants` (python -m pod.kernels.prefill
+    # --variants). _pv: one block-table read a page (paged KV); _pf: that, read one KV tile ahead;
+    # _s4: 4 pipeline stages (Q 32 KB + 4 x 32 KB = 160 KB at BLOCK_N=64, D=128); n128: BLOCK_N=128.
+    "autotune_pv": PrefillConfig(block_m=128, block_n=None, paged_addr=1),
+    "autotune_pf": PrefillConfig(block_m=128, block_n=None, paged_addr=2),
+    "h100_pv": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, paged_addr=1),
+    "h100_pf": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, paged_addr=2),
+    "h100_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4),
+    "h100_pv_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4, paged_addr=1),
+    "h100_pf_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4, paged_addr=2),
+    "h100_tma_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4, use_tma=True),
+    "n128_pv": PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, paged_addr=1),
+    "n128_pf": PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, paged_addr=2),
+    "n128_tma": PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True),
     # Triton interpreter (CPU tests): small tiles so the emulation stays fast.
     "interpret": PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1),
 }
@@ -323,6 +377,7 @@ class PrefillWork:
     paged: bool
     config: PrefillConfig
     use_tma: bool = False           # config.use_tma where the layout allows it
+    paged_addr: int = 0             # config.paged_addr where it applies (paged, pointer loads)
     unit_cost: list[int] = field(default_factory=list)   # keys seen by each unit's last row (host)
 
     @property
@@ -335,17 +390,20 @@ class PrefillWork:
         return self.config.block_n is None
 
     def constexprs(self, has_lse: bool = True) -> dict:
-        """The constexpr arguments of `prefill_tile` (BLOCK_N omitted when autotuned)."""
+        """The constexpr arguments of `prefill_tile` (BLOCK_N omitted when autotuned, PAGED_ADDR when 0,
+        its default, so callers that do not know it keep working)."""
         c = dict(GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_M=self.config.block_m,
                  PAGE_SIZE=self.page_size, PAGED=self.paged, HAS_LSE=has_lse,
                  USE_TMA=self.use_tma, WARP_SPECIALIZE=self.config.warp_specialize)
         if not self.autotune:
             c["BLOCK_N"] = self.config.block_n
+        if self.paged_addr:
+            c["PAGED_ADDR"] = self.paged_addr
         return c
 
     def describe(self) -> dict:
         """JSON-able knobs for result rows (backend_config)."""
-        return dict(self.config.to_json(), use_tma=self.use_tma)
+        return dict(self.config.to_json(), use_tma=self.use_tma, paged_addr=self.paged_addr)
 
 
 def plan_units(spec: BatchSpec, block_m: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -376,10 +434,13 @@ def plan_prefill(batch_or_spec: HybridBatch | BatchSpec, config: PrefillConfig |
     units, cost = plan_units(spec, cfg.block_m)
     work_units = torch.tensor(units if units else [[0, 0]], dtype=torch.int32).reshape(-1, 2)
     h = spec.heads
+    use_tma = cfg.use_tma and tma_fits(cfg, spec.page_size)
+    page = spec.page_size or 0
+    paged_addr = cfg.paged_addr if spec.paged and not use_tma and page & (page - 1) == 0 else 0
     return PrefillWork(work_units=work_units.to(device), num_units=len(units),
                        num_q_heads=h.num_q_heads, group=h.group_size, head_dim=h.head_dim,
                        page_size=spec.page_size or 1, paged=spec.paged, config=cfg,
-                       use_tma=cfg.use_tma and tma_fits(cfg, spec.page_size), unit_cost=cost)
+                       use_tma=use_tma, paged_addr=paged_addr, unit_cost=cost)
 
 
 def prefill_launch_args(batch: HybridBatch, work: PrefillWork, out: torch.Tensor,
@@ -469,7 +530,7 @@ def default_bench_shapes() -> list[BatchSpec]:
 
 def bench_prefill(shapes: list[BatchSpec] | None = None,
                   configs: tuple[str | PrefillConfig, ...] = ("autotune", "autotune_tma", "h100", "h100_tma",
-                                                              "fused", "fused_small"),
+                                                              "fused", "fused_small", "fused_m64"),
                   device: str = "cuda", check: bool = True) -> list[dict]:
     """Time `prefill()` (median of triton.testing.do_bench) for every shape x config.
 
@@ -501,6 +562,114 @@ def bench_prefill(shapes: list[BatchSpec] | None = None,
             except Exception as e:                    # report and go on with the other configs
                 row.update(median_ms=float("nan"), tflops=float("nan"), error=repr(e)[:300])
             rows.append(row)
+        del batch
+    return rows
+
+
+# Variants `bench_variants` compares by default (names of PREFILL_CONFIGS), and the shapes it times.
+VARIANTS = ("autotune", "autotune_pv", "autotune_pf", "autotune_tma",
+            "h100", "h100_pv", "h100_pf", "h100_s4", "h100_pv_s4", "h100_pf_s4", "h100_tma", "h100_tma_s4",
+            "n128_pv", "n128_pf", "n128_tma")
+VARIANT_BASELINES = ("fi_serial", "fa2_serial")   # registry backends timed on the same batches
+
+
+def variant_shapes(tiny: bool = False) -> list[BatchSpec]:
+    """Llama-3-8B (32q/8kv/128) bf16 points of the paged-KV tuning: 1024@12288 contiguous / page 16 /
+    page 64, 2048@0 contiguous / page 16, 512@16384 page 16. tiny: the same layouts at interpreter
+    size (4q/1kv/64; contexts not multiples of the blocks) for a CPU dry run of the harness."""
+    mk = BatchSpec.build
+    if tiny:
+        return [mk(4, 1, 64, prefill=[(130, 200)]), mk(4, 1, 64, prefill=[(130, 200)], page_size=16),
+                mk(4, 1, 64, prefill=[(130, 200)], page_size=64), mk(4, 1, 64, prefill=[(70, 0)], page_size=16),
+                mk(4, 1, 64, prefill=[(40, 300)], page_size=16)]
+    return [mk(32, 8, 128, prefill=[(1024, 12288)]),
+            mk(32, 8, 128, prefill=[(1024, 12288)], page_size=16),
+            mk(32, 8, 128, prefill=[(1024, 12288)], page_size=64),
+            mk(32, 8, 128, prefill=[(2048, 0)]),
+            mk(32, 8, 128, prefill=[(2048, 0)], page_size=16),
+            mk(32, 8, 128, prefill=[(512, 16384)], page_size=16)]
+
+
+def bench_variants(variants: tuple[str, ...] = VARIANTS, shapes: list[BatchSpec] | None = None,
+                   baselines: tuple[str, ...] = VARIANT_BASELINES, device: str | None = None,
+                   tol: float = 2e-2, echo: bool = True) -> list[dict]:
+    """Time each named prefill variant (and registry baselines) on each shape; check every result
+    against the fp32 reference. One row per (shape, variant): batch, variant, resolved (best autotune
+    config, or the block sizes), use_tma, paged_addr, ok (error within `tol`), prefill_err, lse_err,
+    median_ms, tflops, vs_best (median_ms / the shape's fastest correct median), error.
+
+    Robust by construction: a variant that fails to plan, compile or run, or gives a wrong result, is
+    reported in its row (ok=False, error) and the others go on. echo: print each row as it finishes
+    (partial results survive a crash). On the GPU timings are do_bench medians; under the interpreter
+    (TRITON_INTERPRET=1, device cpu, `variant_shapes(tiny=True)`) one wall-clock call, not meaningful,
+    and autotuned variants run their first AUTOTUNE_CONFIGS entry (the autotuner needs a GPU)."""
+    import time
+
+    from pod.batch import make_batch
+    from pod.reference import max_rel_error
+    from pod.registry import get_backend
+    interp = interpreting()
+    device = device or ("cpu" if interp else "cuda")
+    shapes = shapes if shapes is not None else variant_shapes(tiny=interp)
+    rows: list[dict] = []
+
+    def timed(fn) -> float:
+        if interp:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return triton.testing.do_bench(fn, return_mode="median")
+
+    for spec in shapes:
+        batch = make_batch(spec, device=device, seed=0)
+        ref, ref_lse = reference_prefill_lse(batch)
+        shape_rows = []
+        for name in (*variants, *baselines):
+            row = dict(batch=spec.describe(), variant=name, resolved="", use_tma=False, paged_addr=0,
+                       ok=False, prefill_err=float("nan"), lse_err=float("nan"), median_ms=float("nan"),
+                       tflops=float("nan"), error="")
+            try:
+                if name in variants:
+                    cfg = resolve_config(name)
+                    if interp and cfg.block_n is None:
+                        cfg = PrefillConfig(**dict(cfg.to_json(), block_n=AUTOTUNE_CONFIGS[0].kwargs["BLOCK_N"]))
+                    work = plan_prefill(batch, cfg)
+                    row.update(use_tma=work.use_tma, paged_addr=work.paged_addr,
+                               resolved=f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
+                    out = torch.full_like(batch.q_prefill, float("nan"))
+                    lse = torch.full(batch.q_prefill.shape[:2], float("nan"), device=batch.device)
+                    fn = prefill_runner(batch, work, out, lse)
+                    fn()                                    # compiles (and autotunes) outside the timing
+                    if work.autotune:
+                        best = _prefill_kernel_autotuned.best_config
+                        row["resolved"] = (f"m{cfg.block_m}n{best.kwargs['BLOCK_N']}w{best.num_warps}"
+                                           f"s{best.num_stages}")
+                    row["lse_err"] = float((lse - ref_lse).abs().max())
+                else:
+                    backend = get_backend(name)
+                    why = backend.unavailable_reason(batch)
+                    if why is not None:
+                        raise RuntimeError(f"unavailable: {why}")
+                    run = backend.prepare(batch)
+                    fn = run
+                    out = run().prefill
+                    row["resolved"] = "baseline"
+                row["prefill_err"] = max_rel_error(out, ref)
+                row["ok"] = bool(row["prefill_err"] <= tol and (name not in variants or row["lse_err"] <= 1e-2))
+                ms = timed(fn)
+                row.update(median_ms=ms, tflops=spec.prefill_flops() / (ms * 1e-3) / 1e12)
+                if not row["ok"]:
+                    row["error"] = f"wrong result: prefill_err {row['prefill_err']:.3g} lse_err {row['lse_err']:.3g}"
+            except Exception as e:                      # report and go on with the other variants
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            if echo:
+                print(f"{row['batch']:<40} {name:<14} {row['resolved']:<14} ok={row['ok']!s:<5} "
+                      f"{row['median_ms']:8.4f} ms {row['tflops']:7.1f} TFLOP/s  {row['error']}", flush=True)
+            shape_rows.append(row)
+        best = min((r["median_ms"] for r in shape_rows if r["ok"]), default=float("nan"))
+        for r in shape_rows:
+            r["vs_best"] = r["median_ms"] / best
+        rows += shape_rows
         del batch
     return rows
 
@@ -563,9 +732,30 @@ if __name__ == "__main__":
     parser.add_argument("--sm90", nargs="*", metavar="CONFIG",
                         help="compile these named configs for sm_90 (no GPU needed) and print JSON lines")
     parser.add_argument("--page-size", type=int, default=None)
+    parser.add_argument("--variants", nargs="*", metavar="CONFIG",
+                        help="time these named configs (default: VARIANTS) and the baselines on the "
+                             "paged-KV tuning shapes, checked against the reference; prints a table")
+    parser.add_argument("--baselines", nargs="*", default=None, metavar="BACKEND",
+                        help=f"registry backends timed with --variants (default: {' '.join(VARIANT_BASELINES)})")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --variants: interpreter-sized shapes on the CPU (run with TRITON_INTERPRET=1)")
+    parser.add_argument("--csv", default=None, help="with --variants: also write the rows to this CSV")
     cli = parser.parse_args()
-    if cli.sm90 is not None:
-        for name in cli.sm90 or ["h100", "h100_tma", "fused", "fused_small"]:
+    if cli.variants is not None:
+        import pandas as pd
+        if cli.tiny and not interpreting():
+            parser.error("--tiny needs TRITON_INTERPRET=1 in the environment")
+        pd.set_option("display.width", 250)
+        pd.set_option("display.max_rows", 500)
+        df = pd.DataFrame(bench_variants(tuple(cli.variants) or VARIANTS, variant_shapes(cli.tiny),
+                                         VARIANT_BASELINES if cli.baselines is None else tuple(cli.baselines)))
+        if cli.csv:
+            df.to_csv(cli.csv, index=False)
+        cols = ["batch", "variant", "resolved", "use_tma", "paged_addr", "ok", "median_ms", "tflops",
+                "vs_best", "prefill_err", "error"]
+        print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    elif cli.sm90 is not None:
+        for name in cli.sm90 or ["h100", "h100_tma", "fused", "fused_small", "fused_m64"]:
             print(json.dumps(sm90_report(name, page_size=cli.page_size)))
     else:
         import pandas as pd
