@@ -173,14 +173,18 @@ def test_sm90_compile_fits_two_ctas_per_sm_and_pipelines():
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmds = [["--sm90", "fused", "h100_tma", "fused_m64"], ["--sm90", "fused", "--page-size", "16"]]
+    cmds = [["--sm90", "fused", "h100_tma", "fused_m64"], ["--sm90", "fused", "h100_pf", "--page-size", "16"]]
     reports = []
     for args in cmds:
         res = subprocess.run([sys.executable, "-m", "pod.kernels.prefill", *args], env=env,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         reports += [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    fused_contig, tma, m64, fused_paged = reports
+    fused_contig, tma, m64, fused_paged, prefetch_paged = reports
+    # Paged KV with the block-table reads one tile ahead: the K/V loads pipeline over all 3 stages
+    # (Q 32 KB + 3 x (K 16 KB + V 16 KB) = 128 KB), as on the contiguous path; per-key reads get only 2.
+    assert prefetch_paged["paged_addr"] == 2 and prefetch_paged["shared_bytes"] >= 128 * 1024, prefetch_paged
+    assert prefetch_paged["cp_async"] > 0 and prefetch_paged["wgmma"] > 0, prefetch_paged
     for r in (fused_contig, fused_paged, m64):
         assert r["shared_bytes"] <= 100 * 1024, r
         assert r["cp_async"] > 0 and r["wgmma"] > 0, r
@@ -189,3 +193,46 @@ def test_sm90_compile_fits_two_ctas_per_sm_and_pipelines():
     for r in reports:
         assert r["spill_bytes"] == 0, r
     assert tma["use_tma"] and tma["tma_loads"] > 0 and tma["cp_async"] == 0, tma
+
+
+@pytest.mark.parametrize("page,block_n,addr", [(8, 32, 1), (16, 32, 2), (64, 16, 2)],
+                         ids=["page<BLOCK_N-per-page", "page<BLOCK_N-prefetch", "page>BLOCK_N-prefetch"])
+def test_paged_address_modes_match_reference(page, block_n, addr):
+    """PAGED_ADDR 1 (one block-table read a page) and 2 (read one KV tile ahead): chunks long enough for
+    several unmasked KV tiles, contexts ending mid-page, a chunk with no context (no unmasked tile)."""
+    spec = BatchSpec.build(8, 2, 64, prefill=[(40, 77), (19, 0), (5, 2 * block_n + 3)], page_size=page)
+    cfg = PrefillConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=1, paged_addr=addr)
+    work = plan_prefill(spec, cfg)
+    assert work.paged_addr == addr and work.constexprs()["PAGED_ADDR"] == addr
+    run_and_check(spec, seed=100 * page + addr, config=cfg)
+
+
+def test_paged_addr_applies_to_paged_pointer_loads_only():
+    cfg = PrefillConfig(block_m=16, block_n=16, paged_addr=2)
+    assert plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)]), cfg).paged_addr == 0
+    assert "PAGED_ADDR" not in plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)]), cfg).constexprs()
+    tma = PrefillConfig(block_m=16, block_n=16, paged_addr=2, use_tma=True)
+    assert plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)], page_size=32), tma).paged_addr == 0
+
+
+def test_bench_variants_checks_and_reports_failures():
+    """The GPU tuning table, dry-run in the interpreter: good variants are checked against the reference,
+    a variant that cannot run (unknown name, unavailable baseline) is reported and the others go on."""
+    from pod.kernels.prefill import bench_variants
+    shapes = [BatchSpec.build(4, 1, 64, prefill=[(20, 37)], page_size=16)]
+    good = PrefillConfig(block_m=16, block_n=32, num_warps=4, num_stages=1, paged_addr=2)
+    from pod.kernels import prefill as prefill_mod
+    prefill_mod.PREFILL_CONFIGS["_test_good"] = good
+    try:
+        rows = bench_variants(("_test_good", "interpret", "no-such-variant"), shapes, ("fi_serial",), echo=False)
+    finally:
+        del prefill_mod.PREFILL_CONFIGS["_test_good"]
+    by = {r["variant"]: r for r in rows}
+    assert len(rows) == 4 and set(by) == {"_test_good", "interpret", "no-such-variant", "fi_serial"}
+    for name in ("_test_good", "interpret"):
+        r = by[name]
+        assert r["ok"] and r["error"] == "" and r["prefill_err"] <= TOL and r["median_ms"] > 0, r
+    assert by["_test_good"]["paged_addr"] == 2 and by["interpret"]["paged_addr"] == 0
+    assert min(by["_test_good"]["vs_best"], by["interpret"]["vs_best"]) == 1.0
+    assert not by["no-such-variant"]["ok"] and "unknown" in by["no-such-variant"]["error"]
+    assert not by["fi_serial"]["ok"] and by["fi_serial"]["error"]

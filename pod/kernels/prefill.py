@@ -722,7 +722,7 @@ def sm90_report(config: PrefillConfig | str, page_size: int | None = None, head_
     report = sm90_compile_report(_prefill_kernel, *prefill_launch_args(batch, work, out, lse),
                                  **work.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dict(config=json_name(cfg), page_size=page_size, head_dim=head_dim, use_tma=work.use_tma,
-                **report)
+                paged_addr=work.paged_addr, **report)
 
 
 if __name__ == "__main__":
@@ -740,6 +740,8 @@ if __name__ == "__main__":
     parser.add_argument("--tiny", action="store_true",
                         help="with --variants: interpreter-sized shapes on the CPU (run with TRITON_INTERPRET=1)")
     parser.add_argument("--csv", default=None, help="with --variants: also write the rows to this CSV")
+    parser.add_argument("--shapes", nargs="*", type=int, default=None, metavar="I",
+                        help="with --variants: only these indices of variant_shapes() (default: all)")
     cli = parser.parse_args()
     if cli.variants is not None:
         import pandas as pd
@@ -747,12 +749,15 @@ if __name__ == "__main__":
             parser.error("--tiny needs TRITON_INTERPRET=1 in the environment")
         pd.set_option("display.width", 250)
         pd.set_option("display.max_rows", 500)
-        df = pd.DataFrame(bench_variants(tuple(cli.variants) or VARIANTS, variant_shapes(cli.tiny),
+        shapes = variant_shapes(cli.tiny or interpreting())
+        shapes = [shapes[i] for i in cli.shapes] if cli.shapes else shapes
+        df = pd.DataFrame(bench_variants(tuple(cli.variants) or VARIANTS, shapes,
                                          VARIANT_BASELINES if cli.baselines is None else tuple(cli.baselines)))
         if cli.csv:
             df.to_csv(cli.csv, index=False)
         cols = ["batch", "variant", "resolved", "use_tma", "paged_addr", "ok", "median_ms", "tflops",
                 "vs_best", "prefill_err", "error"]
+        df["error"] = df["error"].str.slice(0, 100)
         print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     elif cli.sm90 is not None:
         for name in cli.sm90 or ["h100", "h100_tma", "fused", "fused_small", "fused_m64"]:
