@@ -41,9 +41,18 @@ for stage in "$@"; do
              tar -C .fi_cache -czf - --exclude=parts . | split -b 15m -d - "$OUT/fi_cache.tgz."
              ls -la "$OUT" | log; du -sh .fi_cache | log ;;
     ceilings) python3 -m experiments.ceilings --out .gpu_results/ceilings.csv 2>&1 | log ;;
-    sweep:*)  # resumable: rows accumulate in .gpu_results/<sweep>/ across calls on a warm machine
-              python3 -m experiments.attention sweep=${stage#sweep:} backend=all results_dir=.gpu_results \
-                progress=false wandb.enabled=false 2>&1 | grep -v "^\s*$" | log ;;
+    sweep:*)  # sweep:NAME[:BACKEND_GROUP[:BACKEND,...]] resumable: rows accumulate in .gpu_results/<sweep>/
+              IFS=: read -r _ sw grp only <<<"$stage"
+              extra=(); [ -n "${only:-}" ] && extra=("backend.names=[${only}]")
+              python3 -m experiments.attention sweep=$sw backend=${grp:-all} results_dir=.gpu_results \
+                progress=false wandb.enabled=false timing.warmup_ms=10 timing.rep_ms=40 "${extra[@]}" 2>&1 \
+                | grep -v "^\s*$" | log
+              tar -czf "$OUT/gpu_results.tgz" .gpu_results ;;
+    fi_bg)    # compile FlashInfer's fi_serial and fi_pod modules in two background processes
+              for b in fi_serial fi_pod; do
+                (python3 -c "from baselines.gpu_smoke import check_backends as c; from pod.batch import ModelHeads as M; print(c(['$b'], M(32, 8, 128)))" > "$OUT/fi_$b.log" 2>&1) &
+              done ;;
+    fi_join)  wait; cat "$OUT"/fi_fi_*.log | log ;;
     collect) tar -czf "$OUT/gpu_results.tgz" .gpu_results 2>&1 | log; ls -la "$OUT" | log ;;
     *) python3 -m $stage 2>&1 | log ;;
   esac

@@ -212,7 +212,18 @@ def test_paged_addr_applies_to_paged_pointer_loads_only():
     assert plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)]), cfg).paged_addr == 0
     assert "PAGED_ADDR" not in plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)]), cfg).constexprs()
     tma = PrefillConfig(block_m=16, block_n=16, paged_addr=2, use_tma=True)
-    assert plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)], page_size=32), tma).paged_addr == 0
+    work = plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)], page_size=32), tma)
+    assert work.use_tma and work.paged_addr == 2
+
+
+def test_tma_with_page_ids_read_ahead_matches_reference():
+    """USE_TMA + PAGED_ADDR=2: pages of 32 hold two 16-key tiles; the next tile's cache row is read one
+    iteration ahead (its page changes every second tile); contexts end mid-page."""
+    spec = BatchSpec.build(8, 2, 64, prefill=[(37, 90), (18, 0)], page_size=32, dtype="float16")
+    cfg = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, use_tma=True, paged_addr=2)
+    work = plan_prefill(spec, cfg)
+    assert work.use_tma and work.paged_addr == 2
+    run_and_check(spec, seed=2024, config=cfg)
 
 
 def test_bench_variants_checks_and_reports_failures():

@@ -44,8 +44,16 @@ and head only; rows past chunk_len are neither read nor written.
 
 Configs (`PREFILL_CONFIGS`, or any `PrefillConfig`): "autotune" (GPU default; override with env
 POD_PREFILL_CONFIG), "h100"/"h100_tma" fixed, "fused"/"fused_small"/"fused_m64" sized for a fused
-kernel sharing the SM with a decode CTA, "interpret" for CPU tests. `bench_prefill()` times them on the GPU;
-`python -m pod.kernels.prefill --sm90` reports their sm_90 shared memory/registers without a GPU.
+kernel sharing the SM with a decode CTA, "interpret" for CPU tests, and tuning candidates (VARIANTS:
+_pv/_pf paged address generation, _s4 four stages, n128 BLOCK_N=128, _tma tensor descriptors).
+`bench_prefill()` times configs on the GPU; `python -m pod.kernels.prefill --variants [NAMES]` times the
+tuning candidates and the FlashInfer/FA2 baselines on the paged-KV tuning shapes (`bench_variants`);
+`python -m pod.kernels.prefill --sm90` reports sm_90 shared memory/registers without a GPU.
+
+Paged address generation (PAGED_ADDR, sm_90 compile of BLOCK_M=128, BLOCK_N=64, 3 stages, D=128):
+per-key block-table reads (0) leave the pipeliner only 2 K/V buffers (96 KB shared memory, vs 128 KB
+contiguous); reading the next tile's page ids one iteration ahead (2) restores 3 (4 with num_stages=4),
+on the pointer and the TMA path alike.
 """
 from __future__ import annotations
 
@@ -88,7 +96,9 @@ def _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, seq, kv_len, 
         # Descriptors over the token-major cache viewed as 2-D [tokens, Hkv*D]; the block is this
         # head's [BLOCK_N, D] slab. Contiguous: rows are relative to the sequence's first row and
         # rows >= kv_len read as 0. Paged: one page holds the whole tile (PAGE_SIZE % BLOCK_N == 0).
-        if PAGED:
+        if PAGED and OFF_GIVEN:
+            row = off_pre                                       # cache row, read one tile ahead
+        elif PAGED:
             page = tl.load(block_table + seq.to(tl.int64) * stride_bt_seq + start // PAGE_SIZE)
             row = page * PAGE_SIZE + start % PAGE_SIZE
         else:
@@ -200,7 +210,19 @@ def prefill_tile(tile_id,
     # Keys [full_end, kv_hi): the diagonal, causal-masked. kv_hi: one past the last row's position.
     kv_hi = context + tl.minimum((q_block + 1) * BLOCK_M, chunk_len)
 
-    if PAGED and PAGED_ADDR == 2 and not USE_TMA:
+    if PAGED and PAGED_ADDR == 2 and USE_TMA:
+        # TMA with pages holding whole tiles: the cache row of tile `start` was read one iteration ahead.
+        bt_row = block_table + chunk.to(tl.int64) * stride_bt_seq
+        row = tl.load(bt_row) * PAGE_SIZE
+        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            nxt = start + BLOCK_N                              # <= full_end < kv_len: a valid page
+            row_next = tl.load(bt_row + nxt // PAGE_SIZE) * PAGE_SIZE + nxt % PAGE_SIZE
+            m_i, l_i, acc = _kv_step(q, q_pos, m_i, l_i, acc, K, V, k_desc, v_desc, start, chunk, kv_len,
+                                     kv_indptr, block_table, stride_bt_seq, stride_kv_page, stride_kv_tok,
+                                     kv_head_off, qk_scale, row, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
+                                     False, USE_TMA, PAGED_ADDR, True)
+            row = row_next
+    elif PAGED and PAGED_ADDR == 2:
         # Offsets of tile `start` were read during the previous iteration. The read for the tile after
         # the last unmasked one is masked by kv_len (it may be a diagonal tile or past the end).
         off = paged_tile_offsets(chunk, 0, kv_len, block_table, stride_bt_seq, stride_kv_page,
@@ -286,8 +308,8 @@ class PrefillConfig:
     warp_specialize: Triton's automatic warp specialisation of the unmasked KV loop. Triton 3.6 ignores
     it on sm_90 (the sm_90 compile has no warp-specialised partitions); kept for newer Triton / Blackwell.
     paged_addr: paged-KV address generation of the pointer path (see `prefill_tile`'s PAGED_ADDR):
-    0 one block-table read a key, 1 one a page, 2 one a page read one KV tile ahead. Used where the
-    page size is a power of two and the K/V loads are pointer loads, else 0."""
+    0 one block-table read a key, 1 one a page, 2 one a page read one KV tile ahead (also with TMA,
+    where 0 and 1 are the same: one read a tile). Used for paged KV with a power-of-two page, else 0."""
     block_m: int = 128
     block_n: int | None = 64
     num_warps: int = 8
@@ -330,6 +352,10 @@ PREFILL_CONFIGS: dict[str, PrefillConfig] = {
     "h100_pv_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4, paged_addr=1),
     "h100_pf_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4, paged_addr=2),
     "h100_tma_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4, use_tma=True),
+    "h100_tma_pf": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True, paged_addr=2),
+    "h100_tma_pf_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4, use_tma=True,
+                                    paged_addr=2),
+    "autotune_tma_pf": PrefillConfig(block_m=128, block_n=None, use_tma=True, paged_addr=2),
     "n128_pv": PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, paged_addr=1),
     "n128_pf": PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, paged_addr=2),
     "n128_tma": PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True),
@@ -377,7 +403,7 @@ class PrefillWork:
     paged: bool
     config: PrefillConfig
     use_tma: bool = False           # config.use_tma where the layout allows it
-    paged_addr: int = 0             # config.paged_addr where it applies (paged, pointer loads)
+    paged_addr: int = 0             # config.paged_addr where it applies (paged KV)
     unit_cost: list[int] = field(default_factory=list)   # keys seen by each unit's last row (host)
 
     @property
@@ -436,7 +462,7 @@ def plan_prefill(batch_or_spec: HybridBatch | BatchSpec, config: PrefillConfig |
     h = spec.heads
     use_tma = cfg.use_tma and tma_fits(cfg, spec.page_size)
     page = spec.page_size or 0
-    paged_addr = cfg.paged_addr if spec.paged and not use_tma and page & (page - 1) == 0 else 0
+    paged_addr = cfg.paged_addr if spec.paged and page & (page - 1) == 0 else 0
     return PrefillWork(work_units=work_units.to(device), num_units=len(units),
                        num_q_heads=h.num_q_heads, group=h.group_size, head_dim=h.head_dim,
                        page_size=spec.page_size or 1, paged=spec.paged, config=cfg,
@@ -569,6 +595,7 @@ def bench_prefill(shapes: list[BatchSpec] | None = None,
 # Variants `bench_variants` compares by default (names of PREFILL_CONFIGS), and the shapes it times.
 VARIANTS = ("autotune", "autotune_pv", "autotune_pf", "autotune_tma",
             "h100", "h100_pv", "h100_pf", "h100_s4", "h100_pv_s4", "h100_pf_s4", "h100_tma", "h100_tma_s4",
+            "h100_tma_pf", "h100_tma_pf_s4", "autotune_tma_pf",
             "n128_pv", "n128_pf", "n128_tma")
 VARIANT_BASELINES = ("fi_serial", "fa2_serial")   # registry backends timed on the same batches
 
