@@ -12,13 +12,11 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/.device_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1 MAX_JOBS=16
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -d /tmp/site/flashinfer ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/tmp/pip.log 2>&1 || { echo "wheel install failed"; tail /tmp/pip.log; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
 fi
+export PYTHONPATH=/tmp/site:$PWD
 # FlashInfer's JIT cache: a carried one in .fi_cache (unpacked from parts if needed), else built there.
 export FLASHINFER_WORKSPACE_BASE=$PWD/.fi_cache
 mkdir -p "$FLASHINFER_WORKSPACE_BASE"
@@ -44,7 +42,7 @@ for stage in "$@"; do
     sweep:*)  # sweep:NAME[:BACKEND_GROUP[:BACKEND,...]] resumable: rows accumulate in .gpu_results/<sweep>/
               IFS=: read -r _ sw grp only <<<"$stage"
               extra=(); [ -n "${only:-}" ] && extra=("backend.names=[${only}]")
-              python3 -m experiments.attention sweep=$sw backend=${grp:-all} results_dir=.gpu_results \
+              timeout ${SWEEP_TIMEOUT:-590} python3 -m experiments.attention sweep=$sw backend=${grp:-all} results_dir=.gpu_results \
                 progress=false wandb.enabled=false timing.warmup_ms=10 timing.rep_ms=40 "${extra[@]}" 2>&1 \
                 | grep -v "^\s*$" | log
               tar -czf "$OUT/gpu_results.tgz" .gpu_results ;;
@@ -52,7 +50,10 @@ for stage in "$@"; do
               for b in fi_serial fi_pod; do
                 (python3 -c "from baselines.gpu_smoke import check_backends as c; from pod.batch import ModelHeads as M; print(c(['$b'], M(32, 8, 128)))" > "$OUT/fi_$b.log" 2>&1) &
               done ;;
-    fi_join)  wait; cat "$OUT"/fi_fi_*.log | log ;;
+    fi_join)  # wait (at most FI_WAIT seconds) until both background builds have printed their result
+              for i in $(seq 1 "${FI_WAIT:-300}"); do
+                [ "$(cat "$OUT"/fi_fi_*.log 2>/dev/null | grep -c "'backend'")" -ge 2 ] && break; sleep 1; done
+              cat "$OUT"/fi_fi_*.log | log ;;
     collect) tar -czf "$OUT/gpu_results.tgz" .gpu_results 2>&1 | log; ls -la "$OUT" | log ;;
     *) python3 -m $stage 2>&1 | log ;;
   esac
