@@ -294,3 +294,121 @@ def test_sm90_compile_default_config_fits_two_ctas_per_sm():
         assert r["max_ctas_per_sm"] >= 2 and r["registers"] <= 128, r
         assert r["wgmma"] > 0 and r["cp_async"] > 0, r
     assert fused["spill_bytes"] <= 64, fused        # a few bytes under the 128-register cap
+
+
+def _ptx_irreducible_edges(ptx: str) -> list[tuple[str, str]]:
+    """Retreating edges of the PTX control-flow graph whose target does not dominate their source
+    (empty list: the CFG is reducible, every loop has a single entry)."""
+    import re
+    body = ptx[ptx.index(".entry"):]
+    succ, order, cur, n = {"entry": []}, ["entry"], "entry", 0
+    falls = {"entry": True}
+
+    def start(name, fall_from):
+        nonlocal cur
+        succ[name], falls[name] = [], True
+        if fall_from is not None and falls[fall_from]:
+            succ[fall_from].append(name)
+        order.append(name)
+        cur = name
+    for line in body[body.index("{"):].split("\n"):
+        line = line.split("//")[0].strip()
+        if m := re.match(r"^(\$L__BB\d+_\d+):", line):
+            start(m.group(1), cur)
+        elif m := re.match(r"^(@!?%p\d+\s+)?bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line):
+            succ[cur].append(m.group(2))
+            falls[cur] = bool(m.group(1))
+            n += 1
+            start(f"_{n}", cur)
+        elif re.match(r"^(@!?%p\d+\s+)?ret;", line):
+            falls[cur] = bool(re.match(r"^@", line))
+            n += 1
+            start(f"_{n}", cur)
+    reach, stack = set(), ["entry"]
+    while stack:
+        b = stack.pop()
+        if b not in reach:
+            reach.add(b)
+            stack += succ[b]
+    nodes = [b for b in order if b in reach]
+    preds = {b: [p for p in nodes if b in succ[p]] for b in nodes}
+    dom = {b: set(nodes) for b in nodes}
+    dom["entry"] = {"entry"}
+    changed = True
+    while changed:
+        changed = False
+        for b in nodes[1:]:
+            d = set.intersection(*(dom[p] for p in preds[b])) | {b}
+            if d != dom[b]:
+                dom[b], changed = d, True
+    bad, state, stack = [], {"entry": 1}, [("entry", iter(succ["entry"]))]
+    while stack:                                     # iterative DFS: grey = on the current path
+        b, it = stack[-1]
+        t = next(it, None)
+        if t is None:
+            state[b] = 2
+            stack.pop()
+        elif state.get(t) == 1 and t not in dom[b]:
+            bad.append((b, t))
+        elif t not in state:
+            state[t] = 1
+            stack.append((t, iter(succ[t])))
+    return bad
+
+
+def test_ptx_cfg_check_catches_a_two_entry_loop():
+    two_entry = """.entry k( ) {
+    @%p1 bra $L__BB0_2;
+$L__BB0_1:
+    add.s32 %r1, %r1, 1;
+$L__BB0_2:
+    @%p2 bra $L__BB0_1;
+    ret;
+}"""
+    # the loop {BB0_1, BB0_2} is entered at both blocks; either edge between them witnesses it
+    assert _ptx_irreducible_edges(two_entry) in ([("$L__BB0_1", "$L__BB0_2")], [("$L__BB0_2", "$L__BB0_1")])
+    assert _ptx_irreducible_edges(two_entry.replace("@%p1 bra $L__BB0_2;", "")) == []
+
+
+def test_sm90_persistent_worker_loop_is_reducible():
+    """The persistent worker loop must compile to a single-entry (reducible) loop. With a claim before
+    the loop and one at its end, LLVM merged the two copies of the steal claim into one block entered
+    from both (a two-entry loop) and ptxas then gave the first claim's thread-0 atomic no
+    reconvergence point (BSSY/BSYNC) before the tiles' warp-synchronous instructions: NaN rows and a
+    hang on the H100 (docs/dispatcher.md, "Persistent variant on the GPU: diagnosis"). Same sm_90
+    specialisation as test_sm90_compile_default_config_fits_two_ctas_per_sm (Triton's cache hits)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = """
+import json
+from dataclasses import replace
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend, compile as triton_compile
+from triton.runtime.jit import create_function_from_signature
+from pod.batch import BatchSpec, make_batch
+from pod.dispatch import PodConfig
+from pod.kernels.pod_fused import pod_fused_kernel as k
+from pod.pod_attention import fused_launch_args, plan
+spec = BatchSpec.build(32, 8, 128, prefill=[(300, 700)], decode=[1000, 513], page_size=16)
+batch = make_batch(spec, "cpu", seed=0)
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+out = {}
+for v in ("fused", "persistent"):
+    p = plan(batch, PodConfig(variant=v, num_sms=132))
+    p.simulate_smid = False
+    args, kwargs = fused_launch_args(p, batch, *batch.empty_outputs(), p.launches[0])
+    bound, spec_, opts = create_function_from_signature(k.signature, k.params, backend)(*args, **kwargs)
+    opts, sig, consts, attrs = k._pack_args(backend, kwargs, bound, spec_, opts)
+    out[v] = triton_compile(ASTSource(k, sig, consts, attrs), target=target,
+                            options=opts.__dict__).asm["ptx"]
+print(json.dumps(out))
+"""
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ptx = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "atom.global" in ptx["persistent"] and "wgmma" in ptx["persistent"]
+    for variant, text in ptx.items():
+        assert _ptx_irreducible_edges(text) == [], variant

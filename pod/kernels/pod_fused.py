@@ -113,6 +113,18 @@ def _claim(counters, want_prefill, n_prefill_tiles, n_decode_tiles):
     return is_prefill, tile
 
 
+@triton.jit
+def _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile):
+    """Tests/debugging: trace int32 [grid, 5] row of this CTA = (smid, slot, wanted role, first claimed
+    role, first tile)."""
+    tr = trace + tl.program_id(0) * 5
+    tl.store(tr, smid)
+    tl.store(tr + 1, slot)
+    tl.store(tr + 2, want_prefill)
+    tl.store(tr + 3, is_prefill)
+    tl.store(tr + 4, tile)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The fused kernel. Tile bodies: pod.kernels.prefill.prefill_tile and pod.kernels.decode.decode_tile
 # (with FUSE_MERGE: split-KV partials merged in-launch by the last split CTA). Their runtime arguments
@@ -188,38 +200,62 @@ def pod_fused_kernel(
             n_dec = tl.atomic_add(running, 0, sem="relaxed")
             n_pre = tl.atomic_add(running + 1, 0, sem="relaxed")
             want_prefill = (n_pre * policy_period < (n_pre + n_dec + 1) * prefill_share).to(tl.int32)
-    is_prefill, tile = _claim(counters, want_prefill, n_prefill_tiles, n_decode_tiles)
-    if OCCUPANCY_ROLES:
-        tl.atomic_add(running + is_prefill, 1, sem="relaxed")
-    if TRACE:
-        # tests: trace int32 [grid, 5] = (smid, slot, wanted role, first claimed role, first tile)
-        tr = trace + tl.program_id(0) * 5
-        tl.store(tr, smid)
-        tl.store(tr + 1, slot)
-        tl.store(tr + 2, want_prefill)
-        tl.store(tr + 3, is_prefill)
-        tl.store(tr + 4, tile)
-    # One tile per CTA (the grid has exactly one CTA per tile, so tile >= 0 always), or, PERSISTENT,
-    # claim tiles until both roles are exhausted: own role first, then steal.
-    while tile >= 0:
-        _run_tile(is_prefill, tile,
-                  p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr, p_block_table, p_work,
-                  p_num_q_heads, p_stride_q_tok, p_stride_q_head, p_stride_o_tok, p_stride_o_head,
-                  p_stride_lse_tok, p_stride_lse_head, p_stride_kv_page, p_stride_kv_tok,
-                  p_stride_kv_head, p_stride_bt, p_qk_scale,
-                  d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
-                  d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
-                  d_kv_indptr, d_block_table, d_stride_bt,
-                  d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset,
-                  d_qk_scale,
-                  P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
-                  P_USE_TMA, P_WARP_SPECIALIZE, D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M, D_BLOCK_N, D_PAGE_SIZE, D_PAGED,
-                  D_FUSE_MERGE, HAS_PREFILL, HAS_DECODE)
-        if OCCUPANCY_ROLES:
-            tl.atomic_add(running + is_prefill, -1, sem="relaxed")
-        if PERSISTENT:
+    if PERSISTENT:
+        # Work-stealing workers: claim tiles (own role first, then steal) until both roles are
+        # exhausted. ONE claim site, at the top of the loop, on purpose: with a claim before the loop
+        # and another at its end (the one-tile-per-CTA variant's shape), LLVM jump-threaded the two
+        # copies of the steal claim into one block entered from both, an irreducible loop, and ptxas
+        # then left the thread-0 atomic of the first claim without a reconvergence point (BSSY/BSYNC)
+        # until after the loop: warp 0 could run the tiles' wgmma/ldmatrix/mma/shfl partially
+        # converged (NaN rows, hangs on the H100). docs/dispatcher.md, "Persistent variant on the GPU".
+        # The explicit barriers: every warp has finished the previous tile (its shared memory reads
+        # and cp.async waits) before thread 0 publishes the next claim in shared memory.
+        tile = 0
+        n_claims = 0
+        while tile >= 0:
+            tl.debug_barrier()
             is_prefill, tile = _claim(counters, want_prefill, n_prefill_tiles, n_decode_tiles)
-        else:
+            if TRACE:
+                if n_claims == 0:
+                    _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile)
+            if tile >= 0:
+                _run_tile(is_prefill, tile,
+                          p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr, p_block_table,
+                          p_work, p_num_q_heads, p_stride_q_tok, p_stride_q_head, p_stride_o_tok,
+                          p_stride_o_head, p_stride_lse_tok, p_stride_lse_head, p_stride_kv_page,
+                          p_stride_kv_tok, p_stride_kv_head, p_stride_bt, p_qk_scale,
+                          d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
+                          d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
+                          d_kv_indptr, d_block_table, d_stride_bt,
+                          d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset,
+                          d_qk_scale,
+                          P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
+                          P_USE_TMA, P_WARP_SPECIALIZE, D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M,
+                          D_BLOCK_N, D_PAGE_SIZE, D_PAGED, D_FUSE_MERGE, HAS_PREFILL, HAS_DECODE)
+            n_claims += 1
+    else:
+        # One tile per CTA: the grid has exactly one CTA per tile, so the claim always succeeds.
+        is_prefill, tile = _claim(counters, want_prefill, n_prefill_tiles, n_decode_tiles)
+        if OCCUPANCY_ROLES:
+            tl.atomic_add(running + is_prefill, 1, sem="relaxed")
+        if TRACE:
+            _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile)
+        while tile >= 0:
+            _run_tile(is_prefill, tile,
+                      p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr, p_block_table, p_work,
+                      p_num_q_heads, p_stride_q_tok, p_stride_q_head, p_stride_o_tok, p_stride_o_head,
+                      p_stride_lse_tok, p_stride_lse_head, p_stride_kv_page, p_stride_kv_tok,
+                      p_stride_kv_head, p_stride_bt, p_qk_scale,
+                      d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
+                      d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
+                      d_kv_indptr, d_block_table, d_stride_bt,
+                      d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset,
+                      d_qk_scale,
+                      P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
+                      P_USE_TMA, P_WARP_SPECIALIZE, D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M, D_BLOCK_N, D_PAGE_SIZE, D_PAGED,
+                      D_FUSE_MERGE, HAS_PREFILL, HAS_DECODE)
+            if OCCUPANCY_ROLES:
+                tl.atomic_add(running + is_prefill, -1, sem="relaxed")
             tile = -1
     # Last CTA out resets the scheduling counters (merge counters reset themselves) for the next launch.
     tl.debug_barrier()
