@@ -13,8 +13,9 @@ from pod.batch import HybridBatch
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, sm_scale: float,
-            block_q: int = 512) -> torch.Tensor:
-    """q [Lq, Hq, D], k/v [Lk, Hkv, D]; query row i sits at position q_pos0 + i. Returns fp32 [Lq, Hq, D].
+            block_q: int = 512, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """q [Lq, Hq, D], k/v [Lk, Hkv, D]; query row i sits at position q_pos0 + i. Returns fp32 [Lq, Hq, D];
+    if `lse` ([Lq, Hq] fp32) is given, the natural-log log-sum-exp of each row's scores goes there.
 
     Processes queries in blocks so the [Hq, block_q, Lk] score matrix stays small at 16K contexts.
     """
@@ -32,17 +33,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, sm_s
         q_pos = q_pos0 + torch.arange(a, b, device=q.device)
         s.masked_fill_(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
         out[a:b] = torch.matmul(torch.softmax(s, dim=-1), vf).transpose(0, 1)
+        if lse is not None:
+            lse[a:b] = torch.logsumexp(s, dim=-1).transpose(0, 1)
     return out
 
 
-def reference_prefill(batch: HybridBatch) -> torch.Tensor:
-    """fp32 [total_chunk_tokens, Hq, D]."""
+def reference_prefill(batch: HybridBatch, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [total_chunk_tokens, Hq, D]; with `lse` ([total_chunk_tokens, Hq] fp32), also each query
+    row's natural-log log-sum-exp."""
     spec = batch.spec
     out = torch.empty(batch.q_prefill.shape, dtype=torch.float32, device=batch.device)
     for i, c in enumerate(spec.prefill_chunks):
         a, b = int(batch.q_indptr[i]), int(batch.q_indptr[i + 1])
         k, v = batch.sequence_kv(i)
-        out[a:b] = _attend(batch.q_prefill[a:b], k, v, c.context_len, batch.sm_scale)
+        out[a:b] = _attend(batch.q_prefill[a:b], k, v, c.context_len, batch.sm_scale,
+                           lse=None if lse is None else lse[a:b])
     return out
 
 

@@ -708,27 +708,13 @@ def json_name(cfg: PrefillConfig) -> str:
     return f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-def reference_prefill_lse(batch: HybridBatch, block_q: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 reference output [tokens, Hq, D] and base-2 LSE [tokens, Hq] of the prefill part."""
-    spec = batch.spec
-    hq, hkv = spec.heads.num_q_heads, spec.heads.num_kv_heads
-    out = torch.empty(batch.q_prefill.shape, dtype=torch.float32, device=batch.device)
+def reference_prefill_lse(batch: HybridBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 reference output [tokens, Hq, D] and base-2 LSE [tokens, Hq] of the prefill part
+    (pod.reference's computation; the kernel's LSE is base 2)."""
+    from pod.reference import reference_prefill
     lse = torch.empty(batch.q_prefill.shape[:2], dtype=torch.float32, device=batch.device)
-    for c, ch in enumerate(spec.prefill_chunks):
-        a = int(batch.q_indptr[c])
-        k, v = batch.sequence_kv(c)
-        kf = k.float().repeat_interleave(hq // hkv, dim=1).transpose(0, 1)     # [Hq, Lk, D]
-        vf = v.float().repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
-        key_pos = torch.arange(ch.kv_len, device=batch.device)
-        for i in range(0, ch.chunk_len, block_q):
-            j = min(i + block_q, ch.chunk_len)
-            qf = batch.q_prefill[a + i:a + j].float().transpose(0, 1)         # [Hq, bq, D]
-            s = torch.matmul(qf, kf.transpose(1, 2)) * batch.sm_scale
-            q_pos = ch.context_len + torch.arange(i, j, device=batch.device)
-            s.masked_fill_(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-            out[a + i:a + j] = torch.matmul(torch.softmax(s, -1), vf).transpose(0, 1)
-            lse[a + i:a + j] = (torch.logsumexp(s, -1) / math.log(2)).transpose(0, 1)
-    return out, lse
+    out = reference_prefill(batch, lse=lse)
+    return out, lse / math.log(2)
 
 
 def sm90_report(config: PrefillConfig | str, page_size: int | None = None, head_dim: int = 128,
