@@ -22,6 +22,7 @@ positions of a sequence of kv_len = context_len + chunk_len tokens.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -57,6 +58,23 @@ def _bad(field_name: str, value, allowed: str) -> ValueError:
     return ValueError(f"BatchSpec.{field_name}={value!r} is invalid: {allowed}")
 
 
+def as_count(field_name: str, value, positive: bool = False) -> int:
+    """`value` as an int count, or a ValueError naming `field_name`: negative numbers, fractions
+    (1.5), booleans and strings are rejected, never truncated; an integral float (2.0) is accepted."""
+    allowed = "must be a positive integer" if positive else "must be a non-negative integer"
+    if isinstance(value, bool):
+        raise _bad(field_name, value, allowed)
+    if isinstance(value, numbers.Integral):
+        n = int(value)
+    elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        n = int(value)
+    else:
+        raise _bad(field_name, value, allowed)
+    if n < 0 or (positive and n == 0):
+        raise _bad(field_name, value, allowed)
+    return n
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """A hybrid batch: model heads, dtype, prefill chunks, decode requests, KV layout."""
@@ -70,7 +88,9 @@ class BatchSpec:
     def __post_init__(self):
         # Normalise sequences to tuples so a spec hashes and compares by value.
         object.__setattr__(self, "prefill_chunks", tuple(self.prefill_chunks))
-        object.__setattr__(self, "decode_context_lens", tuple(int(x) for x in self.decode_context_lens))
+        object.__setattr__(self, "decode_context_lens",
+                           tuple(as_count(f"decode_context_lens[{i}]", x, positive=True)
+                                 for i, x in enumerate(self.decode_context_lens)))
         self.validate()
 
     # -- validation: every field checked here, once, before anything is allocated ------------------
@@ -112,10 +132,36 @@ class BatchSpec:
               prefill: Iterable[tuple[int, int]] = (), decode: Iterable[int] = (),
               dtype: str = "bfloat16", page_size: int | None = None) -> "BatchSpec":
         """`prefill` as (chunk_len, context_len) pairs, `decode` as context lengths."""
-        return cls(heads=ModelHeads(num_q_heads, num_kv_heads, head_dim),
-                   prefill_chunks=tuple(PrefillChunk(int(c), int(x)) for c, x in prefill),
-                   decode_context_lens=tuple(int(d) for d in decode),
-                   dtype=dtype, page_size=page_size)
+        chunks = tuple(PrefillChunk(as_count(f"prefill_chunks[{i}].chunk_len", c, positive=True),
+                                    as_count(f"prefill_chunks[{i}].context_len", x))
+                       for i, (c, x) in enumerate(prefill))
+        return cls(heads=ModelHeads(num_q_heads, num_kv_heads, head_dim), prefill_chunks=chunks,
+                   decode_context_lens=tuple(decode), dtype=dtype, page_size=page_size)
+
+    @classmethod
+    def from_counts(cls, heads: ModelHeads, num_prefill=1, chunk_len=0, prefill_context_len=0,
+                    num_decode=0, decode_context_len=0, dtype: str = "bfloat16",
+                    page_size=None) -> "BatchSpec":
+        """A batch of `num_prefill` equal chunks (`chunk_len` tokens over `prefill_context_len`) and
+        `num_decode` decodes of `decode_context_len`: the flat keys of a config (conf/batch/*.yaml, a
+        sweep's grid). chunk_len=0 or num_prefill=0: no prefill; num_decode=0: no decode;
+        page_size None / 0 / "null" / "none": contiguous KV. Every count is checked before anything is
+        built: a negative or fractional one (`num_decode=-3`, `chunk_len=1.5`) is a ValueError naming
+        its field, never a truncated or empty part."""
+        n_pre = as_count("num_prefill", num_prefill)
+        chunk = as_count("chunk_len", chunk_len)
+        context = as_count("prefill_context_len", prefill_context_len)
+        n_dec = as_count("num_decode", num_decode)
+        dec_len = as_count("decode_context_len", decode_context_len)
+        if n_dec and not dec_len:
+            raise _bad("decode_context_len", decode_context_len,
+                       f"must be a positive integer when num_decode={n_dec}")
+        if isinstance(page_size, str) and page_size.strip().lower() in ("null", "none", ""):
+            page_size = None
+        page = None if page_size is None else as_count("page_size", page_size)
+        prefill = [(chunk, context)] * (n_pre if chunk else 0)
+        return cls.build(heads.num_q_heads, heads.num_kv_heads, heads.head_dim, prefill=prefill,
+                         decode=[dec_len] * n_dec, dtype=str(dtype), page_size=page or None)
 
     # -- shape facts --------------------------------------------------------------------------------
     @property

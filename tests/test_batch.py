@@ -110,3 +110,63 @@ def test_make_batch_layout(page_size):
     assert not torch.equal(make_batch(spec, "cpu", seed + 1).q_decode, b.q_decode)
     po, do = b.empty_outputs()
     assert po.shape == b.q_prefill.shape and torch.isnan(po.float()).all() and torch.isnan(do.float()).all()
+
+
+# -- counts from a config (conf/batch/*.yaml, a sweep's grid): checked, never truncated -------------
+HEADS = ModelHeads(8, 2, 64)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_decode", -3), ("num_prefill", -1), ("chunk_len", 1.5), ("chunk_len", -16),
+    ("prefill_context_len", 2.5), ("decode_context_len", -8), ("num_decode", 2.25),
+    ("num_decode", True), ("num_decode", "4"), ("page_size", 16.5), ("decode_context_len", float("nan")),
+])
+def test_from_counts_rejects_negative_and_fractional_counts(field, value):
+    counts = dict(num_prefill=1, chunk_len=16, prefill_context_len=8, num_decode=2,
+                  decode_context_len=32, page_size=16)
+    counts[field] = value
+    with pytest.raises(ValueError) as e:
+        BatchSpec.from_counts(HEADS, **counts)
+    assert f"BatchSpec.{field}=" in str(e.value)
+
+
+def test_from_counts_builds_the_batch_the_counts_say():
+    s = BatchSpec.from_counts(HEADS, num_prefill=2, chunk_len=16, prefill_context_len=8, num_decode=3,
+                              decode_context_len=32.0, page_size="null")
+    assert s == BatchSpec.build(8, 2, 64, prefill=[(16, 8)] * 2, decode=[32] * 3)
+    assert all(type(n) is int for n in s.decode_context_lens)
+    assert BatchSpec.from_counts(HEADS, chunk_len=0, num_decode=1, decode_context_len=5,
+                                 page_size=0).num_prefill == 0      # chunk_len=0: no prefill
+    assert BatchSpec.from_counts(HEADS, num_prefill=0, chunk_len=16, num_decode=1,
+                                 decode_context_len=5, page_size=16).page_size == 16
+    with pytest.raises(ValueError, match="decode_context_len"):
+        BatchSpec.from_counts(HEADS, chunk_len=16, num_decode=2, decode_context_len=0)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(prefill=[(1.5, 0)]), "prefill_chunks[0].chunk_len"),
+    (dict(prefill=[(16, -0.5)]), "prefill_chunks[0].context_len"),
+    (dict(decode=[7, 2.5]), "decode_context_lens[1]"),
+])
+def test_build_does_not_truncate(kwargs, field):
+    with pytest.raises(ValueError) as e:
+        _build(**kwargs)
+    assert field in str(e.value)
+
+
+@pytest.mark.parametrize("override, field", [("batch.num_decode=-3", "num_decode"),
+                                             ("batch.chunk_len=1.5", "chunk_len")])
+def test_hydra_override_rejected_before_anything_runs(override, field, tmp_path):
+    """The command line a user types: the point is refused with the field named, no row is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "experiments.attention", "sweep=single", "batch=hybrid_small",
+           "backend=cpu", override, f"results_dir={tmp_path / 'results'}", "wandb.enabled=false",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out
+    assert "ValueError" in out and f"BatchSpec.{field}=" in out, out[-3000:]
+    assert not list((tmp_path / "results").rglob("*.csv")), "a row was written for an invalid point"
