@@ -56,11 +56,26 @@ def run_sweeps(sweeps, backend: str, results_dir: Path, args) -> dict[str, int]:
     return rows
 
 
-def clear_sweeps(results_dir: Path, sweeps, device: str) -> None:
-    """Delete this device's earlier rows of `sweeps` (<results_dir>/<sweep>/<device>[.shard*].csv)."""
-    for sweep in sweeps:
-        for f in (results_dir / sweep).glob(f"{device}*.csv"):
-            f.unlink()
+def _shown(p: Path) -> str:
+    """`p` relative to the repository when it lies inside it (what a user sees in their checkout)."""
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def clear_sweeps(results_dir: Path, sweeps, device: str, why: str = "re-measured") -> list[Path]:
+    """Delete this device's earlier rows of `sweeps` (<results_dir>/<sweep>/<device>[.shard*].csv),
+    saying first which files go, how many rows each holds, and `why`. Returns the removed files."""
+    files = sorted(f for sweep in sweeps for f in (results_dir / sweep).glob(f"{device}*.csv"))
+    if not files:
+        return []
+    listed = ", ".join(f"{_shown(f)} ({max(sum(1 for _ in f.open(errors='replace')) - 1, 0)} rows)"
+                       for f in files)
+    print(f"[reproduce] removing earlier rows ({why}): {listed}", flush=True)
+    for f in files:
+        f.unlink()
+    return files
 
 
 def rebuild_figures(results_dir: Path, out: Path) -> dict[str, list[Path]]:
@@ -127,7 +142,7 @@ def main_gpu(args) -> list[str]:
     done = []
     if not args.figures_only:
         if args.fresh:
-            clear_sweeps(results_dir, sweeps, slug)
+            clear_sweeps(results_dir, sweeps, slug, "--fresh: the chosen sweeps are re-measured")
         rows = run_sweeps(sweeps, args.backend or "all", results_dir, args)
         done.append(f"measured sweeps {', '.join(f'{s} ({n} rows)' for s, n in rows.items())} on "
                     f"{slug} -> {results_dir}/")
@@ -153,7 +168,8 @@ def main_cpu(args) -> list[str]:
     figures = args.figures or args.results_root / "figures"
     done = []
     if not args.figures_only:
-        clear_sweeps(args.results_root, [SMOKE_SWEEP], "cpu")  # scratch: a smoke run always re-measures
+        clear_sweeps(args.results_root, [SMOKE_SWEEP], "cpu",
+                     "smoke rows are scratch: every smoke run re-measures them")
         rows = run_sweeps([SMOKE_SWEEP], args.backend or "cpu", args.results_root, args)
         rebuild_figures(smoke_dir, smoke_dir / "figures")
         done.append(f"no GPU: ran the smoke sweep in the Triton interpreter ({rows[SMOKE_SWEEP]} rows) -> "

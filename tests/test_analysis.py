@@ -385,14 +385,26 @@ def test_reproduce_without_wandb_installed_warns(reproduce, tmp_path, monkeypatc
         rp.log_to_wandb({"roofline": [figs / "run1.parquet"]}, "x", {}, "offline")
 
 
-def test_reproduce_fresh_clears_only_this_gpus_rows(reproduce, tmp_path):
+def test_reproduce_fresh_clears_only_this_gpus_rows(reproduce, tmp_path, capsys, monkeypatch):
     rp, *_ = reproduce
     folder = tmp_path / "h100" / "paper"
     folder.mkdir(parents=True)
     for name in ("h100.csv", "h100.shard0of2.csv", "a100.csv"):
-        (folder / name).write_text("x\n")
-    rp.clear_sweeps(tmp_path / "h100", ["paper", "balance"], "h100")
+        (folder / name).write_text("x\n1\n2\n")
+    said_before = []   # what had been printed when each file was removed
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: (said_before.append(
+        (self.name, capsys.readouterr().out)), unlink(self, *a, **k))[-1])
+    removed = rp.clear_sweeps(tmp_path / "h100", ["paper", "balance"], "h100", "smoke rows are scratch")
     assert sorted(p.name for p in folder.iterdir()) == ["a100.csv"]
+    assert sorted(p.name for p in removed) == ["h100.csv", "h100.shard0of2.csv"]
+    # `make reproduce` says what it removes, and why, before it removes anything.
+    first_name, message = said_before[0]
+    assert "removing earlier rows (smoke rows are scratch)" in message
+    assert f"{folder / 'h100.csv'} (2 rows)" in message and "h100.shard0of2.csv (2 rows)" in message
+    assert "a100" not in message
+    assert rp.clear_sweeps(tmp_path / "h100", ["paper"], "h100") == []   # nothing there: says nothing
+    assert capsys.readouterr().out == ""
 
 
 def test_ceilings_from_results_else_documented_defaults(results_dir):
