@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+# What `make test` hands pytest; PYTEST_RC=<file> also writes pytest's own exit code there (make
+# itself exits 2 on any failure, so .ci/run reads 5, "no tests collected", from that file).
+PYTEST_ARGS ?= tests
+PYTEST_RC ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: test reproduce figures venv clean
@@ -13,7 +18,8 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 venv: $(STAMP)
 
 # A GPU machine keeps its own CUDA torch (system site packages); a CPU machine gets the CPU build
-# torch==2.13.0 first, so nothing else can pull a multi-GB CUDA build.
+# torch==$(TORCH_VERSION) first (from PyTorch's CPU wheel index when it answers, else the default
+# index: scripts/install_torch_cpu.sh), so nothing else can pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 ifeq ($(HAS_GPU),1)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -21,13 +27,14 @@ ifeq ($(HAS_GPU),1)
 else
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	scripts/install_torch_cpu.sh $(PY) $(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
 endif
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	@echo "$(PY) -m pytest -q $(PYTEST_ARGS)"; rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	$(if $(PYTEST_RC),echo $$rc > '$(PYTEST_RC)';) exit $$rc
 
 reproduce: $(STAMP)
 	$(PY) -m experiments.reproduce

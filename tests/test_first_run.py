@@ -1,0 +1,170 @@
+"""A first run without friction: what a new user meets before any kernel runs.
+
+- `make` installs the CPU build of torch from PyTorch's CPU wheel index when it answers, else from the
+  default index (scripts/install_torch_cpu.sh; both branches, with a stub pip and a local index);
+- .ci/run fails when pytest collected no test, although make turns pytest's exit 5 into 2;
+- every command the README shows runs as written on a fresh clone after `make test`.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALL_TORCH = ROOT / "scripts" / "install_torch_cpu.sh"
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+needs_make = pytest.mark.skipif(shutil.which("make") is None or shutil.which("bash") is None,
+                                reason="needs make and bash")
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def _makefile_var(name: str) -> str:
+    m = re.search(rf"^{name}\s*\??=\s*(\S+)\s*$", (ROOT / "Makefile").read_text(), re.M)
+    assert m, f"Makefile has no {name}"
+    return m.group(1)
+
+
+# -- torch: the CPU build ------------------------------------------------------------------------------
+@pytest.fixture
+def stub_pip(tmp_path):
+    """A `pip` that records its arguments instead of installing anything."""
+    log = tmp_path / "pip_args"
+    pip = _executable(tmp_path / "bin" / "pip", f'#!/bin/sh\necho "$@" > "{log}"\n')
+    return pip, log
+
+
+@pytest.fixture
+def local_index(tmp_path):
+    """A PEP 503 index on localhost whose torch page lists 2.13.0+cpu (PyTorch's CPU index, in small)."""
+    root = tmp_path / "index"
+    (root / "torch").mkdir(parents=True)
+    (root / "torch" / "index.html").write_text(
+        '<a href="torch-2.13.0%2Bcpu-cp311-cp311-manylinux_2_28_x86_64.whl">'
+        "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl</a>\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]   # closed once the socket is: connections are refused at once
+
+
+def _install_torch(index: str, pip: Path, timeout: str = "5") -> subprocess.CompletedProcess:
+    env = {**os.environ, "TORCH_CPU_INDEX": index, "TORCH_INDEX_TIMEOUT": timeout, "PIP": str(pip)}
+    return subprocess.run(["bash", str(INSTALL_TORCH), sys.executable, "2.13.0"], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@needs_bash
+def test_torch_from_the_cpu_index_when_it_answers(stub_pip, local_index):
+    pip, log = stub_pip
+    p = _install_torch(local_index, pip)
+    assert p.returncode == 0, p.stderr
+    assert log.read_text().split() == ["install", "-q", "--index-url", local_index, "torch==2.13.0"]
+    assert "the CPU build" in p.stdout
+
+
+@needs_bash
+@pytest.mark.parametrize("answer", ["refused", "lacks the version"])
+def test_torch_from_the_default_index_otherwise(stub_pip, local_index, answer):
+    pip, log = stub_pip
+    index = f"http://127.0.0.1:{_closed_port()}/" if answer == "refused" else local_index
+    env = {**os.environ, "TORCH_CPU_INDEX": index, "TORCH_INDEX_TIMEOUT": "5", "PIP": str(pip)}
+    t0 = time.monotonic()
+    version = "2.13.0" if answer == "refused" else "9.9.9"
+    p = subprocess.run(["bash", str(INSTALL_TORCH), sys.executable, version], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert log.read_text().split() == ["install", "-q", f"torch=={version}"]   # the default index
+    assert "falling back to the default index" in p.stdout
+    assert time.monotonic() - t0 < 30
+
+
+@needs_make
+def test_make_installs_torch_through_the_script_and_readme_says_which():
+    """On a machine without a GPU, the venv recipe installs torch with the script, before the project;
+    the README's top names the same torch version."""
+    if shutil.which("nvidia-smi"):
+        pytest.skip("the GPU branch keeps the system's torch")
+    venv = "/nonexistent/pod-venv"
+    p = subprocess.run(["make", "-n", f"VENV={venv}", "venv"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    version = _makefile_var("TORCH_VERSION")
+    install = [i for i, line in enumerate(lines) if "scripts/install_torch_cpu.sh" in line]
+    assert install and lines[install[0]].split()[1:] == [f"{venv}/bin/python", version], p.stdout
+    project = [i for i, line in enumerate(lines) if "install -q -e" in line]
+    assert project and install[0] < project[0]
+    assert not any(re.search(r"pip install\b.*\btorch==", line) for line in lines), p.stdout
+    assert f"torch=={version}" in (ROOT / "README.md").read_text()
+
+
+# -- .ci/run: "no tests collected" is a failure -----------------------------------------------------
+@pytest.fixture
+def ci_copy(tmp_path):
+    """.ci/run and the Makefile in a scratch checkout whose venv is a stub: its python exits with
+    $STUB_PYTEST_RC, as pytest would."""
+    (tmp_path / ".ci").mkdir()
+    for name in ("Makefile", "pyproject.toml", ".ci/run"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    _executable(tmp_path / ".venv" / "bin" / "python", '#!/bin/sh\nexit "${STUB_PYTEST_RC:-0}"\n')
+    stamp = tmp_path / ".venv" / ".installed"
+    stamp.touch()
+    later = (tmp_path / "pyproject.toml").stat().st_mtime + 10
+    os.utime(stamp, (later, later))   # the venv is up to date: make does not rebuild it
+    return tmp_path
+
+
+@needs_make
+@pytest.mark.parametrize("pytest_rc, ci_rc, says_no_tests", [(5, 1, True), (0, 0, False),
+                                                             (1, 2, False)])
+def test_ci_run_fails_when_no_test_was_collected(ci_copy, pytest_rc, ci_rc, says_no_tests):
+    env = {**os.environ, "STUB_PYTEST_RC": str(pytest_rc)}
+    env.pop("MAKEFLAGS", None)
+    p = subprocess.run(["bash", str(ci_copy / ".ci" / "run")], cwd=ci_copy, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == ci_rc, p.stdout + p.stderr
+    assert ("CI: pytest collected no tests" in p.stderr) == says_no_tests
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@needs_make
+def test_make_test_records_pytests_own_exit_code(tmp_path):
+    """The real `make test` with the real pytest, selecting no test: make exits 2, the file says 5."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("runs make against the venv this test runs in")
+    rc_file = tmp_path / "rc"
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    # -o: never rebuild the venv here, whatever the stamp's age.
+    p = subprocess.run(["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "test",
+                        "PYTEST_ARGS=tests/test_first_run.py -k no_test_is_called_this -p no:cacheprovider",
+                        f"PYTEST_RC={rc_file}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert rc_file.read_text().strip() == "5"
