@@ -1,0 +1,477 @@
+"""Hopper (sm_90a) chunked-prefill attention in Gluon: a TMA producer warp feeding two wgmma consumer
+warpgroups through a ring of shared-memory stages.
+
+Math: as pod/kernels/prefill.py. Chunk c's chunk_len queries are the last positions of a sequence of
+kv_len = context_len + chunk_len keys; query row i (position context_len + i) sees keys 0..context_len+i;
+q head h reads KV head h // GROUP. exp2 domain: s2 = (q . k) * qk_scale, qk_scale = sm_scale * log2(e);
+out = sum_j 2^(s2_j - lse2) v_j and lse2 = log2(sum_j 2^(s2_j)) (fp32, base 2: pod/kernels/common.py).
+
+Memory layout (NHD; d is the unit-stride dimension everywhere):
+    Q, O : [total_chunk_tokens, Hq, D], viewed as 2-D [tokens, Hq*D]; a tile is the [BLOCK_M, D] box at
+           (row q_indptr[c] + m0, column h*D)
+    LSE  : [total_chunk_tokens, Hq] fp32
+    K, V : contiguous [total_kv_tokens, Hkv, D] or paged [num_pages, PAGE_SIZE, Hkv, D], both viewed as
+           2-D [rows, Hkv*D]; a KV tile is BLOCK_N rows of the box column kv_head*D.
+
+One CTA computes one tile: BLOCK_M query rows of one chunk for one q head (`work_units` of
+pod/kernels/prefill.py, heaviest first; tile t = unit t // Hq, head t % Hq, so the GROUP q heads of a
+KV head are neighbours and share its K/V through L2).
+
+Partitions (gl.warp_specialize):
+  * worker, 1 warp: for KV tile t it waits until stage t % STAGES is free, then issues TMA copies of
+    COPY_ROWS = min(PAGE_SIZE, BLOCK_N) rows each (a 16-token page lands in a 16-row slice of the stage),
+    K on ready_k, V on ready_v, so S = Q K^T can start before V has landed.
+  * default, NUM_WARPS = 8 warps (two warpgroups, 64 query rows each): S_t = Q K_t^T (wgmma, both operands
+    in shared memory), causal/length mask only on the tiles that need it, online softmax in registers,
+    O += P_t V_t (wgmma, P from registers). Software pipeline inside each warpgroup: S_t and
+    O += P_{t-1} V_{t-1} are issued back to back and the softmax of S_t runs while the tensor cores still
+    work on P_{t-1} V_{t-1}; stage t-1 is released after that product has completed.
+
+Boundaries without masks on the data path. The producer reads the last page of a sequence (paged) or
+the whole sequence (contiguous) through a second descriptor whose row count ends at the sequence's last
+valid row, so TMA fills rows past kv_len with zeros: a stale or NaN slot can never reach P @ V (0 * NaN
+would). Page slots past the last page re-read the last page (their keys are masked). Q rows past the
+chunk are computed and dropped: O leaves through a descriptor that ends at the chunk's last row (TMA
+clips the rest) and LSE through a masked store.
+
+Resources (sm_90a compile, `compile_report`): 12 warps (8 + the worker rounded to a warpgroup), the
+worker at 40 registers and the consumers at up to 232; shared memory Q (BLOCK_M*D) + STAGES * 2 *
+(BLOCK_N*D) elements + barriers, 160 KB at D=128, BLOCK 128x128, 2 stages: one CTA per SM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+
+from pod.batch import BatchSpec, HybridBatch
+from pod.kernels.common import LOG2E
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel
+# ------------------------------------------------------------------------------------------------
+@gluon.jit
+def _kv_producer(K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty,
+                 seq, kv_start, kv_len, n_tiles, kv_col, total_kv_rows, stride_bt,
+                 HEAD_DIM: gl.constexpr, ROW_STRIDE: gl.constexpr, BLOCK_N: gl.constexpr,
+                 COPY_ROWS: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
+                 STAGES: gl.constexpr):
+    dtype: gl.constexpr = K.dtype.element_ty
+    lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([COPY_ROWS, HEAD_DIM], dtype)
+    tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+    if PAGED:
+        bt_row = block_table + seq.to(gl.int64) * stride_bt
+        last_idx = (kv_len - 1) // PAGE_SIZE
+        last_page = gl.load(bt_row + last_idx)
+        # rows of the cache up to the sequence's last valid slot; TMA zero-fills beyond it
+        tail_rows = last_page * PAGE_SIZE + (kv_len - last_idx * PAGE_SIZE)
+        k_full = tma.make_tensor_descriptor(K, [total_kv_rows, ROW_STRIDE], [ROW_STRIDE, 1],
+                                            [COPY_ROWS, HEAD_DIM], lay)
+        v_full = tma.make_tensor_descriptor(V, [total_kv_rows, ROW_STRIDE], [ROW_STRIDE, 1],
+                                            [COPY_ROWS, HEAD_DIM], lay)
+    else:
+        tail_rows = kv_start + kv_len
+    k_tail = tma.make_tensor_descriptor(K, [tail_rows, ROW_STRIDE], [ROW_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+    v_tail = tma.make_tensor_descriptor(V, [tail_rows, ROW_STRIDE], [ROW_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+
+    for t in range(n_tiles):
+        s = t % STAGES
+        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)      # fresh barriers pass at phase 1
+        k_dst = k_smem.index(s)
+        v_dst = v_smem.index(s)
+        mbarrier.expect(ready_k.index(s), tile_bytes)
+        if PAGED:
+            for c in gl.static_range(BLOCK_N // COPY_ROWS):
+                tok = t * BLOCK_N + c * COPY_ROWS
+                idx = gl.minimum(tok // PAGE_SIZE, last_idx)
+                row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
+                tail = idx == last_idx
+                tma.async_copy_global_to_shared(k_full, [row, kv_col], ready_k.index(s),
+                                                k_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=idx != last_idx)
+                tma.async_copy_global_to_shared(k_tail, [row, kv_col], ready_k.index(s),
+                                                k_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=tail)
+            mbarrier.expect(ready_v.index(s), tile_bytes)
+            for c in gl.static_range(BLOCK_N // COPY_ROWS):
+                tok = t * BLOCK_N + c * COPY_ROWS
+                idx = gl.minimum(tok // PAGE_SIZE, last_idx)
+                row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
+                tail = idx == last_idx
+                tma.async_copy_global_to_shared(v_full, [row, kv_col], ready_v.index(s),
+                                                v_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=idx != last_idx)
+                tma.async_copy_global_to_shared(v_tail, [row, kv_col], ready_v.index(s),
+                                                v_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=tail)
+        else:
+            row = kv_start + t * BLOCK_N
+            tma.async_copy_global_to_shared(k_tail, [row, kv_col], ready_k.index(s), k_dst)
+            mbarrier.expect(ready_v.index(s), tile_bytes)
+            tma.async_copy_global_to_shared(v_tail, [row, kv_col], ready_v.index(s), v_dst)
+
+
+@gluon.jit
+def _causal_mask(s, t, q_pos, kv_len, BLOCK_N: gl.constexpr, col_layout: gl.constexpr):
+    """-inf where key t*BLOCK_N + j is after the row's position or past kv_len."""
+    k_pos = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
+    visible = (gl.expand_dims(k_pos, 0) <= gl.expand_dims(q_pos, 1)) & gl.expand_dims(k_pos < kv_len, 0)
+    return gl.where(visible, s, -float("inf"))
+
+
+@gluon.jit
+def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty,
+                      n_tiles, n_full, q_pos0, kv_len, qk_scale,
+                      BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    q_pos = q_pos0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+
+    # Tile 0: every row sees key 0, so m_i is finite from here on (no -inf - -inf).
+    mbarrier.wait(ready_k.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+    if n_full == 0:
+        s = _causal_mask(s, 0, q_pos, kv_len, BLOCK_N, col_layout)
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p, 1)
+    # Only P in the MMA operand layout (half the registers of fp32 P) crosses an iteration.
+    pb = gl.convert_layout(p.to(dtype), p_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    for t in range(1, n_tiles):
+        st = t % STAGES
+        sp = (t - 1) % STAGES
+        mbarrier.wait(ready_k.index(st), (t // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(ready_v.index(sp), ((t - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(pb, v_smem.index(sp), acc, is_async=True)
+        # wgmma groups retire in order: one outstanding means S_t is done, P_{t-1} V_{t-1} may still run.
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+        if t >= n_full:
+            s = _causal_mask(s, t, q_pos, kv_len, BLOCK_N, col_layout)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        pb_next = gl.convert_layout(p.to(dtype), p_layout)
+        acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, pb))
+        mbarrier.arrive(empty.index(sp), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        m_i = m_new
+        pb = pb_next
+
+    sl = (n_tiles - 1) % STAGES
+    mbarrier.wait(ready_v.index(sl), ((n_tiles - 1) // STAGES) & 1)
+    acc = warpgroup_mma(pb, v_smem.index(sl), acc)
+    mbarrier.arrive(empty.index(sl), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def prefill_sm90_kernel(Q, K, V, O, LSE,
+                        q_indptr, kv_lens, kv_indptr, block_table, work_units,
+                        num_q_heads, total_q_rows, total_kv_rows, stride_bt, stride_lse_tok, qk_scale,
+                        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                        PAGED: gl.constexpr, HAS_LSE: gl.constexpr, STAGES: gl.constexpr,
+                        NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
+    KV_STRIDE: gl.constexpr = NUM_KV_HEADS * HEAD_DIM
+    COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < BLOCK_N else BLOCK_N
+
+    tile = gl.program_id(0)
+    unit = tile // num_q_heads
+    head = tile % num_q_heads
+    chunk = gl.load(work_units + 2 * unit)
+    m0 = gl.load(work_units + 2 * unit + 1) * BLOCK_M
+    q_start = gl.load(q_indptr + chunk)
+    chunk_len = gl.load(q_indptr + chunk + 1) - q_start
+    kv_len = gl.load(kv_lens + chunk)
+    if PAGED:
+        kv_start = 0
+    else:
+        kv_start = gl.load(kv_indptr + chunk)
+    context_len = kv_len - chunk_len
+    q_pos0 = context_len + m0                          # position of the tile's first row
+    kv_end = gl.minimum(kv_len, q_pos0 + BLOCK_M)      # keys any row of the tile sees
+    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+    n_full = gl.minimum(q_pos0 + 1, kv_len) // BLOCK_N  # tiles every row sees whole: no mask
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    ready_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_k.index(i), count=1)
+        mbarrier.init(ready_v.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    mbarrier.init(q_bar, count=1)
+
+    q_desc = tma.make_tensor_descriptor(Q, [total_q_rows, Q_STRIDE], [Q_STRIDE, 1], [BLOCK_M, HEAD_DIM], q_layout)
+    mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
+    tma.async_copy_global_to_shared(q_desc, [q_start + m0, head * HEAD_DIM], q_bar, q_smem)
+    mbarrier.wait(q_bar, 0)
+
+    acc, l_i, m_i = gl.warp_specialize([
+        (_softmax_consumer, (q_smem, k_smem, v_smem, ready_k, ready_v, empty, n_tiles, n_full, q_pos0, kv_len,
+                             qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES, NUM_WARPS)),
+        (_kv_producer, (K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty, chunk, kv_start, kv_len,
+                        n_tiles, (head // GROUP) * HEAD_DIM, total_kv_rows, stride_bt, HEAD_DIM, KV_STRIDE,
+                        BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED, STAGES)),
+    ], [1], [PRODUCER_REGS])
+
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    if HAS_LSE:
+        lse_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        rows = m0 + gl.arange(0, BLOCK_M, layout=lse_layout)
+        lse = gl.convert_layout(m_i + gl.log2(l_i), lse_layout)
+        gl.store(LSE + (q_start + rows).to(gl.int64) * stride_lse_tok + head, lse, mask=rows < chunk_len)
+    # O leaves through Q's shared buffer (every wgmma reading Q has completed) and a descriptor that
+    # ends at the chunk's last row, so rows of the next chunk are never written.
+    q_smem.store(acc.to(dtype))
+    fence_async_shared()
+    o_desc = tma.make_tensor_descriptor(O, [q_start + chunk_len, Q_STRIDE], [Q_STRIDE, 1], [BLOCK_M, HEAD_DIM],
+                                        q_layout)
+    tma.async_copy_shared_to_global(o_desc, [q_start + m0, head * HEAD_DIM], q_smem)
+    tma.store_wait(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: configs, plan, launch
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sm90PrefillConfig:
+    """One compiled variant of the Hopper tile. Every shipped one is checked on the GPU before timing."""
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 2
+    producer_regs: int = 40
+
+    @property
+    def num_warps(self) -> int:
+        return 8                                        # two consumer warpgroups of 64 rows
+
+    def shared_bytes(self, head_dim: int, elem_bytes: int = 2) -> int:
+        return (self.block_m + 2 * self.stages * self.block_n) * head_dim * elem_bytes
+
+    def to_json(self) -> dict:
+        return dict(kernel="prefill_sm90", block_m=self.block_m, block_n=self.block_n, stages=self.stages)
+
+
+SM90_CONFIGS: dict[str, Sm90PrefillConfig] = {
+    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2),
+    "sm90_n64_s3": Sm90PrefillConfig(block_n=64, stages=3),
+    "sm90_n64_s4": Sm90PrefillConfig(block_n=64, stages=4),
+}
+# head_dim 64 fits a third 128-row stage (Q 16 KB + 3 * 32 KB).
+SM90_CONFIGS_D64: dict[str, Sm90PrefillConfig] = {
+    "sm90_n128_s3": Sm90PrefillConfig(block_n=128, stages=3),
+    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2),
+}
+SM90_SHARED_LIMIT = 227 * 1024
+
+
+def default_sm90_config(head_dim: int) -> Sm90PrefillConfig:
+    return SM90_CONFIGS_D64["sm90_n128_s3"] if head_dim == 64 else SM90_CONFIGS["sm90_n128_s2"]
+
+
+def sm90_supports(spec: BatchSpec, config: Sm90PrefillConfig | None = None) -> str | None:
+    """None when the Hopper tile handles this batch's layout, else the reason (the caller falls back to
+    the portable tile)."""
+    cfg = config or default_sm90_config(spec.heads.head_dim)
+    if spec.heads.head_dim not in (64, 128):
+        return f"head_dim {spec.heads.head_dim} (64 or 128)"
+    if spec.paged:
+        p, n = spec.page_size, cfg.block_n
+        if p < 8 or not (p % n == 0 or n % p == 0):
+            return f"page_size {p} (needs >= 8 and a divisor or multiple of BLOCK_N {n})"
+    if cfg.shared_bytes(spec.heads.head_dim) + 1024 > SM90_SHARED_LIMIT:
+        return f"{cfg} needs {cfg.shared_bytes(spec.heads.head_dim)} B of shared memory"
+    return None
+
+
+def on_hopper(device: torch.device | str | None = None) -> bool:
+    """True on an sm_90 GPU, where this tile runs (Gluon does not run in the interpreter)."""
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+@dataclass
+class Sm90PrefillWork:
+    """The plan of one batch shape for the Hopper tile: the work list and the launch constants."""
+    work_units: torch.Tensor        # [num_units, 2] int32 (chunk, q_block), heaviest first
+    num_units: int
+    num_q_heads: int
+    group: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    paged: bool
+    config: Sm90PrefillConfig
+
+    @property
+    def num_tiles(self) -> int:
+        return self.num_units * self.num_q_heads
+
+    def describe(self) -> dict:
+        return self.config.to_json()
+
+
+def plan_prefill_sm90(batch_or_spec: HybridBatch | BatchSpec, config: Sm90PrefillConfig | str | None = None,
+                      device: torch.device | str | None = None) -> Sm90PrefillWork:
+    """Plan the prefill part of a batch for the Hopper tile (shape only: once per batch shape)."""
+    from pod.kernels.prefill import plan_units
+    if isinstance(batch_or_spec, HybridBatch):
+        spec, device = batch_or_spec.spec, device or batch_or_spec.device
+    else:
+        spec, device = batch_or_spec, device or "cpu"
+    h = spec.heads
+    if isinstance(config, str):
+        table = SM90_CONFIGS_D64 if h.head_dim == 64 else SM90_CONFIGS
+        if config not in table:
+            raise ValueError(f"sm90 prefill config {config!r} unknown for head_dim {h.head_dim}; "
+                             f"named configs: {sorted(table)}")
+        config = table[config]
+    cfg = config or default_sm90_config(h.head_dim)
+    why = sm90_supports(spec, cfg)
+    if why is not None:
+        raise ValueError(f"the Hopper prefill tile does not handle this batch: {why}")
+    units, _ = plan_units(spec, cfg.block_m)
+    work_units = torch.tensor(units if units else [[0, 0]], dtype=torch.int32).reshape(-1, 2)
+    return Sm90PrefillWork(work_units=work_units.to(device), num_units=len(units), num_q_heads=h.num_q_heads,
+                           group=h.group_size, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
+                           page_size=spec.page_size or 0, paged=spec.paged, config=cfg)
+
+
+_SCRATCH: dict = {}
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in a per-launch global scratch buffer that Triton asks for."""
+    if not _SCRATCH:
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+        triton.set_allocator(alloc)
+        _SCRATCH["set"] = True
+
+
+def launch_args(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Tensor, lse: torch.Tensor | None):
+    """(positional runtime args, constexpr kwargs) of `prefill_sm90_kernel`."""
+    q, k, v = batch.q_prefill, batch.k_cache, batch.v_cache
+    hkv, d = work.num_kv_heads, work.head_dim
+    for name, t in (("q_prefill", q), ("out", out), ("k_cache", k), ("v_cache", v)):
+        if not t.is_contiguous():
+            raise ValueError(f"the Hopper prefill tile needs a dense {name} (got strides {t.stride()})")
+    total_kv_rows = k.shape[0] * k.shape[1] if work.paged else k.shape[0]
+    bt = batch.block_table if work.paged else batch.kv_lens             # block_table unused when contiguous
+    kv_indptr = batch.kv_indptr if not work.paged else batch.kv_lens    # kv_indptr unused when paged
+    lse_arg = lse if lse is not None else out
+    args = (q, k, v, out, lse_arg, batch.q_indptr, batch.kv_lens, kv_indptr, bt, work.work_units,
+            work.num_q_heads, q.shape[0], total_kv_rows, bt.stride(0) if work.paged else 0,
+            lse.stride(0) if lse is not None else 0, float(batch.sm_scale) * LOG2E)
+    cfg = work.config
+    const = dict(GROUP=work.group, HEAD_DIM=d, NUM_KV_HEADS=hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                 PAGE_SIZE=work.page_size if work.paged else cfg.block_n, PAGED=work.paged,
+                 HAS_LSE=lse is not None, STAGES=cfg.stages, NUM_WARPS=cfg.num_warps,
+                 PRODUCER_REGS=cfg.producer_regs)
+    return args, const
+
+
+def prefill_sm90_runner(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Tensor,
+                        lse: torch.Tensor | None = None):
+    """Bind the launch once and return ``launch() -> out``: no allocation and no sync per call."""
+    args, const = launch_args(batch, work, out, lse)
+    _ensure_allocator()
+    grid = (work.num_tiles,)
+    num_warps = work.config.num_warps
+
+    def launch() -> torch.Tensor:
+        if work.num_units:
+            prefill_sm90_kernel[grid](*args, **const, num_warps=num_warps)
+        return out
+    return launch
+
+
+def prefill_sm90(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Tensor | None = None,
+                 lse: torch.Tensor | None = None, return_lse: bool = True):
+    """Launch the Hopper tile. Returns (out [tokens, Hq, D], lse2 [tokens, Hq] fp32 or None)."""
+    if out is None:
+        out = torch.empty_like(batch.q_prefill)
+    if lse is None and return_lse:
+        lse = torch.empty(batch.q_prefill.shape[:2], dtype=torch.float32, device=out.device)
+    prefill_sm90_runner(batch, work, out, lse)()
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile report (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+def compile_report(config: Sm90PrefillConfig, *, head_dim: int = 128, dtype: str = "bfloat16",
+                   paged: bool = True, page_size: int = 16, num_q_heads: int = 32, num_kv_heads: int = 8,
+                   has_lse: bool = True) -> dict:
+    """Compile the tile for sm_90a on the host and report what makes it fast: shared memory, registers,
+    spills (ptxas), wgmma / TMA / setmaxnreg counts in the PTX."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as triton_compile
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    tdt = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+    sig = dict(Q=f"*{tdt}", K=f"*{tdt}", V=f"*{tdt}", O=f"*{tdt}", LSE="*fp32", q_indptr="*i32", kv_lens="*i32",
+               kv_indptr="*i32", block_table="*i32", work_units="*i32", num_q_heads="i32", total_q_rows="i32",
+               total_kv_rows="i32", stride_bt="i32", stride_lse_tok="i32", qk_scale="fp32")
+    const = dict(GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, NUM_KV_HEADS=num_kv_heads,
+                 BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 PAGE_SIZE=page_size if paged else config.block_n, PAGED=paged, HAS_LSE=has_lse,
+                 STAGES=config.stages, NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs)
+    for name, value in const.items():
+        sig[name] = "constexpr"
+    fn = prefill_sm90_kernel
+    constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
+    src = GluonASTSource(fn, sig, constexprs)
+    compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config.num_warps))
+    ptx = compiled.asm["ptx"]
+    report = dict(config.to_json(), head_dim=head_dim, dtype=dtype, paged=paged,
+                  page_size=page_size if paged else None, shared_bytes=compiled.metadata.shared,
+                  num_warps_total=compiled.metadata.num_warps,
+                  wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
+                  setmaxnreg=ptx.count("setmaxnreg"), registers=None, spill_bytes=None)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    report.update(registers=int(regs.group(1)) if regs else None,
+                  spill_bytes=int(spill.group(1)) if spill else None, ptxas_ok=res.returncode == 0)
+    if res.returncode != 0:
+        report["ptxas_error"] = res.stderr[-2000:]
+    return report
