@@ -21,7 +21,7 @@ Partitions (gl.warp_specialize):
   * worker, 1 warp: for KV tile t it waits until stage t % STAGES is free, then issues TMA copies of
     COPY_ROWS = min(PAGE_SIZE, BLOCK_N) rows each (a 16-token page lands in a 16-row slice of the stage),
     K on ready_k, V on ready_v, so S = Q K^T can start before V has landed.
-  * default, NUM_WARPS = 8 warps (two warpgroups, 64 query rows each): S_t = Q K_t^T (wgmma, both operands
+  * consumers, 8 warps (two warpgroups, 64 query rows each; one 8-warp partition or two 4-warp ones): S_t = Q K_t^T (wgmma, both operands
     in shared memory), causal/length mask only on the tiles that need it, online softmax in registers,
     O += P_t V_t (wgmma, P from registers). Software pipeline inside each warpgroup: S_t and
     O += P_{t-1} V_{t-1} are issued back to back and the softmax of S_t runs while the tensor cores still
@@ -86,30 +86,26 @@ def _kv_producer(K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty,
         k_dst = k_smem.index(s)
         v_dst = v_smem.index(s)
         mbarrier.expect(ready_k.index(s), tile_bytes)
+        mbarrier.expect(ready_v.index(s), tile_bytes)
         if PAGED:
+            # one block-table read a page serves its K and its V copy
             for c in gl.static_range(BLOCK_N // COPY_ROWS):
                 tok = t * BLOCK_N + c * COPY_ROWS
                 idx = gl.minimum(tok // PAGE_SIZE, last_idx)
                 row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
+                full = idx != last_idx
                 tail = idx == last_idx
                 tma.async_copy_global_to_shared(k_full, [row, kv_col], ready_k.index(s),
-                                                k_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=idx != last_idx)
+                                                k_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=full)
                 tma.async_copy_global_to_shared(k_tail, [row, kv_col], ready_k.index(s),
                                                 k_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=tail)
-            mbarrier.expect(ready_v.index(s), tile_bytes)
-            for c in gl.static_range(BLOCK_N // COPY_ROWS):
-                tok = t * BLOCK_N + c * COPY_ROWS
-                idx = gl.minimum(tok // PAGE_SIZE, last_idx)
-                row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
-                tail = idx == last_idx
                 tma.async_copy_global_to_shared(v_full, [row, kv_col], ready_v.index(s),
-                                                v_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=idx != last_idx)
+                                                v_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=full)
                 tma.async_copy_global_to_shared(v_tail, [row, kv_col], ready_v.index(s),
                                                 v_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=tail)
         else:
             row = kv_start + t * BLOCK_N
             tma.async_copy_global_to_shared(k_tail, [row, kv_col], ready_k.index(s), k_dst)
-            mbarrier.expect(ready_v.index(s), tile_bytes)
             tma.async_copy_global_to_shared(v_tail, [row, kv_col], ready_v.index(s), v_dst)
 
 
@@ -122,20 +118,24 @@ def _causal_mask(s, t, q_pos, kv_len, BLOCK_N: gl.constexpr, col_layout: gl.cons
 
 
 @gluon.jit
-def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty,
-                      n_tiles, n_full, q_pos0, kv_len, qk_scale,
-                      BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
+                      n_tiles, n_full, q_pos0, kv_len, qk_scale, o_row0, o_rows_end, o_col, lse_row0,
+                      lse_rows, stride_lse_tok, head,
+                      ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      WARPS: gl.constexpr, Q_STRIDE: gl.constexpr, HAS_LSE: gl.constexpr):
+    """ROWS query rows (WARPS / 4 warpgroups of 64) against every KV tile; writes their O and LSE.
+
+    q_smem: this partition's [ROWS, D] slice of Q; its first row sits at position q_pos0."""
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    q_pos = q_pos0 + gl.arange(0, BLOCK_M, layout=row_layout)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    q_pos = q_pos0 + gl.arange(0, ROWS, layout=row_layout)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
 
     # Tile 0: every row sees key 0, so m_i is finite from here on (no -inf - -inf).
     mbarrier.wait(ready_k.index(0), 0)
@@ -147,7 +147,7 @@ def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty,
     l_i = gl.sum(p, 1)
     # Only P in the MMA operand layout (half the registers of fp32 P) crosses an iteration.
     pb = gl.convert_layout(p.to(dtype), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
 
     for t in range(1, n_tiles):
         st = t % STAGES
@@ -175,7 +175,21 @@ def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty,
     mbarrier.wait(ready_v.index(sl), ((n_tiles - 1) // STAGES) & 1)
     acc = warpgroup_mma(pb, v_smem.index(sl), acc)
     mbarrier.arrive(empty.index(sl), count=1)
-    return acc, l_i, m_i
+
+    # Epilogue: O = acc / l through this partition's Q slice (its wgmmas have all completed) and a
+    # descriptor that ends at the chunk's last row (TMA clips rows of the next chunk); LSE masked.
+    acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    if HAS_LSE:
+        lse_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        rows = gl.arange(0, ROWS, layout=lse_layout)
+        lse = gl.convert_layout(m_i + gl.log2(l_i), lse_layout)
+        gl.store(LSE + (lse_row0 + rows).to(gl.int64) * stride_lse_tok + head, lse, mask=rows < lse_rows)
+    q_smem.store(acc.to(dtype))
+    fence_async_shared()
+    o_desc = tma.make_tensor_descriptor(O, [o_rows_end, Q_STRIDE], [Q_STRIDE, 1], [ROWS, HEAD_DIM],
+                                        q_smem.type.layout)
+    tma.async_copy_shared_to_global(o_desc, [o_row0, o_col], q_smem)
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -185,11 +199,16 @@ def prefill_sm90_kernel(Q, K, V, O, LSE,
                         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
                         PAGED: gl.constexpr, HAS_LSE: gl.constexpr, STAGES: gl.constexpr,
-                        NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                        CONSUMERS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """One tile = BLOCK_M query rows of one chunk for one q head. CONSUMERS = 1: one 8-warp consumer
+    partition owns all rows; CONSUMERS = 2: two 4-warp partitions own BLOCK_M/2 rows each and run
+    unsynchronised, so one's softmax overlaps the other's wgmma (launch with num_warps = 8 // CONSUMERS)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
     KV_STRIDE: gl.constexpr = NUM_KV_HEADS * HEAD_DIM
     COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < BLOCK_N else BLOCK_N
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+    WARPS: gl.constexpr = 8 // CONSUMERS
 
     tile = gl.program_id(0)
     unit = tile // num_q_heads
@@ -207,11 +226,10 @@ def prefill_sm90_kernel(Q, K, V, O, LSE,
     q_pos0 = context_len + m0                          # position of the tile's first row
     kv_end = gl.minimum(kv_len, q_pos0 + BLOCK_M)      # keys any row of the tile sees
     n_tiles = gl.cdiv(kv_end, BLOCK_N)
-    n_full = gl.minimum(q_pos0 + 1, kv_len) // BLOCK_N  # tiles every row sees whole: no mask
 
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     ready_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -221,38 +239,42 @@ def prefill_sm90_kernel(Q, K, V, O, LSE,
     for i in gl.static_range(STAGES):
         mbarrier.init(ready_k.index(i), count=1)
         mbarrier.init(ready_v.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+        mbarrier.init(empty.index(i), count=CONSUMERS)   # each consumer partition releases a stage
     mbarrier.init(q_bar, count=1)
 
-    q_desc = tma.make_tensor_descriptor(Q, [total_q_rows, Q_STRIDE], [Q_STRIDE, 1], [BLOCK_M, HEAD_DIM], q_layout)
+    q_desc = tma.make_tensor_descriptor(Q, [total_q_rows, Q_STRIDE], [Q_STRIDE, 1], [ROWS, HEAD_DIM], q_layout)
     mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
-    tma.async_copy_global_to_shared(q_desc, [q_start + m0, head * HEAD_DIM], q_bar, q_smem)
+    for i in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [q_start + m0 + i * ROWS, head * HEAD_DIM], q_bar, q_smem.index(i))
     mbarrier.wait(q_bar, 0)
 
-    acc, l_i, m_i = gl.warp_specialize([
-        (_softmax_consumer, (q_smem, k_smem, v_smem, ready_k, ready_v, empty, n_tiles, n_full, q_pos0, kv_len,
-                             qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES, NUM_WARPS)),
-        (_kv_producer, (K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty, chunk, kv_start, kv_len,
-                        n_tiles, (head // GROUP) * HEAD_DIM, total_kv_rows, stride_bt, HEAD_DIM, KV_STRIDE,
-                        BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED, STAGES)),
-    ], [1], [PRODUCER_REGS])
-
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    if HAS_LSE:
-        lse_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
-        rows = m0 + gl.arange(0, BLOCK_M, layout=lse_layout)
-        lse = gl.convert_layout(m_i + gl.log2(l_i), lse_layout)
-        gl.store(LSE + (q_start + rows).to(gl.int64) * stride_lse_tok + head, lse, mask=rows < chunk_len)
-    # O leaves through Q's shared buffer (every wgmma reading Q has completed) and a descriptor that
-    # ends at the chunk's last row, so rows of the next chunk are never written.
-    q_smem.store(acc.to(dtype))
-    fence_async_shared()
-    o_desc = tma.make_tensor_descriptor(O, [q_start + chunk_len, Q_STRIDE], [Q_STRIDE, 1], [BLOCK_M, HEAD_DIM],
-                                        q_layout)
-    tma.async_copy_shared_to_global(o_desc, [q_start + m0, head * HEAD_DIM], q_smem)
-    tma.store_wait(0)
+    o_end = q_start + chunk_len
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_softmax_consumer, (q_smem.index(0), k_smem, v_smem, ready_k, ready_v, empty, O, LSE, n_tiles,
+                                 gl.minimum(q_pos0 + 1, kv_len) // BLOCK_N, q_pos0, kv_len, qk_scale,
+                                 q_start + m0, o_end, head * HEAD_DIM, q_start + m0, chunk_len - m0,
+                                 stride_lse_tok, head, ROWS, HEAD_DIM, BLOCK_N, STAGES, WARPS, Q_STRIDE, HAS_LSE)),
+            (_kv_producer, (K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty, chunk, kv_start,
+                               kv_len, n_tiles, (head // GROUP) * HEAD_DIM, total_kv_rows, stride_bt, HEAD_DIM,
+                               KV_STRIDE, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED, STAGES)),
+        ], [1], [PRODUCER_REGS])
+    else:
+        # n_full (tiles a partition sees whole, no mask) is per partition: its first row decides.
+        gl.warp_specialize([
+            (_softmax_consumer, (q_smem.index(0), k_smem, v_smem, ready_k, ready_v, empty, O, LSE, n_tiles,
+                                 gl.minimum(q_pos0 + 1, kv_len) // BLOCK_N, q_pos0, kv_len, qk_scale,
+                                 q_start + m0, o_end, head * HEAD_DIM, q_start + m0, chunk_len - m0,
+                                 stride_lse_tok, head, ROWS, HEAD_DIM, BLOCK_N, STAGES, WARPS, Q_STRIDE, HAS_LSE)),
+            (_softmax_consumer, (q_smem.index(1), k_smem, v_smem, ready_k, ready_v, empty, O, LSE, n_tiles,
+                                 gl.minimum(q_pos0 + ROWS + 1, kv_len) // BLOCK_N, q_pos0 + ROWS, kv_len,
+                                 qk_scale, q_start + m0 + ROWS, o_end, head * HEAD_DIM, q_start + m0 + ROWS,
+                                 chunk_len - m0 - ROWS, stride_lse_tok, head, ROWS, HEAD_DIM, BLOCK_N, STAGES,
+                                 WARPS, Q_STRIDE, HAS_LSE)),
+            (_kv_producer, (K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty, chunk, kv_start,
+                               kv_len, n_tiles, (head // GROUP) * HEAD_DIM, total_kv_rows, stride_bt, HEAD_DIM,
+                               KV_STRIDE, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED, STAGES)),
+        ], [WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,28 +286,36 @@ class Sm90PrefillConfig:
     block_m: int = 128
     block_n: int = 128
     stages: int = 2
+    consumers: int = 1           # 1: one 8-warp consumer partition; 2: two 4-warp partitions, unsynchronised
     producer_regs: int = 40
+    consumer_regs: int = 232     # the second consumer partition's registers (consumers == 2)
 
     @property
     def num_warps(self) -> int:
-        return 8                                        # two consumer warpgroups of 64 rows
+        return 8 // self.consumers                       # warps of the default partition
 
     def shared_bytes(self, head_dim: int, elem_bytes: int = 2) -> int:
         return (self.block_m + 2 * self.stages * self.block_n) * head_dim * elem_bytes
 
     def to_json(self) -> dict:
-        return dict(kernel="prefill_sm90", block_m=self.block_m, block_n=self.block_n, stages=self.stages)
+        return dict(kernel="prefill_sm90", block_m=self.block_m, block_n=self.block_n, stages=self.stages,
+                    consumers=self.consumers)
 
 
 SM90_CONFIGS: dict[str, Sm90PrefillConfig] = {
     "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2),
     "sm90_n64_s3": Sm90PrefillConfig(block_n=64, stages=3),
     "sm90_n64_s4": Sm90PrefillConfig(block_n=64, stages=4),
+    "sm90_n128_s3": Sm90PrefillConfig(block_n=128, stages=3),
+    "sm90_n128_s2_c2": Sm90PrefillConfig(block_n=128, stages=2, consumers=2),
+    "sm90_n128_s3_c2": Sm90PrefillConfig(block_n=128, stages=3, consumers=2),
+    "sm90_n64_s4_c2": Sm90PrefillConfig(block_n=64, stages=4, consumers=2),
 }
 # head_dim 64 fits a third 128-row stage (Q 16 KB + 3 * 32 KB).
 SM90_CONFIGS_D64: dict[str, Sm90PrefillConfig] = {
     "sm90_n128_s3": Sm90PrefillConfig(block_n=128, stages=3),
     "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2),
+    "sm90_n128_s3_c2": Sm90PrefillConfig(block_n=128, stages=3, consumers=2),
 }
 SM90_SHARED_LIMIT = 227 * 1024
 
@@ -392,8 +422,8 @@ def launch_args(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Tensor, ls
     cfg = work.config
     const = dict(GROUP=work.group, HEAD_DIM=d, NUM_KV_HEADS=hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                  PAGE_SIZE=work.page_size if work.paged else cfg.block_n, PAGED=work.paged,
-                 HAS_LSE=lse is not None, STAGES=cfg.stages, NUM_WARPS=cfg.num_warps,
-                 PRODUCER_REGS=cfg.producer_regs)
+                 HAS_LSE=lse is not None, STAGES=cfg.stages, CONSUMERS=cfg.consumers,
+                 PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs)
     return args, const
 
 
@@ -447,7 +477,8 @@ def compile_report(config: Sm90PrefillConfig, *, head_dim: int = 128, dtype: str
     const = dict(GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, NUM_KV_HEADS=num_kv_heads,
                  BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  PAGE_SIZE=page_size if paged else config.block_n, PAGED=paged, HAS_LSE=has_lse,
-                 STAGES=config.stages, NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs)
+                 STAGES=config.stages, CONSUMERS=config.consumers, PRODUCER_REGS=config.producer_regs,
+                 CONSUMER_REGS=config.consumer_regs)
     for name, value in const.items():
         sig[name] = "constexpr"
     fn = prefill_sm90_kernel
