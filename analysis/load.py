@@ -3,8 +3,10 @@
 A results folder holds any number of tables, each written by one run of the harness (attention rows),
 of the serving simulator (serving rows) or of the ceiling measurement. Files are told apart by their
 columns, not their names:
-  attention rows: have `point_id` and `backend` (schema: ATTENTION_COLUMNS, one row per (point, backend))
-  serving rows:   have `tokens_per_s` or `ttft_p50_ms` (schema: SERVING_COLUMNS)
+  attention rows: have `point_id` and `backend` (one row per (point, backend))
+  serving rows:   have `tokens_per_s` or `ttft_p50_ms`
+Both schemas (and the provenance columns they share) are experiments.harness.schema's; contiguous KV
+has no page size (NaN; older rows wrote 0).
   ceilings:       a file whose name contains "ceiling", or attention rows with sweep == "ceilings";
                   columns `gpu`, `tflops` (measured dense bf16 matmul TFLOP/s), `gbps` (measured copy GB/s)
 Every row gets `source` (the file, relative to the folder read) and `run` (the harness's `run_id` when
@@ -20,28 +22,14 @@ from pathlib import Path
 
 import pandas as pd
 
-PROVENANCE_COLUMNS = ["gpu", "driver", "torch", "triton", "flashinfer", "git_commit", "timestamp"]
+from experiments.harness import schema
 
-ATTENTION_COLUMNS = [
-    "point_id", "sweep", "backend", "model", "num_q_heads", "num_kv_heads", "head_dim", "dtype",
-    "kv_layout", "page_size", "num_prefill", "chunk_len", "prefill_context_len", "num_decode",
-    "decode_context_len", "batch", "status", "reason", "median_ms", "p20_ms", "p80_ms",
-    "timing_meaningful", "prefill_err", "decode_err", "prefill_flops", "decode_bytes", "tflops", "gbps",
-    "backend_config", *PROVENANCE_COLUMNS,
-]
-SERVING_COLUMNS = [
-    "sweep", "backend", "model", "mode", "requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-    "tbt_p50_ms", "tbt_p99_ms", "e2e_p50_ms", "qps", *PROVENANCE_COLUMNS,
-]
+ATTENTION_COLUMNS = list(schema.ATTENTION_COLUMNS)
+SERVING_COLUMNS = list(schema.SERVING_COLUMNS)
 CEILING_COLUMNS = ["gpu", "tflops", "gbps"]
 
-_ATTENTION_NUMERIC = [
-    "num_q_heads", "num_kv_heads", "head_dim", "page_size", "num_prefill", "chunk_len",
-    "prefill_context_len", "num_decode", "decode_context_len", "median_ms", "p20_ms", "p80_ms",
-    "prefill_err", "decode_err", "prefill_flops", "decode_bytes", "tflops", "gbps",
-]
-_SERVING_NUMERIC = ["requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms",
-                    "tbt_p99_ms", "e2e_p50_ms", "qps"]
+_ATTENTION_NUMERIC = schema.numeric_columns(schema.ATTENTION_SCHEMA)
+_SERVING_NUMERIC = schema.numeric_columns(schema.SERVING_SCHEMA)
 # Other spellings of the ceiling columns a measurement script might write.
 _CEILING_ALIASES = {"peak_tflops": "tflops", "matmul_tflops": "tflops", "peak_gbps": "gbps",
                     "copy_gbps": "gbps"}
@@ -131,12 +119,15 @@ def _normalise(df: pd.DataFrame, columns: list[str], numeric: list[str]) -> pd.D
 def normalise_attention(df: pd.DataFrame) -> pd.DataFrame:
     df = _normalise(df, ATTENTION_COLUMNS, _ATTENTION_NUMERIC)
     df["timing_meaningful"] = _as_bool(df["timing_meaningful"])
+    df.loc[df["kv_layout"] == "contiguous", "page_size"] = float("nan")
     df["status"] = df["status"].str.lower()
     return df
 
 
 def normalise_serving(df: pd.DataFrame) -> pd.DataFrame:
-    return _normalise(df, SERVING_COLUMNS, _SERVING_NUMERIC)
+    df = _normalise(df, SERVING_COLUMNS, _SERVING_NUMERIC)
+    df["timing_meaningful"] = _as_bool(df["timing_meaningful"])
+    return df
 
 
 def normalise_ceilings(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,1 +1,1 @@
-"""Baselines: every kernel POD-Attention is compared with, registered in pod.registry."""
+"""Baselines: every kernel POD-Attention is compared with, registered in baselines.registry."""

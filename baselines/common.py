@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from pod.batch import HybridBatch
-from pod.registry import AttentionOutput
+from baselines.registry import AttentionOutput
 
 
 def hybrid_qo_indptr(batch: HybridBatch) -> torch.Tensor:

@@ -19,28 +19,27 @@ reports unavailable with the reason. Everything that plan() needs (wrapper creat
 gathered K/V of fi_pod's prefill) happens in prepare, untimed; run() only launches. All wrappers share
 one zero-initialised workspace per device (`workspace`); runs are stream-ordered, so sharing is safe.
 FlashInfer JIT-compiles each kernel module on first use into its cache (FLASHINFER_WORKSPACE_BASE,
-FlashInfer's own variable, is respected: nothing here overrides it); see baselines/gpu_smoke.py.
+FlashInfer's own variable, is respected: nothing here overrides it); `python -m experiments.attention -m sweep=gpu_smoke backend=baselines
+backend_options.fi_prefill_backend=auto,fa2` builds them once and checks every baseline.
 
-Knob: POD_FI_PREFILL_BACKEND (env, read at prepare time) picks the prefill wrappers' `backend`:
+Knob: backend_options.fi_prefill_backend (BackendOptions) picks the prefill wrappers' `backend`:
 "auto" (default; fa3 on Hopper for bf16/fp16) or "fa2" / "fa3". It is reported in
-`run.backend_config`.
+`run.backend_config` and, with every option, in the row's `options`.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import importlib.util
-import os
 
 import torch
 
 from baselines.common import hybrid_q, hybrid_qo_indptr, split_rows
 from pod.batch import HybridBatch
-from pod.registry import AttentionOutput, BackendUnavailable, register_backend
+from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
 
 INSTALL_HINT = "pip install '.[flashinfer]'"
-PREFILL_BACKEND_ENV = "POD_FI_PREFILL_BACKEND"
-DEFAULT_PREFILL_BACKEND = "auto"
+PREFILL_BACKENDS = ("auto", "fa2", "fa3")
 WORKSPACE_BYTES = 256 * 1024 * 1024
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
 
@@ -63,7 +62,7 @@ def flashinfer_availability() -> str | None:
     if importlib.util.find_spec("flashinfer") is None:
         missing.append(f"the flashinfer-python package (install: {INSTALL_HINT})")
     if missing:
-        return "needs " + " and ".join(missing)
+        return ("GPU only: " if not torch.cuda.is_available() else "") + "needs " + " and ".join(missing)
     return _import_error()
 
 
@@ -84,8 +83,11 @@ def _fi():
     return importlib.import_module("flashinfer")
 
 
-def prefill_backend() -> str:
-    return os.environ.get(PREFILL_BACKEND_ENV, DEFAULT_PREFILL_BACKEND)
+def prefill_backend(options: BackendOptions) -> str:
+    if options.fi_prefill_backend not in PREFILL_BACKENDS:
+        raise ValueError(f"backend_options.fi_prefill_backend={options.fi_prefill_backend!r}: "
+                         f"one of {PREFILL_BACKENDS}")
+    return options.fi_prefill_backend
 
 
 def workspace(device: torch.device) -> torch.Tensor:
@@ -151,10 +153,10 @@ _FI = dict(layouts=("paged",), availability=flashinfer_availability)
 @register_backend("fi_serial", **_FI,
                   description="FlashInfer batch prefill (paged, causal) then batch decode "
                               "(tensor cores): two launches")
-def prepare_fi_serial(batch: HybridBatch):
+def prepare_fi_serial(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     _paged(batch)
     spec, kv = batch.spec, (batch.k_cache, batch.v_cache)
-    backend = prefill_backend()
+    backend = prefill_backend(options)
     pre = dec = None
     if spec.num_prefill:
         pre = _plan_prefill(batch, batch.q_indptr, page_csr(batch, batch.prefill_rows()), backend)
@@ -173,9 +175,9 @@ def prepare_fi_serial(batch: HybridBatch):
 @register_backend("fi_batched", **_FI,
                   description="one FlashInfer batch prefill over the hybrid batch, decodes as "
                               "1-token queries")
-def prepare_fi_batched(batch: HybridBatch):
+def prepare_fi_batched(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     _paged(batch)
-    backend = prefill_backend()
+    backend = prefill_backend(options)
     all_rows = slice(0, batch.spec.num_prefill + batch.spec.num_decode)
     w = _plan_prefill(batch, hybrid_qo_indptr(batch), page_csr(batch, all_rows), backend)
     q = hybrid_q(batch)

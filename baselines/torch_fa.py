@@ -23,7 +23,7 @@ import torch
 
 from baselines.common import hybrid_q, hybrid_qo_indptr, split_rows
 from pod.batch import HybridBatch
-from pod.registry import AttentionOutput, BackendUnavailable, register_backend
+from baselines.registry import AttentionOutput, BackendUnavailable, register_backend
 
 # The CUDA stream API used by fa2_streams (tests substitute a stand-in to run the logic on the CPU).
 _cuda = torch.cuda
@@ -32,7 +32,7 @@ _cuda = torch.cuda
 def fa2_availability() -> str | None:
     """None when torch's FlashAttention-2 kernel can run here, else why not."""
     if not torch.cuda.is_available():
-        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+        return "GPU only: needs a CUDA GPU (torch.cuda.is_available() is False)"
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return f"torch {torch.__version__} has no aten::_flash_attention_forward"
     flash_built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)

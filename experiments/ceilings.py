@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 import triton
 
-from pod.provenance import device_slug, provenance
+from experiments.harness.provenance import device_slug, provenance
 
 
 def measure() -> dict:

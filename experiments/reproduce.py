@@ -4,7 +4,7 @@
                                     [--no-wandb] [--wandb-mode offline|online]
 
 On a GPU (torch.cuda.is_available()): the paper sweeps `sweep=paper`, `sweep=balance`, `sweep=kernels`
-with `backend=all`, composed from conf/attention.yaml and run by pod.harness.run_sweep, rows appended
+with `backend=all`, composed from conf/attention.yaml and run by experiments.harness.sweep.run_sweep, rows appended
 to results/<gpu>/<sweep>/<gpu>.csv (results/h100/... on an H100; rows already there are kept and not
 re-measured unless --fresh), then every figure and table rebuilt from results/<gpu>/ into
 results/figures/ (results/<gpu>/figures/ for a GPU other than the H100 the committed figures come from).
@@ -45,8 +45,8 @@ def compose_sweep(sweep: str, backend: str, results_dir: Path, wandb_enabled: bo
 
 
 def run_sweeps(sweeps, backend: str, results_dir: Path, args) -> dict[str, int]:
-    """Each sweep through pod.harness.run_sweep; returns {sweep: rows in its results file}."""
-    from pod.harness import run_sweep  # imported late: the interpreter switch must come first
+    """Each sweep through experiments.harness.sweep.run_sweep; returns {sweep: rows in its results file}."""
+    from experiments.harness.sweep import run_sweep  # imported late: the interpreter switch must come first
     rows = {}
     for sweep in sweeps:
         cfg = compose_sweep(sweep, backend, results_dir, not args.no_wandb, args.wandb_mode)
@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main_gpu(args) -> list[str]:
-    from pod.provenance import device_slug
+    from experiments.harness.provenance import device_slug
     slug = device_slug("cuda")
     sweeps = args.sweeps or list(PAPER_SWEEPS)
     results_dir = args.out or args.results_root / slug

@@ -104,6 +104,21 @@ class PodConfig:
         return cap if cap < 255 else None
 
 
+SMEM_PER_SM = 228 * 1024          # H100: 228 KB shared memory per SM, 1 KB of it reserved per CTA
+SMEM_RESERVED_PER_CTA = 1024
+MAX_THREADS_PER_SM = 2048
+
+
+def max_ctas_per_sm(n_regs: int, shared_bytes: int, num_warps: int) -> int:
+    """Occupancy limit of one kernel on an H100 SM from its registers, shared memory and threads
+    (registers are allocated per warp in units of 256)."""
+    regs_per_warp = -(-n_regs * 32 // 256) * 256
+    by_regs = REGISTERS_PER_SM // max(1, regs_per_warp * num_warps)
+    by_smem = SMEM_PER_SM // (shared_bytes + SMEM_RESERVED_PER_CTA)
+    by_threads = MAX_THREADS_PER_SM // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, 32)
+
+
 def estimated_ms(spec: BatchSpec) -> tuple[float, float]:
     """(prefill ms, decode ms) of each role run alone, from the cost model above."""
     t_prefill = spec.prefill_flops() / (PREFILL_TFLOPS * 1e12) * 1e3

@@ -8,7 +8,7 @@
 #   ceilings       copy bandwidth and bf16 matmul rate -> .gpu_results/ceilings.csv
 #   sweep:NAME     python -m experiments.attention sweep=NAME backend=all into .gpu_results/ (resumes)
 #   collect        .gpu_results/ -> $OUT/gpu_results.tgz
-#   MODULE         anything else: python3 -m MODULE (e.g. pod.kernels.prefill), output appended to $OUT/run.log
+#   MODULE         anything else: python3 -m MODULE (e.g. experiments.gpu_checks), output appended to $OUT/run.log
 set -uo pipefail
 OUT=${OUT:-$PWD/.device_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1 MAX_JOBS=16
@@ -32,7 +32,9 @@ for stage in "$@"; do
         python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__,'sms',torch.cuda.get_device_properties(0).multi_processor_count)"
         python3 -m pip list 2>/dev/null | grep -iE "^(pandas|pyarrow|seaborn|matplotlib|numpy|tqdm|hydra-core|omegaconf|wandb|einops|ninja|nvidia-ml-py|tabulate|flashinfer-python|apache-tvm-ffi|nvidia-cutlass-dsl|click|requests|packaging|joblib) "
       } 2>&1 | log ;;
-    fi_warm_bg) (python3 -m baselines.gpu_smoke --head-dims 128 --prefill-backends auto --skip-fa2 > "$OUT/fi_warm.log" 2>&1; echo "fi_warm rc=$?" >> "$OUT/fi_warm.log") &
+    fi_warm_bg) (python3 -m experiments.attention sweep=gpu_smoke 'sweep.grids=[{model: llama3_8b, page_size: 16}]' \
+                   backend=baselines results_dir=.gpu_results progress=false wandb.enabled=false \
+                   > "$OUT/fi_warm.log" 2>&1; echo "fi_warm rc=$?" >> "$OUT/fi_warm.log") &
                 FI_PID=$! ;;
     fi_wait) wait "${FI_PID:-}" 2>/dev/null; cat "$OUT/fi_warm.log" | log ;;
     fi_pack) rm -rf .fi_cache/parts; mkdir -p "$OUT"
@@ -48,7 +50,9 @@ for stage in "$@"; do
               tar -czf "$OUT/gpu_results.tgz" .gpu_results ;;
     fi_bg)    # compile FlashInfer's fi_serial and fi_pod modules in two background processes
               for b in fi_serial fi_pod; do
-                (python3 -c "from baselines.gpu_smoke import check_backends as c; from pod.batch import ModelHeads as M; print(c(['$b'], M(32, 8, 128)))" > "$OUT/fi_$b.log" 2>&1) &
+                (python3 -m experiments.attention sweep=gpu_smoke 'sweep.grids=[{model: llama3_8b, page_size: 16}]' \
+                   "backend.names=[$b]" results_dir=.gpu_results/fi_$b progress=false wandb.enabled=false \
+                   > "$OUT/fi_$b.log" 2>&1; echo "'backend' $b rc=$?" >> "$OUT/fi_$b.log") &
               done ;;
     fi_join)  # wait (at most FI_WAIT seconds) until both background builds have printed their result
               for i in $(seq 1 "${FI_WAIT:-300}"); do

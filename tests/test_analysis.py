@@ -280,7 +280,7 @@ def test_notebook_runs_on_results_and_on_none(results_dir, tmp_path, monkeypatch
 
 # -- experiments/reproduce.py ------------------------------------------------------------------------
 class FakeSweeps:
-    """Stands in for pod.harness.run_sweep: records each composed config, writes rows where the harness
+    """Stands in for experiments.harness.sweep.run_sweep: records each composed config, writes rows where the harness
     would (<results_dir>/<sweep>/<device>.csv)."""
 
     def __init__(self, device: str, meaningful: bool):
@@ -327,10 +327,10 @@ class FakeWandb:
 @pytest.fixture
 def reproduce(monkeypatch):
     import experiments.reproduce as rp
-    import pod.harness
+    import experiments.harness.sweep
     fake_wandb = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
-    return rp, pod.harness, fake_wandb
+    return rp, experiments.harness.sweep, fake_wandb
 
 
 def test_reproduce_gpu_runs_paper_sweeps_then_figures(reproduce, tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The harness (pod/harness.py, pod/results.py, pod/provenance.py, experiments/attention.py, conf/)."""
+"""The harness (experiments/harness/, experiments/attention.py, conf/)."""
 import json
 import math
 import subprocess
@@ -11,14 +11,22 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pod import harness
+from experiments.harness import sweep as harness
 from pod.batch import BatchSpec
-from pod.harness import expand_points, point_id, run_sweep, shard
+from experiments.harness.sweep import expand_points, point_id, run_sweep, shard
 from pod.reference import reference
-from pod.registry import AttentionOutput, Backend, BackendUnavailable, always_available
-from pod.results import COLUMNS, ResultStore, WandbLogger, load_results
+from baselines.registry import AttentionOutput, Backend, BackendUnavailable, always_available
+from analysis.load import load_results as load_tables
+from experiments.harness.results import ResultStore, WandbLogger
+from experiments.harness.schema import ATTENTION_COLUMNS as COLUMNS, ATTENTION_SCHEMA, typed
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def load_results(path):
+    """The attention rows under `path` as analysis.load finds them, typed by the harness's schema."""
+    found = load_tables(path).attention
+    return typed(found, ATTENTION_SCHEMA)[list(COLUMNS)]
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"m": dict(num_q_heads=4, num_kv_heads=2, head_dim=64),
           "m2": dict(num_q_heads=4, num_kv_heads=2, head_dim=64)}
@@ -218,7 +226,7 @@ def test_statuses_skipped_error_oom_and_layout_fallback(tmp_path, fake_registry,
               backend("boom", prepare=boom), backend("oom", prepare=oom),
               backend("refuses", prepare=refuses), backend("half", prepare=half)]:
         fake_registry[b.name] = b
-    names = list(fake_registry) + ["not_registered"]
+    names = list(fake_registry)
     points = [POINTS[0], POINTS[2], POINTS[3]]   # hybrid paged, prefill-only paged, hybrid contiguous
     built = []
     real_batch, real_make = harness._PointBatches.batch, harness.make_batch
@@ -229,15 +237,14 @@ def test_statuses_skipped_error_oom_and_layout_fallback(tmp_path, fake_registry,
         return b
     monkeypatch.setattr(harness._PointBatches, "batch", one_layout_at_a_time)
     monkeypatch.setattr(harness, "make_batch", lambda spec, *a, **k: built.append(spec) or real_make(spec, *a, **k))
-    with pytest.warns(UserWarning, match="not_registered"):
-        df = run_sweep(sweep_cfg(tmp_path, points, names))
+    df = run_sweep(sweep_cfg(tmp_path, points, names))
     assert len(df) == len(points) * len(names)
     rows = lambda name: df[df.backend == name]          # noqa: E731
 
     assert (rows("nogpu").status == "skipped").all()
     assert (rows("nogpu").reason == "needs a CUDA GPU (test)").all()
     # Layout fallback: the row records the layout that actually ran, and the point id is the point's.
-    assert (rows("contig_only").kv_layout == "contiguous").all() and (rows("contig_only").page_size == 0).all()
+    assert (rows("contig_only").kv_layout == "contiguous").all() and rows("contig_only").page_size.isna().all()
     assert (rows("paged_only").kv_layout == "paged").all() and (rows("paged_only").page_size == 16).all()
     assert (rows("contig_only").status == "ok").all() and (rows("paged_only").status == "ok").all()
     assert set(rows("contig_only").point_id) == set(rows("paged_only").point_id) == set(df.point_id)
@@ -257,8 +264,6 @@ def test_statuses_skipped_error_oom_and_layout_fallback(tmp_path, fake_registry,
     half_rows = rows("half").set_index("chunk_len")
     assert half_rows.loc[5, "status"] == "error" and "no decode output" in half_rows.loc[5, "reason"]
     assert half_rows.loc[7, "status"] == "ok"    # prefill-only point: nothing missing
-    assert (rows("not_registered").status == "error").all()
-    assert rows("not_registered").reason.str.contains("not registered").all()
     assert len(built) == len(set(built)) == 2 * len(points)   # both layouts of every point, built once
     for r in df[df.status != "ok"].itertuples():
         assert math.isnan(r.median_ms) and r.gpu and r.timestamp
@@ -321,12 +326,12 @@ def test_result_store_roundtrip_and_schema(tmp_path):
     store = ResultStore(tmp_path / "a" / "x.csv")
     assert store.read().empty and store.done() == set()
     store.append(dict(point_id="p1", backend="b", status="ok", median_ms=1.5, timing_meaningful=True,
-                      prefill_err=None, page_size=0, reason='has, "quotes"\nand a newline'))
+                      prefill_err=None, page_size=None, reason='has, "quotes"\nand a newline'))
     store.append(dict(point_id="p2", backend="b", status="error", prefill_err=math.nan))
     with pytest.raises(KeyError, match="bogus"):
         store.append(dict(point_id="p3", bogus=1))
     df = store.read()
-    assert list(df.columns) == list(COLUMNS) and len(df) == 2
+    assert list(df.columns) == list(COLUMNS) and len(df) == 2 and pd.isna(df.page_size.iloc[0])
     assert df.median_ms.iloc[0] == 1.5 and df.timing_meaningful.iloc[0] == True  # noqa: E712
     assert df.reason.iloc[0] == 'has, "quotes"\nand a newline' and pd.isna(df.prefill_err).all()
     assert store.done() == {("p1", "b"), ("p2", "b")} and store.done(rerun_errors=True) == {("p1", "b")}
@@ -344,3 +349,111 @@ def test_wandb_logger_disabled_missing_and_offline(tmp_path, monkeypatch):
         logger = WandbLogger(enabled=True)
     logger.log_row({"point_id": "p", "backend": "b", "status": "ok"})
     logger.finish(pd.DataFrame({"a": [1]}))
+
+
+# -- a first run without friction ------------------------------------------------------------------------
+def test_unknown_backend_fails_before_anything_runs_listing_registered_names(tmp_path, fake_registry):
+    fake_registry["good"] = backend("good", prepare=lambda b: pytest.fail("nothing may run"))
+    with pytest.raises(harness.UnknownBackend, match=r"'nope'.*registered: good"):
+        run_sweep(sweep_cfg(tmp_path, POINTS[:1], ["good", "nope"]))
+    assert not list(tmp_path.rglob("*.csv"))                     # no error row written
+
+
+def test_gpu_sized_point_on_a_cpu_is_refused_in_one_line(tmp_path, capsys):
+    """`sweep=single batch=paper_example backend=all` on a CPU: refused at once, before any batch or
+    reference is built, with what to run instead; the CLI wrapper prints one line, exit status 2."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("attention", overrides=["sweep=single", "batch=paper_example", "backend=all",
+                                              f"results_dir={tmp_path}", "wandb.enabled=false",
+                                              "progress=false", "device=cpu"])
+    with pytest.raises(harness.SweepRefused, match="GPU-only.*sweep=smoke backend=cpu"):
+        run_sweep(cfg)
+    assert harness.main(cfg, ["python", "-m", "experiments.attention"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[harness] refused: sweep=single is GPU-only")
+    assert not list(tmp_path.rglob("*.csv"))
+
+
+def test_unwritable_results_folder_is_reported_before_the_first_point(tmp_path, fake_registry):
+    fake_registry["good"] = backend("good", prepare=lambda b: pytest.fail("nothing may run"))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")                           # results_dir under a file: unwritable
+    with pytest.raises(OSError, match="not writable"):
+        run_sweep(sweep_cfg(blocker / "sub", POINTS[:1], ["good"]))
+
+
+def test_ctrl_c_ends_in_one_line_with_rows_kept_and_the_resume_command(tmp_path, fake_registry, capsys):
+    calls = {"n": 0}
+
+    def interrupted(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return _correct(batch)
+
+    fake_registry["b"] = backend("b", prepare=interrupted)
+    cfg = sweep_cfg(tmp_path, POINTS[:3], ["b"])
+    assert harness.main(cfg, ["python", "-m", "experiments.attention", "sweep=t"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"[harness] interrupted: 1 rows kept in {tmp_path / 't' / 'cpu.csv'}; "
+                       "resume with: python -m experiments.attention sweep=t") or torch.cuda.is_available()
+    assert len(load_results(tmp_path)) == 1
+
+
+def test_progress_counts_only_rows_that_run(tmp_path, fake_registry, monkeypatch):
+    """Backends that cannot run here are skipped outside the progress bar: its total (and so its
+    rate and ETA) counts only the (point, backend) runs that take time."""
+    totals = []
+    import tqdm.auto
+
+    class Bar:
+        def __init__(self, total, **kw):
+            totals.append(total)
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def close(self):
+            totals.append(self.n)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    fake_registry.update(ok=backend("ok"), nogpu=backend("nogpu", availability=lambda: "GPU only (test)"),
+                         dec=backend("dec", computes=("decode",)))
+    df = run_sweep(sweep_cfg(tmp_path, POINTS[:3], ["ok", "nogpu", "dec"]))
+    assert len(df) == 9 and (df[df.backend == "nogpu"].status == "skipped").all()
+    # 3 points x ok + 2 hybrid/decode points x dec run; nogpu (3) and dec on the prefill-only point skip.
+    assert totals == [5, 5]
+
+
+def test_wandb_chatter_comes_before_our_summary(tmp_path, fake_registry, monkeypatch, capsys):
+    class ChattyLogger:
+        def __init__(self, *a, **kw):
+            pass
+
+        def log_row(self, row):
+            pass
+
+        def finish(self, table=None):
+            print("wandb: Synced 5 W&B file(s), 1 media file(s)", file=sys.stderr)
+    monkeypatch.setattr(harness, "WandbLogger", ChattyLogger)
+    fake_registry["ok"] = backend("ok")
+    run_sweep(sweep_cfg(tmp_path, POINTS[:1], ["ok"]))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("[harness] ") and "1 rows" in last
+
+
+def test_backend_options_reach_prepare_and_every_row(tmp_path, fake_registry):
+    seen = []
+
+    def with_options(batch, options):
+        seen.append(options)
+        return _correct(batch)
+    fake_registry["o"] = backend("o", prepare=with_options)
+    df = run_sweep(sweep_cfg(tmp_path, POINTS[:2], ["o"], backend_options={"prefill_config": "h100"}))
+    assert [o.prefill_config for o in seen] == ["h100", "h100"]
+    assert all(json.loads(o)["prefill_config"] == "h100" for o in df.options)
+    with pytest.raises(ValueError, match="unknown backend_options"):
+        run_sweep(sweep_cfg(tmp_path, POINTS[:1], ["o"], backend_options={"bogus": 1}))

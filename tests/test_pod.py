@@ -10,7 +10,7 @@ from pod.batch import BatchSpec, make_batch
 from pod.dispatch import (MAX_KV_SPLITS, MIN_OVERLAP_SHARE, PodConfig, choose_config, decode_kv_splits,
                           estimated_ms, role_policy)
 from pod.kernels.pod_fused import COUNTER_WORDS
-from pod.pod_attention import fused_launcher, plan, run
+from pod.api import fused_launcher, plan, run
 from pod.reference import max_rel_error, reference
 
 TOL = 1e-2
@@ -172,7 +172,7 @@ def test_plan():
 
 
 def test_backends_registered_and_correct():
-    from pod.registry import get_backend, list_backends
+    from baselines.registry import get_backend, list_backends
     names = list_backends()
     assert {"pod", "pod_paper", "pod_persistent"} <= set(names)
     spec = BatchSpec.build(2, 1, 64, prefill=[(20, 5)], decode=[40, 9], page_size=16)
@@ -195,13 +195,16 @@ def test_package_exports():
     batch = make_batch(spec, "cpu", seed=6)
     o_p, o_d = pod_attention(batch, kv_splits=2)
     assert max_rel_error(o_d, reference(batch)[1]) <= TOL and o_p.numel() == 0
-    assert plan_ is plan and run_ is run and callable(pod.pod_attention)
+    assert plan_ is plan and run_ is run and pod_attention is pod.api.pod_attention
+    assert not callable(pod.api)                       # the API module is a plain module
 
 
 def test_autotune_picks_the_fastest_candidate():
-    """POD_AUTOTUNE's selection logic with a fake timer (the real one needs CUDA events)."""
-    from pod.pod_attention import autotune_candidates, autotune_config
+    """backend_options.pod_autotune's selection logic with a fake timer (the real one needs CUDA events)."""
+    from baselines.ours import autotune_config
+    from pod.kernels.configs import pod_autotune_candidates as autotune_candidates
     spec = BatchSpec.build(2, 1, 64, prefill=[(20, 5)], decode=[40, 9])
+    assert "persistent" not in autotune_candidates(spec, num_sms=3, allow_persistent=False)
     cands = autotune_candidates(spec, num_sms=3)
     assert {"dispatcher", "serial", "persistent", "fused_4w_m64"} <= set(cands)
     small = {k: replace(v, **{f: SMALL[f] for f in ("block_m", "block_n", "block_n_decode", "num_sms")})
@@ -285,7 +288,7 @@ def test_sm90_compile_default_config_fits_two_ctas_per_sm():
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from pod.pod_attention import sm90_report; from pod.dispatch import PodConfig;"
+    code = ("import json; from pod.api import sm90_report; from pod.dispatch import PodConfig;"
             "print(json.dumps([sm90_report(PodConfig(variant=v)) for v in ('fused', 'persistent')]))")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -390,7 +393,7 @@ from triton.runtime.jit import create_function_from_signature
 from pod.batch import BatchSpec, make_batch
 from pod.dispatch import PodConfig
 from pod.kernels.pod_fused import pod_fused_kernel as k
-from pod.pod_attention import fused_launch_args, plan
+from pod.api import fused_launch_args, plan
 spec = BatchSpec.build(32, 8, 128, prefill=[(300, 700)], decode=[1000, 513], page_size=16)
 batch = make_batch(spec, "cpu", seed=0)
 target = GPUTarget("cuda", 90, 32)

@@ -3,6 +3,7 @@
 Shapes are small (8 q heads, tens of tokens) but ragged: chunk lengths, contexts and page sizes are not
 multiples of the block sizes, so every masked edge of the kernel is exercised.
 """
+import json
 import math
 import zlib
 
@@ -100,7 +101,7 @@ def test_plan_rejects_blocks_too_small_for_dot():
 
 
 def test_backend_registered_and_correct():
-    from pod.registry import get_backend
+    from baselines.registry import get_backend
     backend = get_backend("triton_prefill")
     assert backend.computes == {"prefill"} and backend.layouts == {"contiguous", "paged"}
     batch = make_batch(BatchSpec.build(8, 8, 128, prefill=[(23, 17)], decode=[4], page_size=16), seed=3)
@@ -153,38 +154,26 @@ def test_online_softmax_helpers_handle_fully_masked_rows(raw_qk):
     assert torch.equal(out[5], torch.zeros(d)) and lse[5] == float("-inf")
 
 
-@pytest.mark.parametrize("page", [None, 32, 8], ids=["contig", "paged32", "paged8-falls-back"])
-def test_tma_path_matches_reference(page):
-    """K/V through tensor descriptors: rows past a contiguous sequence's end read as 0, pages that hold
-    whole tiles are read as one box; pages smaller than BLOCK_N fall back to pointer loads."""
-    spec = BatchSpec.build(8, 2, 64, prefill=[(35, 0), (22, 41)], page_size=page, dtype="float16")
-    cfg = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, use_tma=True, warp_specialize=True)
-    assert plan_prefill(spec, cfg).use_tma == (page != 8)
-    run_and_check(spec, seed=77 + (page or 0), config=cfg)
-
-
 def test_sm90_compile_fits_two_ctas_per_sm_and_pipelines():
     """Compile for sm_90 with the bundled ptxas (no GPU needed; the interpreter must be off, hence the
     subprocess). The "fused" configs must leave room for a second CTA on the same SM (<= 100 KB shared
     memory; fused_m64 also in registers), nothing may spill, K/V loads must be pipelined (cp.async)
-    into wgmma; the TMA config must really issue TMA loads."""
+    into wgmma."""
     import json
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmds = [["--sm90", "fused", "h100_tma", "fused_m64"], ["--sm90", "fused", "h100_pf", "--page-size", "16"]]
+    cmds = [["--sm90", "fused", "h100", "fused_m64"], ["--sm90", "fused", "h100", "--page-size", "16"]]
     reports = []
     for args in cmds:
         res = subprocess.run([sys.executable, "-m", "pod.kernels.prefill", *args], env=env,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         reports += [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    fused_contig, tma, m64, fused_paged, prefetch_paged = reports
-    # Paged KV with the block-table reads one tile ahead: the K/V loads pipeline over all 3 stages
-    # (Q 32 KB + 3 x (K 16 KB + V 16 KB) = 128 KB), as on the contiguous path; per-key reads get only 2.
-    assert prefetch_paged["paged_addr"] == 2 and prefetch_paged["shared_bytes"] >= 128 * 1024, prefetch_paged
-    assert prefetch_paged["cp_async"] > 0 and prefetch_paged["wgmma"] > 0, prefetch_paged
+    fused_contig, h100, m64, fused_paged, h100_paged = reports
+    for r in (h100, h100_paged):
+        assert r["cp_async"] > 0 and r["wgmma"] > 0, r
     for r in (fused_contig, fused_paged, m64):
         assert r["shared_bytes"] <= 100 * 1024, r
         assert r["cp_async"] > 0 and r["wgmma"] > 0, r
@@ -192,58 +181,35 @@ def test_sm90_compile_fits_two_ctas_per_sm_and_pipelines():
     assert 2 * 4 * 32 * m64["registers"] <= 65536, m64
     for r in reports:
         assert r["spill_bytes"] == 0, r
-    assert tma["use_tma"] and tma["tma_loads"] > 0 and tma["cp_async"] == 0, tma
 
 
-@pytest.mark.parametrize("page,block_n,addr", [(8, 32, 1), (16, 32, 2), (64, 16, 2)],
-                         ids=["page<BLOCK_N-per-page", "page<BLOCK_N-prefetch", "page>BLOCK_N-prefetch"])
-def test_paged_address_modes_match_reference(page, block_n, addr):
-    """PAGED_ADDR 1 (one block-table read a page) and 2 (read one KV tile ahead): chunks long enough for
-    several unmasked KV tiles, contexts ending mid-page, a chunk with no context (no unmasked tile)."""
+@pytest.mark.parametrize("page,block_n", [(8, 32), (16, 32), (64, 16)],
+                         ids=["page<BLOCK_N", "page=BLOCK_N/2", "page>BLOCK_N"])
+def test_paged_kv_with_pages_smaller_and_larger_than_a_tile_matches_reference(page, block_n):
+    """One block-table entry a key: chunks long enough for several unmasked KV tiles, contexts ending
+    mid-page, a chunk with no context (no unmasked tile)."""
     spec = BatchSpec.build(8, 2, 64, prefill=[(40, 77), (19, 0), (5, 2 * block_n + 3)], page_size=page)
-    cfg = PrefillConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=1, paged_addr=addr)
-    work = plan_prefill(spec, cfg)
-    assert work.paged_addr == addr and work.constexprs()["PAGED_ADDR"] == addr
-    run_and_check(spec, seed=100 * page + addr, config=cfg)
+    cfg = PrefillConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=1)
+    assert plan_prefill(spec, cfg).constexprs()["BLOCK_N"] == block_n
+    run_and_check(spec, seed=100 * page + block_n, config=cfg)
 
 
-def test_paged_addr_applies_to_paged_pointer_loads_only():
-    cfg = PrefillConfig(block_m=16, block_n=16, paged_addr=2)
-    assert plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)]), cfg).paged_addr == 0
-    assert "PAGED_ADDR" not in plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)]), cfg).constexprs()
-    tma = PrefillConfig(block_m=16, block_n=16, paged_addr=2, use_tma=True)
-    work = plan_prefill(BatchSpec.build(8, 2, 64, prefill=[(9, 0)], page_size=32), tma)
-    assert work.use_tma and work.paged_addr == 2
-
-
-def test_tma_with_page_ids_read_ahead_matches_reference():
-    """USE_TMA + PAGED_ADDR=2: pages of 32 hold two 16-key tiles; the next tile's cache row is read one
-    iteration ahead (its page changes every second tile); contexts end mid-page."""
-    spec = BatchSpec.build(8, 2, 64, prefill=[(37, 90), (18, 0)], page_size=32, dtype="float16")
-    cfg = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, use_tma=True, paged_addr=2)
-    work = plan_prefill(spec, cfg)
-    assert work.use_tma and work.paged_addr == 2
-    run_and_check(spec, seed=2024, config=cfg)
-
-
-def test_bench_variants_checks_and_reports_failures():
-    """The GPU tuning table, dry-run in the interpreter: good variants are checked against the reference,
-    a variant that cannot run (unknown name, unavailable baseline) is reported and the others go on."""
-    from pod.kernels.prefill import bench_variants
-    shapes = [BatchSpec.build(4, 1, 64, prefill=[(20, 37)], page_size=16)]
-    good = PrefillConfig(block_m=16, block_n=32, num_warps=4, num_stages=1, paged_addr=2)
-    from pod.kernels import prefill as prefill_mod
-    prefill_mod.PREFILL_CONFIGS["_test_good"] = good
-    try:
-        rows = bench_variants(("_test_good", "interpret", "no-such-variant"), shapes, ("fi_serial",), echo=False)
-    finally:
-        del prefill_mod.PREFILL_CONFIGS["_test_good"]
-    by = {r["variant"]: r for r in rows}
-    assert len(rows) == 4 and set(by) == {"_test_good", "interpret", "no-such-variant", "fi_serial"}
-    for name in ("_test_good", "interpret"):
-        r = by[name]
-        assert r["ok"] and r["error"] == "" and r["prefill_err"] <= TOL and r["median_ms"] > 0, r
-    assert by["_test_good"]["paged_addr"] == 2 and by["interpret"]["paged_addr"] == 0
-    assert min(by["_test_good"]["vs_best"], by["interpret"]["vs_best"]) == 1.0
-    assert not by["no-such-variant"]["ok"] and "unknown" in by["no-such-variant"]["error"]
-    assert not by["fi_serial"]["ok"] and by["fi_serial"]["error"]
+def test_named_configs_are_checked_and_timed_by_the_harness(tmp_path):
+    """Comparing prefill configs is a sweep over the harness (conf/sweep/prefill_configs.yaml on a GPU):
+    here in the interpreter, two named configs on a paged point, each row checked against the reference
+    and recording its config; an unknown name is an error row that says which names exist."""
+    from experiments.harness.sweep import run_sweep
+    rows = []
+    for name in ("fused_small", "interpret", "no-such-config"):
+        cfg = dict(sweep=dict(name="pc", base=dict(model="m", page_size=16, chunk_len=20, prefill_context_len=37)),
+                   models={"m": dict(num_q_heads=4, num_kv_heads=1, head_dim=64)},
+                   backend=dict(names=["triton_prefill"]), results_dir=str(tmp_path / name), progress=False,
+                   wandb=dict(enabled=False), backend_options=dict(prefill_config=name))
+        cfg["sweep"]["points"] = [{}]
+        rows.append(run_sweep(cfg).iloc[0])
+    small, interp, unknown = rows
+    for r in (small, interp):
+        assert r.status == "ok" and r.prefill_err <= TOL, r
+    assert json.loads(small.backend_config)["block_n"] == 32 and json.loads(interp.backend_config)["block_n"] == 16
+    assert json.loads(small.options)["prefill_config"] == "fused_small"
+    assert unknown.status == "error" and "no-such-config" in unknown.reason and "fused_m64" in unknown.reason

@@ -4,10 +4,10 @@ import random
 import pytest
 import torch
 
-from pod import registry
+from baselines import registry
 from pod.batch import BatchSpec, make_batch
 from pod.reference import reference
-from pod.registry import AttentionOutput, get_backend, list_backends, register_backend
+from baselines.registry import AttentionOutput, get_backend, list_backends, register_backend
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pod.reference import reference
-from pod.registry import AttentionOutput, Backend, get_backend
-from pod.serving.engine import Engine
-from pod.serving.experiment import model_config, serve
-from pod.serving.kv_cache import PageAllocator, PagedKVCache, pages_for
-from pod.serving.metrics import SERVING_COLUMNS
-from pod.serving.model import LlamaModel, ModelConfig
-from pod.serving.scheduler import Request, Scheduler, SchedulerConfig
-from pod.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
+from baselines.registry import AttentionOutput, Backend, get_backend
+from experiments.serving.engine import Engine
+from experiments.serving.experiment import model_config, serve
+from experiments.serving.kv_cache import PageAllocator, PagedKVCache, pages_for
+from experiments.harness.schema import SERVING_COLUMNS
+from experiments.serving.model import LlamaModel, ModelConfig
+from experiments.serving.scheduler import Request, Scheduler, SchedulerConfig
+from experiments.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = ModelConfig("tiny", hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64,
@@ -278,3 +278,17 @@ def test_engine_serves_with_our_kernels(backend):
     assert any(i.num_prefill and i.num_decode for i in run.iterations)
     assert all(len(r.output) == r.spec.output_len for r in run.requests)
     assert run.attn_err < 2e-2                     # bf16 outputs vs the fp32 reference, every layer
+
+
+def test_unknown_backend_and_a_missing_gpu_are_refused_before_anything_is_built(monkeypatch):
+    import experiments.serving.experiment as experiment
+    from baselines.registry import UnknownBackend
+    monkeypatch.setattr(experiment, "LlamaModel", lambda *a, **k: pytest.fail("nothing may be built"))
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        bad = compose("serving", overrides=["device=cpu", "backends=[reference,nope]", "out_dir="])
+        gpu = compose("serving", overrides=["device=cuda", "backends=[reference]", "out_dir="])
+    with pytest.raises(UnknownBackend, match="'nope'.*registered"):
+        serve(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(experiment.ServingRefused, match="GPU-only.*device=cpu"):
+        serve(gpu)

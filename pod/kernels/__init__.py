@@ -1,5 +1,6 @@
 """Triton kernels: shared helpers (common), chunked prefill (prefill), decode and merge (decode, merge),
-and the fused POD kernel (pod_fused). Kernel files hold no Hydra and no registry code (see pod/ops.py).
+and the fused POD kernel (pod_fused); every named configuration in configs. Kernel files hold no
+Hydra, no registry and no timing loop (the adapters are baselines/ours.py, the timing the harness's).
 
 Importing this package under the Triton interpreter (TRITON_INTERPRET=1) installs two small fixes of
 the Triton 3.6 interpreter (they change nothing on the GPU, where the interpreter is not used):

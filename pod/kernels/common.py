@@ -22,10 +22,8 @@ Conventions every kernel of ours follows (the decode merge and the fused kernel 
   tile; add ``kv_head * stride_head + d`` to address elements. K and V caches must share strides.
 
 Device helpers: `online_softmax_update` (exp2-domain scores), `online_softmax_update_qk` (raw q.k and
-the scale, one FMA a score), `softmax_finalize`, `kv_tile_offsets`, `paged_tile_offsets` (paged
-KV with one block-table read a page, not a key). Host helpers: `qk_scale_log2`,
-`lse2_to_natural`, `ensure_tma_allocator` (before launching kernels that build tensor descriptors),
-`sm90_compile_report` (compile any of our kernels for sm_90 on a GPU-less machine and read shared
+the scale, one FMA a score), `softmax_finalize`, `kv_tile_offsets`. Host helpers: `qk_scale_log2`,
+`lse2_to_natural`, `sm90_compile_report` (compile any of our kernels for sm_90 on a GPU-less machine and read shared
 memory, registers, spills, wgmma/cp.async/TMA counts).
 """
 from __future__ import annotations
@@ -141,64 +139,6 @@ def kv_tile_offsets(seq, start, kv_len, kv_indptr_ptr, block_table_ptr, stride_b
         row0 = tl.load(kv_indptr_ptr + seq)
         off = (row0 + offs_n).to(tl.int64) * stride_kv_token
     return tl.where(valid, off, 0)
-
-
-@triton.jit
-def paged_tile_offsets(seq, start, kv_len, block_table_ptr, stride_bt_seq, stride_kv_page, stride_kv_token,
-                       BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr):
-    """`kv_tile_offsets` for the paged layout with few block-table reads (int64 [BLOCK_N]).
-
-    Needs ``start % min(BLOCK_N, PAGE_SIZE) == 0`` and powers of two (callers step ``start`` by
-    BLOCK_N from 0):
-      * PAGE_SIZE >= BLOCK_N: the tile lies in one page: one scalar block-table read.
-      * PAGE_SIZE <  BLOCK_N: the tile spans NP = BLOCK_N // PAGE_SIZE whole pages: NP scalar reads of
-        page ids (not BLOCK_N per-key reads), then
-        ``off[p * PAGE_SIZE + s] = page[p] * stride_kv_page + s * stride_kv_token``.
-    The 64-bit multiply is done once a page; the in-page part ``s * stride_kv_token`` is 32-bit
-    (s < PAGE_SIZE). MASKED: page slots past ``cdiv(kv_len, PAGE_SIZE)`` are not read (they may lie
-    past the block table's row) and give page 0 instead, a valid address; the caller masks its loads
-    with ``key < kv_len`` as with `kv_tile_offsets`. Unmasked callers guarantee ``start + BLOCK_N <= kv_len``.
-    """
-    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
-    if PAGE_SIZE >= BLOCK_N:
-        page = tl.load(bt_row + start // PAGE_SIZE)
-        slot = start % PAGE_SIZE + tl.arange(0, BLOCK_N)
-        off = page.to(tl.int64) * stride_kv_page + slot * stride_kv_token
-    else:
-        # NP uniform scalar reads, spread over the keys with selects (a [NP] vector read + tl.reshape
-        # to [BLOCK_N] defeats Triton's cp.async pipelining on sm_90: the sm_90 compile report shows
-        # no cp.async then).
-        NP: tl.constexpr = BLOCK_N // PAGE_SIZE
-        key = tl.arange(0, BLOCK_N)
-        p0 = start // PAGE_SIZE
-        base = tl.zeros([BLOCK_N], tl.int64)
-        for i in tl.static_range(NP):
-            if MASKED:
-                page = tl.load(bt_row + p0 + i, mask=start + i * PAGE_SIZE < kv_len, other=0)
-            else:
-                page = tl.load(bt_row + p0 + i)
-            base = tl.where(key // PAGE_SIZE == i, page.to(tl.int64) * stride_kv_page, base)
-        off = base + (key % PAGE_SIZE) * stride_kv_token                  # in-page part: 32-bit
-    return off
-
-
-def ensure_tma_allocator() -> None:
-    """Host-side: kernels that build tensor descriptors on the device (``tl.make_tensor_descriptor``)
-    need a global-memory scratch allocator; install one backed by torch's caching allocator (no sync)."""
-    global _TMA_ALLOCATOR_SET
-    if _TMA_ALLOCATOR_SET:
-        return
-    import torch
-
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cuda")
-
-    if torch.cuda.is_available():
-        triton.set_allocator(alloc)
-    _TMA_ALLOCATOR_SET = True
-
-
-_TMA_ALLOCATOR_SET = False
 
 
 def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, arch: int = 90,

@@ -75,24 +75,14 @@ import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
+from pod.kernels.configs import DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET, DECODE_MAX_BLOCK_N
 from pod.kernels.merge import merge_heads, merge_partials
 
-# -- launch configurations ------------------------------------------------------------------------
-# H100 decode is HBM-bound: BLOCK_N 64-128 keys a step, K and V tiles multi-buffered in shared
-# memory (cp.async, 16-byte loads along D), 4 warps. At most 4 configs are tried. Shared memory at
-# D=128 bf16 (`python -m pod.kernels.decode --sm90-report`): contiguous s3/s4/s5 at BLOCK_N 64 =
-# 70/102/134 KB (2/3/4 K+V buffers); paged spends one stage on the block-table load, so it needs a
-# stage more for the same depth: s3 = s4 = 38 KB (1 buffer), s5 = 70 KB (2 buffers); BLOCK_N 128 s3 =
-# 136 KB contiguous, 72 KB paged.
-AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=5),
-    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
-]
-MAX_BLOCK_N = 128            # splits are aligned to this when BLOCK_N is left to the autotuner
-FIXED_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # one fixed config (paged: num_stages 5)
-INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=4, num_stages=1)  # interpreter: small and fast
+# -- launch configurations: pod/kernels/configs.py (DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET) --
+AUTOTUNE_CONFIGS = [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in DECODE_AUTOTUNE]
+MAX_BLOCK_N = DECODE_MAX_BLOCK_N
+FIXED_CONFIG = DECODE_FIXED
+INTERPRET_CONFIG = DECODE_INTERPRET
 INTERPRET_NUM_SMS = 8        # stands in for the SM count when there is no GPU
 
 
@@ -516,92 +506,10 @@ def decode_attention(batch: HybridBatch, **plan_kwargs) -> torch.Tensor:
     return decode(batch, plan_decode(batch, **plan_kwargs))
 
 
-# -- GPU microbenchmark (the lead runs it on the H100): check against the fp32 reference, then time ---
-def default_bench_shapes() -> list[BatchSpec]:
-    """Llama-3-8B (32q/8kv/128) bf16 decode: the headline 64 x 8K point (contiguous, paged 16/64), a
-    small batch that needs split-KV, ragged lengths, MHA (Llama-2-7B) and GQA 8 (Yi-6B), D=64 fp16."""
-    mk = BatchSpec.build
-    ragged = [512 + (i * 977) % 15872 for i in range(64)]
-    return [
-        mk(32, 8, 128, decode=[8192] * 64),
-        mk(32, 8, 128, decode=[8192] * 64, page_size=16),
-        mk(32, 8, 128, decode=[8192] * 64, page_size=64),
-        mk(32, 8, 128, decode=[8192] * 8),
-        mk(32, 8, 128, decode=[16384] * 4, page_size=16),
-        mk(32, 8, 128, decode=ragged, page_size=16),
-        mk(32, 8, 128, decode=[2048] * 256),
-        mk(32, 32, 128, decode=[4096] * 32),
-        mk(32, 4, 128, decode=[8192] * 64),
-        mk(32, 8, 64, decode=[8192] * 64, dtype="float16"),
-    ]
-
-
-def bench_decode(shapes: list[BatchSpec] | None = None, plans: dict[str, dict] | None = None,
-                 device: str = "cuda", check: bool = True,
-                 baselines: tuple[str, ...] = ("fi_serial",)) -> list[dict]:
-    """Time `decode()` (median of triton.testing.do_bench) for every shape x plan variant, and the
-    registered `baselines` (fi_serial on a decode-only batch = FlashInfer's BatchDecode with tensor
-    cores; paged only) on the same batch.
-
-    plans: name -> plan_decode kwargs; default: autotuned with the balanced split heuristic, with
-    FlashInfer's fit rule, the fixed config (BLOCK_N 64, 4 warps), the merge fused into the decode
-    launch, and no split at all.
-    Returns one dict per run: batch, plan (or the baseline's name), config, max_splits, tiles,
-    median_ms, gbps (spec.decode_bytes() / time), decode_err (max rel error vs the fp32 reference),
-    vs_baseline (the first available baseline's time / this time: >= 0.98 is the target).
-    Usage on the GPU:  python -m pod.kernels.decode   (prints a table)."""
-    from pod.batch import make_batch
-    from pod.reference import max_rel_error, reference_decode
-    from pod.registry import get_backend
-    plans = plans or {"auto": {}, "fit": dict(split_policy="fit"),
-                      "fixed64": dict(block_n=FIXED_CONFIG["BLOCK_N"]),
-                      "auto_fused_merge": dict(fuse_merge=True), "no_split": dict(kv_splits=1)}
-    rows = []
-    for spec in shapes or default_bench_shapes():
-        batch = make_batch(spec, device=device, seed=0)
-        ref = reference_decode(batch) if check else None
-        spec_rows, base_ms = [], None
-        for name in baselines:
-            backend = get_backend(name)
-            why = backend.unavailable_reason(batch)
-            if why is not None:
-                spec_rows.append(dict(batch=spec.describe(), plan=name, config=f"unavailable: {why}"))
-                continue
-            run = backend.prepare(batch)
-            out = run().decode
-            ms = triton.testing.do_bench(run, return_mode="median")
-            base_ms = base_ms or ms
-            spec_rows.append(dict(batch=spec.describe(), plan=name,
-                                  config=str(getattr(run, "backend_config", "")), median_ms=ms,
-                                  gbps=spec.decode_bytes() / (ms * 1e-3) / 1e9,
-                                  decode_err=max_rel_error(out, ref) if check else float("nan")))
-        for name, kw in plans.items():
-            work = plan_decode(batch, **kw)
-            out = torch.full_like(batch.q_decode, float("nan"))
-            run = decode_runner(batch, work, out)
-            run()                                      # compiles (and autotunes) outside the timing
-            err = max_rel_error(out, ref) if check else float("nan")
-            ms = triton.testing.do_bench(run, return_mode="median")
-            cfg = work.config or getattr(_decode_kernel_autotuned, "best_config", None)
-            spec_rows.append(dict(batch=spec.describe(), plan=name, config=str(cfg),
-                                  max_splits=max(work.splits), kv_chunk_len=work.kv_chunk_len,
-                                  tiles=work.num_tiles, median_ms=ms,
-                                  gbps=spec.decode_bytes() / (ms * 1e-3) / 1e9, decode_err=err))
-        for r in spec_rows:
-            if base_ms is not None and "median_ms" in r:
-                r["vs_baseline"] = base_ms / r["median_ms"]
-        rows += spec_rows
-        del batch, ref
-    return rows
-
-
 if __name__ == "__main__":
+    # No GPU needed: compile for sm_90, one JSON line a config. To check and time decode plans on a GPU:
+    #   python -m experiments.attention -m sweep=decode_configs backend=triton_decode \
+    #       backend_options.decode_config=auto,fit,fixed64,auto_fused_merge,no_split
     import json
-    import sys
-    if "--sm90-report" in sys.argv:          # no GPU needed: compile for sm_90, one JSON line a config
-        for kw in sm90_report_variants():
-            print(json.dumps(sm90_report(**kw)))
-    else:                                    # on the GPU: check and time, print a table
-        import pandas as pd
-        pd.set_option("display.width", 200)
-        print(pd.DataFrame(bench_decode()).to_string(index=False))
+    for kw in sm90_report_variants():
+        print(json.dumps(sm90_report(**kw)))

@@ -65,11 +65,9 @@ CTR_PREFILL = tl.constexpr(0)
 CTR_DECODE = tl.constexpr(1)
 CTR_DONE = tl.constexpr(2)
 
-# The tile helpers' constexprs this kernel forwards (as P_<name> / D_<name>). pod.pod_attention checks
-# that the standalone plans ask for exactly these, so a new knob there fails loudly in the CPU tests
-# instead of as an unexpected keyword at the first GPU launch.
-PREFILL_TILE_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PAGE_SIZE", "PAGED", "HAS_LSE",
-                           "USE_TMA", "WARP_SPECIALIZE")
+# The order of each role's constexprs inside the P_CONST / D_CONST tuples (pod.api builds the tuples
+# from the standalone plans' constexpr dicts in this order, and fails if a plan asks for another set).
+PREFILL_TILE_CONSTEXPRS = ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PAGE_SIZE", "PAGED", "HAS_LSE")
 DECODE_TILE_CONSTEXPRS = ("NUM_KV_HEADS", "GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PAGE_SIZE", "PAGED",
                           "FUSE_MERGE")
 
@@ -127,68 +125,35 @@ def _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile):
 
 # ----------------------------------------------------------------------------------------------------
 # The fused kernel. Tile bodies: pod.kernels.prefill.prefill_tile and pod.kernels.decode.decode_tile
-# (with FUSE_MERGE: split-KV partials merged in-launch by the last split CTA). Their runtime arguments
-# are passed through unchanged, prefixed p_ / d_, in the order prefill_launch_args() and
-# DecodeWork.tile_args() produce them.
+# (with FUSE_MERGE: split-KV partials merged in-launch by the last split CTA). Each role's runtime
+# arguments travel as one tuple (p_args: prefill_launch_args(), d_args: DecodeWork.tile_args()) and its
+# constexprs as one constexpr tuple (P_CONST, D_CONST, ordered as *_TILE_CONSTEXPRS above).
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _run_tile(is_prefill, tile,
-              p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr, p_block_table, p_work,
-              p_num_q_heads, p_stride_q_tok, p_stride_q_head, p_stride_o_tok, p_stride_o_head,
-              p_stride_lse_tok, p_stride_lse_head, p_stride_kv_page, p_stride_kv_tok, p_stride_kv_head,
-              p_stride_bt, p_qk_scale,
-              d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
-              d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
-              d_kv_indptr, d_block_table, d_stride_bt,
-              d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset, d_qk_scale,
-              P_GROUP: tl.constexpr, P_HEAD_DIM: tl.constexpr, P_BLOCK_M: tl.constexpr,
-              P_BLOCK_N: tl.constexpr, P_PAGE_SIZE: tl.constexpr, P_PAGED: tl.constexpr,
-              P_HAS_LSE: tl.constexpr, P_USE_TMA: tl.constexpr, P_WARP_SPECIALIZE: tl.constexpr,
-              D_NUM_KV_HEADS: tl.constexpr, D_GROUP: tl.constexpr, D_HEAD_DIM: tl.constexpr,
-              D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_PAGE_SIZE: tl.constexpr,
-              D_PAGED: tl.constexpr, D_FUSE_MERGE: tl.constexpr,
+def _run_tile(is_prefill, tile, p_args, d_args, P_CONST: tl.constexpr, D_CONST: tl.constexpr,
               HAS_PREFILL: tl.constexpr, HAS_DECODE: tl.constexpr):
     if is_prefill == 1:
         if HAS_PREFILL:
-            prefill_tile(tile, p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr,
-                         p_block_table, p_work, p_num_q_heads,
-                         p_stride_q_tok, p_stride_q_head, p_stride_o_tok, p_stride_o_head,
-                         p_stride_lse_tok, p_stride_lse_head,
-                         p_stride_kv_page, p_stride_kv_tok, p_stride_kv_head, p_stride_bt, p_qk_scale,
-                         P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
-                         P_USE_TMA, P_WARP_SPECIALIZE)
+            prefill_tile(tile, p_args[0], p_args[1], p_args[2], p_args[3], p_args[4], p_args[5], p_args[6],
+                         p_args[7], p_args[8], p_args[9], p_args[10], p_args[11], p_args[12], p_args[13],
+                         p_args[14], p_args[15], p_args[16], p_args[17], p_args[18], p_args[19], p_args[20],
+                         p_args[21],
+                         P_CONST[0], P_CONST[1], P_CONST[2], P_CONST[3], P_CONST[4], P_CONST[5], P_CONST[6])
     else:
         if HAS_DECODE:
-            decode_tile(tile, d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
-                        d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
-                        d_kv_indptr, d_block_table, d_stride_bt,
-                        d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters,
-                        d_seq_offset, d_qk_scale,
-                        D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M, D_BLOCK_N, D_PAGE_SIZE,
-                        D_PAGED, D_FUSE_MERGE)
+            decode_tile(tile, d_args[0], d_args[1], d_args[2], d_args[3], d_args[4], d_args[5], d_args[6],
+                        d_args[7], d_args[8], d_args[9], d_args[10], d_args[11], d_args[12], d_args[13],
+                        d_args[14], d_args[15], d_args[16], d_args[17], d_args[18], d_args[19], d_args[20],
+                        D_CONST[0], D_CONST[1], D_CONST[2], D_CONST[3], D_CONST[4], D_CONST[5], D_CONST[6],
+                        D_CONST[7])
 
 
 @triton.jit
-def pod_fused_kernel(
-        p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr, p_block_table, p_work,
-        p_num_q_heads, p_stride_q_tok, p_stride_q_head, p_stride_o_tok, p_stride_o_head,
-        p_stride_lse_tok, p_stride_lse_head, p_stride_kv_page, p_stride_kv_tok, p_stride_kv_head,
-        p_stride_bt, p_qk_scale,
-        d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
-        d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
-        d_kv_indptr, d_block_table, d_stride_bt,
-        d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset, d_qk_scale,
-        n_prefill_tiles, n_decode_tiles, counters, prefill_share, policy_period, ctas_per_sm,
-        num_sim_sms, trace,
-        P_GROUP: tl.constexpr, P_HEAD_DIM: tl.constexpr, P_BLOCK_M: tl.constexpr,
-        P_BLOCK_N: tl.constexpr, P_PAGE_SIZE: tl.constexpr, P_PAGED: tl.constexpr,
-        P_HAS_LSE: tl.constexpr, P_USE_TMA: tl.constexpr, P_WARP_SPECIALIZE: tl.constexpr,
-        D_NUM_KV_HEADS: tl.constexpr, D_GROUP: tl.constexpr, D_HEAD_DIM: tl.constexpr,
-        D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_PAGE_SIZE: tl.constexpr,
-        D_PAGED: tl.constexpr, D_FUSE_MERGE: tl.constexpr,
-        HAS_PREFILL: tl.constexpr, HAS_DECODE: tl.constexpr,
-        PERSISTENT: tl.constexpr, OCCUPANCY_ROLES: tl.constexpr, SIMULATE_SMID: tl.constexpr,
-        TRACE: tl.constexpr):
+def pod_fused_kernel(p_args, d_args, n_prefill_tiles, n_decode_tiles, counters, prefill_share, policy_period,
+                     ctas_per_sm, num_sim_sms, trace,
+                     P_CONST: tl.constexpr, D_CONST: tl.constexpr,
+                     HAS_PREFILL: tl.constexpr, HAS_DECODE: tl.constexpr, PERSISTENT: tl.constexpr,
+                     OCCUPANCY_ROLES: tl.constexpr, SIMULATE_SMID: tl.constexpr, TRACE: tl.constexpr):
     smid = _sm_id(num_sim_sms, SIMULATE_SMID) % SM_SLOTS
     slot = tl.atomic_add(counters + smid, 1, sem="relaxed")
     want_prefill = _role_of_slot(slot, prefill_share, policy_period)
@@ -219,19 +184,7 @@ def pod_fused_kernel(
                 if n_claims == 0:
                     _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile)
             if tile >= 0:
-                _run_tile(is_prefill, tile,
-                          p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr, p_block_table,
-                          p_work, p_num_q_heads, p_stride_q_tok, p_stride_q_head, p_stride_o_tok,
-                          p_stride_o_head, p_stride_lse_tok, p_stride_lse_head, p_stride_kv_page,
-                          p_stride_kv_tok, p_stride_kv_head, p_stride_bt, p_qk_scale,
-                          d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
-                          d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
-                          d_kv_indptr, d_block_table, d_stride_bt,
-                          d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset,
-                          d_qk_scale,
-                          P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
-                          P_USE_TMA, P_WARP_SPECIALIZE, D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M,
-                          D_BLOCK_N, D_PAGE_SIZE, D_PAGED, D_FUSE_MERGE, HAS_PREFILL, HAS_DECODE)
+                _run_tile(is_prefill, tile, p_args, d_args, P_CONST, D_CONST, HAS_PREFILL, HAS_DECODE)
             n_claims += 1
     else:
         # One tile per CTA: the grid has exactly one CTA per tile, so the claim always succeeds.
@@ -241,19 +194,7 @@ def pod_fused_kernel(
         if TRACE:
             _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile)
         while tile >= 0:
-            _run_tile(is_prefill, tile,
-                      p_Q, p_K, p_V, p_O, p_LSE, p_q_indptr, p_kv_lens, p_kv_indptr, p_block_table, p_work,
-                      p_num_q_heads, p_stride_q_tok, p_stride_q_head, p_stride_o_tok, p_stride_o_head,
-                      p_stride_lse_tok, p_stride_lse_head, p_stride_kv_page, p_stride_kv_tok,
-                      p_stride_kv_head, p_stride_bt, p_qk_scale,
-                      d_q, d_stride_qn, d_stride_qh, d_o, d_stride_on, d_stride_oh,
-                      d_k, d_v, d_stride_kv_page, d_stride_kv_token, d_stride_kv_head,
-                      d_kv_indptr, d_block_table, d_stride_bt,
-                      d_work, d_part_indptr, d_part_o, d_part_lse, d_merge_counters, d_seq_offset,
-                      d_qk_scale,
-                      P_GROUP, P_HEAD_DIM, P_BLOCK_M, P_BLOCK_N, P_PAGE_SIZE, P_PAGED, P_HAS_LSE,
-                      P_USE_TMA, P_WARP_SPECIALIZE, D_NUM_KV_HEADS, D_GROUP, D_HEAD_DIM, D_BLOCK_M, D_BLOCK_N, D_PAGE_SIZE, D_PAGED,
-                      D_FUSE_MERGE, HAS_PREFILL, HAS_DECODE)
+            _run_tile(is_prefill, tile, p_args, d_args, P_CONST, D_CONST, HAS_PREFILL, HAS_DECODE)
             if OCCUPANCY_ROLES:
                 tl.atomic_add(running + is_prefill, -1, sem="relaxed")
             tile = -1

@@ -1,17 +1,20 @@
-"""Checks of the fused POD kernel that need (or are about) the real GPU. Entry points for the H100:
+"""Checks of the fused POD kernel that need (or are about) the real GPU, beyond what the harness
+checks per point (output vs the fp32 reference, timing). Entry points for the H100:
 
-    python -m pod.gpu_checks repeat        # (a) 50 launches of each variant: bit-identical outputs,
+    python -m experiments.gpu_checks repeat        # (a) 50 launches of each variant: bit-identical outputs,
                                            #     right vs the fp32 reference, counters zero after each
-    compute-sanitizer --tool racecheck python -m pod.gpu_checks sanitize   # (b) tiny batch, every
-    compute-sanitizer --tool memcheck  python -m pod.gpu_checks sanitize   #     variant, one launch
-    compute-sanitizer --tool synccheck python -m pod.gpu_checks sanitize
-    python -m pod.gpu_checks resources     # (c) registers / shared memory / spills of the compiled
+    compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize   # (b) tiny batch, every
+    compute-sanitizer --tool memcheck  python -m experiments.gpu_checks sanitize   #     variant, one launch
+    compute-sanitizer --tool synccheck python -m experiments.gpu_checks sanitize
+    python -m experiments.gpu_checks resources     # (c) registers / shared memory / spills of the compiled
                                            #     kernel and the CTAs per SM they allow, per config
-    python -m pod.gpu_checks offline [contig]   # (c') the same from ptxas, without a GPU (sm_90a)
-    python -m pod.gpu_checks schedule      # (d) traced launch: real %smid, roles per SM, tiles once
-    python -m pod.gpu_checks bench         # quick do_bench: pod variants vs triton_serial (orientation)
+    python -m experiments.gpu_checks offline [contig]   # (c') the same from ptxas, without a GPU (sm_90a)
+    python -m experiments.gpu_checks schedule      # (d) traced launch: real %smid, roles per SM, tiles once
 
-Only the sm_90 compile report (`pod.pod_attention.sm90_report`, no GPU needed) runs in the CPU tests.
+Timing (and the output check that comes with it) is the harness's: the fused kernel's configurations
+on the orientation and small points are `python -m experiments.attention -m sweep=pod_configs
+backend=pod backend_options.pod_config=dispatcher,paper,fused_plain,...` (conf/sweep/pod_configs.yaml).
+Only the sm_90 compile report (`pod.api.sm90_report`, no GPU needed) runs in the CPU tests.
 """
 from __future__ import annotations
 
@@ -22,43 +25,21 @@ from dataclasses import replace
 import torch
 
 from pod.batch import BatchSpec, make_batch
-from pod.dispatch import PodConfig, RESIDENT_CTAS_PER_SM
+from pod.dispatch import RESIDENT_CTAS_PER_SM, PodConfig, max_ctas_per_sm
+from pod.kernels.configs import POD_CONFIGS, POD_RESOURCE_CANDIDATES
 
 LLAMA3_8B = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
-# The orientation point of the brief: chunk 1024 over 12288 context + 64 decodes x 8192.
+# The orientation point (as conf/sweep/pod_configs.yaml): chunk 1024 over 12288 context + 64 decodes x 8192.
 ORIENTATION = BatchSpec.build(**LLAMA3_8B, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
 SMALL = BatchSpec.build(**LLAMA3_8B, prefill=[(300, 700), (77, 0)], decode=[1000, 37, 513, 2049],
                         page_size=16)
 
-# Configurations worth comparing on the H100 (resources, speed): name -> PodConfig.
-CANDIDATES = {
-    "8w_m128_n32": PodConfig(num_warps=8, block_m=128, block_n=32),   # the default
-    "8w_m128_n32_s3": PodConfig(num_warps=8, block_m=128, block_n=32, num_stages=3),
-    "8w_m128_n64": PodConfig(num_warps=8, block_m=128, block_n=64, num_stages=2),
-    "8w_m128_n64_nocap": PodConfig(num_warps=8, block_m=128, block_n=64, num_stages=2, maxnreg=None),
-    "4w_m64_n64": PodConfig(num_warps=4, block_m=64, block_n=64, num_stages=2),
-    "4w_m64_n64_s3": PodConfig(num_warps=4, block_m=64, block_n=64, num_stages=3),
-}
-
-SMEM_PER_SM = 228 * 1024          # H100: 228 KB shared memory per SM, 1 KB of it reserved per CTA
-SMEM_RESERVED_PER_CTA = 1024
-REGS_PER_SM = 65536
-MAX_THREADS_PER_SM = 2048
-
-
-def max_ctas_per_sm(n_regs: int, shared_bytes: int, num_warps: int) -> int:
-    """Occupancy limit of one kernel on an H100 SM from its registers, shared memory and threads
-    (registers are allocated per warp in units of 256)."""
-    regs_per_warp = -(-n_regs * 32 // 256) * 256
-    by_regs = REGS_PER_SM // max(1, regs_per_warp * num_warps)
-    by_smem = SMEM_PER_SM // (shared_bytes + SMEM_RESERVED_PER_CTA)
-    by_threads = MAX_THREADS_PER_SM // (32 * num_warps)
-    return min(by_regs, by_smem, by_threads, 32)
+CANDIDATES = {name: POD_CONFIGS[name] for name in POD_RESOURCE_CANDIDATES}
 
 
 def _cuda():
     if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
+        raise SystemExit("GPU only: this check needs a CUDA GPU (without one: python -m experiments.gpu_checks offline)")
     return torch.device("cuda")
 
 
@@ -66,7 +47,7 @@ def check_repeatable(spec: BatchSpec = SMALL, launches: int = 50, configs: dict 
     """(a) Every variant: `launches` runs of one plan on one batch give bit-identical outputs (a
     scheduling race, a stale counter or a lost merge would show as a difference or NaN), the first is
     right against the fp32 reference, and the counter workspace is all zeros after the runs."""
-    from pod.pod_attention import plan, runner
+    from pod.api import plan, runner
     from pod.reference import max_rel_error, reference
     dev = _cuda()
     batch = make_batch(spec, dev, seed=0)
@@ -100,7 +81,7 @@ def check_repeatable(spec: BatchSpec = SMALL, launches: int = 50, configs: dict 
 def sanitize_smoke() -> None:
     """(b) One launch of each variant on a tiny batch (split decodes, paged and contiguous), then a
     sync: small enough for compute-sanitizer's racecheck / memcheck / synccheck."""
-    from pod.pod_attention import run, plan
+    from pod.api import run, plan
     dev = _cuda()
     for page_size in (16, None):
         spec = BatchSpec.build(8, 2, 128, prefill=[(70, 50)], decode=[200, 33, 129],
@@ -116,7 +97,7 @@ def sanitize_smoke() -> None:
 def schedule_stats(spec: BatchSpec = ORIENTATION, config: PodConfig | None = None) -> dict:
     """(d) One traced launch on the GPU: which SMs the CTAs landed on (real %smid) and how the roles
     spread over SMs, to see the SM-aware scheduling work (every SM should run both roles)."""
-    from pod.pod_attention import fused_launcher, plan
+    from pod.api import fused_launcher, plan
     dev = _cuda()
     batch = make_batch(spec, dev, seed=0)
     p = plan(batch, config or PodConfig(variant="fused"))
@@ -141,7 +122,7 @@ def schedule_stats(spec: BatchSpec = ORIENTATION, config: PodConfig | None = Non
 def resources(spec: BatchSpec = ORIENTATION, configs: dict | None = None) -> dict:
     """(c) Compile each candidate config on this GPU (a launch) and read the compiled kernel's
     registers, spills and shared memory; the CTAs per SM they allow must be >= 2 for POD's overlap."""
-    from pod.pod_attention import fused_launcher, plan
+    from pod.api import fused_launcher, plan
     dev = _cuda()
     batch = make_batch(spec, dev, seed=0)
     out = {}
@@ -163,38 +144,16 @@ def resources(spec: BatchSpec = ORIENTATION, configs: dict | None = None) -> dic
 def offline_resources(configs: dict | None = None, page_size: int | None = 16,
                       head_dim: int = 128) -> dict:
     """(c') Without a GPU: compile the fused kernel for sm_90 as a launch on a Llama-3-8B-shaped batch
-    would specialise it (pod.pod_attention.sm90_report: Triton's compiler, then the bundled ptxas -v)
+    would specialise it (pod.api.sm90_report: Triton's compiler, then the bundled ptxas -v)
     and report registers, spills, shared memory and the CTAs per SM they allow, per candidate config
     and variant. Run in a process without TRITON_INTERPRET (the kernel must be a compiled JITFunction)."""
-    from pod.pod_attention import sm90_report
+    from pod.api import sm90_report
     spec = BatchSpec.build(32, 8, head_dim, prefill=[(300, 700)], decode=[1000, 513], page_size=page_size)
     out = {}
     for name, cfg in (configs or CANDIDATES).items():
         for variant in ("fused", "persistent"):
             out[f"{name}/{variant}"] = sm90_report(replace(cfg, variant=variant), spec)
     return out
-
-
-def quick_bench(spec: BatchSpec = ORIENTATION) -> dict:
-    """Orientation timings (ms, do_bench median) of the pod backends and our serial kernels. The real
-    measurements are the harness's; this is for tuning the dispatcher's constants quickly."""
-    import triton.testing
-    from pod.registry import get_backend
-    dev = _cuda()
-    batch = make_batch(spec, dev, seed=0)
-    res = {}
-    for name in ("triton_serial", "triton_prefill", "triton_decode", "pod", "pod_paper", "pod_persistent"):
-        try:
-            fn = get_backend(name).prepare(batch)
-        except Exception as e:      # a backend missing on this machine
-            res[name] = f"unavailable: {e}"
-            continue
-        res[name] = triton.testing.do_bench(fn, warmup=25, rep=100)
-    for name, cfg in CANDIDATES.items():
-        from pod.pod_attention import plan, runner
-        launch = runner(plan(batch, replace(cfg, variant="fused", kv_splits=1)), batch)
-        res[f"fused/{name}"] = triton.testing.do_bench(launch, warmup=25, rep=100)
-    return res
 
 
 def main(argv: list[str]) -> int:
@@ -217,9 +176,6 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "schedule":
         print(json.dumps(schedule_stats(), indent=1))
-        return 0
-    if cmd == "bench":
-        print(json.dumps(quick_bench(), indent=1))
         return 0
     print(__doc__)
     return 2

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pod.serving.kv_cache import PageAllocator, pages_for
-from pod.serving.workload import RequestSpec
+from experiments.serving.kv_cache import PageAllocator, pages_for
+from experiments.serving.workload import RequestSpec
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ import torch
 
 from pod.batch import SUPPORTED_DTYPES, BatchSpec, HybridBatch, PrefillChunk
 from pod.reference import max_rel_error, reference
-from pod.registry import get_backend
-from pod.serving.kv_cache import PagedKVCache
-from pod.serving.model import LlamaModel
-from pod.serving.scheduler import IterationPlan, Request, Scheduler, SchedulerConfig
-from pod.serving.workload import RequestSpec
+from baselines.registry import DEFAULT_OPTIONS, BackendOptions, get_backend
+from experiments.serving.kv_cache import PagedKVCache
+from experiments.serving.model import LlamaModel
+from experiments.serving.scheduler import IterationPlan, Request, Scheduler, SchedulerConfig
+from experiments.serving.workload import RequestSpec
 
 _ALIGN = 4  # int32 words: each index tensor starts 16-byte aligned inside the packed buffer
 
@@ -167,8 +167,8 @@ class IterationAttention:
     the layers run (so e.g. FlashInfer's plan-time host sync finds the GPU idle)."""
 
     def __init__(self, inputs: IterationInputs, cache: PagedKVCache, backend, plan_per_layer: bool,
-                 verify: bool, marks: _Marks, q_dtype: torch.dtype):
-        self.inputs, self.cache, self.backend = inputs, cache, backend
+                 verify: bool, marks: _Marks, q_dtype: torch.dtype, options: BackendOptions = DEFAULT_OPTIONS):
+        self.inputs, self.cache, self.backend, self.options = inputs, cache, backend, options
         self.plan_per_layer, self.verify, self.marks = plan_per_layer, verify, marks
         self.intervals: list[tuple] = []       # (start, end) marks of every run()
         self.plan_intervals: list[tuple] = []  # (start, end) marks of every prepare()
@@ -187,7 +187,7 @@ class IterationAttention:
 
     def _prepare(self):
         start = self.marks.mark()
-        run = self.backend.prepare(self.inputs.batch)
+        run = self.backend.setup(self.inputs.batch, self.options)
         self.plan_intervals.append((start, self.marks.mark()))
         return run
 
@@ -245,8 +245,9 @@ class EngineRun:
 class Engine:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, scheduler_config: SchedulerConfig,
                  backend: str = "reference", plan_per_layer: bool = False, verify: bool = False,
-                 record_logits: bool = False):
+                 record_logits: bool = False, options: BackendOptions = DEFAULT_OPTIONS):
         self.model, self.cache, self.scheduler_config = model, cache, scheduler_config
+        self.options = options
         self.backend = get_backend(backend)
         why = self.backend.availability()
         if why is not None:
@@ -267,7 +268,7 @@ class Engine:
         inputs = build_iteration(plan, self.cache.page_size, self.model.dtype, self.model.cfg.heads,
                                  self.device)
         attention = IterationAttention(inputs, self.cache, self.backend, self.plan_per_layer,
-                                       self.verify, self.marks, self.model.dtype)
+                                       self.verify, self.marks, self.model.dtype, self.options)
         hidden = self.model(inputs.tokens, inputs.positions, attention)
         logits = self.model.logits(hidden[inputs.sample_rows])
         next_tokens = logits.argmax(dim=-1)

@@ -13,34 +13,17 @@
                        backend's run() calls, its prepare() calls; attention_share = attention_ms / forward_ms
   attn_err             max relative error of the backend's attention vs the fp32 reference over the
                        verified (warm-up) iterations, every layer; empty when not verified
-Rows are appended to a CSV per (sweep, device) under results/serving/, with the provenance columns
-of pod.provenance on every row.
+Rows (schema: experiments.harness.schema.SERVING_SCHEMA, provenance and options columns included) are
+appended to a CSV per (sweep, device) under results/serving/.
 """
 from __future__ import annotations
 
-import csv
 import json
-import math
-import os
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from pod.serving.engine import EngineRun
-
-SERVING_COLUMNS = (
-    "sweep", "backend", "model", "mode", "workload", "num_requests", "qps", "chunk_size",
-    "num_layers", "page_size", "dtype", "status", "reason",
-    "requests_per_s", "tokens_per_s", "output_tokens_per_s",
-    "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
-    "iterations", "hybrid_iterations", "mean_decodes_per_iteration", "preemptions",
-    "iteration_p50_ms", "iteration_max_ms",
-    "makespan_s", "forward_ms", "attention_ms", "plan_ms", "attention_share", "attn_err",
-    "mean_prompt_len", "mean_output_len", "kv_pages", "timing_meaningful", "backend_config",
-    "gpu", "driver", "torch", "triton", "flashinfer", "git_commit", "timestamp",
-)
-
+from experiments.serving.engine import EngineRun
 
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
@@ -78,24 +61,3 @@ def summarize(run: EngineRun) -> dict[str, Any]:
         "mean_prompt_len": prompt / len(reqs), "mean_output_len": output / len(reqs),
         "backend_config": json.dumps(run.backend_config, sort_keys=True),
     }
-
-
-def _cell(v: Any) -> Any:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return v
-
-
-def append_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
-    """Append one row to a CSV with SERVING_COLUMNS (header written with the first row)."""
-    unknown = set(row) - set(SERVING_COLUMNS)
-    if unknown:
-        raise KeyError(f"row has columns outside SERVING_COLUMNS: {sorted(unknown)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SERVING_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({c: _cell(row.get(c)) for c in SERVING_COLUMNS})

@@ -1,4 +1,4 @@
-"""One serving run from a composed config (conf/serving.yaml): the logic behind experiments/serving.py.
+"""One serving run from a composed config (conf/serving.yaml): the logic behind `python -m experiments.serving`.
 
     serve(cfg) -> rows  builds the model and the workload once; for each backend of cfg.backends
                         a fresh paged KV cache, a warm-up (a short workload whose attention is checked
@@ -21,43 +21,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pod.batch import SUPPORTED_DTYPES
-from pod.registry import get_backend
-from pod.serving.engine import Engine
-from pod.serving.kv_cache import PagedKVCache
-from pod.serving.metrics import SERVING_COLUMNS, append_row, summarize
-from pod.serving.model import LlamaModel, ModelConfig
-from pod.serving.scheduler import SchedulerConfig
-from pod.serving.workload import LengthDist, WorkloadConfig, generate
+from baselines.registry import BackendOptions, BackendUnavailable, get_backend
+from experiments.harness.provenance import device_slug, provenance
+from experiments.harness.schema import SERVING_COLUMNS, SERVING_SCHEMA, append_row
+from experiments.serving.engine import Engine
+from experiments.serving.kv_cache import PagedKVCache
+from experiments.serving.metrics import summarize
+from experiments.serving.model import LlamaModel, ModelConfig
+from experiments.serving.scheduler import SchedulerConfig
+from experiments.serving.workload import LengthDist, WorkloadConfig, generate
 
 log = logging.getLogger(__name__)
 DTYPES = {**SUPPORTED_DTYPES, "float32": torch.float32}
 
 
-def _provenance(device: torch.device) -> dict[str, str]:
-    try:  # pod.provenance (helper H1); imported lazily so serving works without it
-        from pod.provenance import provenance
-        return provenance(device)
-    except ImportError:
-        from datetime import datetime, timezone
-        import importlib.metadata as md
-
-        def ver(name):
-            try:
-                return md.version(name)
-            except md.PackageNotFoundError:
-                return ""
-        return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "driver": "", "torch": torch.__version__, "triton": ver("triton"),
-                "flashinfer": ver("flashinfer-python"), "git_commit": "",
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def _device_slug(device: torch.device) -> str:
-    try:
-        from pod.provenance import device_slug
-        return device_slug(device)
-    except ImportError:
-        return "cpu" if device.type != "cuda" else "gpu"
+def _container(x):
+    return OmegaConf.to_container(x, resolve=True) if x is not None else None
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -92,8 +71,18 @@ def backend_names(cfg: DictConfig) -> list[str]:
     return [b] if isinstance(b, str) else [str(x) for x in b]
 
 
+class ServingRefused(RuntimeError):
+    """A serving run that cannot start as configured (said in one line before anything is built)."""
+
+
+CPU_SMOKE = ("python -m experiments.serving serving/model=tiny serving/workload=tiny serving/scheduler=tiny "
+             "device=cpu dtype=float32 backends=[reference] num_layers=2 num_pages=64")
+
+
 def serve(cfg: DictConfig) -> list[dict[str, Any]]:
     """One row per backend of cfg.backends: the same model weights and workload for each."""
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ServingRefused(f"device={cfg.device} is GPU-only and there is no CUDA GPU here; on a CPU: {CPU_SMOKE}")
     if cfg.mode not in ("offline", "online"):
         raise ValueError(f"mode={cfg.mode!r} is invalid: 'offline' or 'online'")
     if cfg.dtype not in DTYPES:
@@ -103,6 +92,9 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
     mcfg = model_config(cfg)
     sched = scheduler_config(cfg)
     wl = workload_config(cfg, mcfg.vocab_size)
+    options = BackendOptions.from_config(_container(cfg.get("backend_options")))
+    for name in backend_names(cfg):
+        get_backend(name)            # an unknown name fails here (UnknownBackend), before anything runs
     model = None
     rows = []
     for name in backend_names(cfg):
@@ -111,7 +103,7 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
             "workload": cfg.serving.workload.name, "num_requests": wl.num_requests,
             "qps": wl.qps if wl.online else None, "chunk_size": sched.chunk_size,
             "num_layers": mcfg.num_layers, "page_size": int(cfg.page_size), "dtype": cfg.dtype,
-            "timing_meaningful": device.type == "cuda",
+            "timing_meaningful": device.type == "cuda", "options": options.as_dict(),
         }
         try:
             backend = get_backend(name)
@@ -125,8 +117,10 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
             else:
                 if model is None:
                     model = LlamaModel(mcfg, dtype=dtype, device=device, seed=int(cfg.seed))
-                row.update(_serve(cfg, name, model, sched, wl))
+                row.update(_serve(cfg, name, model, sched, wl, options))
                 row.update(status="ok", reason="")
+        except BackendUnavailable as e:
+            row.update(status="skipped", reason=str(e))
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="oom", reason=str(e).splitlines()[0])
         except Exception as e:  # recorded, so the other backends still run; the traceback is logged
@@ -135,17 +129,18 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        row.update(_provenance(device))
+        row.update(provenance(device))
         row = {c: row.get(c) for c in SERVING_COLUMNS}
         if cfg.out_dir:
-            path = Path(cfg.out_dir) / cfg.sweep_name / f"{_device_slug(device)}.csv"
-            append_row(path, row)
+            path = Path(cfg.out_dir) / cfg.sweep_name / f"{device_slug(device)}.csv"
+            append_row(path, row, SERVING_SCHEMA)
             log.info("row appended to %s", path)
         rows.append(row)
     return rows
 
 
-def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: WorkloadConfig) -> dict:
+def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: WorkloadConfig,
+           options: BackendOptions) -> dict:
     mcfg, device, dtype = model.cfg, model.device, model.dtype
     if cfg.num_pages:
         num_pages = int(cfg.num_pages)
@@ -154,7 +149,7 @@ def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: Wor
                                                      int(cfg.page_size), mcfg.heads, dtype)
     cache = PagedKVCache(mcfg.num_layers, num_pages, int(cfg.page_size), mcfg.heads, dtype, device,
                          seed=int(cfg.seed))
-    engine = Engine(model, cache, sched, backend=backend, plan_per_layer=bool(cfg.plan_per_layer))
+    engine = Engine(model, cache, sched, backend=backend, plan_per_layer=bool(cfg.plan_per_layer), options=options)
     attn_err = None
     if cfg.warmup:
         engine.verify = True

@@ -3,7 +3,7 @@
 Library code behind `experiments/attention.py` (the Hydra entry point) and `experiments/reproduce.py`:
 
   expand_points(sweep, models)  a sweep config (base keys + grids of lists + explicit points) -> Points
-  run_point(point, backends)    one point on every backend -> result rows (pod.results schema)
+  run_point(point, backends)    one point on every backend -> result rows (experiments.harness.schema)
   run_sweep(cfg) -> DataFrame   the whole experiment: expand, shard, resume, run, append, W&B, summary
 
 Per (point, backend), `run_point`:
@@ -20,7 +20,9 @@ Per (point, backend), `run_point`:
      cold-cache like a real layer, no extra input copies needed. On CPU (Triton interpreter) the
      checked call itself is timed with perf_counter and `timing_meaningful` is False;
   5. exceptions -> an "error" row with the exception text; torch.cuda.OutOfMemoryError -> "oom".
-KeyboardInterrupt is never caught: rows already appended stay, and a restart resumes after them.
+Before the first point, `run_sweep` refuses in one line what cannot run: an unknown backend name (the
+registered names listed), a GPU-sized point on a CPU, an unwritable results file. Ctrl-C stops with
+`SweepInterrupted` (rows already appended stay, a restart resumes after them).
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ import pandas as pd
 import torch
 
 from pod.batch import BatchSpec, HybridBatch, ModelHeads, make_batch
-from pod.provenance import device_slug, provenance
+from baselines.registry import (AttentionOutput, Backend, BackendOptions, BackendUnavailable, UnknownBackend,
+                                list_backends)
+from experiments.harness.provenance import device_slug, provenance
+from experiments.harness.results import ResultStore, WandbLogger
 from pod.reference import max_rel_error, reference
-from pod.registry import AttentionOutput, Backend, BackendUnavailable, list_backends
-from pod.results import ResultStore, WandbLogger
 
 # Keys a point (and a sweep's `base`) may set. Any of them may be a list inside a grid.
 POINT_KEYS = ("model", "num_prefill", "chunk_len", "prefill_context_len", "num_decode",
@@ -102,13 +105,8 @@ def make_point(values: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]
         raise ValueError("point has no model: set `model` in the sweep's base, grid or point")
     if v["model"] not in models:
         raise ValueError(f"unknown model {v['model']!r}; known: {sorted(models)}")
-    n_pre = int(v["num_prefill"]) if int(v["chunk_len"]) else 0
-    prefill = [(int(v["chunk_len"]), int(v["prefill_context_len"]))] * n_pre
-    decode = [int(v["decode_context_len"])] * int(v["num_decode"])
-    page = None if v["page_size"] in (None, 0, "null", "none") else int(v["page_size"])
-    h = heads_of(models[v["model"]])
-    spec = BatchSpec.build(h.num_q_heads, h.num_kv_heads, h.head_dim, prefill=prefill, decode=decode,
-                           dtype=str(v["dtype"]), page_size=page)
+    counts = {k: v[k] for k in POINT_KEYS if k != "model"}
+    spec = BatchSpec.from_counts(heads_of(models[v["model"]]), **counts)
     return Point(str(v["model"]), spec)
 
 
@@ -230,6 +228,10 @@ def _is_oom(e: BaseException) -> bool:
     return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
 
 
+def _options_json(options: BackendOptions) -> str:
+    return json.dumps(options.as_dict(), sort_keys=True)
+
+
 def base_row(point: Point, sweep: str, backend: str, spec: BatchSpec | None = None) -> dict[str, Any]:
     """Every column that depends only on the point (and the spec that ran), NaN metrics."""
     spec = spec or point.spec
@@ -239,7 +241,7 @@ def base_row(point: Point, sweep: str, backend: str, spec: BatchSpec | None = No
     return dict(
         point_id=point.point_id, sweep=sweep, backend=backend, model=point.model,
         num_q_heads=h.num_q_heads, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim, dtype=spec.dtype,
-        kv_layout=_layout(spec), page_size=spec.page_size or 0,
+        kv_layout=_layout(spec), page_size=spec.page_size,
         num_prefill=spec.num_prefill, chunk_len=first.chunk_len if first else 0,
         prefill_context_len=first.context_len if first else 0,
         num_decode=spec.num_decode, decode_context_len=round(sum(dec) / len(dec)) if dec else 0,
@@ -247,7 +249,7 @@ def base_row(point: Point, sweep: str, backend: str, spec: BatchSpec | None = No
         median_ms=math.nan, p20_ms=math.nan, p80_ms=math.nan, timing_meaningful=False,
         prefill_err=math.nan, decode_err=math.nan,
         prefill_flops=spec.prefill_flops(), decode_bytes=spec.decode_bytes(),
-        tflops=math.nan, gbps=math.nan, backend_config="{}",
+        tflops=math.nan, gbps=math.nan, backend_config="{}", options="{}",
     )
 
 
@@ -269,21 +271,22 @@ def _check(out: AttentionOutput, ref: tuple[torch.Tensor, torch.Tensor], batch: 
 
 
 def run_backend(point: Point, backend: Backend, batches: _PointBatches, sweep: str,
-                timing: TimingConfig, fallback_page_size: int = 16) -> dict[str, Any]:
+                timing: TimingConfig, fallback_page_size: int = 16,
+                options: BackendOptions = BackendOptions()) -> dict[str, Any]:
     """The result row of one backend on one point (never raises except KeyboardInterrupt/SystemExit)."""
-    row = base_row(point, sweep, backend.name)
+    row = {**base_row(point, sweep, backend.name), "options": _options_json(options)}
     why = backend.availability()
     if why is not None:
         return {**row, "status": "skipped", "reason": why}
     spec = spec_for_backend(point.spec, backend, fallback_page_size)
-    row = base_row(point, sweep, backend.name, spec)
+    row = {**base_row(point, sweep, backend.name, spec), "options": _options_json(options)}
+    why = backend.unavailable_for(spec)
+    if why is not None:
+        return {**row, "status": "skipped", "reason": why}
     try:
         batch = batches.batch(spec)
-        why = backend.unavailable_reason(batch)
-        if why is not None:
-            return {**row, "status": "skipped", "reason": why}
         try:
-            run = backend.prepare(batch)
+            run = backend.setup(batch, options)
         except BackendUnavailable as e:
             return {**row, "status": "skipped", "reason": str(e)}
         row["backend_config"] = json.dumps(getattr(run, "backend_config", {}) or {}, sort_keys=True,
@@ -318,7 +321,8 @@ def run_backend(point: Point, backend: Backend, batches: _PointBatches, sweep: s
 
 def run_point(point: Point, backends: Sequence[Backend], sweep: str, device: torch.device,
               timing: TimingConfig = TimingConfig(), seed: int = 0, fallback_page_size: int = 16,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+              on_row: Callable[[dict[str, Any]], None] | None = None,
+              options: BackendOptions = BackendOptions()) -> list[dict[str, Any]]:
     """Rows of `point` on each backend (provenance included); `on_row` sees each row as soon as it
     exists (the sweep appends it to disk there).
 
@@ -332,7 +336,7 @@ def run_point(point: Point, backends: Sequence[Backend], sweep: str, device: tor
     last_user = {specs[i]: i for i in order}
     rows = []
     for i in order:
-        row = run_backend(point, backends[i], batches, sweep, timing, fallback_page_size)
+        row = run_backend(point, backends[i], batches, sweep, timing, fallback_page_size, options)
         row.update(provenance(device))
         rows.append(row)
         if last_user[specs[i]] == i:
@@ -370,16 +374,45 @@ def results_path(cfg: Mapping[str, Any], device: torch.device) -> tuple[Path, li
     return folder / name, siblings
 
 
-def backends_by_name(names: Iterable[str]) -> tuple[list[Backend], dict[str, str]]:
-    """(registered backends in the order asked, {unregistered name: reason})."""
+def backends_by_name(names: Iterable[str]) -> list[Backend]:
+    """The registered backends in the order asked; an unknown name raises UnknownBackend (listing
+    the registered names) before anything runs."""
     registered = list_backends()
-    found, missing = [], {}
-    for n in names:
-        if n in registered:
-            found.append(registered[n])
-        else:
-            missing[n] = f"backend {n!r} is not registered; registered: {sorted(registered)}"
-    return found, missing
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise UnknownBackend(f"unknown backend {', '.join(map(repr, unknown))}; registered: "
+                             f"{', '.join(registered)}")
+    return [registered[n] for n in names]
+
+
+class SweepRefused(RuntimeError):
+    """A sweep that cannot run as configured (said in one line before the first point)."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the rows appended so far stay in `path`; rerunning resumes."""
+
+    def __init__(self, path: Path, rows_kept: int):
+        super().__init__(f"{rows_kept} rows kept in {path}")
+        self.path, self.rows_kept = path, rows_kept
+
+
+def kv_tokens(spec: BatchSpec) -> int:
+    """KV tokens of the whole batch (prefill context + chunk, decode contexts), every sequence."""
+    return sum(c.context_len + c.chunk_len for c in spec.prefill_chunks) + sum(spec.decode_context_lens)
+
+
+def refuse_gpu_sized_points(sweep: str, points: Sequence[Point], device: torch.device, limit: int) -> None:
+    """On a CPU the kernels run in Triton's interpreter and the fp32 reference on the CPU: a GPU-sized
+    point would take many minutes. Refuse such a sweep in one line (SweepRefused) before it starts."""
+    if device.type == "cuda" or not points:
+        return
+    big = max(points, key=lambda p: kv_tokens(p.spec))
+    if kv_tokens(big.spec) > limit:
+        raise SweepRefused(
+            f"sweep={sweep} is GPU-only: point {big.spec.describe()} holds {kv_tokens(big.spec):,} KV tokens, "
+            f"more than cpu_max_kv_tokens={limit:,} that the Triton interpreter runs in reasonable time; "
+            f"run it on a CUDA GPU, or on this CPU: python -m experiments.attention sweep=smoke backend=cpu")
 
 
 def _setup_interpreter(cfg: Mapping[str, Any], device: torch.device) -> None:
@@ -388,7 +421,6 @@ def _setup_interpreter(cfg: Mapping[str, Any], device: torch.device) -> None:
     mode = str(cfg.get("interpret", "auto")).lower()
     if mode == "true" or (mode == "auto" and device.type != "cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ.setdefault("POD_SIMULATE_SMID", "1")
 
 
 def error_summary(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -403,73 +435,97 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     """The whole experiment from a config (a composed Hydra DictConfig or a plain dict).
 
     Keys: sweep {name, base, grids, points}, models {name: {num_q_heads, num_kv_heads, head_dim}},
-    model (optional, added to models under its `name`), backend {names}, device, seed,
-    timing {warmup_ms, rep_ms}, fallback_page_size, results_dir, results_file, shard, num_shards,
-    rerun_errors, error_threshold, progress, interpret, wandb {enabled, project, mode, dir, tags}
-    (conf/attention.yaml documents each). Returns every row of this run's results file (earlier
-    runs' rows included). Raises CudaContextLost after a backend breaks the CUDA context (its
-    error row is written first; a restart resumes).
+    model (optional, added to models under its `name`), backend {names}, backend_options, device,
+    seed, timing {warmup_ms, rep_ms}, fallback_page_size, results_dir, results_file, shard, num_shards,
+    rerun_errors, error_threshold, progress, interpret, cpu_max_kv_tokens,
+    wandb {enabled, project, mode, dir, tags} (conf/attention.yaml documents each). Returns every row
+    of this run's results file (earlier runs' rows included).
+
+    Refuses before the first point (UnknownBackend, SweepRefused, OSError): an unknown backend name,
+    a GPU-sized point on a CPU, an unwritable results file. Raises SweepInterrupted on Ctrl-C and
+    CudaContextLost after a backend breaks the CUDA context (its error row is written first); in both
+    cases a restart resumes.
     """
     full_cfg = _to_container(cfg)
     c = dict(full_cfg)
     shard_index, num_shards = int(c.get("shard", 0)), int(c.get("num_shards", 1))
     device = resolve_device(str(c.get("device", "auto")), shard_index)
-    _setup_interpreter(c, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     sweep_name = str(c["sweep"]["name"])
     models = dict(c.get("models") or {})
     if c.get("model"):   # the `model` group's choice is always known by its name
         models[str(c["model"]["name"])] = c["model"]
     points = shard(expand_points(c["sweep"], models), shard_index, num_shards)
-    names = list(c["backend"]["names"])
-    backends, missing = backends_by_name(names)
-    for reason in missing.values():
-        warnings.warn(reason, stacklevel=2)
+    options = BackendOptions.from_config(c.get("backend_options"))
+    refuse_gpu_sized_points(sweep_name, points, device, int(c.get("cpu_max_kv_tokens", 16384)))
+    _setup_interpreter(c, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backends = backends_by_name(list(c["backend"]["names"]))
 
     path, siblings = results_path(c, device)
     store = ResultStore(path, siblings)
+    store.check_writable()
     done = store.done(rerun_errors=bool(c.get("rerun_errors", False)))
     timing = TimingConfig(**(c.get("timing") or {}))
     seed = int(c.get("seed", 0))
     fallback_page = int(c.get("fallback_page_size", 16))
+
+    # Per point: the backends still to run, and those that cannot run here (skipped at once, outside
+    # the progress bar, so its rate and ETA count only the runs that take time).
+    todo = []
+    for p in points:
+        run, skip = [], []
+        for b in backends:
+            if (p.point_id, b.name) in done:
+                continue
+            why = b.availability() or b.unavailable_for(spec_for_backend(p.spec, b, fallback_page))
+            (skip if why else run).append(b)
+        todo.append((p, run, skip))
+    n_run = sum(len(r) for _, r, _ in todo)
+    n_skip = sum(len(s_) for _, _, s_ in todo)
+    n_done = sum(1 for p in points for b in backends if (p.point_id, b.name) in done)
+    print(f"[harness] sweep={sweep_name} points={len(points)} backends={len(backends)} device={device} "
+          f"-> {path} ({n_done} done earlier, {n_run} to run, {n_skip} skipped here)", file=sys.stderr)
+
     wb_cfg = dict(c.get("wandb") or {})
     wandb = WandbLogger(bool(wb_cfg.get("enabled", False)), project=wb_cfg.get("project", "pod-attention"),
                         config=full_cfg, group=sweep_name, tags=wb_cfg.get("tags") or (),
                         name=f"{sweep_name}-{device_slug(device)}-shard{shard_index}of{num_shards}",
-                        dir=wb_cfg.get("dir"), mode=wb_cfg.get("mode", "offline"))
+                        dir=wb_cfg.get("dir"), mode=wb_cfg.get("mode", "offline"),
+                        quiet=device.type != "cuda")
+    written = 0
 
-    todo = [(p, [b for b in backends if (p.point_id, b.name) not in done],
-             [n for n in missing if (p.point_id, n) not in done]) for p in points]
-    total = len(points) * len(names)
-    remaining = sum(len(bs) + len(ms) for _, bs, ms in todo)
-    print(f"[harness] sweep={sweep_name} points={len(points)} backends={len(names)} device={device} "
-          f"-> {path} ({total - remaining}/{total} already done)", file=sys.stderr)
-
-    def write(row: dict[str, Any]) -> None:
+    def write(row: dict[str, Any], timed: bool = True) -> None:
+        nonlocal written
         store.append(row)
+        written += 1
         wandb.log_row(row)
-        bar.update(1)
+        if timed:
+            bar.update(1)
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=total - remaining, unit="run", desc=sweep_name,
-               disable=not c.get("progress", True), file=sys.stderr)
+    bar = tqdm(total=n_run, unit="run", desc=sweep_name, disable=not c.get("progress", True), file=sys.stderr)
     try:
-        for point, todo_backends, todo_missing in todo:
-            if not todo_backends and not todo_missing:
+        for point, run_backends, skip_backends in todo:
+            for b in skip_backends:
+                write({**run_backend(point, b, None, sweep_name, timing, fallback_page, options),
+                       **provenance(device)}, timed=False)
+            if not run_backends:
                 continue
             bar.set_postfix_str(point.spec.describe(), refresh=False)
-            run_point(point, todo_backends, sweep_name, device, timing, seed, fallback_page, on_row=write)
-            for n in todo_missing:
-                row = base_row(point, sweep_name, n)
-                row.update(status="error", reason=missing[n], **provenance(device))
-                write(row)
+            run_point(point, run_backends, sweep_name, device, timing, seed, fallback_page, on_row=write,
+                      options=options)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        bar.close()
+        wandb.finish()
+        raise SweepInterrupted(path, written) from None
     finally:
         bar.close()
 
     df = store.compact()
+    wandb.finish(df)                     # W&B's own lines first: our summary is the last thing printed
     threshold = float(c.get("error_threshold", 1e-2))
     bad = error_summary(df[df["status"] == "ok"] if not df.empty else df, threshold)
     if len(bad):
@@ -479,5 +535,20 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
                       stacklevel=2)
     counts = df["status"].value_counts().to_dict() if not df.empty else {}
     print(f"[harness] {path}: {len(df)} rows {counts}", file=sys.stderr)
-    wandb.finish(df)
     return df
+
+
+def main(cfg: Any, command: Sequence[str]) -> int:
+    """`run_sweep` for a command line: a refusal (unknown backend, GPU-sized point on a CPU, unwritable
+    results) or Ctrl-C ends in one line on stderr and an exit status, not a traceback. `command` is how
+    the sweep was started (said again as the way to resume)."""
+    try:
+        run_sweep(cfg)
+    except (UnknownBackend, SweepRefused, OSError) as e:
+        print(f"[harness] refused: {e}", file=sys.stderr)
+        return 2
+    except SweepInterrupted as e:
+        print(f"[harness] interrupted: {e.rows_kept} rows kept in {e.path}; resume with: "
+              f"{' '.join(command)}", file=sys.stderr)
+        return 130
+    return 0

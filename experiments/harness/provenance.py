@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROVENANCE_COLUMNS = ("gpu", "driver", "torch", "triton", "flashinfer", "git_commit", "timestamp")
 
 

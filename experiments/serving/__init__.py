@@ -1,4 +1,4 @@
-"""End-to-end serving slice (issue 7): a Llama-shaped model served by a Sarathi-Serve-style engine
+"""End-to-end serving: a Llama-shaped model served by a Sarathi-Serve-style engine
 whose attention goes through the backend registry, to measure POD end to end.
 
   model.py      Llama decoder (RMSNorm, RoPE, GQA, SwiGLU), random weights, shapes from conf/serving/model
@@ -8,13 +8,14 @@ whose attention goes through the backend registry, to measure POD end to end.
   workload.py   seeded synthetic requests: length distributions, Poisson arrivals
   engine.py     the loop: schedule -> HybridBatch of the iteration -> forward -> greedy sample -> update
   metrics.py    throughput / TTFT / TBT / latency, the tidy serving rows
-  experiment.py one configured run per backend (behind experiments/serving.py)
+  experiment.py one configured run per backend
+  __main__.py   the Hydra entry point: python -m experiments.serving (conf/serving.yaml)
 """
-from pod.serving.engine import Engine, EngineRun
-from pod.serving.kv_cache import PageAllocator, PagedKVCache
-from pod.serving.model import LlamaModel, ModelConfig
-from pod.serving.scheduler import Request, Scheduler, SchedulerConfig
-from pod.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
+from experiments.serving.engine import Engine, EngineRun
+from experiments.serving.kv_cache import PageAllocator, PagedKVCache
+from experiments.serving.model import LlamaModel, ModelConfig
+from experiments.serving.scheduler import Request, Scheduler, SchedulerConfig
+from experiments.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
 
 __all__ = ["Engine", "EngineRun", "PageAllocator", "PagedKVCache", "LlamaModel", "ModelConfig", "Request",
            "Scheduler", "SchedulerConfig", "LengthDist", "RequestSpec", "WorkloadConfig", "generate"]

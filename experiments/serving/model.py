@@ -10,7 +10,7 @@ The model is attention-agnostic: `forward(tokens, positions, attention)` calls
     q [T, num_q_heads, head_dim], k, v [T, num_kv_heads, head_dim]  (RoPE already applied to q, k)
     o [T, num_q_heads, head_dim]
 where T are the iteration's new tokens in any order the caller chose. The serving engine passes an
-attention that writes k, v into the paged cache and calls a backend of `pod.registry`;
+attention that writes k, v into the paged cache and calls a backend of `baselines.registry`;
 `causal_self_attention` is the plain, cache-free attention of ONE sequence (the test's reference).
 
 Not modelled (irrelevant to attention's cost): Llama-3's RoPE frequency scaling, tied embeddings.

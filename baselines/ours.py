@@ -1,0 +1,210 @@
+"""Our backends: thin adapters over pod's API, and the fp32 reference.
+
+  reference                         fp32 PyTorch (ground truth)
+  triton_prefill, triton_decode     the standalone Triton kernels (pod.kernels.prefill / decode)
+  triton_serial                     the two back to back (two launches)
+  pod, pod_paper, pod_persistent    the fused kernel (pod.api): the dispatcher's config (or a named
+                                    pod_config), the paper's scheme, the persistent workers
+
+Every prepare does the plan (shape-only, untimed) and binds the launch arguments once; the returned
+`run` only launches. Off the GPU they run in Triton's interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+
+from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
+from pod.api import Plan, device_num_sms, plan, runner
+from pod.batch import HybridBatch
+from pod.dispatch import PodConfig, decode_kv_splits
+from pod.kernels.configs import DECODE_CONFIGS, POD_CONFIGS, pod_autotune_candidates
+from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
+from pod.kernels.prefill import PrefillWork, plan_prefill, prefill_runner
+from pod.reference import reference
+
+INTERPRETER_HINT = ("runs on a CUDA GPU; on a CPU run it in Triton's interpreter: set TRITON_INTERPRET=1 "
+                    "(`make test` and `python -m experiments.attention sweep=smoke backend=cpu` do)")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> str | None:
+    """Our Triton kernels run on a CUDA GPU, or on the CPU through the Triton interpreter."""
+    if torch.cuda.is_available() or interpreting():
+        return None
+    return INTERPRETER_HINT
+
+
+@register_backend("reference", description="fp32 PyTorch reference (ground truth, slow)")
+def prepare_reference(batch: HybridBatch):
+    def run() -> AttentionOutput:
+        p, d = reference(batch)
+        return AttentionOutput(p.to(batch.q_prefill.dtype), d.to(batch.q_decode.dtype))
+    return run
+
+
+# -- the standalone kernels ----------------------------------------------------------------------------
+def _prefill_config(work: PrefillWork) -> dict:
+    cfg = work.describe()
+    if work.autotune:
+        from pod.kernels.prefill import _prefill_kernel_autotuned
+        best = getattr(_prefill_kernel_autotuned, "best_config", None)
+        if best is not None:
+            cfg.update(block_n=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
+                       num_stages=best.num_stages)
+        cfg["autotuned"] = True
+    return cfg
+
+
+def _decode_config(work: DecodeWork) -> dict:
+    cfg = dict(work.describe)
+    if work.config is None:
+        from pod.kernels.decode import _decode_kernel_autotuned
+        best = getattr(_decode_kernel_autotuned, "best_config", None)
+        if best is not None:
+            cfg["config"] = dict(BLOCK_N=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
+                                 num_stages=best.num_stages)
+        cfg["autotuned"] = True
+    return cfg
+
+
+def _plan_decode(batch: HybridBatch, options: BackendOptions) -> DecodeWork:
+    if options.decode_config not in DECODE_CONFIGS:
+        raise ValueError(f"backend_options.decode_config={options.decode_config!r} unknown; "
+                         f"named configs: {sorted(DECODE_CONFIGS)}")
+    return plan_decode(batch, **DECODE_CONFIGS[options.decode_config])
+
+
+def _prefill_only(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    return plan_prefill(batch, options.prefill_config)
+
+
+@register_backend("triton_prefill", computes=("prefill",), availability=triton_available,
+                  description="our Triton chunked-prefill kernel (prefill part only)")
+def prepare_triton_prefill(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    work = _prefill_only(batch, options)
+    launch = prefill_runner(batch, work, torch.empty_like(batch.q_prefill))   # no LSE needed here
+    if not interpreting():
+        launch()                          # compile and autotune here, untimed
+
+    def run() -> AttentionOutput:
+        return AttentionOutput(launch(), None)
+
+    run.backend_config = _prefill_config(work)
+    return run
+
+
+@register_backend("triton_decode", computes=("decode",), availability=triton_available,
+                  description="our Triton split-KV decode (GQA group packed in M) + LSE merge")
+def prepare_triton_decode(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    work = _plan_decode(batch, options)
+    launch = decode_runner(batch, work, torch.empty_like(batch.q_decode))
+    if not interpreting():
+        launch()                          # compile and autotune here, untimed
+
+    def run() -> AttentionOutput:
+        return AttentionOutput(None, launch())
+
+    run.backend_config = _decode_config(work)
+    return run
+
+
+@register_backend("triton_serial", availability=triton_available,
+                  description="our Triton prefill kernel, then our Triton decode kernel (two launches)")
+def prepare_triton_serial(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    pre_work, dec_work = _prefill_only(batch, options), _plan_decode(batch, options)
+    out_p, out_d = torch.empty_like(batch.q_prefill), torch.empty_like(batch.q_decode)
+    launch_prefill = prefill_runner(batch, pre_work, out_p)      # arguments bound once, untimed
+    launch_decode = decode_runner(batch, dec_work, out_d)
+
+    def run() -> AttentionOutput:
+        return AttentionOutput(launch_prefill(), launch_decode())
+
+    if not interpreting():
+        run()                             # compile and autotune both kernels here, untimed
+    run.backend_config = {"prefill": _prefill_config(pre_work), "decode": _decode_config(dec_work)}
+    return run
+
+
+# -- the fused POD kernel ------------------------------------------------------------------------------
+def autotune_config(batch: HybridBatch, candidates: dict[str, PodConfig], timer=None
+                    ) -> tuple[PodConfig, dict[str, float]]:
+    """Time every candidate config on `batch` (untimed prepare work, like Triton's autotuner) and
+    return the fastest and all timings (ms). `timer(fn) -> ms` defaults to triton.testing.do_bench."""
+    if timer is None:
+        import triton.testing
+
+        def timer(fn):
+            return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    timings = {}
+    for name, cfg in candidates.items():
+        launch = runner(plan(batch, cfg), batch)
+        launch()                                       # compile outside the timing
+        timings[name] = float(timer(launch))
+    best = min(timings, key=timings.get)
+    return candidates[best], timings
+
+
+def _prepare_pod(batch: HybridBatch, config: PodConfig | None, autotune: dict[str, PodConfig] | None = None):
+    timings = None
+    if autotune and not interpreting():
+        config, timings = autotune_config(batch, autotune)
+    p: Plan = plan(batch, config)
+    launch = runner(p, batch)
+    if not interpreting():
+        launch()                          # compile (and autotune the serial kernels) here, untimed
+
+    def run() -> AttentionOutput:
+        return AttentionOutput(*launch())
+    run.backend_config = p.describe()
+    if timings is not None:
+        run.backend_config["autotune_ms"] = timings
+    run.plan = p
+    return run
+
+
+@register_backend("pod", availability=triton_available,
+                  description="POD fused prefill+decode (Triton), dispatcher-chosen config")
+def prepare_pod(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    """POD with the dispatcher's config, a named pod_config, or (pod_autotune) the fastest candidate."""
+    if options.pod_config not in POD_CONFIGS:
+        raise ValueError(f"backend_options.pod_config={options.pod_config!r} unknown; "
+                         f"named configs: {sorted(POD_CONFIGS)}")
+    config = POD_CONFIGS[options.pod_config]
+    if config is not None and config.variant == "persistent":
+        _refuse_persistent_on_gpu(options)
+    cands = None
+    if options.pod_autotune and config is None:
+        cands = pod_autotune_candidates(batch.spec, device_num_sms(batch.device),
+                                        allow_persistent=options.allow_persistent)
+    return _prepare_pod(batch, config, cands)
+
+
+@register_backend("pod_paper", availability=triton_available,
+                  description="POD fused, the paper's scheme: one tile per CTA, 2 CTAs/SM, 1:1 roles")
+def prepare_pod_paper(batch: HybridBatch):
+    return _prepare_pod(batch, POD_CONFIGS["paper"])
+
+
+def _refuse_persistent_on_gpu(options: BackendOptions) -> None:
+    """The persistent variant is right in the interpreter but not yet on the GPU: on the H100 it left
+    output rows unwritten on a small batch and did not finish within 45 s on a large one
+    (docs/h100_notes.md). It refuses a GPU (a skipped row, not a hang) unless allow_persistent."""
+    if not interpreting() and not options.allow_persistent:
+        raise BackendUnavailable("the persistent POD variant is disabled on GPUs: wrong output and a hang "
+                                 "on the H100 (docs/h100_notes.md); backend_options.allow_persistent=true "
+                                 "to debug it")
+
+
+@register_backend("pod_persistent", availability=triton_available,
+                  description="POD fused, persistent work-stealing workers (ctas_per_sm x SMs)")
+def prepare_pod_persistent(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    _refuse_persistent_on_gpu(options)
+    cfg = POD_CONFIGS["persistent"]
+    cfg = replace(cfg, kv_splits=decode_kv_splits(batch.spec, device_num_sms(batch.device), cfg.block_n_decode))
+    return _prepare_pod(batch, cfg)

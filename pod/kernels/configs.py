@@ -1,0 +1,127 @@
+"""Every named kernel configuration, in one place: the standalone prefill kernel's, the decode kernel's
+plan variants, the fused POD kernel's, and the autotuners' search spaces.
+
+A sweep names them (`backend_options.prefill_config=h100`, `decode_config=fit`, `pod_config=paper`;
+see conf/attention.yaml), the harness checks and times them like any backend, and every row records
+the name in its `options` column. To add a configuration (a Hopper tile, say), add one entry to the
+dict of its kernel; a new kernel family adds its own dict here.
+
+Shared-memory and register figures are sm_90 compiles of D=128 bf16 (pod.kernels.common.sm90_compile_report,
+`python -m experiments.gpu_checks offline`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pod.batch import BatchSpec
+from pod.dispatch import PodConfig, choose_config, decode_kv_splits
+
+
+# -- prefill (pod/kernels/prefill.py) -------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Block sizes and launch knobs of the standalone prefill kernel.
+    block_n=None: autotune BLOCK_N / num_warps / num_stages over PREFILL_AUTOTUNE (GPU only)."""
+    block_m: int = 128
+    block_n: int | None = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def to_json(self) -> dict:
+        return {"block_m": self.block_m, "block_n": self.block_n, "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
+
+
+# Autotune space on the GPU (BLOCK_M is fixed by the plan because the work list depends on it).
+# BLOCK_N=64: ~190 registers, 96/128/160 KB shared memory at 2/3/4 stages; BLOCK_N=128: ~250 registers,
+# 160 KB at 2 stages. Each entry: (kernel constexprs, num_warps, num_stages).
+PREFILL_AUTOTUNE = (({"BLOCK_N": 64}, 8, 2), ({"BLOCK_N": 64}, 8, 3), ({"BLOCK_N": 64}, 8, 4),
+                    ({"BLOCK_N": 128}, 8, 2))
+
+PREFILL_CONFIGS: dict[str, PrefillConfig] = {
+    # Standalone prefill on the GPU (the measured default): BLOCK_M=128, the rest autotuned.
+    "autotune": PrefillConfig(block_m=128, block_n=None),
+    # FA-tutorial-like fixed choice for Hopper (128 KB shared memory).
+    "h100": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    "h100_s4": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4),
+    # Sized for a prefill CTA sharing an SM with a decode CTA (2 CTAs/SM need
+    # 2 * num_warps * 32 * registers <= 65536 and 2 * shared <= ~227 KB):
+    #   "fused":       96 KB, ~190 registers -> 2 CTAs/SM only with maxnreg=128 (spills 100-200 B)
+    #   "fused_small": BLOCK_N=32: 64 KB, ~146 registers
+    #   "fused_m64":   BLOCK_M=64, 4 warps: 80 KB, ~215 registers -> 2 x 27.5K registers: fits
+    "fused": PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    "fused_small": PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),
+    "fused_m64": PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    # Triton interpreter (CPU tests): small tiles so the emulation stays fast.
+    "interpret": PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1),
+}
+PREFILL_DEFAULT = "autotune"
+
+
+# -- decode (pod/kernels/decode.py) ----------------------------------------------------------------
+# H100 decode is HBM-bound: BLOCK_N 64-128 keys a step, K and V tiles multi-buffered in shared memory
+# (cp.async, 16-byte loads along D), 4 warps. Contiguous s3/s4/s5 at BLOCK_N 64 = 70/102/134 KB
+# (2/3/4 K+V buffers); paged spends one stage on the block-table load: s3 = s4 = 38 KB (1 buffer),
+# s5 = 70 KB (2 buffers); BLOCK_N 128 s3 = 136 KB contiguous, 72 KB paged.
+DECODE_AUTOTUNE = (({"BLOCK_N": 64}, 4, 3), ({"BLOCK_N": 64}, 4, 4), ({"BLOCK_N": 64}, 4, 5),
+                   ({"BLOCK_N": 128}, 4, 3))
+DECODE_MAX_BLOCK_N = 128                                            # splits align to this when autotuned
+DECODE_FIXED = dict(BLOCK_N=64, num_warps=4, num_stages=3)          # one fixed config (paged: 5 stages)
+DECODE_INTERPRET = dict(BLOCK_N=16, num_warps=4, num_stages=1)      # interpreter: small and fast
+
+# Named plan_decode keyword sets: autotuned with the balanced split heuristic (the default), with
+# FlashInfer's fit rule, the fixed config, the merge fused into the decode launch, no split at all.
+DECODE_CONFIGS: dict[str, dict] = {
+    "auto": {},
+    "fit": dict(split_policy="fit"),
+    "fixed64": dict(block_n=DECODE_FIXED["BLOCK_N"]),
+    "auto_fused_merge": dict(fuse_merge=True),
+    "no_split": dict(kv_splits=1),
+}
+DECODE_DEFAULT = "auto"
+
+
+# -- the fused POD kernel (pod/kernels/pod_fused.py, planned by pod/api.py) -------------------------
+# None: the dispatcher (pod.dispatch.choose_config) picks per batch. Others: fixed schemes and the
+# tile/occupancy candidates compared on the H100 (docs/dispatcher.md).
+POD_CONFIGS: dict[str, PodConfig | None] = {
+    "dispatcher": None,
+    # The paper's scheme: one tile per CTA, 2 CTAs per SM, 1:1 alternating roles, no KV split.
+    "paper": PodConfig(variant="fused", ctas_per_sm=2, policy="alternating", kv_splits=1,
+                       occupancy_roles=False),
+    "persistent": PodConfig(variant="persistent"),
+    "serial": PodConfig(variant="serial"),
+    "fused_plain": PodConfig(variant="fused", kv_splits=1, occupancy_roles=False, num_stages=2),
+    "fused_occupancy": PodConfig(variant="fused", kv_splits=1, occupancy_roles=True),
+    "fused_split4": PodConfig(variant="fused", kv_splits=4, occupancy_roles=False),
+    "8w_m128_n32": PodConfig(num_warps=8, block_m=128, block_n=32),
+    "8w_m128_n32_s3": PodConfig(num_warps=8, block_m=128, block_n=32, num_stages=3),
+    "8w_m128_n64": PodConfig(num_warps=8, block_m=128, block_n=64, num_stages=2),
+    "8w_m128_n64_nocap": PodConfig(num_warps=8, block_m=128, block_n=64, num_stages=2, maxnreg=None),
+    "4w_m64_n64": PodConfig(num_warps=4, block_m=64, block_n=64, num_stages=2),
+    "4w_m64_n64_s3": PodConfig(num_warps=4, block_m=64, block_n=64, num_stages=3),
+}
+# The tile/occupancy candidates whose compiled resources `experiments.gpu_checks resources|offline` reports.
+POD_RESOURCE_CANDIDATES = ("8w_m128_n32", "8w_m128_n32_s3", "8w_m128_n64", "8w_m128_n64_nocap",
+                           "4w_m64_n64", "4w_m64_n64_s3")
+
+
+def pod_autotune_candidates(spec: BatchSpec, num_sms: int, allow_persistent: bool = True
+                            ) -> dict[str, PodConfig]:
+    """What the `pod` backend times with backend_options.pod_autotune=true: the dispatcher's choice, its
+    neighbours in the knobs measured least (tile shape, variant, occupancy roles), and serial. Few on
+    purpose: each distinct set of tile constexprs is one more compile (cached across batches)."""
+    chosen = choose_config(spec, num_sms)
+    fused = chosen if chosen.variant != "serial" else replace(
+        chosen, variant="fused", kv_splits=decode_kv_splits(spec, num_sms, chosen.block_n_decode))
+    cands = {"dispatcher": chosen,
+             "fused": fused,
+             "fused_4w_m64": replace(fused, num_warps=4, block_m=64, block_n=64),
+             "persistent": replace(fused, variant="persistent"),
+             "fused_flip_occupancy": replace(fused, occupancy_roles=not fused.occupancy_roles),
+             "serial": replace(chosen, variant="serial")}
+    if not (spec.num_prefill and spec.num_decode):
+        cands = {k: v for k, v in cands.items() if k in ("dispatcher", "serial")}
+    if not allow_persistent:
+        cands.pop("persistent", None)
+    return cands

@@ -1,0 +1,145 @@
+"""The tree's architecture, checked: `pod/` is the product and imports nothing outside itself, the
+modules of the repository import each other without a cycle, the registry finds backend modules
+without a list of names, and the README's layout and backend table match the tree."""
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("pod", "baselines", "experiments", "analysis")   # this repository's importable packages
+OTHER_TOP_LEVEL = {"baselines", "experiments", "analysis", "conf", "notebooks", "results", "scripts", "tests",
+                   "docs"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in the file (function-level imports included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    pkg = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)   # `from pkg import module`
+    return found
+
+
+def repo_modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            mods[module_name(path)] = path
+    return mods
+
+
+def test_pod_imports_nothing_outside_pod():
+    offenders = []
+    for path in (REPO / "pod").rglob("*.py"):
+        for name in imports_of(path):
+            if name.split(".")[0] in OTHER_TOP_LEVEL:
+                offenders.append(f"{path.relative_to(REPO)}: {name}")
+    assert not offenders, "pod/ must import nothing outside pod/:\n" + "\n".join(offenders)
+
+
+def test_pod_imports_alone(tmp_path):
+    """`import pod` (and its API and kernels) with only pod/ on the path: a copy of the package in an
+    empty folder, the repository not importable."""
+    import shutil
+    shutil.copytree(REPO / "pod", tmp_path / "pod", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys, pod, pod.api, pod.kernels.configs, pod.dispatch, pod.reference\n"
+            "assert not any(m.split('.')[0] in {'baselines', 'experiments', 'analysis'} for m in sys.modules)\n"
+            "print(pod.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path[:0] = [sys.argv[1]]; exec(sys.argv[2])",
+                          str(tmp_path), code], cwd=tmp_path, env={**env, "PYTHONSAFEPATH": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(tmp_path / "pod" / "__init__.py")
+
+
+def test_no_import_cycles_among_the_repositorys_modules():
+    mods = repo_modules()
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for imp in imports_of(path):
+            # the module itself, or the deepest repo module a dotted name falls in; parents (packages)
+            # of the importing module are not edges (importing pod.api imports pod first by design)
+            while imp and imp not in mods:
+                imp = imp.rpartition(".")[0]
+            if imp and imp != name and not name.startswith(imp + "."):
+                deps.add(imp)
+        graph[name] = deps
+    state, stack, cycles = {}, [], []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == "open":
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = "done"
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_registry_finds_every_backend_module_without_a_list_of_names():
+    import baselines.registry as registry
+    text = (REPO / "baselines" / "registry.py").read_text()
+    assert "baselines.ours" not in text and "baselines.flashinfer" not in text
+    registry.list_backends()
+    for path in (REPO / "baselines").glob("*.py"):
+        if path.stem not in ("__init__", "registry"):
+            assert f"baselines.{path.stem}" in sys.modules, path
+
+
+def test_our_kernels_on_a_cpu_say_how_to_run_them(monkeypatch):
+    import torch
+
+    from baselines.registry import get_backend
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("triton_prefill", "triton_decode", "triton_serial", "pod", "pod_paper", "pod_persistent"):
+        why = get_backend(name).availability()
+        assert why is not None and "TRITON_INTERPRET=1" in why and "needs a CUDA GPU" not in why, (name, why)
+    assert "GPU only" in get_backend("fa2_serial").availability()
+
+
+def test_readme_layout_and_backend_table_match_the_tree():
+    from baselines.registry import list_backends
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"^([a-z_]+)/", layout, flags=re.M))
+    on_disk = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name not in ("outputs", "multirun", "wandb") and not p.name.endswith(".egg-info")}
+    assert named == on_disk, (named, on_disk)
+    for path in re.findall(r"\b((?:pod|baselines|experiments|analysis|scripts|conf)/[\w/.]+\.(?:py|yaml|sh))",
+                           readme):
+        assert (REPO / path).exists(), f"README names {path}, which is not in the tree"
+    table = readme.split("## Backends", 1)[1].split("\n\n", 2)[2]
+    in_table = set(re.findall(r"`([a-z0-9_]+)`", table.split("\n\n")[0]))
+    assert in_table == set(list_backends()), (in_table ^ set(list_backends()))
