@@ -34,9 +34,10 @@ would). Page slots past the last page re-read the last page (their keys are mask
 chunk are computed and dropped: O leaves through a descriptor that ends at the chunk's last row (TMA
 clips the rest) and LSE through a masked store.
 
-Resources (sm_90a compile, `compile_report`): 12 warps (8 + the worker rounded to a warpgroup), the
-worker at 40 registers and the consumers at up to 232; shared memory Q (BLOCK_M*D) + STAGES * 2 *
-(BLOCK_N*D) elements + barriers, 160 KB at D=128, BLOCK 128x128, 2 stages: one CTA per SM.
+Resources (sm_90a compile, `compile_report`; the CPU tests assert them): 12 warps (8 consumer warps + the
+1-warp producer rounded to a warpgroup), producer at 40 registers, consumers at 232-240 (`setmaxnreg`), no
+spills; shared memory Q (BLOCK_M*D) + STAGES * 2 * (BLOCK_N*D) elements + barriers: 225 KB for the
+default (D=128, BLOCK 128x128, 3 stages), so one CTA fills an SM.
 """
 from __future__ import annotations
 
@@ -302,26 +303,34 @@ class Sm90PrefillConfig:
                     consumers=self.consumers)
 
 
+# Shipped configs. H200, bf16, Llama-3-8B heads, chunk 512-2048 over context 0-12K (docs/hopper_prefill.md):
+# two unsynchronised consumer partitions with three 128-key stages lead everywhere (at 12K context:
+# 566-599 TFLOP/s vs 459-480 for one 8-warp consumer with 3 stages and 465-526 with BLOCK_N 64, 4 stages).
+# Measured and dropped: one consumer with BLOCK_N 64 at 3/4 stages, two consumers with two 128-key stages
+# (no faster than one consumer: the ring runs dry).
 SM90_CONFIGS: dict[str, Sm90PrefillConfig] = {
-    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2),
-    "sm90_n64_s3": Sm90PrefillConfig(block_n=64, stages=3),
-    "sm90_n64_s4": Sm90PrefillConfig(block_n=64, stages=4),
-    "sm90_n128_s3": Sm90PrefillConfig(block_n=128, stages=3),
-    "sm90_n128_s2_c2": Sm90PrefillConfig(block_n=128, stages=2, consumers=2),
-    "sm90_n128_s3_c2": Sm90PrefillConfig(block_n=128, stages=3, consumers=2),
-    "sm90_n64_s4_c2": Sm90PrefillConfig(block_n=64, stages=4, consumers=2),
+    "sm90_n128_s3_c2": Sm90PrefillConfig(block_n=128, stages=3, consumers=2),   # 225 KB: the default
+    "sm90_n64_s4_c2": Sm90PrefillConfig(block_n=64, stages=4, consumers=2),     # 161 KB
+    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2, consumers=1),      # 161 KB, one consumer
 }
-# head_dim 64 fits a third 128-row stage (Q 16 KB + 3 * 32 KB).
+# head_dim 64: Q 16 KB + 3 stages of 32 KB.
 SM90_CONFIGS_D64: dict[str, Sm90PrefillConfig] = {
-    "sm90_n128_s3": Sm90PrefillConfig(block_n=128, stages=3),
-    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2),
     "sm90_n128_s3_c2": Sm90PrefillConfig(block_n=128, stages=3, consumers=2),
+    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2, consumers=1),
 }
 SM90_SHARED_LIMIT = 227 * 1024
 
 
+SM90_DEFAULT = "sm90_n128_s3_c2"
+
+
+def sm90_configs(head_dim: int) -> dict[str, Sm90PrefillConfig]:
+    """The shipped configs for this head_dim (every one is checked on the GPU before it is timed)."""
+    return SM90_CONFIGS_D64 if head_dim == 64 else SM90_CONFIGS
+
+
 def default_sm90_config(head_dim: int) -> Sm90PrefillConfig:
-    return SM90_CONFIGS_D64["sm90_n128_s3"] if head_dim == 64 else SM90_CONFIGS["sm90_n128_s2"]
+    return sm90_configs(head_dim)[SM90_DEFAULT]
 
 
 def sm90_supports(spec: BatchSpec, config: Sm90PrefillConfig | None = None) -> str | None:
@@ -377,7 +386,7 @@ def plan_prefill_sm90(batch_or_spec: HybridBatch | BatchSpec, config: Sm90Prefil
         spec, device = batch_or_spec, device or "cpu"
     h = spec.heads
     if isinstance(config, str):
-        table = SM90_CONFIGS_D64 if h.head_dim == 64 else SM90_CONFIGS
+        table = sm90_configs(h.head_dim)
         if config not in table:
             raise ValueError(f"sm90 prefill config {config!r} unknown for head_dim {h.head_dim}; "
                              f"named configs: {sorted(table)}")
@@ -456,6 +465,25 @@ def prefill_sm90(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Tensor | 
 # ------------------------------------------------------------------------------------------------
 # Compile report (no GPU needed)
 # ------------------------------------------------------------------------------------------------
+def compile_reports_subprocess(cases: list[dict]) -> list[dict]:
+    """`compile_report(**case)` for each case, in a child Python with the interpreter off: under
+    TRITON_INTERPRET=1 (the CPU tests) Gluon's own helpers are interpreter functions and cannot compile."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = ("import json, sys\n"
+            "from pod.kernels.prefill_sm90 import Sm90PrefillConfig, compile_report\n"
+            "cases = json.loads(sys.stdin.read())\n"
+            "print(json.dumps([compile_report(Sm90PrefillConfig(**c.pop('config')), **c) for c in cases]))\n")
+    payload = json.dumps([dict(c, config=c["config"].__dict__) for c in cases])
+    res = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"sm_90a compile failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def compile_report(config: Sm90PrefillConfig, *, head_dim: int = 128, dtype: str = "bfloat16",
                    paged: bool = True, page_size: int = 16, num_q_heads: int = 32, num_kv_heads: int = 8,
                    has_lse: bool = True) -> dict:
