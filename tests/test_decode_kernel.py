@@ -176,21 +176,12 @@ def test_lpt_makespan():
 
 # -- decode_tile reused from another kernel (as the fused POD kernel does) ------------------------
 @triton.jit
-def _reversed_tiles_kernel(num_tiles, q_ptr, stride_qn, stride_qh, o_ptr, stride_on, stride_oh,
-                           k_ptr, v_ptr, stride_kv_page, stride_kv_token, stride_kv_head,
-                           kv_indptr_ptr, block_table_ptr, stride_bt,
-                           work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr,
-                           seq_offset, qk_scale,
+def _reversed_tiles_kernel(num_tiles, args,
                            NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                            PAGED: tl.constexpr, FUSE_MERGE: tl.constexpr):
     # Tiles in the opposite order of the plain kernel: a split's partner splits arrive in another order.
-    decode_tile(num_tiles - 1 - tl.program_id(0),
-                q_ptr, stride_qn, stride_qh, o_ptr, stride_on, stride_oh,
-                k_ptr, v_ptr, stride_kv_page, stride_kv_token, stride_kv_head,
-                kv_indptr_ptr, block_table_ptr, stride_bt,
-                work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr,
-                seq_offset, qk_scale,
+    decode_tile(num_tiles - 1 - tl.program_id(0), args,
                 NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, FUSE_MERGE)
 
 
@@ -199,7 +190,7 @@ def test_decode_tile_is_reusable_with_fused_merge():
     batch = make_batch(spec, seed=_seed())
     work = plan_decode(batch, kv_splits=3, block_n=16, fuse_merge=True)
     out = torch.full_like(batch.q_decode, float("nan"))
-    _reversed_tiles_kernel[(work.num_tiles,)](work.num_tiles, *work.tile_args(batch, out),
+    _reversed_tiles_kernel[(work.num_tiles,)](work.num_tiles, work.tile_args(batch, out),
                                              **work.tile_constexprs(block_n=16))
     _check(batch, work, out)
 

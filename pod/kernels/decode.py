@@ -39,9 +39,8 @@ Memory layouts (see pod/batch.py and pod/kernels/common.py):
   part_indptr int32 [num_decodes + 1]: request r owns partial rows part_indptr[r]:part_indptr[r+1]
   merge_counters int32 [num_decodes * Hkv], zero between launches (only with FUSE_MERGE)
 
-`decode_tile` — the reusable unit (the fused POD kernel calls it with its own tile ids). Arguments,
-in order:
-  tile_id                       int32 scalar in [0, num_items * NUM_KV_HEADS)
+`decode_tile(tile_id, args, *constexprs)` — the reusable unit (the fused POD kernel calls it with its
+own tile ids). tile_id is an int32 scalar in [0, num_items * NUM_KV_HEADS); `args` is one tuple of:
   q_ptr, stride_qn, stride_qh   decode queries [num_decodes, Hq, D] and their request / head strides
   o_ptr, stride_on, stride_oh   decode output  [num_decodes, Hq, D] (q's dtype)
   k_ptr, v_ptr                  K and V caches (same strides)
@@ -59,8 +58,8 @@ in order:
   NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, FUSE_MERGE   constexprs
 With FUSE_MERGE the CTA that writes the last partial of its (request, kv head) merges the group's
 partials itself (an acq_rel atomic counter decides who is last; the merger resets it to 0), so
-no merge launch is needed. `DecodeWork.tile_args(batch, out)` returns the runtime arguments after
-tile_id and `DecodeWork.tile_constexprs(block_n)` the constexprs, so a caller never spells them out.
+no merge launch is needed. `DecodeWork.tile_args(batch, out)` returns the `args` tuple and
+`DecodeWork.tile_constexprs(block_n)` the constexprs, so a caller never spells them out.
 """
 from __future__ import annotations
 
@@ -93,18 +92,19 @@ def interpreting() -> bool:
 
 # -- kernel -----------------------------------------------------------------------------------------
 @triton.jit
-def decode_tile(tile_id,
-                q_ptr, stride_qn, stride_qh,
-                o_ptr, stride_on, stride_oh,
-                k_ptr, v_ptr, stride_kv_page, stride_kv_token, stride_kv_head,
-                kv_indptr_ptr, block_table_ptr, stride_bt,
-                work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr,
-                seq_offset, qk_scale,
+def decode_tile(tile_id, args,
                 NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                 PAGED: tl.constexpr, FUSE_MERGE: tl.constexpr):
     """One work item: the GROUP q heads of kv head `tile_id % NUM_KV_HEADS` of one request over the
-    key range [kv_start, kv_end) of work row `tile_id // NUM_KV_HEADS` (layouts: module docstring)."""
+    key range [kv_start, kv_end) of work row `tile_id // NUM_KV_HEADS` (layouts: module docstring).
+    `args` is the tuple `DecodeWork.tile_args` builds, in this order:"""
+    (q_ptr, stride_qn, stride_qh,
+     o_ptr, stride_on, stride_oh,
+     k_ptr, v_ptr, stride_kv_page, stride_kv_token, stride_kv_head,
+     kv_indptr_ptr, block_table_ptr, stride_bt,
+     work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr,
+     seq_offset, qk_scale) = args
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GROUP
     item = tile_id // NUM_KV_HEADS
     kv_head = tile_id % NUM_KV_HEADS
@@ -175,23 +175,13 @@ def decode_tile(tile_id,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, stride_qn, stride_qh,
-                   o_ptr, stride_on, stride_oh,
-                   k_ptr, v_ptr, stride_kv_page, stride_kv_token, stride_kv_head,
-                   kv_indptr_ptr, block_table_ptr, stride_bt,
-                   work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr,
-                   seq_offset, qk_scale, kv_chunk_hint,
+def _decode_kernel(args, kv_chunk_hint,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    PAGED: tl.constexpr, FUSE_MERGE: tl.constexpr):
     # grid: (num_items * NUM_KV_HEADS,); kv_chunk_hint only keys the autotuner (split length bucket).
-    decode_tile(tl.program_id(0),
-                q_ptr, stride_qn, stride_qh, o_ptr, stride_on, stride_oh,
-                k_ptr, v_ptr, stride_kv_page, stride_kv_token, stride_kv_head,
-                kv_indptr_ptr, block_table_ptr, stride_bt,
-                work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr,
-                seq_offset, qk_scale,
-                NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, FUSE_MERGE)
+    decode_tile(tl.program_id(0), args, NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED,
+                FUSE_MERGE)
 
 
 _decode_kernel_autotuned = triton.autotune(
@@ -441,7 +431,7 @@ def decode_runner(batch: HybridBatch, work: DecodeWork, out: torch.Tensor):
     work a call: what a backend's timed run() should call). Returns out."""
     if work.num_items == 0:
         return lambda: out
-    args = work.tile_args(batch, out) + (triton.next_power_of_2(work.kv_chunk_len),)
+    args = (work.tile_args(batch, out), triton.next_power_of_2(work.kv_chunk_len))
     grid = (work.num_tiles,)
     if work.config is None:
         constexprs = work.tile_constexprs(block_n=0)
@@ -484,7 +474,7 @@ def sm90_report(spec: BatchSpec, *, block_n: int = 64, num_warps: int = 4, num_s
     work = plan_decode(batch, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                        fuse_merge=fuse_merge, kv_splits=2, device="cpu")
     out = torch.empty_like(batch.q_decode)
-    report = sm90_compile_report(_decode_kernel, *work.tile_args(batch, out), 1,
+    report = sm90_compile_report(_decode_kernel, work.tile_args(batch, out), 1,
                                  **work.tile_constexprs(block_n), num_warps=num_warps, num_stages=num_stages)
     # 16-byte cp.async: K/V tiles streamed through shared memory by the software pipeline.
     return dict(batch=spec.describe(), block_n=block_n, num_warps=num_warps, num_stages=num_stages,

@@ -134,18 +134,12 @@ def _run_tile(is_prefill, tile, p_args, d_args, P_CONST: tl.constexpr, D_CONST: 
               HAS_PREFILL: tl.constexpr, HAS_DECODE: tl.constexpr):
     if is_prefill == 1:
         if HAS_PREFILL:
-            prefill_tile(tile, p_args[0], p_args[1], p_args[2], p_args[3], p_args[4], p_args[5], p_args[6],
-                         p_args[7], p_args[8], p_args[9], p_args[10], p_args[11], p_args[12], p_args[13],
-                         p_args[14], p_args[15], p_args[16], p_args[17], p_args[18], p_args[19], p_args[20],
-                         p_args[21],
-                         P_CONST[0], P_CONST[1], P_CONST[2], P_CONST[3], P_CONST[4], P_CONST[5], P_CONST[6])
+            prefill_tile(tile, p_args, P_CONST[0], P_CONST[1], P_CONST[2], P_CONST[3], P_CONST[4], P_CONST[5],
+                         P_CONST[6])
     else:
         if HAS_DECODE:
-            decode_tile(tile, d_args[0], d_args[1], d_args[2], d_args[3], d_args[4], d_args[5], d_args[6],
-                        d_args[7], d_args[8], d_args[9], d_args[10], d_args[11], d_args[12], d_args[13],
-                        d_args[14], d_args[15], d_args[16], d_args[17], d_args[18], d_args[19], d_args[20],
-                        D_CONST[0], D_CONST[1], D_CONST[2], D_CONST[3], D_CONST[4], D_CONST[5], D_CONST[6],
-                        D_CONST[7])
+            decode_tile(tile, d_args, D_CONST[0], D_CONST[1], D_CONST[2], D_CONST[3], D_CONST[4], D_CONST[5],
+                        D_CONST[6], D_CONST[7])
 
 
 @triton.jit

@@ -26,17 +26,10 @@ are visible to every row of the block and run without any mask; only the remaini
 Reuse by the fused POD kernel (pod/kernels/pod_fused.py): call
 
     prefill_tile(tile_id,                           # int32 in [0, work.num_tiles)
-                 Q, K, V, O, LSE,                   # pointers (LSE ignored unless HAS_LSE)
-                 q_indptr, kv_lens, kv_indptr, block_table, work_units,   # int32 pointers
-                 num_q_heads,                       # int
-                 stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-                 stride_lse_tok, stride_lse_head,
-                 stride_kv_page, stride_kv_tok, stride_kv_head, stride_bt_seq,
-                 qk_scale,                          # float: sm_scale * log2(e)
-                 GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, HAS_LSE)  # constexprs
+                 args,                              # prefill_launch_args(batch, work, out, lse): a tuple
+                 GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, HAS_LSE)  # work.constexprs()
 
-`prefill_launch_args(batch, work, out, lse)` returns exactly the runtime arguments after tile_id (a
-tuple) and `work.constexprs()` the constexpr ones (a dict), so a caller can forward them unchanged.
+The runtime arguments travel as one tuple (its order is written once, where prefill_tile unpacks it);
 kv_indptr is read only when not PAGED and block_table only when PAGED (pass any int32 tensor for the
 other). K and V must have the same strides. The tile writes O and (HAS_LSE) LSE rows of its block
 and head only; rows past chunk_len are neither read nor written.
@@ -103,18 +96,19 @@ def _kv_step(q, q_pos, m_i, l_i, acc, K, V, start, seq, kv_len, kv_indptr, block
 
 
 @triton.jit
-def prefill_tile(tile_id,
-                 Q, K, V, O, LSE,
-                 q_indptr, kv_lens, kv_indptr, block_table, work_units,
-                 num_q_heads,
-                 stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-                 stride_lse_tok, stride_lse_head,
-                 stride_kv_page, stride_kv_tok, stride_kv_head, stride_bt_seq,
-                 qk_scale,
+def prefill_tile(tile_id, args,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                  HAS_LSE: tl.constexpr):
-    """One tile: BLOCK_M query rows of one chunk, one q head (see the module docstring)."""
+    """One tile: BLOCK_M query rows of one chunk, one q head (see the module docstring). `args` is the
+    tuple `prefill_launch_args` builds, in this order:"""
+    (Q, K, V, O, LSE,                                   # pointers (LSE ignored unless HAS_LSE)
+     q_indptr, kv_lens, kv_indptr, block_table, work_units,   # int32 pointers
+     num_q_heads,
+     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
+     stride_lse_tok, stride_lse_head,
+     stride_kv_page, stride_kv_tok, stride_kv_head, stride_bt_seq,
+     qk_scale) = args                                   # float: sm_scale * log2(e)
     unit = tile_id // num_q_heads
     head = tile_id % num_q_heads
     # work_units: [num_units, 2] int32 (chunk, q_block); chunk c is sequence c of the batch.
@@ -161,25 +155,10 @@ def prefill_tile(tile_id,
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, LSE,
-                    q_indptr, kv_lens, kv_indptr, block_table, work_units,
-                    num_q_heads,
-                    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-                    stride_lse_tok, stride_lse_head,
-                    stride_kv_page, stride_kv_tok, stride_kv_head, stride_bt_seq,
-                    qk_scale,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+def _prefill_kernel(args, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                     HAS_LSE: tl.constexpr):
-    prefill_tile(tl.program_id(0),
-                 Q, K, V, O, LSE,
-                 q_indptr, kv_lens, kv_indptr, block_table, work_units,
-                 num_q_heads,
-                 stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-                 stride_lse_tok, stride_lse_head,
-                 stride_kv_page, stride_kv_tok, stride_kv_head, stride_bt_seq,
-                 qk_scale,
-                 GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, HAS_LSE)
+    prefill_tile(tl.program_id(0), args, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, HAS_LSE)
 
 
 _prefill_kernel_autotuned = triton.autotune(
@@ -280,7 +259,7 @@ def plan_prefill(batch_or_spec: HybridBatch | BatchSpec, config: PrefillConfig |
 
 def prefill_launch_args(batch: HybridBatch, work: PrefillWork, out: torch.Tensor,
                         lse: torch.Tensor | None) -> tuple:
-    """The runtime arguments of `prefill_tile` after tile_id, in order (see the module docstring)."""
+    """`prefill_tile`'s `args` tuple (its order: where prefill_tile unpacks it)."""
     k, v = batch.k_cache, batch.v_cache
     assert k.stride() == v.stride(), "K and V caches must share strides"
     assert batch.q_prefill.stride(-1) == 1 and out.stride(-1) == 1 and k.stride(-1) == 1
@@ -316,7 +295,7 @@ def prefill_runner(batch: HybridBatch, work: PrefillWork, out: torch.Tensor,
 
     def launch() -> torch.Tensor:
         if work.num_units:
-            kernel[grid](*args, **const, **opts)
+            kernel[grid](args, **const, **opts)
         return out
     return launch
 
@@ -373,7 +352,7 @@ def sm90_report(config: PrefillConfig | str, page_size: int | None = None, head_
     work = plan_prefill(batch, cfg)
     out = torch.empty_like(batch.q_prefill)
     lse = torch.empty(batch.q_prefill.shape[:2], dtype=torch.float32)
-    report = sm90_compile_report(_prefill_kernel, *prefill_launch_args(batch, work, out, lse),
+    report = sm90_compile_report(_prefill_kernel, prefill_launch_args(batch, work, out, lse),
                                  **work.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dict(config=json_name(cfg), page_size=page_size, head_dim=head_dim, **report)
 
