@@ -18,7 +18,9 @@ kernels_decode_gbps, serving; summary.md gathers them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -56,6 +58,12 @@ KERNEL_BACKENDS = {
                "fa2_serial": "FA2 (fa2_serial)"},
 }
 COMPOSITION_AXIS = "batch composition: prefill chunk@context + decodes×context (tokens)"
+ROOT = Path(__file__).resolve().parents[1]
+# Figures rebuilt from the same rows are the same bytes (`make figures` on committed rows leaves the
+# tree clean): no creation date, no library versions in the files' metadata, seeded strip-plot jitter.
+PNG_METADATA = {"Software": None}
+PDF_METADATA = {"Creator": "analysis.figures", "Producer": None, "CreationDate": None}
+JITTER_SEED = 0
 
 sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
 
@@ -73,10 +81,33 @@ def slug(s: str) -> str:
 def save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight", metadata=PNG_METADATA)
+    fig.savefig(paths[1], bbox_inches="tight", metadata=PDF_METADATA)
     plt.close(fig)
     return paths
+
+
+@contextlib.contextmanager
+def seeded_jitter(seed: int = JITTER_SEED):
+    """seaborn's strip plots jitter points with numpy's global generator: seed it for the plot, and
+    give the caller's generator state back afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def shown_path(path: Path, out: Path) -> str:
+    """How a written table names a folder: relative to the repository when inside it (as typed in a
+    checkout, e.g. results/h100), else relative to the table's own folder; never absolute, so a
+    rebuild from another checkout or working directory writes the same bytes."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(ROOT).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(path, Path(out).resolve())).as_posix()
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -96,7 +127,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 def write_table(df: pd.DataFrame, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.csv", out / f"{name}.md"]
-    df.to_csv(paths[0], index=False)
+    df.to_csv(paths[0], index=False, float_format="%.12g")   # 12 digits: no last-ulp churn between runs
     paths[1].write_text(to_markdown(df))
     return paths
 
@@ -239,8 +270,9 @@ def fig_roofline(sp: pd.DataFrame, results: Results, out: Path) -> list[Path]:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 sns.boxplot(data=rows, x="backend", y=value, order=order, ax=ax, color="0.92",
                             showfliers=False)
-            sns.stripplot(data=rows, x="backend", y=value, order=order, hue="backend",
-                          palette=palette, ax=ax, size=4, alpha=0.8, legend=False)
+            with seeded_jitter():
+                sns.stripplot(data=rows, x="backend", y=value, order=order, hue="backend",
+                              palette=palette, ax=ax, size=4, alpha=0.8, legend=False)
             ax.axhline(ceiling, color="crimson", ls="--", lw=1.2)
             ax.text(0.01, ceiling, f" ceiling {ceiling:.0f} {unit} ({ceil['source']})", color="crimson",
                     va="bottom", ha="left", fontsize=8, transform=ax.get_yaxis_transform())
@@ -422,7 +454,7 @@ def build_all(results_path: str | Path = "results", out: str | Path = "results/f
         written[f"table:{name}"] = write_table(t, out, name)
     gpus = results.gpus()
     lines = [f"# Results summary — {', '.join(gpus) or 'GPU unknown'}\n",
-             f"Built by `python -m analysis.figures` from `{results.root}`. Speed-ups compare rows of one run "
+             f"Built by `python -m analysis.figures` from `{shown_path(results.root, out)}`. Speed-ups compare rows of one run "
              "and point; rows not ok, not meaningfully timed, or with max relative error above the "
              "tolerance are excluded (see excluded.csv) but counted.\n"]
     for name, title in _SECTION_TITLES.items():

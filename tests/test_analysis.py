@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -237,6 +238,36 @@ def test_build_all_writes_figures_and_tables(results_dir, tmp_path):
     assert len(excluded) == 7  # p4 pod, p5 fa2 + fi_pod, p6 fi_serial + triton_prefill, cpu run x2
 
 
+def _differing(a: Path, b: Path) -> list[str]:
+    """Names of the files that differ between two figure folders (or exist in one only)."""
+    names = {p.name for p in a.iterdir()} | {p.name for p in b.iterdir()}
+    return sorted(n for n in names if not ((a / n).is_file() and (b / n).is_file()
+                                           and (a / n).read_bytes() == (b / n).read_bytes()))
+
+
+def test_figures_from_committed_rows_are_byte_stable(tmp_path):
+    """`make figures` / `make reproduce` on the committed rows leave the tree unchanged: two builds, in
+    two processes from two working directories, give the same bytes (seeded jitter, no dates or
+    versions in PNG/PDF metadata), and no table holds an absolute path."""
+    import subprocess
+    committed = ROOT / "results" / "h100"
+    if not load_results(committed).attention.shape[0]:
+        pytest.skip("no committed H100 rows")
+    a, b = tmp_path / "a", tmp_path / "b"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from analysis.figures import build_all; "
+            "build_all(sys.argv[2], sys.argv[3])")
+    other = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(committed), str(b)], cwd=tmp_path,
+                             env={**os.environ, "PYTHONHASHSEED": "random"})   # builds alongside this one
+    written = build_all(committed, a)
+    assert other.wait(timeout=300) == 0
+    assert any(p.suffix == ".pdf" for ps in written.values() for p in ps)
+    assert _differing(a, b) == []
+    for f in list(a.glob("*.md")) + list(a.glob("*.csv")):
+        text = f.read_text()
+        assert str(ROOT) not in text and str(tmp_path) not in text, f"{f.name} holds an absolute path"
+    assert "from `results/h100`" in (a / "summary.md").read_text()
+
+
 def test_build_all_without_results(tmp_path):
     # (results without serving rows: see test_reproduce_cpu_runs_smoke_then_committed_figures)
     assert build_all(tmp_path / "empty", tmp_path / "figs2") == {}
@@ -271,6 +302,9 @@ def test_notebook_runs_on_results_and_on_none(results_dir, tmp_path, monkeypatch
     assert "43 attention rows" in text and GPU in text
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) >= 6 and _nonempty(figs / "roofline.png")
+    # The notebook writes the very bytes `python -m analysis.figures` writes: running it changes nothing.
+    build_all(results_dir, tmp_path / "clifigs")
+    assert _differing(figs, tmp_path / "clifigs") == []
     markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if o.output_type == "display_data")
     assert "speedup_summary" in markdown and "| pod |" in markdown
 
