@@ -365,7 +365,7 @@ def test_gpu_smoke_sweep_checks_every_baseline_and_skips_on_cpu(tmp_path):
     baselines give skipped rows saying so, our kernels say how to run them without a GPU."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.harness.sweep import expand_points, run_sweep
+    from experiments.harness.sweep import SweepRefused, expand_points, run_sweep
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("attention", overrides=["sweep=gpu_smoke", "backend=baselines", f"results_dir={tmp_path}",
@@ -373,6 +373,9 @@ def test_gpu_smoke_sweep_checks_every_baseline_and_skips_on_cpu(tmp_path):
     assert len(expand_points(cfg.sweep, {m: cfg.models[m] for m in cfg.models})) == 4
     if torch.cuda.is_available():
         return
+    with pytest.raises(SweepRefused, match="sweep=gpu_smoke is GPU-only"):
+        run_sweep(cfg)
+    cfg.sweep.gpu_only = False                      # run anyway: every baseline says why it cannot
     df = run_sweep(cfg)
     assert len(df) == 4 * 8 and (df.status == "skipped").all()
     assert df.reason.str.contains("GPU|CUDA|flashinfer").all()

@@ -368,9 +368,15 @@ def test_gpu_sized_point_on_a_cpu_is_refused_in_one_line(tmp_path, capsys):
                                               "progress=false", "device=cpu"])
     with pytest.raises(harness.SweepRefused, match="GPU-only.*sweep=smoke backend=cpu"):
         run_sweep(cfg)
+    for sweep in ("paper", "balance", "kernels", "gpu_smoke", "prefill_configs", "decode_configs", "pod_configs"):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            gpu = compose("attention", overrides=[f"sweep={sweep}", "backend=all", "device=cpu"])
+        with pytest.raises(harness.SweepRefused, match=f"sweep={sweep} is GPU-only"):
+            run_sweep(gpu)
     assert harness.main(cfg, ["python", "-m", "experiments.attention"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("[harness] refused: sweep=single is GPU-only")
+    assert "537,600 KV tokens" in err[0]
     assert not list(tmp_path.rglob("*.csv"))
 
 

@@ -21,7 +21,7 @@ Per (point, backend), `run_point`:
      checked call itself is timed with perf_counter and `timing_meaningful` is False;
   5. exceptions -> an "error" row with the exception text; torch.cuda.OutOfMemoryError -> "oom".
 Before the first point, `run_sweep` refuses in one line what cannot run: an unknown backend name (the
-registered names listed), a GPU-sized point on a CPU, an unwritable results file. Ctrl-C stops with
+registered names listed), a GPU sweep or a GPU-sized point on a CPU, an unwritable results file. Ctrl-C stops with
 `SweepInterrupted` (rows already appended stay, a restart resumes after them).
 """
 from __future__ import annotations
@@ -402,17 +402,22 @@ def kv_tokens(spec: BatchSpec) -> int:
     return sum(c.context_len + c.chunk_len for c in spec.prefill_chunks) + sum(spec.decode_context_lens)
 
 
-def refuse_gpu_sized_points(sweep: str, points: Sequence[Point], device: torch.device, limit: int) -> None:
-    """On a CPU the kernels run in Triton's interpreter and the fp32 reference on the CPU: a GPU-sized
-    point would take many minutes. Refuse such a sweep in one line (SweepRefused) before it starts."""
+def refuse_on_cpu(sweep: Mapping[str, Any], points: Sequence[Point], device: torch.device, limit: int) -> None:
+    """On a CPU the kernels run in Triton's interpreter and the fp32 reference on the CPU: a GPU sweep
+    (`gpu_only: true` in its config) or a GPU-sized point would take many minutes or mean nothing.
+    Refuse such a sweep in one line (SweepRefused) before it starts."""
     if device.type == "cuda" or not points:
         return
+    name = sweep.get("name")
+    instead = "run it on a CUDA GPU, or on this CPU: python -m experiments.attention sweep=smoke backend=cpu"
+    if sweep.get("gpu_only"):
+        raise SweepRefused(f"sweep={name} is GPU-only (its points are sized for a GPU); {instead}")
     big = max(points, key=lambda p: kv_tokens(p.spec))
     if kv_tokens(big.spec) > limit:
         raise SweepRefused(
-            f"sweep={sweep} is GPU-only: point {big.spec.describe()} holds {kv_tokens(big.spec):,} KV tokens, "
-            f"more than cpu_max_kv_tokens={limit:,} that the Triton interpreter runs in reasonable time; "
-            f"run it on a CUDA GPU, or on this CPU: python -m experiments.attention sweep=smoke backend=cpu")
+            f"sweep={name} is GPU-only here: point {big.spec.describe()} holds {kv_tokens(big.spec):,} KV "
+            f"tokens, more than cpu_max_kv_tokens={limit:,} that the Triton interpreter runs in reasonable "
+            f"time; {instead}")
 
 
 def _setup_interpreter(cfg: Mapping[str, Any], device: torch.device) -> None:
@@ -442,7 +447,7 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     of this run's results file (earlier runs' rows included).
 
     Refuses before the first point (UnknownBackend, SweepRefused, OSError): an unknown backend name,
-    a GPU-sized point on a CPU, an unwritable results file. Raises SweepInterrupted on Ctrl-C and
+    a GPU sweep (`gpu_only`) or a GPU-sized point on a CPU, an unwritable results file. Raises SweepInterrupted on Ctrl-C and
     CudaContextLost after a backend breaks the CUDA context (its error row is written first); in both
     cases a restart resumes.
     """
@@ -456,7 +461,7 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
         models[str(c["model"]["name"])] = c["model"]
     points = shard(expand_points(c["sweep"], models), shard_index, num_shards)
     options = BackendOptions.from_config(c.get("backend_options"))
-    refuse_gpu_sized_points(sweep_name, points, device, int(c.get("cpu_max_kv_tokens", 16384)))
+    refuse_on_cpu(c["sweep"], points, device, int(c.get("cpu_max_kv_tokens", 16384)))
     _setup_interpreter(c, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
