@@ -8,8 +8,10 @@
   fi_pod             PODWithPagedKVCacheWrapper: FlashInfer's POD-Attention port; ONE prefill request with
                      contiguous (ragged) K/V + paged batch decode, fused in one launch
   fi_batch_pod       BatchPODWithPagedKVCacheWrapper: paged batch prefill + paged batch decode, one launch
+  fi_prefill_ragged  BatchPrefillWithRaggedKVCacheWrapper (causal) over the prefill chunks on the contiguous
+                     cache (prefill part only): FlashInfer's prefill kernel without the page indirection
 
-Layout: FlashInfer's NHD paged cache is exactly ours, k_cache/v_cache [num_pages, page_size, Hkv, D],
+Layout (all but fi_prefill_ragged): FlashInfer's NHD paged cache is exactly ours, k_cache/v_cache [num_pages, page_size, Hkv, D],
 addressed by the CSR (page_indptr, page_indices, last_page_len) of HybridBatch. Sequences are ordered
 prefill chunks first, then decodes, so each part's CSR is a contiguous slice of the batch's, rebased
 to start at 0 (`page_csr`).
@@ -257,3 +259,24 @@ def prepare_fi_batch_pod(batch: HybridBatch):
         out_p, out_d = w.run(q_p, kv, q_d, kv, causal_p=True)
         return AttentionOutput(out_p, out_d)
     return _with_config(run)
+
+
+@register_backend("fi_prefill_ragged", computes=("prefill",), layouts=("contiguous",),
+                  availability=flashinfer_availability,
+                  description="FlashInfer batch prefill on the contiguous (ragged) KV cache, causal "
+                              "(prefill part only)")
+def prepare_fi_prefill_ragged(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    spec, h = batch.spec, batch.spec.heads
+    if not spec.num_prefill:
+        raise BackendUnavailable("the batch has no prefill chunk")
+    fi = _fi()
+    backend = prefill_backend(options)
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(batch.device), "NHD", backend=backend)
+    # Prefill sequences come first, so their K/V rows start at row 0: kv_indptr[:P+1] is their CSR.
+    w.plan(batch.q_indptr, batch.kv_indptr[: spec.num_prefill + 1], h.num_q_heads, h.num_kv_heads,
+           h.head_dim, causal=True, **_common_plan_kwargs(batch))
+    q, k, v = batch.q_prefill, batch.k_cache, batch.v_cache
+
+    def run() -> AttentionOutput:
+        return AttentionOutput(w.run(q, k, v), None)
+    return _with_config(run, prefill_backend=backend)

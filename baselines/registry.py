@@ -40,7 +40,7 @@ Prepare = Callable[..., Callable[[], AttentionOutput]]
 @dataclass(frozen=True)
 class BackendOptions:
     """Knobs that change what a backend runs; every row records them (conf/attention.yaml documents each)."""
-    prefill_config: str = "autotune"   # triton_prefill / triton_serial: a pod.kernels.configs.PREFILL_CONFIGS name
+    prefill_config: str = "auto"       # triton_prefill / triton_serial: "auto" or a pod.kernels.configs name
     decode_config: str = "auto"        # triton_decode / triton_serial: a DECODE_CONFIGS name
     pod_config: str = "dispatcher"     # pod: a POD_CONFIGS name ("dispatcher": chosen per batch)
     pod_autotune: bool = False         # pod: time pod_autotune_candidates per batch and keep the fastest

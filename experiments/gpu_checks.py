@@ -10,6 +10,10 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
                                            #     kernel and the CTAs per SM they allow, per config
     python -m experiments.gpu_checks offline [contig]   # (c') the same from ptxas, without a GPU (sm_90a)
     python -m experiments.gpu_checks schedule      # (d) traced launch: real %smid, roles per SM, tiles once
+    python -m experiments.gpu_checks prefill_sm90  # (e) every shipped Hopper prefill config on fresh random
+                                           #     ragged batches (4 models, bf16/fp16, contiguous and pages
+                                           #     of 16/64/256, NaN in stale page slots, NaN-poisoned
+                                           #     outputs, 2 seeds): vs the fp32 reference, LSE, repeat
 
 Timing (and the output check that comes with it) is the harness's: the fused kernel's configurations
 on the orientation and small points are `python -m experiments.attention -m sweep=pod_configs
@@ -156,6 +160,74 @@ def offline_resources(configs: dict | None = None, page_size: int | None = 16,
     return out
 
 
+# Ragged chunk sets (chunk_len, context_len), none a multiple of a tile or a page: one of 1 row, GQA 4 and 8,
+# MHA, head_dim 64.
+SM90_CHECK_SHAPES = (
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((300, 0), (517, 1234), (128, 4096), (1, 77), (45, 0))),
+    (dict(num_q_heads=32, num_kv_heads=4, head_dim=128), ((1000, 3000), (64, 64))),
+    (dict(num_q_heads=32, num_kv_heads=32, head_dim=128), ((777, 555),)),
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=64), ((513, 999), (200, 0), (1, 1))),
+)
+
+
+def poison_stale_slots(batch) -> None:
+    """NaN in every slot of a sequence's last page past its length: a kernel that lets a stale slot reach
+    P @ V (0 * NaN) fails."""
+    if batch.block_table is None:
+        return
+    p = batch.spec.page_size
+    for s in range(batch.kv_lens.numel()):
+        n = int(batch.kv_lens[s])
+        if n % p:
+            page = int(batch.block_table[s, (n - 1) // p])
+            batch.k_cache[page, n % p:] = float("nan")
+            batch.v_cache[page, n % p:] = float("nan")
+
+
+def check_prefill_sm90(seeds=(1, 2), tol: float = 2e-2, lse_tol: float = 1e-2, out=print) -> list[dict]:
+    """(e) The Hopper prefill tile: every shipped config (pod.kernels.configs.SM90_CONFIGS[_D64]) on every
+    case of SM90_CHECK_SHAPES x {bf16, fp16} x {contiguous, pages 16/64/256} x seeds. Outputs and LSE
+    start as NaN; a run passes when max rel error < tol, |LSE - ref| < lse_tol and a second launch is
+    bitwise equal. One JSON-able dict a run."""
+    import math
+
+    from pod.kernels.prefill_sm90 import plan_prefill_sm90, prefill_sm90, sm90_configs, sm90_supports
+    from pod.reference import max_rel_error, reference_prefill
+    dev = _cuda()
+    rows = []
+    for n_case, (heads, chunks) in enumerate(SM90_CHECK_SHAPES):
+        for dtype in ("bfloat16", "float16"):
+            for page in (None, 16, 64, 256):
+                spec = BatchSpec.build(**heads, prefill=chunks, dtype=dtype, page_size=page)
+                for seed in seeds:
+                    batch = make_batch(spec, dev, seed=1000 * n_case + seed)
+                    poison_stale_slots(batch)
+                    lse_ref = torch.empty(batch.q_prefill.shape[:2], device=dev)
+                    ref = reference_prefill(batch, lse=lse_ref)
+                    for name, cfg in sm90_configs(heads["head_dim"]).items():
+                        row = dict(heads=heads, chunks=chunks, dtype=dtype, page_size=page, seed=seed, config=name)
+                        why = sm90_supports(spec, cfg)
+                        if why:
+                            rows.append(dict(row, ok=True, skipped=why))
+                            continue
+                        work = plan_prefill_sm90(batch, cfg)
+                        o = torch.full_like(batch.q_prefill, float("nan"))
+                        lse = torch.full(batch.q_prefill.shape[:2], float("nan"), device=dev)
+                        prefill_sm90(batch, work, o, lse)
+                        o2 = torch.full_like(o, float("nan"))
+                        prefill_sm90(batch, work, o2, None)
+                        torch.cuda.synchronize()
+                        err = max_rel_error(o, ref)
+                        lse_err = (float((lse * math.log(2) - lse_ref).abs().max())
+                                   if torch.isfinite(lse).all() else float("inf"))
+                        same = bool(torch.equal(o, o2))
+                        row.update(err=err, lse_err=lse_err, repeat_equal=same,
+                                   ok=err < tol and lse_err < lse_tol and same)
+                        rows.append(row)
+                        out(json.dumps(row))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "repeat"
     if cmd == "repeat":
@@ -177,6 +249,12 @@ def main(argv: list[str]) -> int:
     if cmd == "schedule":
         print(json.dumps(schedule_stats(), indent=1))
         return 0
+    if cmd == "prefill_sm90":
+        rows = check_prefill_sm90()
+        bad = [r for r in rows if not r["ok"]]
+        ran = sum("skipped" not in r for r in rows)
+        print(f"prefill_sm90: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
+        return 1 if bad else 0
     print(__doc__)
     return 2
 

@@ -58,6 +58,50 @@ PREFILL_CONFIGS: dict[str, PrefillConfig] = {
 PREFILL_DEFAULT = "autotune"
 
 
+# -- Hopper prefill tile (pod/kernels/prefill_sm90.py, Gluon, sm_90a) ---------------------------------
+@dataclass(frozen=True)
+class Sm90PrefillConfig:
+    """One compiled variant of the Hopper tile. Every shipped one is checked on the GPU before timing."""
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 2
+    consumers: int = 1           # 1: one 8-warp consumer partition; 2: two 4-warp partitions, unsynchronised
+    producer_regs: int = 40
+    consumer_regs: int = 232     # the second consumer partition's registers (consumers == 2)
+
+    @property
+    def num_warps(self) -> int:
+        return 8 // self.consumers                       # warps of the default partition
+
+    def shared_bytes(self, head_dim: int, elem_bytes: int = 2) -> int:
+        return (self.block_m + 2 * self.stages * self.block_n) * head_dim * elem_bytes
+
+    def to_json(self) -> dict:
+        return dict(kernel="prefill_sm90", block_m=self.block_m, block_n=self.block_n, stages=self.stages,
+                    consumers=self.consumers)
+
+
+# Shipped configs. H200, bf16, Llama-3-8B heads, chunk 512-2048 over context 0-12K (docs/hopper_prefill.md):
+# two unsynchronised consumer partitions with three 128-key stages lead everywhere (at 12K context:
+# 566-599 TFLOP/s vs 459-480 for one 8-warp consumer with 3 stages and 465-526 with BLOCK_N 64, 4 stages).
+# Measured and dropped: one consumer with BLOCK_N 64 at 3/4 stages, two consumers with two 128-key stages
+# (no faster than one consumer: the ring runs dry).
+SM90_CONFIGS: dict[str, Sm90PrefillConfig] = {
+    "sm90_n128_s3_c2": Sm90PrefillConfig(block_n=128, stages=3, consumers=2),   # 225 KB: the default
+    "sm90_n64_s4_c2": Sm90PrefillConfig(block_n=64, stages=4, consumers=2),     # 161 KB
+    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2, consumers=1),      # 161 KB, one consumer
+}
+# head_dim 64: Q 16 KB + 3 stages of 32 KB.
+SM90_CONFIGS_D64: dict[str, Sm90PrefillConfig] = {
+    "sm90_n128_s3_c2": Sm90PrefillConfig(block_n=128, stages=3, consumers=2),
+    "sm90_n128_s2": Sm90PrefillConfig(block_n=128, stages=2, consumers=1),
+}
+SM90_DEFAULT = "sm90_n128_s3_c2"
+# "auto" (the prefill backends' default): the Hopper tile's default on an sm_90 GPU where it handles the
+# batch's layout, the portable tile's PREFILL_DEFAULT elsewhere (pod.prefill.plan_chunked_prefill).
+PREFILL_AUTO = "auto"
+
+
 # -- decode (pod/kernels/decode.py) ----------------------------------------------------------------
 # H100 decode is HBM-bound: BLOCK_N 64-128 keys a step, K and V tiles multi-buffered in shared memory
 # (cp.async, 16-byte loads along D), 4 warps. Contiguous s3/s4/s5 at BLOCK_N 64 = 70/102/134 KB

@@ -1,0 +1,66 @@
+"""Chunked prefill, the product's entry point: the Hopper tile where it runs, the portable tile elsewhere.
+
+    work = plan_chunked_prefill(batch)            # shape-only, once per batch shape
+    launch = chunked_prefill_runner(batch, work, out, lse)
+    launch()                                       # per layer: one launch, no allocation, no sync
+
+Config names (pod/kernels/configs.py): "auto" picks SM90_DEFAULT (pod/kernels/prefill_sm90.py, Gluon,
+sm_90a) on a Hopper GPU when the tile handles the batch's layout (head_dim 64/128, contiguous KV or pages
+of >= 8 tokens that divide or are multiples of its BLOCK_N), and the portable Triton tile
+(pod/kernels/prefill.py; PREFILL_DEFAULT, or its interpreter config on a CPU) otherwise. An SM90_CONFIGS
+name forces the Hopper tile, a PREFILL_CONFIGS name the portable one.
+"""
+from __future__ import annotations
+
+import torch
+
+from pod.batch import BatchSpec, HybridBatch
+from pod.kernels.configs import PREFILL_AUTO, PREFILL_CONFIGS, SM90_CONFIGS, SM90_CONFIGS_D64, SM90_DEFAULT
+
+
+def _on_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def resolve_prefill_kernel(spec: BatchSpec, config: str | None, device: torch.device | str) -> tuple[str, str]:
+    """(kernel, config name): kernel is "sm90" or "portable"; config None means "auto"."""
+    device = torch.device(device)
+    name = PREFILL_AUTO if config is None else config
+    if name == PREFILL_AUTO:
+        if _on_hopper(device):
+            from pod.kernels.prefill_sm90 import sm90_supports
+            if sm90_supports(spec) is None:
+                return "sm90", SM90_DEFAULT
+        return "portable", None                    # the portable tile's own default (interpreter aware)
+    if name in SM90_CONFIGS or name in SM90_CONFIGS_D64:
+        if device.type == "cuda" and not _on_hopper(device):
+            raise ValueError(f"prefill config {name!r} is the Hopper (sm_90a) tile; this GPU is "
+                             f"{torch.cuda.get_device_name(device)}: use 'auto' or a portable config")
+        return "sm90", name
+    if name in PREFILL_CONFIGS:
+        return "portable", name
+    raise ValueError(f"prefill config {name!r} unknown; named configs: "
+                     f"{sorted({PREFILL_AUTO, *PREFILL_CONFIGS, *SM90_CONFIGS, *SM90_CONFIGS_D64})}")
+
+
+def plan_chunked_prefill(batch: HybridBatch, config: str | None = PREFILL_AUTO):
+    """The plan of the kernel `config` picks for this batch (a PrefillWork or an Sm90PrefillWork)."""
+    kernel, name = resolve_prefill_kernel(batch.spec, config, batch.device)
+    if kernel == "sm90":
+        if batch.device.type != "cuda":
+            raise ValueError(f"prefill config {name!r} is the Hopper tile (Gluon): it runs on an sm_90 GPU "
+                             f"only, not in Triton's interpreter; use 'auto' or a portable config on a CPU")
+        from pod.kernels.prefill_sm90 import plan_prefill_sm90
+        return plan_prefill_sm90(batch, name)
+    from pod.kernels.prefill import plan_prefill
+    return plan_prefill(batch, name)
+
+
+def chunked_prefill_runner(batch: HybridBatch, work, out: torch.Tensor, lse: torch.Tensor | None = None):
+    """Bind the launch of `work`'s kernel once; returns ``launch() -> out``."""
+    from pod.kernels.prefill_sm90 import Sm90PrefillWork
+    if isinstance(work, Sm90PrefillWork):
+        from pod.kernels.prefill_sm90 import prefill_sm90_runner
+        return prefill_sm90_runner(batch, work, out, lse)
+    from pod.kernels.prefill import prefill_runner
+    return prefill_runner(batch, work, out, lse)
