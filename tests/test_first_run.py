@@ -168,3 +168,109 @@ def test_make_test_records_pytests_own_exit_code(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stdout + p.stderr
     assert rc_file.read_text().strip() == "5"
+
+
+# -- the README's commands run as written after `make test` -----------------------------------------
+TOOLS = {"python", "python3", "pip", "pip3", "pytest", "wandb", "jupyter"}   # what a venv's bin/ provides
+
+
+def readme_commands() -> list[str]:
+    """Every command the README shows: the lines of its code blocks and its inline code spans that run
+    a program (python, pip, ... by name or by path, or make) with at least one argument."""
+    text = (ROOT / "README.md").read_text()
+    lines = [re.split(r"\s#\s", line, maxsplit=1)[0]
+             for block in re.findall(r"```[\w-]*\n(.*?)```", text, re.S) for line in block.splitlines()]
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    commands = []
+    for candidate in lines + spans:
+        words = " ".join(candidate.split())
+        program = _program(words)
+        if program and len(words.split()) > 1 and (program == "make" or
+                                                   program.split("/")[-1] in TOOLS):
+            commands.append(words)
+    return commands
+
+
+def _program(command: str) -> str | None:
+    """The program a command runs (leading VAR=value assignments skipped)."""
+    for word in command.split():
+        if not re.match(r"[A-Z_][A-Z0-9_]*=", word):
+            return word
+    return None
+
+
+def _makefile_targets() -> set[str]:
+    return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+
+
+def test_readme_commands_use_the_venv_that_make_test_builds():
+    """No README command needs an activated venv: each names the interpreter (or tool) of the venv that
+    `make test` creates, and `make X` names a target the Makefile has."""
+    import shlex
+    venv_bin = f"{_makefile_var('VENV')}/bin/"
+    commands = readme_commands()
+    assert len([c for c in commands if "python" in c]) >= 10, commands   # the parser found them
+    for command in commands:
+        program = _program(command)
+        if program == "make":
+            target = shlex.split(command)[1]
+            assert target in _makefile_targets() or "=" in target, f"README: `{command}`: no such target"
+            continue
+        assert program.startswith(venv_bin), (
+            f"README: `{command}` runs `{program}` from PATH; after `make test` only {venv_bin} has the "
+            f"project's packages (write {venv_bin}{program.split('/')[-1]})")
+        assert program.split("/")[-1] in TOOLS
+
+
+def test_readme_python_commands_resolve_in_the_venv():
+    """What each README command runs exists here, under this venv's interpreter, whatever the modules
+    are called: `-m X` finds a runnable module (a package needs __main__), `-c CODE` compiles and its
+    imports resolve, a script path exists, a venv tool is installed."""
+    import ast
+    import shlex
+    modules, scripts, tools = set(), set(), set()
+    for command in readme_commands():
+        words = shlex.split(command)
+        words = words[words.index(_program(command)):]
+        name = words[0].split("/")[-1]
+        if name == "make":
+            continue
+        tools.add(name)
+        if not name.startswith("python"):
+            continue
+        if words[1] == "-m":
+            modules.add((words[2], True))
+        elif words[1] == "-c":
+            tree = ast.parse(words[2])
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    modules.update((a.name, False) for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    modules.add((node.module, False))
+        else:
+            scripts.add(words[1])
+    assert modules, "no python command found in the README"
+    for script in scripts:
+        assert (ROOT / script).is_file(), f"README runs {script}, which does not exist"
+    if sys.prefix != sys.base_prefix:   # in the venv `make test` built: its bin/ is what the README names
+        for tool in tools:
+            assert (Path(sys.prefix) / "bin" / tool).exists(), f"README runs {tool}: not in the venv"
+    probe = ("import importlib.util, json, sys\n"
+             "bad = []\n"
+             "for name, runnable in json.loads(sys.argv[1]):\n"
+             "    try:\n"
+             "        spec = importlib.util.find_spec(name)\n"
+             "        if spec and runnable and spec.submodule_search_locations is not None:\n"
+             "            spec = importlib.util.find_spec(name + '.__main__')\n"
+             "    except Exception as e:\n"
+             "        spec = None\n"
+             "    if spec is None:\n"
+             "        bad.append(name)\n"
+             "print(json.dumps(bad))\n")
+    import json
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", probe, json.dumps(sorted(modules))], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [], \
+        f"README names modules that do not resolve: {p.stdout}"
