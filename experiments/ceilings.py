@@ -16,6 +16,7 @@ import torch
 import triton
 
 from experiments.harness.provenance import device_slug, provenance
+from experiments.harness.schema import CEILING_SCHEMA
 
 
 def measure() -> dict:
@@ -38,12 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("[ceilings] needs a CUDA GPU; nothing measured")
+        print("[ceilings] GPU only: needs a CUDA GPU; nothing measured")
         return 1
     row = measure()
     out = args.out or Path("results") / device_slug("cuda") / "ceilings.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([row]).to_csv(out, index=False)
+    pd.DataFrame([row], columns=list(CEILING_SCHEMA)).to_csv(out, index=False)
     print(f"[ceilings] {row['gpu']}: copy {row['gbps']:.0f} GB/s, bf16 matmul {row['tflops']:.0f} TFLOP/s -> {out}")
     return 0
 

@@ -3,6 +3,5 @@ import os
 
 # Must be set before triton is imported anywhere.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("POD_SIMULATE_SMID", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")

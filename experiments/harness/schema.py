@@ -21,6 +21,7 @@ Attention (and kernel) rows, one per (point, backend), columns in this order (`A
   gpu, driver, torch, triton, flashinfer, git_commit, timestamp   (experiments.harness.provenance)
 
 Serving rows, one per (run config, backend): `SERVING_COLUMNS` (metrics: experiments/serving/metrics.py).
+Ceiling rows, one per measurement: `CEILING_SCHEMA` (experiments/ceilings.py).
 
 Storage: CSV, appended one row at a time and flushed (`append_row`), so a run that dies half-way loses
 at most the row in flight; `read_rows` reads one file back with the column types below.
@@ -69,6 +70,11 @@ SERVING_SCHEMA: dict[str, str] = {
     "mean_prompt_len": FLOAT, "mean_output_len": FLOAT, "kv_pages": INT, "timing_meaningful": BOOL,
     "backend_config": STR, "options": STR,
     **_PROVENANCE,
+}
+
+# The card's measured ceilings (experiments/ceilings.py), what the roofline figure draws against.
+CEILING_SCHEMA: dict[str, str] = {
+    "sweep": STR, "gbps": FLOAT, "tflops": FLOAT, "copy_ms": FLOAT, "matmul_ms": FLOAT, **_PROVENANCE,
 }
 
 ATTENTION_COLUMNS: tuple[str, ...] = tuple(ATTENTION_SCHEMA)
