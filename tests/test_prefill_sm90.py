@@ -97,3 +97,22 @@ def test_unknown_config_lists_the_names():
     spec = BatchSpec.build(32, 8, 128, prefill=[(64, 0)])
     with pytest.raises(ValueError, match="sm90_n128_s3_c2"):
         S.plan_prefill_sm90(spec, "nope")
+
+
+def test_auto_keeps_the_portable_tile_off_hopper_and_for_small_grids(monkeypatch):
+    from pod import prefill as P
+    spec = BatchSpec.build(32, 8, 128, prefill=[(1024, 4096)], page_size=16)
+    assert P.resolve_prefill_kernel(spec, "auto", "cpu") == ("portable", None)
+    assert P.resolve_prefill_kernel(spec, "h100", "cpu") == ("portable", "h100")
+    assert P.resolve_prefill_kernel(spec, "sm90_n128_s2", "cpu") == ("sm90", "sm90_n128_s2")
+    with pytest.raises(ValueError, match="unknown"):
+        P.resolve_prefill_kernel(spec, "nope", "cpu")
+    # On an sm_90 GPU with 132 SMs: 8 blocks x 32 heads = 256 tiles -> Hopper; 4 x 32 = 128 -> portable.
+    monkeypatch.setattr(P, "_on_hopper", lambda device: True)
+    monkeypatch.setattr(P, "_num_sms", lambda device: 132)
+    assert P.sm90_tiles(spec) == 256
+    assert P.resolve_prefill_kernel(spec, "auto", "cuda") == ("sm90", S.SM90_DEFAULT)
+    small = BatchSpec.build(32, 8, 128, prefill=[(512, 0)], page_size=16)
+    assert P.resolve_prefill_kernel(small, "auto", "cuda") == ("portable", None)
+    odd = BatchSpec.build(32, 8, 128, prefill=[(1024, 4096)], page_size=4)
+    assert P.resolve_prefill_kernel(odd, "auto", "cuda") == ("portable", None)
