@@ -216,9 +216,16 @@ def _nonempty(p: Path) -> bool:
     return p.is_file() and p.stat().st_size > 1000
 
 
-def test_build_all_writes_figures_and_tables(results_dir, tmp_path):
-    out = tmp_path / "figs"
-    written = build_all(results_dir, out)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The synthetic results and every figure and table built from them, once for this module:
+    (folder holding results/ and figs/, {name: paths written})."""
+    root = tmp_path_factory.mktemp("built")
+    return root, build_all(synthetic_results(root / "results"), root / "figs")
+
+
+def test_build_all_writes_figures_and_tables(built):
+    out, written = built[0] / "figs", built[1]
     for name in ("speedup_serial_paper", "speedup_fi_pod_paper", "speedup_heatmap_paper", "roofline", "kernels",
                  "serving_offline", "serving_online"):
         for ext in ("png", "pdf"):
@@ -296,15 +303,14 @@ def _run_notebook(monkeypatch, results: Path, figures: Path):
     return outputs, text
 
 
-def test_notebook_runs_on_results_and_on_none(results_dir, tmp_path, monkeypatch):
-    figs = tmp_path / "nbfigs"
+def test_notebook_runs_on_results_and_on_none(built, tmp_path, monkeypatch):
+    results_dir, figs = built[0] / "results", built[0] / "nbfigs"
     outputs, text = _run_notebook(monkeypatch, results_dir, figs)
     assert "43 attention rows" in text and GPU in text
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) >= 6 and _nonempty(figs / "roofline.png")
     # The notebook writes the very bytes `python -m analysis.figures` writes: running it changes nothing.
-    build_all(results_dir, tmp_path / "clifigs")
-    assert _differing(figs, tmp_path / "clifigs") == []
+    assert _differing(figs, built[0] / "figs") == []
     markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if o.output_type == "display_data")
     assert "speedup_summary" in markdown and "| pod |" in markdown
 
