@@ -23,8 +23,9 @@ Conventions every kernel of ours follows (the decode merge and the fused kernel 
 
 Device helpers: `online_softmax_update` (exp2-domain scores), `online_softmax_update_qk` (raw q.k and
 the scale, one FMA a score), `softmax_finalize`, `kv_tile_offsets`. Host helpers: `qk_scale_log2`,
-`lse2_to_natural`, `sm90_compile_report` (compile any of our kernels for sm_90 on a GPU-less machine and read shared
-memory, registers, spills, wgmma/cp.async/TMA counts).
+`lse2_to_natural`, `sm90_compile_report` (compile any of our Triton kernels for sm_90 on a GPU-less
+machine and read shared memory, registers, spills, wgmma/cp.async/TMA counts), `ptxas_report`
+(registers and spills of any PTX, e.g. a Gluon kernel's).
 """
 from __future__ import annotations
 
@@ -150,10 +151,6 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
 
     Used by the tests to keep the fused-kernel configs small enough for two CTAs a SM, and by
     developers without an H100 to see whether a change pipelines its loads."""
-    import re
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile
@@ -171,7 +168,17 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
     ptx = compiled.asm["ptx"]
     report = dict(shared_bytes=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
                   cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                  tma_loads=ptx.count("cp.async.bulk.tensor"), registers=None, spill_bytes=None)
+                  tma_loads=ptx.count("cp.async.bulk.tensor"))
+    report.update(ptxas_report(ptx, arch))
+    return report
+
+
+def ptxas_report(ptx: str, arch: int = 90) -> dict:
+    """Assemble PTX with Triton's bundled ptxas for sm_<arch>a: registers per thread, spill bytes, and
+    whether it assembled (the error text when not). No GPU needed."""
+    import re
+    import subprocess
+    import tempfile
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -181,6 +188,8 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
                              capture_output=True, text=True)
     regs = re.search(r"Used (\d+) registers", res.stderr)
     spill = re.search(r"(\d+) bytes spill stores", res.stderr)
-    report.update(registers=int(regs.group(1)) if regs else None,
-                  spill_bytes=int(spill.group(1)) if spill else None)
-    return report
+    out = dict(registers=int(regs.group(1)) if regs else None,
+               spill_bytes=int(spill.group(1)) if spill else None)
+    if res.returncode != 0:
+        out["ptxas_error"] = res.stderr[-2000:]
+    return out
