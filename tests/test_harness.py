@@ -463,3 +463,11 @@ def test_backend_options_reach_prepare_and_every_row(tmp_path, fake_registry):
     assert all(json.loads(o)["prefill_config"] == "h100" for o in df.options)
     with pytest.raises(ValueError, match="unknown backend_options"):
         run_sweep(sweep_cfg(tmp_path, POINTS[:1], ["o"], backend_options={"bogus": 1}))
+
+
+def test_provenance_fills_exactly_the_schemas_provenance_columns():
+    from experiments.harness.provenance import provenance
+    from experiments.harness.schema import CEILING_SCHEMA, PROVENANCE_COLUMNS, SERVING_SCHEMA
+    assert tuple(provenance("cpu")) == PROVENANCE_COLUMNS
+    for schema in (ATTENTION_SCHEMA, SERVING_SCHEMA, CEILING_SCHEMA):
+        assert list(schema)[-len(PROVENANCE_COLUMNS):] == list(PROVENANCE_COLUMNS)

@@ -1,6 +1,7 @@
 """Provenance of a result row: which GPU, driver, library versions and code produced it.
 
-Every result row carries these columns so a table can be trusted (or rejected) on its own:
+Every result row carries these columns (experiments.harness.schema.PROVENANCE_COLUMNS) so a table can
+be trusted (or rejected) on its own:
 
   gpu         torch.cuda.get_device_name() of the device used, or "cpu"
   driver      NVIDIA driver version (nvidia-smi, else "cuda <torch.version.cuda>"), "" on CPU
@@ -26,7 +27,6 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROVENANCE_COLUMNS = ("gpu", "driver", "torch", "triton", "flashinfer", "git_commit", "timestamp")
 
 
 def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 10.0) -> str | None:
