@@ -415,23 +415,29 @@ def test_progress_counts_only_rows_that_run(tmp_path, fake_registry, monkeypatch
     class Bar:
         def __init__(self, total, **kw):
             totals.append(total)
-            self.n = 0
+            self.n, self.total = 0, total
 
         def update(self, k):
             self.n += k
+
+        def refresh(self):
+            pass
 
         def set_postfix_str(self, *a, **k):
             pass
 
         def close(self):
-            totals.append(self.n)
+            totals.append((self.n, self.total))
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    def refuses(batch):
+        raise BackendUnavailable("only one prefill chunk (test)")
     fake_registry.update(ok=backend("ok"), nogpu=backend("nogpu", availability=lambda: "GPU only (test)"),
-                         dec=backend("dec", computes=("decode",)))
-    df = run_sweep(sweep_cfg(tmp_path, POINTS[:3], ["ok", "nogpu", "dec"]))
-    assert len(df) == 9 and (df[df.backend == "nogpu"].status == "skipped").all()
-    # 3 points x ok + 2 hybrid/decode points x dec run; nogpu (3) and dec on the prefill-only point skip.
-    assert totals == [5, 5]
+                         dec=backend("dec", computes=("decode",)), refuses=backend("refuses", prepare=refuses))
+    df = run_sweep(sweep_cfg(tmp_path, POINTS[:3], ["ok", "nogpu", "dec", "refuses"]))
+    assert len(df) == 12 and (df[df.backend == "nogpu"].status == "skipped").all()
+    # 3 points x ok + 2 hybrid/decode points x dec run; nogpu (3) and dec on the prefill-only point skip
+    # before the bar; `refuses` (3) is counted at first and leaves the count when prepare refuses.
+    assert totals[0] == 8 and totals[1] == (5, 5)
 
 
 def test_wandb_chatter_comes_before_our_summary(tmp_path, fake_registry, monkeypatch, capsys):

@@ -505,7 +505,10 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
         store.append(row)
         written += 1
         wandb.log_row(row)
-        if timed:
+        if timed and row["status"] == "skipped":
+            bar.total -= 1               # refused at prepare: took no time, so it leaves the ETA's count
+            bar.refresh()
+        elif timed:
             bar.update(1)
 
     from tqdm.auto import tqdm
