@@ -6,12 +6,13 @@
 
 Config names (pod/kernels/configs.py): "auto" picks SM90_DEFAULT (pod/kernels/prefill_sm90.py, Gluon,
 sm_90a) on a Hopper GPU when the tile handles the batch's layout (head_dim 64/128, contiguous KV or pages
-of >= 8 tokens that divide or are multiples of its BLOCK_N) and the batch gives it at least one
-128-row tile per SM; the portable Triton tile (pod/kernels/prefill.py; PREFILL_DEFAULT, or its
-interpreter config on a CPU) otherwise. Measured on the H200 (docs/hopper_prefill.md): with fewer tiles
-than SMs (one 512-token chunk without context: 128 tiles) the Hopper tile's fixed per-CTA cost (five
+of >= 8 tokens that divide or are multiples of its BLOCK_N) and the prefill is at least
+SM90_MIN_PREFILL_FLOPS of work; the portable Triton tile (pod/kernels/prefill.py; PREFILL_DEFAULT, or its
+interpreter config on a CPU) otherwise. Measured on the H200 (docs/hopper_prefill.md), same run: on one
+512-token chunk without context (2.1 GFLOP, 128 light tiles) the Hopper tile's fixed per-CTA cost (five
 tensor descriptors built on the device, the pipeline fill) loses to the portable tile (64 vs 108 TFLOP/s
-contiguous); from 256 tiles on it wins at every point measured. An SM90_CONFIGS
+contiguous, 68 vs 87 on 16-token pages); from 1024 tokens without context (8.6 GFLOP) and at every point
+with context (a 512-token chunk over 4K: 37 GFLOP, 556 vs 404) it wins. An SM90_CONFIGS
 name forces the Hopper tile, a PREFILL_CONFIGS name the portable one.
 """
 from __future__ import annotations
@@ -26,13 +27,8 @@ def _on_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def sm90_tiles(spec: BatchSpec, block_m: int = 128) -> int:
-    """CTAs of the Hopper tile's grid for this batch: one per (128-row query block, q head)."""
-    return sum(-(-c.chunk_len // block_m) for c in spec.prefill_chunks) * spec.heads.num_q_heads
+# Below this much prefill work the launch is latency-bound and the portable tile is faster (see above).
+SM90_MIN_PREFILL_FLOPS = 4e9
 
 
 def resolve_prefill_kernel(spec: BatchSpec, config: str | None, device: torch.device | str) -> tuple[str, str]:
@@ -42,7 +38,7 @@ def resolve_prefill_kernel(spec: BatchSpec, config: str | None, device: torch.de
     if name == PREFILL_AUTO:
         if _on_hopper(device):
             from pod.kernels.prefill_sm90 import sm90_supports
-            if sm90_supports(spec) is None and sm90_tiles(spec) >= _num_sms(device):
+            if sm90_supports(spec) is None and spec.prefill_flops() >= SM90_MIN_PREFILL_FLOPS:
                 return "sm90", SM90_DEFAULT
         return "portable", None                    # the portable tile's own default (interpreter aware)
     if name in SM90_CONFIGS or name in SM90_CONFIGS_D64:

@@ -99,20 +99,21 @@ def test_unknown_config_lists_the_names():
         S.plan_prefill_sm90(spec, "nope")
 
 
-def test_auto_keeps_the_portable_tile_off_hopper_and_for_small_grids(monkeypatch):
+def test_auto_keeps_the_portable_tile_off_hopper_and_for_tiny_prefills(monkeypatch):
     from pod import prefill as P
-    spec = BatchSpec.build(32, 8, 128, prefill=[(1024, 4096)], page_size=16)
+    spec = BatchSpec.build(32, 8, 128, prefill=[(512, 4096)], page_size=16)
     assert P.resolve_prefill_kernel(spec, "auto", "cpu") == ("portable", None)
     assert P.resolve_prefill_kernel(spec, "h100", "cpu") == ("portable", "h100")
     assert P.resolve_prefill_kernel(spec, "sm90_n128_s2", "cpu") == ("sm90", "sm90_n128_s2")
     with pytest.raises(ValueError, match="unknown"):
         P.resolve_prefill_kernel(spec, "nope", "cpu")
-    # On an sm_90 GPU with 132 SMs: 8 blocks x 32 heads = 256 tiles -> Hopper; 4 x 32 = 128 -> portable.
+    # On an sm_90 GPU: a 512-token chunk over 4K of context (37 GFLOP) -> Hopper tile; the same chunk
+    # without context (2.1 GFLOP) -> portable; 1024 tokens without context (8.6 GFLOP) -> Hopper tile.
     monkeypatch.setattr(P, "_on_hopper", lambda device: True)
-    monkeypatch.setattr(P, "_num_sms", lambda device: 132)
-    assert P.sm90_tiles(spec) == 256
     assert P.resolve_prefill_kernel(spec, "auto", "cuda") == ("sm90", S.SM90_DEFAULT)
-    small = BatchSpec.build(32, 8, 128, prefill=[(512, 0)], page_size=16)
-    assert P.resolve_prefill_kernel(small, "auto", "cuda") == ("portable", None)
+    tiny = BatchSpec.build(32, 8, 128, prefill=[(512, 0)], page_size=16)
+    assert tiny.prefill_flops() < P.SM90_MIN_PREFILL_FLOPS
+    assert P.resolve_prefill_kernel(tiny, "auto", "cuda") == ("portable", None)
+    assert P.resolve_prefill_kernel(BatchSpec.build(32, 8, 128, prefill=[(1024, 0)]), "auto", "cuda")[0] == "sm90"
     odd = BatchSpec.build(32, 8, 128, prefill=[(1024, 4096)], page_size=4)
     assert P.resolve_prefill_kernel(odd, "auto", "cuda") == ("portable", None)
