@@ -56,6 +56,7 @@ PREFILL_CONFIGS: dict[str, PrefillConfig] = {
     "interpret": PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1),
 }
 PREFILL_DEFAULT = "autotune"
+PREFILL_COMPILE_CHECKS = ("h100", "fused", "fused_small", "fused_m64")   # `python -m pod.kernels.prefill --sm90`
 
 
 # -- Hopper prefill tile (pod/kernels/prefill_sm90.py, Gluon, sm_90a) ---------------------------------
@@ -123,6 +124,16 @@ DECODE_CONFIGS: dict[str, dict] = {
     "no_split": dict(kv_splits=1),
 }
 DECODE_DEFAULT = "auto"
+
+# What `python -m pod.kernels.decode` compiles for sm_90 (no GPU needed; tests/test_decode_kernel.py):
+# sm90_report keyword sets, one JSON line each.
+DECODE_COMPILE_CHECKS = (
+    dict(spec=BatchSpec.build(32, 8, 128, decode=[300, 77]), num_stages=3),
+    dict(spec=BatchSpec.build(32, 8, 128, decode=[300, 77], page_size=16), num_stages=5),
+    dict(spec=BatchSpec.build(32, 8, 128, decode=[300, 77], page_size=64), fuse_merge=True),
+    dict(spec=BatchSpec.build(16, 2, 64, decode=[300, 77], dtype="float16", page_size=16), block_n=128),
+    dict(spec=BatchSpec.build(8, 8, 128, decode=[300, 77]), block_n=128),
+)
 
 
 # -- the fused POD kernel (pod/kernels/pod_fused.py, planned by pod/api.py) -------------------------

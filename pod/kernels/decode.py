@@ -74,7 +74,8 @@ import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
-from pod.kernels.configs import DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET, DECODE_MAX_BLOCK_N
+from pod.kernels.configs import (DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_FIXED, DECODE_INTERPRET,
+                                 DECODE_MAX_BLOCK_N)
 from pod.kernels.merge import merge_heads, merge_partials
 
 # -- launch configurations: pod/kernels/configs.py (DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET) --
@@ -481,16 +482,6 @@ def sm90_report(spec: BatchSpec, *, block_n: int = 64, num_warps: int = 4, num_s
                 fuse_merge=fuse_merge, **report)
 
 
-def sm90_report_variants() -> list[dict]:
-    """The configurations `python -m pod.kernels.decode --sm90-report` compiles (one JSON line each)."""
-    mk = BatchSpec.build
-    return [dict(spec=mk(32, 8, 128, decode=[300, 77]), num_stages=3),
-            dict(spec=mk(32, 8, 128, decode=[300, 77], page_size=16), num_stages=5),
-            dict(spec=mk(32, 8, 128, decode=[300, 77], page_size=64), fuse_merge=True),
-            dict(spec=mk(16, 2, 64, decode=[300, 77], dtype="float16", page_size=16), block_n=128),
-            dict(spec=mk(8, 8, 128, decode=[300, 77]), block_n=128)]
-
-
 def decode_attention(batch: HybridBatch, **plan_kwargs) -> torch.Tensor:
     """One-shot convenience: plan + run. Returns the decode output [num_decodes, Hq, D]."""
     return decode(batch, plan_decode(batch, **plan_kwargs))
@@ -501,5 +492,5 @@ if __name__ == "__main__":
     #   python -m experiments.attention -m sweep=decode_configs backend=triton_decode \
     #       backend_options.decode_config=auto,fit,fixed64,auto_fused_merge,no_split
     import json
-    for kw in sm90_report_variants():
+    for kw in DECODE_COMPILE_CHECKS:
         print(json.dumps(sm90_report(**kw)))

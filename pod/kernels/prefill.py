@@ -50,7 +50,8 @@ import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
-from pod.kernels.configs import PREFILL_AUTOTUNE, PREFILL_CONFIGS, PREFILL_DEFAULT, PrefillConfig
+from pod.kernels.configs import (PREFILL_AUTOTUNE, PREFILL_COMPILE_CHECKS, PREFILL_CONFIGS, PREFILL_DEFAULT,
+                                 PrefillConfig)
 
 
 def interpreting() -> bool:
@@ -368,5 +369,5 @@ if __name__ == "__main__":
                         help="compile these named configs for sm_90 and print JSON lines")
     parser.add_argument("--page-size", type=int, default=None)
     cli = parser.parse_args()
-    for name in cli.sm90 or ["h100", "fused", "fused_small", "fused_m64"]:
+    for name in cli.sm90 or PREFILL_COMPILE_CHECKS:
         print(json.dumps(sm90_report(name, page_size=cli.page_size)))
