@@ -200,7 +200,7 @@ class DecodeWork:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
-    page_size: int                 # 0: contiguous KV
+    page_size: int | None          # None: contiguous KV
     seq_offset: int                # sequence id of decode request 0 (= number of prefill chunks)
     splits: tuple[int, ...]        # splits of every request
     kv_chunk_len: int              # keys per split (the last split of a request may be shorter)
@@ -259,7 +259,7 @@ class DecodeWork:
         assert block_n == 0 or self.kv_align % block_n == 0, \
             f"BLOCK_N={block_n} must divide the plan's split alignment {self.kv_align}"
         return dict(NUM_KV_HEADS=self.num_kv_heads, GROUP=self.group, HEAD_DIM=self.head_dim,
-                    BLOCK_M=self.block_m, BLOCK_N=block_n, PAGE_SIZE=max(self.page_size, 1),
+                    BLOCK_M=self.block_m, BLOCK_N=block_n, PAGE_SIZE=self.page_size or 1,
                     PAGED=bool(self.page_size), FUSE_MERGE=self.fuse_merge)
 
 
@@ -413,7 +413,7 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
 
     return DecodeWork(
         num_decodes=len(lens), num_q_heads=h.num_q_heads, num_kv_heads=h.num_kv_heads,
-        head_dim=h.head_dim, page_size=spec.page_size or 0, seq_offset=spec.num_prefill,
+        head_dim=h.head_dim, page_size=spec.page_size, seq_offset=spec.num_prefill,
         splits=tuple(splits), kv_chunk_len=chunk, kv_align=align,
         work=i32(items).reshape(-1, 4), part_indptr=i32(part_indptr),
         part_o=torch.empty(max(rows, 1), h.num_q_heads, h.head_dim, dtype=torch.float32, device=device),

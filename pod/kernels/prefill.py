@@ -198,7 +198,7 @@ class PrefillWork:
     num_q_heads: int
     group: int
     head_dim: int
-    page_size: int                  # 1 for contiguous (unused there)
+    page_size: int | None           # None: contiguous KV
     paged: bool
     config: PrefillConfig
     unit_cost: list[int] = field(default_factory=list)   # keys seen by each unit's last row (host)
@@ -215,7 +215,7 @@ class PrefillWork:
     def constexprs(self, has_lse: bool = True) -> dict:
         """The constexpr arguments of `prefill_tile` (BLOCK_N omitted when autotuned)."""
         c = dict(GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_M=self.config.block_m,
-                 PAGE_SIZE=self.page_size, PAGED=self.paged, HAS_LSE=has_lse)
+                 PAGE_SIZE=self.page_size or 1, PAGED=self.paged, HAS_LSE=has_lse)   # ignored unless PAGED
         if not self.autotune:
             c["BLOCK_N"] = self.config.block_n
         return c
@@ -255,7 +255,7 @@ def plan_prefill(batch_or_spec: HybridBatch | BatchSpec, config: PrefillConfig |
     h = spec.heads
     return PrefillWork(work_units=work_units.to(device), num_units=len(units),
                        num_q_heads=h.num_q_heads, group=h.group_size, head_dim=h.head_dim,
-                       page_size=spec.page_size or 1, paged=spec.paged, config=cfg, unit_cost=cost)
+                       page_size=spec.page_size, paged=spec.paged, config=cfg, unit_cost=cost)
 
 
 def prefill_launch_args(batch: HybridBatch, work: PrefillWork, out: torch.Tensor,
