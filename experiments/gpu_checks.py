@@ -191,7 +191,7 @@ def check_prefill_sm90(seeds=(1, 2), tol: float = 2e-2, lse_tol: float = 1e-2, o
     bitwise equal. One JSON-able dict a run."""
     import math
 
-    from pod.kernels.prefill_sm90 import plan_prefill_sm90, prefill_sm90, sm90_configs, sm90_supports
+    from pod.kernels.prefill_sm90 import plan_prefill_sm90, prefill_sm90_runner, sm90_configs, sm90_supports
     from pod.reference import max_rel_error, reference_prefill
     dev = _cuda()
     rows = []
@@ -213,9 +213,9 @@ def check_prefill_sm90(seeds=(1, 2), tol: float = 2e-2, lse_tol: float = 1e-2, o
                         work = plan_prefill_sm90(batch, cfg)
                         o = torch.full_like(batch.q_prefill, float("nan"))
                         lse = torch.full(batch.q_prefill.shape[:2], float("nan"), device=dev)
-                        prefill_sm90(batch, work, o, lse)
+                        prefill_sm90_runner(batch, work, o, lse)()
                         o2 = torch.full_like(o, float("nan"))
-                        prefill_sm90(batch, work, o2, None)
+                        prefill_sm90_runner(batch, work, o2, None)()
                         torch.cuda.synchronize()
                         err = max_rel_error(o, ref)
                         lse_err = (float((lse * math.log(2) - lse_ref).abs().max())

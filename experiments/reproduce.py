@@ -160,7 +160,6 @@ def main_gpu(args) -> list[str]:
 def main_cpu(args) -> list[str]:
     # Kernels run in the Triton interpreter: set before anything imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("POD_SIMULATE_SMID", "1")
     # The harness writes <results_dir>/<sweep>/<device>.csv: results/smoke/cpu.csv here, as
     # `python -m experiments.attention` (whose default sweep is the smoke one) does.
     smoke_dir = args.results_root / SMOKE_SWEEP

@@ -23,8 +23,8 @@ from pod.dispatch import PodConfig, choose_config, max_ctas_per_sm, role_policy
 from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
 from pod.kernels.pod_fused import (COUNTER_WORDS, DECODE_TILE_CONSTEXPRS, PREFILL_TILE_CONSTEXPRS,
                                    pod_fused_kernel)
-from pod.kernels.prefill import (PrefillConfig, PrefillWork, plan_prefill, prefill_launch_args,
-                                 prefill_runner)
+from pod.kernels.prefill import PrefillConfig, PrefillWork, plan_prefill, prefill_launch_args
+from pod.prefill import chunked_prefill_runner, plan_chunked_prefill, resolve_prefill_kernel
 
 SIMULATED_NUM_SMS = 4   # SMs the interpreter pretends to have (CTA i "runs" on SM i % 4)
 
@@ -56,7 +56,7 @@ class Plan:
     device: torch.device
     num_sms: int
     simulate_smid: bool
-    prefill: PrefillWork               # the prefill kernel's plan: work units (chunk, q_block), heaviest first
+    prefill: object                    # the prefill plan (PrefillWork; serial on Hopper: Sm90PrefillWork)
     decode: DecodeWork                 # the decode kernel's plan: (request, split) items, partials, merge counters
     counters: torch.Tensor             # int32 [COUNTER_WORDS] scheduling counters (zeros between runs)
     prefill_share: int                 # role policy: prefill_share of every policy_period SM arrival slots
@@ -101,12 +101,19 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
     num_sms = base.num_sms or device_num_sms(device)
     if config is None:
         config = choose_config(spec, num_sms, base)
+        if config.variant != "serial" and resolve_prefill_kernel(spec, None, device)[0] == "sm90":
+            # On Hopper the fused kernel's prefill role is the portable tile (BLOCK_N 32 under a register
+            # cap for two CTAs an SM), while the standalone Hopper tile runs 1.5-1.8x the portable one
+            # (docs/hopper_prefill.md): fusing cannot beat the two launches, so the dispatcher picks them
+            # until a fused kernel is built on the Hopper tile.
+            config = replace(config, variant="serial")
     if overrides:
         config = replace(config, **overrides)
 
     if config.variant == "serial":
-        # Two launches of the standalone kernels with their own tuned defaults (= triton_serial).
-        pre = plan_prefill(spec, None, device=device)
+        # Two launches of the standalone kernels with their own defaults (= triton_serial): the prefill
+        # kernel pod.prefill picks (the Hopper tile on sm_90), the decode kernel's own plan.
+        pre = plan_chunked_prefill(spec, None, device=device)
         dec = plan_decode(spec, num_sms, device=device)
         launches = ()
     else:
@@ -196,7 +203,7 @@ def runner(p: Plan, batch: HybridBatch, out: tuple[torch.Tensor, torch.Tensor] |
     o_prefill, o_decode = out if out is not None else (torch.empty_like(batch.q_prefill),
                                                        torch.empty_like(batch.q_decode))
     if p.config.variant == "serial":
-        launch_prefill = prefill_runner(batch, p.prefill, o_prefill)
+        launch_prefill = chunked_prefill_runner(batch, p.prefill, o_prefill)
         launch_decode = decode_runner(batch, p.decode, o_decode)
 
         def serial():

@@ -52,17 +52,24 @@ def resolve_prefill_kernel(spec: BatchSpec, config: str | None, device: torch.de
                      f"{sorted({PREFILL_AUTO, *PREFILL_CONFIGS, *SM90_CONFIGS, *SM90_CONFIGS_D64})}")
 
 
-def plan_chunked_prefill(batch: HybridBatch, config: str | None = PREFILL_AUTO):
-    """The plan of the kernel `config` picks for this batch (a PrefillWork or an Sm90PrefillWork)."""
-    kernel, name = resolve_prefill_kernel(batch.spec, config, batch.device)
+def plan_chunked_prefill(batch_or_spec: HybridBatch | BatchSpec, config: str | None = PREFILL_AUTO,
+                         device: torch.device | str | None = None):
+    """The plan of the kernel `config` picks for this batch (a PrefillWork or an Sm90PrefillWork); a spec
+    needs its `device`."""
+    if isinstance(batch_or_spec, HybridBatch):
+        spec, device = batch_or_spec.spec, device or batch_or_spec.device
+    else:
+        spec, device = batch_or_spec, device or "cpu"
+    device = torch.device(device)
+    kernel, name = resolve_prefill_kernel(spec, config, device)
     if kernel == "sm90":
-        if batch.device.type != "cuda":
+        if device.type != "cuda":
             raise ValueError(f"prefill config {name!r} is the Hopper tile (Gluon): it runs on an sm_90 GPU "
                              f"only, not in Triton's interpreter; use 'auto' or a portable config on a CPU")
         from pod.kernels.prefill_sm90 import plan_prefill_sm90
-        return plan_prefill_sm90(batch, name)
+        return plan_prefill_sm90(spec, name, device=device)
     from pod.kernels.prefill import plan_prefill
-    return plan_prefill(batch, name)
+    return plan_prefill(spec, name, device=device)
 
 
 def chunked_prefill_runner(batch: HybridBatch, work, out: torch.Tensor, lse: torch.Tensor | None = None):

@@ -415,3 +415,20 @@ print(json.dumps(out))
     assert "atom.global" in ptx["persistent"] and "wgmma" in ptx["persistent"]
     for variant, text in ptx.items():
         assert _ptx_irreducible_edges(text) == [], variant
+
+
+def test_dispatch_on_hopper_runs_the_hopper_prefill_serially(monkeypatch):
+    """Where pod.prefill would run the Hopper tile, the dispatcher picks serial (Hopper prefill + decode)
+    over the fused kernel, whose prefill role is the portable tile; elsewhere its choice stands."""
+    import pod.api as api
+    spec = BatchSpec.build(32, 8, 128, prefill=[(1024, 4096)], decode=[4096] * 32, page_size=16)
+    assert api.plan(spec, device="cpu").config.variant != "serial"      # fused where the portable tile runs
+    planned = []
+    monkeypatch.setattr(api, "resolve_prefill_kernel", lambda spec, config, device: ("sm90", "sm90_n128_s3_c2"))
+    real_plan = api.plan_chunked_prefill
+    monkeypatch.setattr(api, "plan_chunked_prefill",
+                        lambda spec, config, device: planned.append(config) or real_plan(spec, "interpret", device))
+    p = api.plan(spec, device="cpu")
+    assert p.config.variant == "serial" and p.launches == () and planned == [None]
+    # An explicit config is never overridden.
+    assert api.plan(spec, api.PodConfig(variant="fused"), device="cpu").config.variant == "fused"

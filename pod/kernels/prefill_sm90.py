@@ -51,7 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from pod.batch import BatchSpec, HybridBatch
-from pod.kernels.common import LOG2E
+from pod.kernels.common import LOG2E, ptxas_report
 from pod.kernels.configs import SM90_CONFIGS, SM90_CONFIGS_D64, SM90_DEFAULT, Sm90PrefillConfig
 
 
@@ -412,17 +412,6 @@ def prefill_sm90_runner(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Te
     return launch
 
 
-def prefill_sm90(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Tensor | None = None,
-                 lse: torch.Tensor | None = None, return_lse: bool = True):
-    """Launch the Hopper tile. Returns (out [tokens, Hq, D], lse2 [tokens, Hq] fp32 or None)."""
-    if out is None:
-        out = torch.empty_like(batch.q_prefill)
-    if lse is None and return_lse:
-        lse = torch.empty(batch.q_prefill.shape[:2], dtype=torch.float32, device=out.device)
-    prefill_sm90_runner(batch, work, out, lse)()
-    return out, lse
-
-
 # ------------------------------------------------------------------------------------------------
 # Compile report (no GPU needed)
 # ------------------------------------------------------------------------------------------------
@@ -450,11 +439,6 @@ def compile_report(config: Sm90PrefillConfig, *, head_dim: int = 128, dtype: str
                    has_lse: bool = True) -> dict:
     """Compile the tile for sm_90a on the host and report what makes it fast: shared memory, registers,
     spills (ptxas), wgmma / TMA / setmaxnreg counts in the PTX."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -481,17 +465,8 @@ def compile_report(config: Sm90PrefillConfig, *, head_dim: int = 128, dtype: str
                   num_warps_total=compiled.metadata.num_warps,
                   wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
                   setmaxnreg=ptx.count("setmaxnreg"), registers=None, spill_bytes=None)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True)
-    regs = re.search(r"Used (\d+) registers", res.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
-    report.update(registers=int(regs.group(1)) if regs else None,
-                  spill_bytes=int(spill.group(1)) if spill else None, ptxas_ok=res.returncode == 0)
-    if res.returncode != 0:
-        report["ptxas_error"] = res.stderr[-2000:]
+    rep = ptxas_report(ptx)
+    report.update(registers=rep["registers"], spill_bytes=rep["spill_bytes"], ptxas_ok="ptxas_error" not in rep)
+    if "ptxas_error" in rep:
+        report["ptxas_error"] = rep["ptxas_error"]
     return report
