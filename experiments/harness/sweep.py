@@ -118,11 +118,23 @@ def expand_points(sweep: Mapping[str, Any], models: Mapping[str, Mapping[str, An
     points (over `base`). Keys are POINT_KEYS, except that a grid axis whose values are dicts of
     POINT_KEYS (any axis name, e.g. `decode: [{num_decode: 16, decode_context_len: 16384}, ...]`)
     sets several keys together: that is how a grid pairs values instead of crossing them.
+    A `generate: {kind: <name>, ...}` block adds the points of a generator of
+    experiments.harness.paper_grid.GENERATORS (after the grids, before `points`, over `base`); a generator
+    may also define models (e.g. heads per GPU under tensor parallelism), added to `models` here.
     """
     sweep = _to_container(sweep)
-    models = _to_container(models)
+    models = dict(_to_container(models))
     base = dict(sweep.get("base") or {})
     out: dict[str, Point] = {}
+    generated: list[dict[str, Any]] = []
+    if sweep.get("generate"):
+        from experiments.harness.paper_grid import GENERATORS
+        block = dict(sweep["generate"])
+        kind = block.pop("kind", None)
+        if kind not in GENERATORS:
+            raise ValueError(f"sweep {sweep.get('name')!r}: generate.kind={kind!r}; known: {sorted(GENERATORS)}")
+        generated, new_models = GENERATORS[kind](block, models)
+        models.update(new_models)
     for grid in sweep.get("grids") or []:
         grid = {**base, **grid}
         keys = list(grid)
@@ -133,11 +145,14 @@ def expand_points(sweep: Mapping[str, Any], models: Mapping[str, Mapping[str, An
                 values.update(v if isinstance(v, dict) else {k: v})
             p = make_point(values, models)
             out.setdefault(p.point_id, p)
+    for values in generated:
+        p = make_point({**base, **values}, models)
+        out.setdefault(p.point_id, p)
     for values in sweep.get("points") or []:
         p = make_point({**base, **values}, models)
         out.setdefault(p.point_id, p)
     if not out:
-        raise ValueError(f"sweep {sweep.get('name')!r} has no points (give `grids` or `points`)")
+        raise ValueError(f"sweep {sweep.get('name')!r} has no points (give `grids`, `generate` or `points`)")
     return list(out.values())
 
 

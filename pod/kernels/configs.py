@@ -155,6 +155,16 @@ POD_CONFIGS: dict[str, PodConfig | None] = {
     "8w_m128_n64_nocap": PodConfig(num_warps=8, block_m=128, block_n=64, num_stages=2, maxnreg=None),
     "4w_m64_n64": PodConfig(num_warps=4, block_m=64, block_n=64, num_stages=2),
     "4w_m64_n64_s3": PodConfig(num_warps=4, block_m=64, block_n=64, num_stages=3),
+    # The paper's knob comparisons (conf/sweep/policy.yaml, conf/sweep/ctas_per_sm.yaml): fused, no KV
+    # split, the default tiles; each pair differs only in the knob compared.
+    "policy_5050": PodConfig(variant="fused", policy="alternating", kv_splits=1),
+    "policy_proportional": PodConfig(variant="fused", policy="proportional", kv_splits=1),
+    # 2 vs 4 CTAs per SM: the default 8-warp 128x32 tile (registers capped for 2 resident CTAs) vs the
+    # paper's 4-CTA tile (64x32 prefill, 4 warps, 2 stages; 128 registers a thread: 4 x 4 warps x 32 x 128
+    # = 64K, an SM's registers).
+    "ctas_2": PodConfig(variant="fused", ctas_per_sm=2, kv_splits=1),
+    "ctas_4": PodConfig(variant="fused", ctas_per_sm=4, num_warps=4, block_m=64, block_n=32, num_stages=2,
+                        maxnreg=128, kv_splits=1),
 }
 # The tile/occupancy candidates whose compiled resources `experiments.gpu_checks resources|offline` reports.
 POD_RESOURCE_CANDIDATES = ("8w_m128_n32", "8w_m128_n32_s3", "8w_m128_n64", "8w_m128_n64_nocap",
