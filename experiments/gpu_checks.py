@@ -14,6 +14,9 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
                                            #     ragged batches (4 models, bf16/fp16, contiguous and pages
                                            #     of 16/64/256, NaN in stale page slots, NaN-poisoned
                                            #     outputs, 2 seeds): vs the fp32 reference, LSE, repeat
+    timeout 120 python -m experiments.gpu_checks pod_sm90  # (f) the Hopper POD kernel (pod/kernels/pod_sm90.py,
+                                           #     never run on a GPU before: run it under `timeout`) on
+                                           #     hybrid batches, same checks as (e) for both parts
 
 Timing (and the output check that comes with it) is the harness's: the fused kernel's configurations
 on the orientation and small points are `python -m experiments.attention -m sweep=pod_configs
@@ -228,6 +231,54 @@ def check_prefill_sm90(seeds=(1, 2), tol: float = 2e-2, lse_tol: float = 1e-2, o
     return rows
 
 
+# Hybrid batches for the Hopper POD kernel: ragged chunks and decodes, GQA 4 and 8, MHA, head_dim 64.
+POD_SM90_CHECK_SHAPES = (
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((300, 700), (77, 0)), (1000, 37, 513, 2049)),
+    (dict(num_q_heads=32, num_kv_heads=4, head_dim=128), ((1000, 3000),), (4097, 1)),
+    (dict(num_q_heads=32, num_kv_heads=32, head_dim=128), ((129, 64),), (700,)),
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=64), ((513, 999),), (333, 64)),
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((1024, 4096),), (4096,) * 64),
+)
+
+
+def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print) -> list[dict]:
+    """(f) pod/kernels/pod_sm90.py on POD_SM90_CHECK_SHAPES x {bf16, fp16} x {contiguous, pages 16/64} x
+    seeds: both outputs start as NaN, stale page slots hold NaN; a run passes when both parts are within
+    `tol` of the fp32 reference and a second launch is bitwise equal."""
+    from pod.kernels.pod_sm90 import plan_pod_sm90, pod_sm90_runner, pod_sm90_supports
+    from pod.reference import max_rel_error, reference
+    dev = _cuda()
+    rows = []
+    for n_case, (heads, chunks, decodes) in enumerate(POD_SM90_CHECK_SHAPES):
+        for dtype in ("bfloat16", "float16"):
+            for page in (None, 16, 64):
+                spec = BatchSpec.build(**heads, prefill=chunks, decode=decodes, dtype=dtype, page_size=page)
+                for seed in seeds:
+                    row = dict(heads=heads, chunks=chunks, decodes=len(decodes), dtype=dtype, page_size=page,
+                               seed=seed)
+                    why = pod_sm90_supports(spec)
+                    if why:
+                        rows.append(dict(row, ok=True, skipped=why))
+                        continue
+                    batch = make_batch(spec, dev, seed=1000 * n_case + seed)
+                    poison_stale_slots(batch)
+                    ref_p, ref_d = reference(batch)
+                    plan = plan_pod_sm90(batch)
+                    outs = []
+                    for _ in range(2):
+                        o = (torch.full_like(batch.q_prefill, float("nan")), torch.full_like(batch.q_decode, float("nan")))
+                        pod_sm90_runner(batch, plan, *o)()
+                        torch.cuda.synchronize()
+                        outs.append(o)
+                    err_p, err_d = max_rel_error(outs[0][0], ref_p), max_rel_error(outs[0][1], ref_d)
+                    same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+                    row.update(prefill_err=err_p, decode_err=err_d, repeat_equal=same,
+                               ok=err_p < tol and err_d < tol and same)
+                    rows.append(row)
+                    out(json.dumps(row))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "repeat"
     if cmd == "repeat":
@@ -249,11 +300,11 @@ def main(argv: list[str]) -> int:
     if cmd == "schedule":
         print(json.dumps(schedule_stats(), indent=1))
         return 0
-    if cmd == "prefill_sm90":
-        rows = check_prefill_sm90()
+    if cmd in ("prefill_sm90", "pod_sm90"):
+        rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90()
         bad = [r for r in rows if not r["ok"]]
         ran = sum("skipped" not in r for r in rows)
-        print(f"prefill_sm90: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
+        print(f"{cmd}: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
         return 1 if bad else 0
     print(__doc__)
     return 2

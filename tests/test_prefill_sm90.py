@@ -117,3 +117,21 @@ def test_auto_keeps_the_portable_tile_off_hopper_and_for_tiny_prefills(monkeypat
     assert P.resolve_prefill_kernel(BatchSpec.build(32, 8, 128, prefill=[(1024, 0)]), "auto", "cuda")[0] == "sm90"
     odd = BatchSpec.build(32, 8, 128, prefill=[(1024, 4096)], page_size=4)
     assert P.resolve_prefill_kernel(odd, "auto", "cuda") == ("portable", None)
+
+
+def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
+    """pod/kernels/pod_sm90.py (not yet run on a GPU): one CTA an SM with four partitions. It must keep
+    wgmma for prefill, mma.sync for decode, TMA for both, per-partition registers and no spills, within
+    an SM's shared memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = "import json; from pod.kernels.pod_sm90 import compile_report; print(json.dumps(compile_report()))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["num_warps_total"] == 16 and r["setmaxnreg"] > 0
+    assert r["wgmma"] > 0 and r["mma_sync"] > 0 and r["tma_loads"] > 0
+    assert r["spill_bytes"] == 0 and r["shared_bytes"] <= S.SM90_SHARED_LIMIT, r

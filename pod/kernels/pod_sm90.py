@@ -1,0 +1,479 @@
+"""POD for Hopper, first version (NOT YET RUN ON A GPU: compile-checked for sm_90a only; no backend or
+dispatcher uses it until `python -m experiments.gpu_checks pod_sm90` passes on an H200).
+
+Design (docs/hopper_prefill.md, "What the fused POD kernel needs"): the Hopper prefill tile fills an SM by
+itself, so prefill and decode cannot be two co-resident CTAs as in the paper's A100 recipe. Instead every
+CTA runs both roles at once in different partitions (`gl.warp_specialize`), one CTA per SM, persistent:
+
+  * two prefill consumers (4 warps each, 64 query rows, wgmma) and a prefill producer (1 warp, TMA)
+    walk the prefill tiles cta, cta + grid, cta + 2*grid, ... (heaviest first, as planned by
+    pod.kernels.prefill.plan_units): the Hopper tile's partitions, looped;
+  * a decode partition (4 warps) walks the decode items cta, cta + grid, ... (one item = one request and
+    one KV head, the GROUP query heads of that KV head as the rows of a 16-row mma_v2 tile, no KV split),
+    streaming its K/V pages by TMA through its own ring while the tensor cores run the prefill.
+
+Static round-robin assignment: no atomics, bitwise-repeatable outputs. The SM-aware part of POD is that
+every SM runs both roles for as long as both have work; the share of each role per SM is the
+prefill:decode work ratio of the batch (the paper's proportional policy, by construction).
+
+Tail handling as in the Hopper tile: the last page of a sequence (or a contiguous sequence) is read
+through a descriptor that ends at its last valid row, so TMA zero-fills past kv_len. These descriptors
+are rebuilt per tile; the producer drains its ring before rebuilding them, so no copy in flight reads a
+descriptor being rewritten.
+
+Resources (sm_90a): 16 warps (4 warpgroups: 2 prefill consumers, the prefill producer's, decode) with
+per-warpgroup registers summing to 512 (the register file / 128 threads); shared memory: prefill Q 32 KB
++ PREFILL_STAGES x 2 x BLOCK_N x D, decode DECODE_STAGES x 2 x DECODE_BLOCK_N x D.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+
+from pod.batch import BatchSpec, HybridBatch
+from pod.kernels.common import LOG2E
+from pod.kernels.prefill_sm90 import _causal_mask
+
+
+@gluon.jit
+def _prefill_tile_info(tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr):
+    unit = tile // num_q_heads
+    head = tile % num_q_heads
+    chunk = gl.load(work_units + 2 * unit)
+    m0 = gl.load(work_units + 2 * unit + 1) * BLOCK_M
+    q_start = gl.load(q_indptr + chunk)
+    chunk_len = gl.load(q_indptr + chunk + 1) - q_start
+    kv_len = gl.load(kv_lens + chunk)
+    if PAGED:
+        kv_start = kv_len * 0
+    else:
+        kv_start = gl.load(kv_indptr + chunk)
+    q_pos0 = kv_len - chunk_len + m0
+    n_tiles = (gl.minimum(kv_len, q_pos0 + BLOCK_M) + BLOCK_N - 1) // BLOCK_N
+    return chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles
+
+
+@gluon.jit
+def _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+    """Cache rows up to a sequence's last valid row (TMA zero-fills beyond) and its last page index."""
+    if PAGED:
+        last_idx = (kv_len - 1) // PAGE_SIZE
+        last_page = gl.load(block_table + seq.to(gl.int64) * stride_bt + last_idx)
+        return last_page * PAGE_SIZE + (kv_len - last_idx * PAGE_SIZE), last_idx
+    else:
+        return kv_start + kv_len, kv_len * 0
+
+
+@gluon.jit
+def _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, t, last_idx, stride_bt,
+                   k_dst, v_dst, bar_k, bar_v, kv_col,
+                   BLOCK_N: gl.constexpr, COPY_ROWS: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+    """TMA copies of KV tile t (keys t*BLOCK_N ...) of one sequence into one stage: a copy a page."""
+    if PAGED:
+        bt_row = block_table + seq.to(gl.int64) * stride_bt
+        for c in gl.static_range(BLOCK_N // COPY_ROWS):
+            tok = t * BLOCK_N + c * COPY_ROWS
+            idx = gl.minimum(tok // PAGE_SIZE, last_idx)
+            row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
+            tma.async_copy_global_to_shared(k_full, [row, kv_col], bar_k, k_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx != last_idx)
+            tma.async_copy_global_to_shared(k_tail, [row, kv_col], bar_k, k_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx == last_idx)
+            tma.async_copy_global_to_shared(v_full, [row, kv_col], bar_v, v_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx != last_idx)
+            tma.async_copy_global_to_shared(v_tail, [row, kv_col], bar_v, v_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx == last_idx)
+    else:
+        row = kv_start + t * BLOCK_N
+        tma.async_copy_global_to_shared(k_tail, [row, kv_col], bar_k, k_dst)
+        tma.async_copy_global_to_shared(v_tail, [row, kv_col], bar_v, v_dst)
+
+
+@gluon.jit
+def _prefill_producer(Q, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units,
+                      q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+                      cta, grid, n_prefill_tiles, num_q_heads, total_q_rows, total_kv_rows, stride_bt,
+                      GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, COPY_ROWS: gl.constexpr,
+                      PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr):
+    dtype: gl.constexpr = K.dtype.element_ty
+    ROWS: gl.constexpr = BLOCK_M // 2
+    Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
+    KV_STRIDE: gl.constexpr = NUM_KV_HEADS * HEAD_DIM
+    lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([COPY_ROWS, HEAD_DIM], dtype)
+    q_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+    q_desc = tma.make_tensor_descriptor(Q, [total_q_rows, Q_STRIDE], [Q_STRIDE, 1], [ROWS, HEAD_DIM], q_lay)
+    k_full = tma.make_tensor_descriptor(K, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+    v_full = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+    it = 0
+    n = 0
+    for tile in range(cta, n_prefill_tiles, grid):
+        chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
+            tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
+        # Drain the ring before rewriting the tail descriptors: no copy in flight reads them.
+        for j in gl.static_range(STAGES):
+            prev = it - STAGES + j
+            mbarrier.wait(empty.index((prev + STAGES) % STAGES), ((prev // STAGES) & 1), pred=prev >= 0)
+        tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
+        k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+        v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+        # Q of this tile, once both consumers have stored the previous tile's O out of q_smem.
+        mbarrier.wait(q_empty, (n & 1) ^ 1)
+        mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
+        for i in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [q_start + m0 + i * ROWS, head * HEAD_DIM], q_ready,
+                                            q_smem.index(i))
+        for t in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready_k.index(s), tile_bytes)
+            mbarrier.expect(ready_v.index(s), tile_bytes)
+            _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, chunk, kv_start, t, last_idx, stride_bt,
+                           k_smem.index(s), v_smem.index(s), ready_k.index(s), ready_v.index(s),
+                           (head // GROUP) * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
+            it += 1
+        n += 1
+
+
+@gluon.jit
+def _prefill_consumer(O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+                      q_indptr, kv_lens, kv_indptr, work_units, cta, grid, n_prefill_tiles, num_q_heads, qk_scale,
+                      HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      NUM_KV_HEADS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      PAGED: gl.constexpr, STAGES: gl.constexpr):
+    """Rows HALF*64 .. HALF*64+63 of every prefill tile of this CTA (the Hopper tile's consumer, looped)."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
+    my_q = q_smem.index(HALF)
+    dtype: gl.constexpr = my_q.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    it = 0
+    n = 0
+    for tile in range(cta, n_prefill_tiles, grid):
+        chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
+            tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
+        row0 = q_pos0 + HALF * ROWS
+        q_pos = row0 + gl.arange(0, ROWS, layout=row_layout)
+        n_full = gl.minimum(row0 + 1, kv_len) // BLOCK_N
+        mbarrier.wait(q_ready, n & 1)
+        st = it % STAGES
+        mbarrier.wait(ready_k.index(st), (it // STAGES) & 1)
+        s = warpgroup_mma(my_q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
+        if n_full == 0:
+            s = _causal_mask(s, 0, q_pos, kv_len, BLOCK_N, col_layout)
+        m_i = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, 1)
+        pb = gl.convert_layout(p.to(dtype), p_layout)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        for t in range(1, n_tiles):
+            st = (it + t) % STAGES
+            sp = (it + t - 1) % STAGES
+            mbarrier.wait(ready_k.index(st), ((it + t) // STAGES) & 1)
+            s_tok = warpgroup_mma(my_q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(ready_v.index(sp), ((it + t - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(pb, v_smem.index(sp), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+            if t >= n_full:
+                s = _causal_mask(s, t, q_pos, kv_len, BLOCK_N, col_layout)
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            pb_next = gl.convert_layout(p.to(dtype), p_layout)
+            acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, pb))
+            mbarrier.arrive(empty.index(sp), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            m_i = m_new
+            pb = pb_next
+        sl = (it + n_tiles - 1) % STAGES
+        mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(pb, v_smem.index(sl), acc)
+        mbarrier.arrive(empty.index(sl), count=1)
+        acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        my_q.store(acc.to(dtype))
+        fence_async_shared()
+        o_desc = tma.make_tensor_descriptor(O, [q_start + chunk_len, Q_STRIDE], [Q_STRIDE, 1], [ROWS, HEAD_DIM],
+                                            my_q.type.layout)
+        tma.async_copy_shared_to_global(o_desc, [q_start + m0 + HALF * ROWS, head * HEAD_DIM], my_q)
+        tma.store_wait(0)
+        mbarrier.arrive(q_empty, count=1)
+        it += n_tiles
+        n += 1
+
+
+@gluon.jit
+def _decode_partition(Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_items,
+                      dk_smem, dv_smem, d_ready, cta, grid, n_decode_items, num_prefill, total_kv_rows,
+                      stride_bt, qk_scale,
+                      GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+                      BLOCK_N: gl.constexpr, COPY_ROWS: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                      PAGED: gl.constexpr, STAGES: gl.constexpr):
+    """One decode item = (request, KV head): its GROUP query heads as rows 0..GROUP-1 of a 16-row mma_v2
+    tile (warps side by side along N), all of its keys, no split. K/V pages by TMA through a STAGES ring
+    that this partition fills itself: tile t+STAGES-1 is issued once every warp holds tile t-1 in
+    registers (a partition barrier), so a stage is never overwritten while read."""
+    dtype: gl.constexpr = K.dtype.element_ty
+    KV_STRIDE: gl.constexpr = NUM_KV_HEADS * HEAD_DIM
+    Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
+    lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([COPY_ROWS, HEAD_DIM], dtype)
+    tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [1, 4], [1, 0])
+    rows_ld = gl.arange(0, 16, layout=gl.SliceLayout(1, ld))
+    cols_ld = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    rows_o = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    k_full = tma.make_tensor_descriptor(K, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+    v_full = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+    it = 0
+    for item in range(cta, n_decode_items, grid):
+        req = gl.load(decode_items + 2 * item)
+        g = gl.load(decode_items + 2 * item + 1)
+        seq = num_prefill + req
+        kv_len = gl.load(kv_lens + seq)
+        if PAGED:
+            kv_start = kv_len * 0
+        else:
+            kv_start = gl.load(kv_indptr + seq)
+        n_tiles = (kv_len + BLOCK_N - 1) // BLOCK_N
+        # The previous item's copies have all landed (it waited on each): its tail descriptors are free.
+        tail_rows, last_idx = _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
+        k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+        v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+        q_ptrs = Qd + req.to(gl.int64) * Q_STRIDE + (g * GROUP + gl.expand_dims(rows_ld, 1)) * HEAD_DIM \
+            + gl.expand_dims(cols_ld, 0)
+        q = gl.load(q_ptrs, mask=gl.expand_dims(rows_ld < GROUP, 1), other=0.0)
+        q = gl.convert_layout(q, a_layout)
+        for j in gl.static_range(STAGES - 1):
+            s = (it + j) % STAGES
+            mbarrier.expect(d_ready.index(s), 2 * tile_bytes, pred=j < n_tiles)
+            if j < n_tiles:
+                _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, j, last_idx, stride_bt,
+                               dk_smem.index(s), dv_smem.index(s), d_ready.index(s), d_ready.index(s),
+                               g * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
+        m_i = gl.full([16], -float("inf"), gl.float32, gl.SliceLayout(1, mma))
+        l_i = gl.zeros([16], gl.float32, gl.SliceLayout(1, mma))
+        acc = gl.zeros([16, HEAD_DIM], gl.float32, mma)
+        for t in range(n_tiles):
+            s = (it + t) % STAGES
+            mbarrier.wait(d_ready.index(s), ((it + t) // STAGES) & 1)
+            k = dk_smem.index(s).permute((1, 0)).load(b_layout)          # K^T [D, BLOCK_N]
+            v = dv_smem.index(s).load(b_layout)                          # V [BLOCK_N, D]
+            gl.thread_barrier()                                          # every warp holds stage s
+            nxt = t + STAGES - 1
+            sn = (it + nxt) % STAGES
+            if nxt < n_tiles:
+                fence_async_shared()
+                mbarrier.expect(d_ready.index(sn), 2 * tile_bytes)
+                _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, nxt, last_idx,
+                               stride_bt, dk_smem.index(sn), dv_smem.index(sn), d_ready.index(sn),
+                               d_ready.index(sn), g * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
+            sc = mma_v2(q, k, gl.zeros([16, BLOCK_N], gl.float32, mma))
+            sc = gl.where(gl.expand_dims(t * BLOCK_N + keys < kv_len, 0), sc, -float("inf"))
+            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+            p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = mma_v2(gl.convert_layout(p.to(dtype), a_layout), v, acc * gl.expand_dims(alpha, 1))
+            m_i = m_new
+        it += n_tiles
+        out = acc / gl.expand_dims(l_i, 1)
+        o_ptrs = Od + req.to(gl.int64) * Q_STRIDE + (g * GROUP + gl.expand_dims(rows_o, 1)) * HEAD_DIM \
+            + gl.expand_dims(cols_o, 0)
+        gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(rows_o < GROUP, 1))
+
+
+@gluon.jit
+def pod_sm90_kernel(Q, Qd, K, V, O, Od, q_indptr, kv_lens, kv_indptr, block_table, work_units, decode_items,
+                    n_prefill_tiles, n_decode_items, num_prefill, num_q_heads, total_q_rows, total_kv_rows,
+                    stride_bt, qk_scale,
+                    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
+                    STAGES: gl.constexpr, DECODE_BLOCK_N: gl.constexpr, DECODE_STAGES: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, DECODE_REGS: gl.constexpr):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    ROWS: gl.constexpr = BLOCK_M // 2
+    COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < BLOCK_N else BLOCK_N
+    D_COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < DECODE_BLOCK_N else DECODE_BLOCK_N
+    cta = gl.program_id(0)
+    grid = gl.num_programs(0)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    d_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([DECODE_BLOCK_N, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    dk_smem = gl.allocate_shared_memory(dtype, [DECODE_STAGES, DECODE_BLOCK_N, HEAD_DIM], d_layout)
+    dv_smem = gl.allocate_shared_memory(dtype, [DECODE_STAGES, DECODE_BLOCK_N, HEAD_DIM], d_layout)
+    ready_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    d_ready = gl.allocate_shared_memory(gl.int64, [DECODE_STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_k.index(i), count=1)
+        mbarrier.init(ready_v.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)           # both prefill consumers release a stage
+    for i in gl.static_range(DECODE_STAGES):
+        mbarrier.init(d_ready.index(i), count=1)
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(q_empty, count=2)
+    gl.warp_specialize([
+        (_prefill_consumer, (O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, q_indptr,
+                             kv_lens, kv_indptr, work_units, cta, grid, n_prefill_tiles, num_q_heads, qk_scale,
+                             0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES)),
+        (_prefill_consumer, (O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, q_indptr,
+                             kv_lens, kv_indptr, work_units, cta, grid, n_prefill_tiles, num_q_heads, qk_scale,
+                             1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES)),
+        (_prefill_producer, (Q, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, q_smem, k_smem, v_smem,
+                             q_ready, q_empty, ready_k, ready_v, empty, cta, grid, n_prefill_tiles, num_q_heads,
+                             total_q_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M,
+                             BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED, STAGES)),
+        (_decode_partition, (Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_items, dk_smem, dv_smem, d_ready,
+                             cta, grid, n_decode_items, num_prefill, total_kv_rows, stride_bt, qk_scale, GROUP,
+                             HEAD_DIM, NUM_KV_HEADS, DECODE_BLOCK_N, D_COPY_ROWS, PAGE_SIZE, PAGED, DECODE_STAGES)),
+    ], [4, 1, 4], [CONSUMER_REGS, PRODUCER_REGS, DECODE_REGS])
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PodSm90Config:
+    """Tile sizes and per-partition registers (consumer x2 + producer + decode = 512 a thread slot)."""
+    block_n: int = 64
+    stages: int = 3
+    decode_block_n: int = 64
+    decode_stages: int = 3
+    consumer_regs: int = 160
+    producer_regs: int = 32
+    decode_regs: int = 160
+
+
+def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) -> str | None:
+    """None when this kernel handles the batch, else why not."""
+    h = spec.heads
+    if h.head_dim not in (64, 128):
+        return f"head_dim {h.head_dim} (64 or 128)"
+    if h.group_size > 16:
+        return f"GQA group {h.group_size} (the decode tile has 16 rows)"
+    if spec.paged:
+        p = spec.page_size
+        for n in (config.block_n, config.decode_block_n):
+            if p < 8 or not (p % n == 0 or n % p == 0):
+                return f"page_size {p} (needs >= 8 and a divisor or multiple of {n})"
+    return None
+
+
+@dataclass
+class PodSm90Plan:
+    config: PodSm90Config
+    work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block), heaviest first
+    n_prefill_tiles: int
+    decode_items: torch.Tensor      # [items, 2] int32 (decode request, kv head), longest first
+    n_decode_items: int
+    grid: int                       # one persistent CTA an SM
+
+
+def plan_pod_sm90(batch: HybridBatch, config: PodSm90Config = PodSm90Config(),
+                  num_sms: int | None = None) -> PodSm90Plan:
+    """Shape-only: the prefill work list (as the Hopper tile's), the decode items, the grid."""
+    from pod.kernels.prefill import plan_units
+    spec, dev = batch.spec, batch.device
+    why = pod_sm90_supports(spec, config)
+    if why is not None:
+        raise ValueError(f"the Hopper POD kernel does not handle this batch: {why}")
+    units, _ = plan_units(spec, 128)
+    hkv = spec.heads.num_kv_heads
+    order = sorted(range(spec.num_decode), key=lambda j: -spec.decode_context_lens[j])
+    items = [(j, g) for j in order for g in range(hkv)]
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    n_p, n_d = len(units) * spec.heads.num_q_heads, len(items)
+    return PodSm90Plan(config=config,
+                       work_units=torch.tensor(units or [[0, 0]], dtype=torch.int32, device=dev).reshape(-1, 2),
+                       n_prefill_tiles=n_p,
+                       decode_items=torch.tensor(items or [[0, 0]], dtype=torch.int32, device=dev).reshape(-1, 2),
+                       n_decode_items=n_d, grid=max(1, min(num_sms, max(n_p, n_d))))
+
+
+def pod_sm90_runner(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Tensor, out_decode: torch.Tensor):
+    """Bind the one launch; returns ``launch() -> (out_prefill, out_decode)``."""
+    from pod.kernels.prefill_sm90 import _ensure_allocator
+    spec, cfg = batch.spec, plan.config
+    h = spec.heads
+    k = batch.k_cache
+    for name, t in (("q_prefill", batch.q_prefill), ("q_decode", batch.q_decode), ("k_cache", k),
+                    ("v_cache", batch.v_cache), ("out_prefill", out_prefill), ("out_decode", out_decode)):
+        if not t.is_contiguous():
+            raise ValueError(f"the Hopper POD kernel needs a dense {name}")
+    paged = spec.paged
+    bt = batch.block_table if paged else batch.kv_lens
+    args = (batch.q_prefill, batch.q_decode, k, batch.v_cache, out_prefill, out_decode, batch.q_indptr,
+            batch.kv_lens, batch.kv_indptr if not paged else batch.kv_lens, bt, plan.work_units, plan.decode_items,
+            plan.n_prefill_tiles, plan.n_decode_items, spec.num_prefill, h.num_q_heads, batch.q_prefill.shape[0],
+            k.shape[0] * k.shape[1] if paged else k.shape[0], bt.stride(0) if paged else 0,
+            float(batch.sm_scale) * LOG2E)
+    const = dict(GROUP=h.group_size, HEAD_DIM=h.head_dim, NUM_KV_HEADS=h.num_kv_heads, BLOCK_M=128,
+                 BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
+                 STAGES=cfg.stages, DECODE_BLOCK_N=cfg.decode_block_n, DECODE_STAGES=cfg.decode_stages,
+                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, DECODE_REGS=cfg.decode_regs)
+    _ensure_allocator()
+    grid = (plan.grid,)
+
+    def launch():
+        pod_sm90_kernel[grid](*args, **const, num_warps=4)
+        return out_prefill, out_decode
+    return launch
+
+
+def compile_report(*, head_dim: int = 128, dtype: str = "bfloat16", paged: bool = True, page_size: int = 16,
+                   num_q_heads: int = 32, num_kv_heads: int = 8, block_n: int = 64, stages: int = 3,
+                   decode_block_n: int = 64, decode_stages: int = 3, consumer_regs: int = 160,
+                   producer_regs: int = 32, decode_regs: int = 160) -> dict:
+    """Compile for sm_90a on the host (no GPU): shared memory, registers, spills, wgmma / mma.sync / TMA."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as triton_compile
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from pod.kernels.common import ptxas_report
+    tdt = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+    sig = dict(Q=f"*{tdt}", Qd=f"*{tdt}", K=f"*{tdt}", V=f"*{tdt}", O=f"*{tdt}", Od=f"*{tdt}", q_indptr="*i32",
+               kv_lens="*i32", kv_indptr="*i32", block_table="*i32", work_units="*i32", decode_items="*i32",
+               n_prefill_tiles="i32", n_decode_items="i32", num_prefill="i32", num_q_heads="i32",
+               total_q_rows="i32", total_kv_rows="i32", stride_bt="i32", qk_scale="fp32")
+    const = dict(GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, NUM_KV_HEADS=num_kv_heads, BLOCK_M=128,
+                 BLOCK_N=block_n, PAGE_SIZE=page_size if paged else block_n, PAGED=paged, STAGES=stages,
+                 DECODE_BLOCK_N=decode_block_n, DECODE_STAGES=decode_stages, CONSUMER_REGS=consumer_regs,
+                 PRODUCER_REGS=producer_regs, DECODE_REGS=decode_regs)
+    sig.update({k: "constexpr" for k in const})
+    fn = pod_sm90_kernel
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
+    compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = compiled.asm["ptx"]
+    rep = dict(shared_bytes=compiled.metadata.shared, num_warps_total=compiled.metadata.num_warps,
+               wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+               tma_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"))
+    rep.update(ptxas_report(ptx))
+    return rep
