@@ -24,7 +24,9 @@ context_len counts its new token.
 Timing: one host sync per iteration (the sampled tokens are copied to the host, which the
 scheduler needs); none inside the forward. On a GPU, CUDA events around each iteration's forward and
 each layer's attention run() give the device time spent, read after that sync (prepare/plan time
-is inside the iteration's forward time, not in attention time).
+is inside the iteration's forward time, not in attention time). The span between the first and
+the last layer's attention start gives one layer's time (`layer_ms`): what cutting layers removes
+(metrics.py scales a cut run to the full model with it).
 """
 from __future__ import annotations
 
@@ -221,6 +223,15 @@ class IterationAttention:
         return o
 
 
+def _layer_period_ms(marks: _Marks, intervals: list[tuple]) -> float:
+    """Device time of one decoder layer in this iteration: the span between the starts of the first
+    and the last layer's attention covers (layers - 1) whole layers (attention, projections, MLP, norms,
+    KV writes), so the embedding, LM head and sampling are left out. What a layer cut removes."""
+    if len(intervals) < 2:
+        return float("nan")
+    return marks.ms(intervals[0][0], intervals[-1][0]) / (len(intervals) - 1)
+
+
 @dataclass
 class IterationStats:
     num_prefill: int
@@ -230,6 +241,9 @@ class IterationStats:
     attention_ms: float     # the backend's run() calls, all layers
     plan_ms: float          # the backend's prepare() calls
     end_s: float
+    layer_ms: float = float("nan")   # one decoder layer: (start of the last layer's attention - start of
+                                     # the first's) / (layers - 1), device time; NaN with one layer
+    start_s: float = 0.0             # wall clock when the iteration was scheduled (end_s - start_s: busy)
 
 
 @dataclass
@@ -281,7 +295,8 @@ class Engine:
             num_prefill=len(plan.prefills), num_prefill_tokens=sum(c.length for c in plan.prefills),
             num_decode=len(plan.decodes), forward_ms=self.marks.ms(t_start, t_end),
             attention_ms=sum(self.marks.ms(a, b) for a, b in attention.intervals),
-            plan_ms=sum(self.marks.ms(a, b) for a, b in attention.plan_intervals), end_s=0.0)
+            plan_ms=sum(self.marks.ms(a, b) for a, b in attention.plan_intervals), end_s=0.0,
+            layer_ms=_layer_period_ms(self.marks, attention.intervals))
         return sampled, stats, attention
 
     def run(self, specs: list[RequestSpec], online: bool = False) -> EngineRun:
@@ -313,12 +328,14 @@ class Engine:
             if not scheduler.has_work():
                 time.sleep(max(0.0, nxt.spec.arrival_s - now))
                 continue
+            start_s = time.perf_counter() - t0
             plan = scheduler.schedule()
             if plan.empty:
                 raise RuntimeError("the scheduler produced an empty iteration with work pending "
                                    "(a request cannot be admitted)")
             sampled, stats, attention = self.step(plan)
             stats.end_s = time.perf_counter() - t0
+            stats.start_s = start_s
             scheduler.complete(plan, sampled, stats.end_s)
             iterations.append(stats)
             attn_err = max(attn_err, attention.max_err)

@@ -39,9 +39,26 @@ def _container(x):
     return OmegaConf.to_container(x, resolve=True) if x is not None else None
 
 
+def full_model_config(cfg: DictConfig) -> ModelConfig:
+    """The model as published (all its layers)."""
+    return ModelConfig(**OmegaConf.to_container(cfg.serving.model, resolve=True))
+
+
 def model_config(cfg: DictConfig) -> ModelConfig:
-    m = OmegaConf.to_container(cfg.serving.model, resolve=True)
-    return ModelConfig(**m).with_layers(cfg.num_layers)
+    """The model as built: `num_layers` of it (null: all)."""
+    return full_model_config(cfg).with_layers(cfg.num_layers)
+
+
+def kv_pages(cfg: DictConfig, mcfg: ModelConfig, full_layers: int, dtype: torch.dtype) -> int:
+    """KV pages per layer: `num_pages`, else `kv_cache_gb` over the layers' pools. With
+    `kv_for_full_model` (default) the budget is that of the FULL model's layers, so a cut model holds
+    the tokens the full model would (same admission, same preemptions, same iterations: the cut
+    only shortens each iteration) and allocates num_layers/full_layers of the bytes."""
+    if cfg.num_pages:
+        return int(cfg.num_pages)
+    layers = full_layers if cfg.get("kv_for_full_model", True) else mcfg.num_layers
+    return PagedKVCache.num_pages_for_bytes(int(float(cfg.kv_cache_gb) * 2**30), layers,
+                                            int(cfg.page_size), mcfg.heads, dtype)
 
 
 def workload_config(cfg: DictConfig, vocab_size: int) -> WorkloadConfig:
@@ -85,11 +102,15 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ServingRefused(f"device={cfg.device} is GPU-only and there is no CUDA GPU here; on a CPU: {CPU_SMOKE}")
     if cfg.mode not in ("offline", "online"):
         raise ValueError(f"mode={cfg.mode!r} is invalid: 'offline' or 'online'")
+    if cfg.mode == "online" and not (cfg.qps and float(cfg.qps) > 0):
+        raise ValueError(f"mode=online needs qps > 0 (got {cfg.qps!r}); python -m experiments.serving.paper "
+                         "derives it from an offline capacity run")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is invalid: one of {tuple(DTYPES)}")
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     mcfg = model_config(cfg)
+    full_layers = full_model_config(cfg).num_layers
     sched = scheduler_config(cfg)
     wl = workload_config(cfg, mcfg.vocab_size)
     options = BackendOptions.from_config(_container(cfg.get("backend_options")))
@@ -101,8 +122,10 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "sweep": cfg.sweep_name, "backend": name, "model": mcfg.name, "mode": cfg.mode,
             "workload": cfg.serving.workload.name, "num_requests": wl.num_requests,
-            "qps": wl.qps if wl.online else None, "chunk_size": sched.chunk_size,
-            "num_layers": mcfg.num_layers, "page_size": int(cfg.page_size), "dtype": cfg.dtype,
+            "qps": wl.qps if wl.online else None,
+            "load": float(cfg.load) if wl.online and cfg.get("load") is not None else None,
+            "chunk_size": sched.chunk_size, "num_layers": mcfg.num_layers,
+            "model_num_layers": full_layers, "page_size": int(cfg.page_size), "dtype": cfg.dtype,
             "timing_meaningful": device.type == "cuda", "options": options.as_dict(),
         }
         try:
@@ -117,7 +140,7 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
             else:
                 if model is None:
                     model = LlamaModel(mcfg, dtype=dtype, device=device, seed=int(cfg.seed))
-                row.update(_serve(cfg, name, model, sched, wl, options))
+                row.update(_serve(cfg, name, model, sched, wl, options, full_layers))
                 row.update(status="ok", reason="")
         except BackendUnavailable as e:
             row.update(status="skipped", reason=str(e))
@@ -140,13 +163,9 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: WorkloadConfig,
-           options: BackendOptions) -> dict:
+           options: BackendOptions, full_layers: int) -> dict:
     mcfg, device, dtype = model.cfg, model.device, model.dtype
-    if cfg.num_pages:
-        num_pages = int(cfg.num_pages)
-    else:
-        num_pages = PagedKVCache.num_pages_for_bytes(int(float(cfg.kv_cache_gb) * 2**30), mcfg.num_layers,
-                                                     int(cfg.page_size), mcfg.heads, dtype)
+    num_pages = kv_pages(cfg, mcfg, full_layers, dtype)
     cache = PagedKVCache(mcfg.num_layers, num_pages, int(cfg.page_size), mcfg.heads, dtype, device,
                          seed=int(cfg.seed))
     engine = Engine(model, cache, sched, backend=backend, plan_per_layer=bool(cfg.plan_per_layer), options=options)
@@ -167,7 +186,7 @@ def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: Wor
     log.info("serving %d requests (%s, %s) with %s: %d KV pages of %d tokens",
              len(requests), cfg.mode, cfg.serving.workload.name, backend, num_pages, cfg.page_size)
     run = engine.run(requests, online=wl.online)
-    out = summarize(run)
+    out = summarize(run, model_num_layers=full_layers, num_layers=mcfg.num_layers, qps=wl.qps)
     out.update(attn_err=attn_err, kv_pages=num_pages)
     log.info("%s: %.3f req/s, %.0f tok/s, TTFT p50 %.1f ms, TBT p50 %.1f ms, attention %.0f%% of "
              "forward, %d iterations (%d hybrid), %d preemptions", backend, out["requests_per_s"],

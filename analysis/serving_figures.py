@@ -1,0 +1,223 @@
+"""Serving figures and tables from serving rows (experiments/serving; schema SERVING_SCHEMA).
+
+    python -m analysis.serving_figures --results results/h200/serving --out results/h200/figures
+
+  serving_throughput[_<gpu>]  offline (the paper's Fig 12): requests per minute per backend per model
+                   (left) and each backend's speed-up over each OTHER backend of the same model and
+                   experiment (right; no backend against itself)
+  serving_latency_<model>[_<gpu>]   online: TTFT p50/p99, TBT p50/p99 and the share of decode gaps
+                   over 200 / 500 ms, per backend (hue) at each offered load (x)
+  tables serving_throughput, serving_latency, serving_layer_cut_check (the all-layers run's measured
+                   requests/min beside the 8-layer run's scaled estimate) (CSV + Markdown)
+Only rows with status ok and timing_meaningful (a GPU run) are drawn; of repeated rows of one
+(experiment, backend, load) the latest (timestamp) wins. Rows of a layer-cut run (time_scale != 1)
+are drawn with their scaled_* columns, ESTIMATES of the full model, and the figure says so; the
+measured values stay in the tables. Files are byte-stable (analysis.figures.save: no dates, no versions).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from analysis.figures import gpu_title, save, slug, write_table  # noqa: E402
+from analysis.load import load_results  # noqa: E402
+
+BACKEND_ORDER = ("pod", "triton_serial", "fi_serial")
+LATENCY_METRICS = (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"),
+                   ("tbt_p50_ms", "TBT p50 (ms)"), ("tbt_p99_ms", "TBT p99 (ms)"),
+                   ("stall_frac_200ms", "decode gaps > 200 ms (share)"),
+                   ("stall_frac_500ms", "decode gaps > 500 ms (share)"))
+
+
+def usable(serving: pd.DataFrame) -> pd.DataFrame:
+    """ok, GPU-timed rows; the latest of each (gpu, sweep, model, mode, backend, load)."""
+    s = serving[(serving["status"] == "ok") & serving["timing_meaningful"].astype(bool)].copy()
+    if s.empty:
+        return s
+    s["load_key"] = s["load"].round(6).fillna(-1.0)
+    s = s.sort_values("timestamp", kind="stable")
+    return s.drop_duplicates(["gpu", "sweep", "model", "mode", "backend", "load_key"], keep="last")
+
+
+def _scaled(d: pd.DataFrame) -> bool:
+    """True when the rows come from a layer cut (their scaled_* columns are estimates)."""
+    ts = d["time_scale"].dropna()
+    return bool((ts - 1.0).abs().gt(1e-9).any())
+
+
+def _value(d: pd.DataFrame, col: str) -> pd.Series:
+    """`col` as drawn: the scaled_* estimate for rows of a layer cut where it exists, else measured."""
+    scaled = f"scaled_{col}"
+    if scaled in d and d[scaled].notna().any():
+        cut = d["time_scale"].notna() & (d["time_scale"] - 1.0).abs().gt(1e-9)
+        return d[col].where(~cut, d[scaled])
+    return d[col]
+
+
+def _backends(present) -> list[str]:
+    present = set(present)
+    return [b for b in BACKEND_ORDER if b in present] + sorted(present - set(BACKEND_ORDER))
+
+
+def throughput_table(s: pd.DataFrame) -> pd.DataFrame:
+    off = s[s["mode"] == "offline"]
+    cols = ["gpu", "sweep", "model", "workload", "backend", "num_requests", "chunk_size", "num_layers",
+            "model_num_layers", "requests_per_min", "steady_requests_per_min", "time_scale",
+            "scaled_requests_per_min", "scaled_steady_requests_per_min"]
+    return off[cols].sort_values(["gpu", "sweep", "model", "backend"]).reset_index(drop=True)
+
+
+def speedups(off: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Each backend's rate over each OTHER backend's, per (gpu, sweep, model): never a backend vs itself."""
+    out = []
+    for (gpu, sweep, model), d in off.groupby(["gpu", "sweep", "model"], sort=True):
+        rate = dict(zip(d["backend"], d[value]))
+        for b in _backends(rate):
+            for other in _backends(rate):
+                if other != b and rate[other] > 0:
+                    out.append(dict(gpu=gpu, sweep=sweep, model=model, backend=b, vs=other,
+                                    speedup=rate[b] / rate[other]))
+    return pd.DataFrame(out, columns=["gpu", "sweep", "model", "backend", "vs", "speedup"])
+
+
+def fig_throughput(s: pd.DataFrame, out: Path) -> list[Path]:
+    off = s[s["mode"] == "offline"]
+    paths = []
+    gpus = sorted(off["gpu"].unique())
+    for gpu in gpus:
+        d = off[off["gpu"] == gpu].copy()
+        d["panel"] = d["model"] + "\n" + d["sweep"]
+        d["value"] = _value(d, "steady_requests_per_min").fillna(_value(d, "requests_per_min"))
+        cut = _scaled(d)
+        backends = _backends(d["backend"])
+        order = sorted(d["panel"].unique())
+        fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.6 * len(order) + 4), 4.6))
+        sns.barplot(data=d, x="panel", y="value", hue="backend", hue_order=backends, order=order,
+                    errorbar=None, ax=axes[0])
+        axes[0].set_xlabel("model / experiment")
+        axes[0].set_ylabel("requests per minute (steady)" + ("\nscaled to all layers (estimate)" if cut else ""))
+        axes[0].set_title("throughput", fontsize=10)
+        sp = speedups(d, "value")
+        if sp.empty:
+            axes[1].set_axis_off()
+            axes[1].text(0.5, 0.5, "one backend: no comparison", ha="center", transform=axes[1].transAxes)
+        else:
+            sp["pair"] = sp["backend"] + " / " + sp["vs"]
+            sp["panel"] = sp["model"] + "\n" + sp["sweep"]
+            pairs = [f"{b} / {o}" for b in backends for o in backends if b != o and f"{b} / {o}" in set(sp["pair"])]
+            sns.barplot(data=sp, x="panel", y="speedup", hue="pair", hue_order=pairs,
+                        order=[p for p in order if p in set(sp["panel"])], errorbar=None, ax=axes[1])
+            axes[1].axhline(1.0, color="black", lw=1, ls="--")
+            axes[1].set_xlabel("model / experiment")
+            axes[1].set_ylabel("throughput ratio (×)")
+            axes[1].set_title("backend / other backend (same model and run)", fontsize=10)
+            axes[1].legend(title="backend / vs", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.suptitle(gpu_title("Offline serving throughput (paper Fig 12)", [gpu])
+                     + ("\nlayer-cut runs: scaled to all layers (estimate; see time_scale)" if cut else ""))
+        fig.tight_layout()
+        paths += save(fig, out, "serving_throughput" + (f"_{slug(gpu)}" if len(gpus) > 1 else ""))
+    return paths
+
+
+def latency_table(s: pd.DataFrame) -> pd.DataFrame:
+    on = s[s["mode"] == "online"]
+    cols = ["gpu", "sweep", "model", "workload", "backend", "load", "qps", "num_requests", "num_layers",
+            "model_num_layers", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms",
+            "stalls_200ms", "stall_frac_200ms", "stalls_500ms", "stall_frac_500ms", "decode_gaps",
+            "time_scale", "scaled_qps", "scaled_ttft_p50_ms", "scaled_ttft_p99_ms", "scaled_tbt_p50_ms",
+            "scaled_tbt_p99_ms", "scaled_stall_frac_200ms", "scaled_stall_frac_500ms"]
+    return on[cols].sort_values(["gpu", "sweep", "model", "load", "backend"]).reset_index(drop=True)
+
+
+def fig_latency(s: pd.DataFrame, out: Path) -> list[Path]:
+    on = s[(s["mode"] == "online") & s["qps"].notna()]
+    paths = []
+    gpus = sorted(on["gpu"].unique())
+    for gpu in gpus:
+        for model, d in on[on["gpu"] == gpu].groupby("model", sort=True):
+            d = d.copy()
+            cut = _scaled(d)
+            qps = _value(d, "qps")
+            d["x"] = [f"{q:.3g} req/s" + (f"\n(load {l:.2f})" if pd.notna(l) else "")
+                      for q, l in zip(qps, d["load"])]
+            order = list(dict.fromkeys(d.assign(q=qps).sort_values("q")["x"]))
+            backends = _backends(d["backend"])
+            fig, axes = plt.subplots(1, len(LATENCY_METRICS), figsize=(3.4 * len(LATENCY_METRICS), 4.0))
+            for j, (ax, (col, label)) in enumerate(zip(axes, LATENCY_METRICS)):
+                d["value"] = _value(d, col)
+                sns.barplot(data=d, x="x", y="value", hue="backend", hue_order=backends, order=order,
+                            errorbar=None, ax=ax, legend=(j == len(LATENCY_METRICS) - 1))
+                ax.set_xlabel("offered load" + (" (scaled)" if cut else ""))
+                ax.set_ylabel(label)
+            axes[-1].legend(title="backend", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            fig.suptitle(gpu_title(f"Online serving latency, {model}", [gpu])
+                         + ("\nlayer-cut runs: times and rates scaled to all layers (estimate; see time_scale)"
+                            if cut else ""))
+            fig.tight_layout()
+            paths += save(fig, out, f"serving_latency_{slug(model)}" + (f"_{slug(gpu)}" if len(gpus) > 1 else ""))
+    return paths
+
+
+ALL_LAYERS_SUFFIX = "_all_layers"
+
+
+def layer_cut_check(s: pd.DataFrame) -> pd.DataFrame:
+    """The layer-cut check: each `<sweep>_all_layers` offline row (measured with every layer) beside
+    the scaled estimate of the `<sweep>` row of the same gpu, model and backend (a cut run);
+    estimate_error = estimate / measured - 1."""
+    off = s[s["mode"] == "offline"]
+    full = off[off["sweep"].str.endswith(ALL_LAYERS_SUFFIX)]
+    out = []
+    for _, f in full.iterrows():
+        base = f["sweep"][: -len(ALL_LAYERS_SUFFIX)]
+        cut = off[(off["sweep"] == base) & (off["gpu"] == f["gpu"]) & (off["model"] == f["model"])
+                  & (off["backend"] == f["backend"])]
+        for _, c in cut.iterrows():
+            for what in ("requests_per_min", "steady_requests_per_min"):
+                est, meas = c[f"scaled_{what}"], f[what]
+                out.append(dict(gpu=f["gpu"], model=f["model"], backend=f["backend"], metric=what,
+                                cut_layers=c["num_layers"], all_layers=f["num_layers"],
+                                cut_measured=c[what], time_scale=c["time_scale"], scaled_estimate=est,
+                                all_layers_measured=meas,
+                                estimate_error=est / meas - 1 if pd.notna(est) and meas else float("nan")))
+    return pd.DataFrame(out, columns=["gpu", "model", "backend", "metric", "cut_layers", "all_layers",
+                                      "cut_measured", "time_scale", "scaled_estimate", "all_layers_measured",
+                                      "estimate_error"])
+
+
+def build_serving_figures(results: str | Path, out: str | Path) -> dict[str, list[Path]]:
+    """Every serving figure and table from the serving rows under `results`; {} when none are timed."""
+    s = usable(load_results(results).serving)
+    out = Path(out)
+    if s.empty:
+        return {}
+    written = {"serving_throughput": fig_throughput(s, out), "serving_latency": fig_latency(s, out)}
+    for name, t in (("serving_throughput", throughput_table(s)), ("serving_latency", latency_table(s)),
+                    ("serving_layer_cut_check", layer_cut_check(s))):
+        if not t.empty:
+            written[f"table:{name}"] = write_table(t, out, name)
+    return {k: v for k, v in written.items() if v}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default="results", help="folder (or file) of serving rows")
+    ap.add_argument("--out", default="results/figures", help="where figures and tables go")
+    args = ap.parse_args(argv)
+    written = build_serving_figures(args.results, args.out)
+    if not written:
+        print(f"No GPU-timed ok serving rows under {args.results!r}: nothing to plot.")
+    for name, paths in written.items():
+        print(f"  {name}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
