@@ -34,31 +34,11 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
-from pod.kernels.prefill_sm90 import _causal_mask
-
-
-@gluon.jit
-def _prefill_tile_info(tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr):
-    unit = tile // num_q_heads
-    head = tile % num_q_heads
-    chunk = gl.load(work_units + 2 * unit)
-    m0 = gl.load(work_units + 2 * unit + 1) * BLOCK_M
-    q_start = gl.load(q_indptr + chunk)
-    chunk_len = gl.load(q_indptr + chunk + 1) - q_start
-    kv_len = gl.load(kv_lens + chunk)
-    if PAGED:
-        kv_start = kv_len * 0
-    else:
-        kv_start = gl.load(kv_indptr + chunk)
-    q_pos0 = kv_len - chunk_len + m0
-    n_tiles = (gl.minimum(kv_len, q_pos0 + BLOCK_M) + BLOCK_N - 1) // BLOCK_N
-    return chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles
+from pod.kernels.prefill_sm90 import _attend_rows, _prefill_tile_info
 
 
 @gluon.jit
@@ -155,57 +135,18 @@ def _prefill_consumer(O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, read
     Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
     my_q = q_smem.index(HALF)
     dtype: gl.constexpr = my_q.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     it = 0
     n = 0
     for tile in range(cta, n_prefill_tiles, grid):
         chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
             tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
         row0 = q_pos0 + HALF * ROWS
-        q_pos = row0 + gl.arange(0, ROWS, layout=row_layout)
-        n_full = gl.minimum(row0 + 1, kv_len) // BLOCK_N
         mbarrier.wait(q_ready, n & 1)
-        st = it % STAGES
-        mbarrier.wait(ready_k.index(st), (it // STAGES) & 1)
-        s = warpgroup_mma(my_q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False)
-        if n_full == 0:
-            s = _causal_mask(s, 0, q_pos, kv_len, BLOCK_N, col_layout)
-        m_i = gl.max(s, 1) * qk_scale
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
-        l_i = gl.sum(p, 1)
-        pb = gl.convert_layout(p.to(dtype), p_layout)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-        for t in range(1, n_tiles):
-            st = (it + t) % STAGES
-            sp = (it + t - 1) % STAGES
-            mbarrier.wait(ready_k.index(st), ((it + t) // STAGES) & 1)
-            s_tok = warpgroup_mma(my_q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(ready_v.index(sp), ((it + t - 1) // STAGES) & 1)
-            o_tok = warpgroup_mma(pb, v_smem.index(sp), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-            if t >= n_full:
-                s = _causal_mask(s, t, q_pos, kv_len, BLOCK_N, col_layout)
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            pb_next = gl.convert_layout(p.to(dtype), p_layout)
-            acc, pb = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, pb))
-            mbarrier.arrive(empty.index(sp), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            m_i = m_new
-            pb = pb_next
-        sl = (it + n_tiles - 1) % STAGES
-        mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
-        acc = warpgroup_mma(pb, v_smem.index(sl), acc)
-        mbarrier.arrive(empty.index(sl), count=1)
+        acc, l_i, m_i = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
+                                     gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
+                                     ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
         my_q.store(acc.to(dtype))
         fence_async_shared()

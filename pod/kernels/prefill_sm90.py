@@ -112,6 +112,27 @@ def _kv_producer(K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty,
 
 
 @gluon.jit
+def _prefill_tile_info(tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr):
+    """Tile = (work unit, q head): the chunk, head, first row m0, its query rows and KV range, the
+    position of its first row and its number of KV tiles (keys any of its rows sees)."""
+    unit = tile // num_q_heads
+    head = tile % num_q_heads
+    chunk = gl.load(work_units + 2 * unit)
+    m0 = gl.load(work_units + 2 * unit + 1) * BLOCK_M
+    q_start = gl.load(q_indptr + chunk)
+    chunk_len = gl.load(q_indptr + chunk + 1) - q_start
+    kv_len = gl.load(kv_lens + chunk)
+    if PAGED:
+        kv_start = kv_len * 0
+    else:
+        kv_start = gl.load(kv_indptr + chunk)
+    q_pos0 = kv_len - chunk_len + m0
+    n_tiles = (gl.minimum(kv_len, q_pos0 + BLOCK_M) + BLOCK_N - 1) // BLOCK_N
+    return chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles
+
+
+@gluon.jit
 def _causal_mask(s, t, q_pos, kv_len, BLOCK_N: gl.constexpr, col_layout: gl.constexpr):
     """-inf where key t*BLOCK_N + j is after the row's position or past kv_len."""
     k_pos = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
@@ -120,14 +141,12 @@ def _causal_mask(s, t, q_pos, kv_len, BLOCK_N: gl.constexpr, col_layout: gl.cons
 
 
 @gluon.jit
-def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
-                      n_tiles, n_full, q_pos0, kv_len, qk_scale, o_row0, o_rows_end, o_col, lse_row0,
-                      lse_rows, stride_lse_tok, head,
-                      ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      WARPS: gl.constexpr, Q_STRIDE: gl.constexpr, HAS_LSE: gl.constexpr):
-    """ROWS query rows (WARPS / 4 warpgroups of 64) against every KV tile; writes their O and LSE.
-
-    q_smem: this partition's [ROWS, D] slice of Q; its first row sits at position q_pos0."""
+def _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles, n_full, q_pos0, kv_len, qk_scale,
+                 ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 WARPS: gl.constexpr):
+    """ROWS query rows (q_smem, first row at position q_pos0; WARPS / 4 warpgroups of 64 rows) against the
+    n_tiles KV tiles that occupy ring slots it, it+1, ... (stage = slot % STAGES). Releases each stage
+    after its P V. Returns the un-normalised output, the row sums and the row maxima (exp2 domain)."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -140,8 +159,8 @@ def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
 
     # Tile 0: every row sees key 0, so m_i is finite from here on (no -inf - -inf).
-    mbarrier.wait(ready_k.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+    mbarrier.wait(ready_k.index(it % STAGES), (it // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(it % STAGES).permute((1, 0)), zero_s, use_acc=False)
     if n_full == 0:
         s = _causal_mask(s, 0, q_pos, kv_len, BLOCK_N, col_layout)
     m_i = gl.max(s, 1) * qk_scale
@@ -152,11 +171,11 @@ def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
 
     for t in range(1, n_tiles):
-        st = t % STAGES
-        sp = (t - 1) % STAGES
-        mbarrier.wait(ready_k.index(st), (t // STAGES) & 1)
+        st = (it + t) % STAGES
+        sp = (it + t - 1) % STAGES
+        mbarrier.wait(ready_k.index(st), ((it + t) // STAGES) & 1)
         s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(ready_v.index(sp), ((t - 1) // STAGES) & 1)
+        mbarrier.wait(ready_v.index(sp), ((it + t - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(pb, v_smem.index(sp), acc, is_async=True)
         # wgmma groups retire in order: one outstanding means S_t is done, P_{t-1} V_{t-1} may still run.
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
@@ -173,10 +192,27 @@ def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
         m_i = m_new
         pb = pb_next
 
-    sl = (n_tiles - 1) % STAGES
-    mbarrier.wait(ready_v.index(sl), ((n_tiles - 1) // STAGES) & 1)
+    sl = (it + n_tiles - 1) % STAGES
+    mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
     acc = warpgroup_mma(pb, v_smem.index(sl), acc)
     mbarrier.arrive(empty.index(sl), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
+                      n_tiles, n_full, q_pos0, kv_len, qk_scale, o_row0, o_rows_end, o_col, lse_row0,
+                      lse_rows, stride_lse_tok, head,
+                      ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      WARPS: gl.constexpr, Q_STRIDE: gl.constexpr, HAS_LSE: gl.constexpr):
+    """ROWS query rows (WARPS / 4 warpgroups of 64) against every KV tile; writes their O and LSE.
+
+    q_smem: this partition's [ROWS, D] slice of Q; its first row sits at position q_pos0."""
+    dtype: gl.constexpr = q_smem.dtype
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    acc, l_i, m_i = _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, 0, n_tiles, n_full, q_pos0,
+                                 kv_len, qk_scale, ROWS, HEAD_DIM, BLOCK_N, STAGES, WARPS)
 
     # Epilogue: O = acc / l through this partition's Q slice (its wgmmas have all completed) and a
     # descriptor that ends at the chunk's last row (TMA clips rows of the next chunk); LSE masked.
@@ -212,22 +248,8 @@ def prefill_sm90_kernel(Q, K, V, O, LSE,
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     WARPS: gl.constexpr = 8 // CONSUMERS
 
-    tile = gl.program_id(0)
-    unit = tile // num_q_heads
-    head = tile % num_q_heads
-    chunk = gl.load(work_units + 2 * unit)
-    m0 = gl.load(work_units + 2 * unit + 1) * BLOCK_M
-    q_start = gl.load(q_indptr + chunk)
-    chunk_len = gl.load(q_indptr + chunk + 1) - q_start
-    kv_len = gl.load(kv_lens + chunk)
-    if PAGED:
-        kv_start = 0
-    else:
-        kv_start = gl.load(kv_indptr + chunk)
-    context_len = kv_len - chunk_len
-    q_pos0 = context_len + m0                          # position of the tile's first row
-    kv_end = gl.minimum(kv_len, q_pos0 + BLOCK_M)      # keys any row of the tile sees
-    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+    chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
+        gl.program_id(0), work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
