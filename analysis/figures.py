@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from analysis import paper_figures  # noqa: E402
 from analysis.load import Results, load_results  # noqa: E402
 from analysis.speedup import (POD_BASELINE, attention_speedups, kernel_rows, kernel_tables,  # noqa: E402
                               ordered_compositions, status_counts, summarize)
@@ -40,9 +41,15 @@ from analysis.speedup import (POD_BASELINE, attention_speedups, kernel_rows, ker
 # Measured on our H100 SXM (bf16 dense matmul, large square GEMM; device-to-device copy), used when
 # the results carry no `ceilings` table of their own.
 DEFAULT_CEILINGS = {"tflops": 800.0, "gbps": 3000.0, "source": "H100 measured defaults"}
+# Other GPUs' measured defaults, by the provenance `gpu` name (issue 13: H200 bf16 matmul 701 TFLOP/s,
+# copy 4272 GB/s).
+GPU_CEILINGS = {"NVIDIA H200": {"tflops": 701.0, "gbps": 4272.0, "source": "H200 measured defaults"}}
 # Sweeps whose points are pure prefill / pure decode kernel benchmarks: reported as TFLOP/s and GB/s
 # tables, not as hybrid-batch speed-ups.
-KERNEL_SWEEPS = {"kernels"}
+KERNEL_SWEEPS = {"kernels", "hopper_prefill"}
+# Sweeps drawn by analysis.paper_figures' own figures, not as bars per batch composition (the paper grid
+# has hundreds of compositions); their rows still enter the summary tables.
+OWN_FIGURE_SWEEPS = {"paper_grid", "per_chunk", "policy", "ctas_per_sm"}
 # Backends not drawn in the speed-up figures (the fp32 reference is a checker, not a contender).
 HIDDEN_BACKENDS = {"reference"}
 # The speed-up bar figures show these (those present), as the paper's figures show FA_Streams,
@@ -143,7 +150,7 @@ def ceilings_for(results: Results, gpu: str) -> dict:
             return {"tflops": float(tflops) if pd.notna(tflops) else DEFAULT_CEILINGS["tflops"],
                     "gbps": float(gbps) if pd.notna(gbps) else DEFAULT_CEILINGS["gbps"],
                     "source": "measured (ceilings table)"}
-    return dict(DEFAULT_CEILINGS)
+    return dict(GPU_CEILINGS.get(gpu, DEFAULT_CEILINGS))
 
 
 def hybrid_sweeps(sp: pd.DataFrame) -> pd.DataFrame:
@@ -443,13 +450,21 @@ def build_all(results_path: str | Path = "results", out: str | Path = "results/f
         return written
     sp = attention_speedups(results.attention) if not results.attention.empty else None
     if sp is not None:
-        written["speedup_serial"] = fig_speedups(hybrid_sweeps(sp), out, "serial")
-        written["speedup_fi_pod"] = fig_speedups(hybrid_sweeps(sp), out, "fi_pod")
-        written["speedup_heatmap"] = fig_speedup_heatmap(hybrid_sweeps(sp), out)
+        bars = hybrid_sweeps(sp)
+        bars = bars[~bars["sweep"].isin(OWN_FIGURE_SWEEPS)]
+        written["speedup_serial"] = fig_speedups(bars, out, "serial")
+        written["speedup_fi_pod"] = fig_speedups(bars, out, "fi_pod")
+        written["speedup_heatmap"] = fig_speedup_heatmap(bars, out)
         written["roofline"] = fig_roofline(sp, results, out)
         written["kernels"] = fig_kernels(sp, out)
     written["serving"] = fig_serving(results.serving, out)
     tables = build_tables(results, sp)
+    paper_titles = {}
+    if sp is not None:   # the paper's evaluation figures: only where their sweeps have rows
+        figs, paper_tables = paper_figures.build(sp, out, save)
+        written.update(figs)
+        tables.update(paper_tables)
+        paper_titles = {k: v for k, v in paper_figures.SECTION_TITLES.items() if k in paper_tables}
     for name, t in tables.items():
         written[f"table:{name}"] = write_table(t, out, name)
     gpus = results.gpus()
@@ -457,7 +472,7 @@ def build_all(results_path: str | Path = "results", out: str | Path = "results/f
              f"Built by `python -m analysis.figures` from `{shown_path(results.root, out)}`. Speed-ups compare rows of one run "
              "and point; rows not ok, not meaningfully timed, or with max relative error above the "
              "tolerance are excluded (see excluded.csv) but counted.\n"]
-    for name, title in _SECTION_TITLES.items():
+    for name, title in {**_SECTION_TITLES, **paper_titles}.items():
         if name in tables and not tables[name].empty:
             lines += [f"## {title}\n", to_markdown(tables[name])]
     summary = out / "summary.md"

@@ -457,4 +457,6 @@ def test_ceilings_from_results_else_documented_defaults(results_dir):
     assert len(r.attention) == 43  # the ceilings file is not read as attention rows
     c = ceilings_for(r, GPU)
     assert (c["tflops"], c["gbps"]) == (712.5, 2890.0) and "measured" in c["source"]
-    assert ceilings_for(r, "NVIDIA H200") == DEFAULT_CEILINGS  # never another GPU's ceilings
+    assert ceilings_for(r, "NVIDIA B200") == DEFAULT_CEILINGS  # never another GPU's measured ceilings
+    from analysis.figures import GPU_CEILINGS   # a GPU with documented defaults of its own gets them
+    assert ceilings_for(r, "NVIDIA H200") == GPU_CEILINGS["NVIDIA H200"] != DEFAULT_CEILINGS
