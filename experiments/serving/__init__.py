@@ -9,6 +9,8 @@ whose attention goes through the backend registry, to measure POD end to end.
   engine.py     the loop: schedule -> HybridBatch of the iteration -> forward -> greedy sample -> update
   metrics.py    throughput / TTFT / TBT / latency, the tidy serving rows
   experiment.py one configured run per backend
+  paper.py      the paper's serving experiments (conf/serving/experiment/), resumable:
+                python -m experiments.serving.paper; run_paper_serving() for make reproduce
   __main__.py   the Hydra entry point: python -m experiments.serving (conf/serving.yaml)
 """
 from experiments.serving.engine import Engine, EngineRun

@@ -2,6 +2,7 @@
 
     python -m experiments.serving backends=[pod,fi_serial,triton_serial] num_requests=64 num_layers=8
     python -m experiments.serving mode=online qps=2 backends=pod
+    python -m experiments.serving serving/experiment=fig12_llama3_8b     # a paper preset
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ def main(cfg: DictConfig) -> None:
         print(f"[serving] refused: {e}", file=sys.stderr)
         sys.exit(2)
     for row in rows:
-        print({k: row[k] for k in ("backend", "status", "reason", "requests_per_s", "tokens_per_s",
-                                   "ttft_p50_ms", "tbt_p50_ms", "attention_share", "attn_err")})
+        print({k: row[k] for k in ("backend", "status", "reason", "requests_per_min", "steady_requests_per_min",
+                                   "tokens_per_s", "ttft_p50_ms", "tbt_p50_ms", "tbt_p99_ms",
+                                   "stall_frac_200ms", "attention_share", "attn_err", "time_scale",
+                                   "scaled_requests_per_min")})
 
 
 if __name__ == "__main__":

@@ -192,5 +192,10 @@ def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: Wor
              "forward, %d iterations (%d hybrid), %d preemptions", backend, out["requests_per_s"],
              out["tokens_per_s"], out["ttft_p50_ms"], out["tbt_p50_ms"], 100 * out["attention_share"],
              out["iterations"], out["hybrid_iterations"], out["preemptions"])
+    log.info("%s: %.2f requests/min (steady %.2f), TBT p99 %.1f ms, stalls >200 ms %d, >500 ms %d of %d gaps; "
+             "%d of %d layers: time_scale %.3f -> scaled %.2f requests/min (estimate)", backend,
+             out["requests_per_min"], out["steady_requests_per_min"], out["tbt_p99_ms"], out["stalls_200ms"],
+             out["stalls_500ms"], out["decode_gaps"], mcfg.num_layers, full_layers, out["time_scale"],
+             out["scaled_requests_per_min"])
     del engine, cache
     return out

@@ -76,7 +76,7 @@ def steady_rate_per_min(finish_s: list[float]) -> float:
         return float("nan")
     k1, k2 = n // 4, (3 * n + 3) // 4 - 1
     span = f[k2] - f[k1]
-    return 60.0 * (k2 - k1) / span if k2 > k1 and span > 0 else float("nan")
+    return float(60.0 * (k2 - k1) / span) if k2 > k1 and span > 0 else float("nan")
 
 
 def time_scale(iterations, num_layers: int, model_num_layers: int) -> tuple[float, float]:
