@@ -16,7 +16,8 @@ import torch
 from experiments.harness.schema import SERVING_SCHEMA, append_row, read_rows
 from experiments.serving import paper
 from experiments.serving.engine import EngineRun, IterationStats
-from experiments.serving.experiment import ServingRefused, kv_pages, model_config, serve, workload_config
+from experiments.serving.experiment import (ServingRefused, full_model_config, kv_pages, model_config, serve,
+                                             workload_config)
 from experiments.serving.metrics import stall_metrics, steady_rate_per_min, summarize, tbt_gaps_ms, time_scale
 from experiments.serving.scheduler import Request
 from experiments.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
@@ -44,17 +45,18 @@ def test_fig12_presets_are_the_papers(name, model, chunk, ratio):
     assert all(r.arrival_s == 0.0 and len(r.prompt) == 16384 for r in reqs)
     assert abs(16384 / reqs[0].output_len - ratio) / ratio < 0.005          # the prefill:decode ratio
     assert 16384 + reqs[0].output_len <= cfg.serving.model.max_position
-    assert cfg.num_layers < model_config(cfg.copy()).num_layers or cfg.num_layers == 8
+    assert cfg.num_layers == 8 and full_model_config(cfg).num_layers == 32 and cfg.num_requests >= 64
 
 
 def test_layer_cut_keeps_the_full_models_kv_capacity():
-    cut, full = (paper.compose_experiment(n) for n in ("fig12_llama3_8b", "fig12_llama3_8b_all_layers"))
+    cut, full = (paper.compose_experiment(n) for n in ("fig12_llama2_7b", "fig12_llama2_7b_all_layers"))
     assert model_config(cut).num_layers == 8 and model_config(full).num_layers == 32
-    assert full.sweep_name == "fig12_llama3_8b_all_layers" and full.num_requests == cut.num_requests
+    assert full.sweep_name == "fig12_llama2_7b_all_layers" and full.num_requests == cut.num_requests
+    assert full.serving.workload.name == cut.serving.workload.name == "fig12_pd64"
     pages = [kv_pages(c, model_config(c), 32, torch.bfloat16) for c in (cut, full)]
     assert pages[0] == pages[1] > 0                     # same tokens in the pool: the same schedule
-    tokens = pages[0] * cut.page_size
-    assert tokens * 128 * 1024 <= 90 * 2**30 < (tokens + cut.page_size) * 128 * 1024   # 128 KiB/token
+    tokens, per_token = pages[0] * cut.page_size, 32 * 2 * 32 * 128 * 2    # Llama-2: 512 KiB a token
+    assert tokens * per_token <= 90 * 2**30 < (tokens + cut.page_size) * per_token
 
 
 def test_arxiv_mix_bounds_and_shape():
@@ -122,10 +124,13 @@ def test_metrics_on_a_synthetic_timeline():
 
 
 def test_steady_rate_leaves_out_ramp_and_drain():
-    # Finishes every 0.5 s in the middle; the first quarter late (ramp), the last quarter slow (drain).
-    f = [10.0] * 4 + [10 + 0.5 * i for i in range(1, 9)] + [30 + 10 * i for i in range(4)]
-    assert steady_rate_per_min(f) == pytest.approx(120.0)
-    assert math.isnan(steady_rate_per_min([1.0, 2.0, 3.0]))
+    # The last prefill ends (last first token) at t = 14. Finishes: first at 10, then every 0.5 s up to
+    # 14 (steady: 120 per minute), then the drain, fast (decode-only iterations), from 14.1 on.
+    finish = [10 + 0.5 * i for i in range(9)] + [14.1 + 0.01 * i for i in range(20)]
+    first_token = [0.2 * i for i in range(29)] + [14.0]
+    assert steady_rate_per_min(finish, first_token) == pytest.approx(120.0)
+    assert math.isnan(steady_rate_per_min([10.0, 11.0, 20.0], [5.0, 9.0, 10.5]))   # 2 finishes in the window
+    assert math.isnan(steady_rate_per_min([], []))
 
 
 def test_online_rates_from_an_offline_row():

@@ -2,9 +2,12 @@
 
   requests_per_s       finished requests / makespan (first arrival is t = 0; makespan = last finish);
                        requests_per_min the same per minute (the paper's Fig 12 unit)
-  steady_requests_per_min   finishes per minute between the N/4-th and the 3N/4-th finish: the rate
-                       once the pipeline is full, without the ramp (first decodes) and the drain
-                       (decode-only tail) of an offline run; NaN below 4 requests
+  steady_requests_per_min   finishes per minute while the pipeline is full, from the first finish
+                       to the last first token (the last prefill): without the ramp (no request has
+                       finished its decodes yet) and the drain (decode-only tail) of an offline run;
+                       NaN when fewer than 3 finishes fall in that window. In steady state about
+                       C = D x chunk / (P + D) requests decode at once (P, D: prompt, output tokens;
+                       fewer when the KV pool binds), and ~N - C finishes fall in the window: N >= 2C
   tokens_per_s         (prompt + generated tokens) / makespan; output_tokens_per_s: generated only
   ttft_*_ms            time to first token: first output token ready - arrival
   tbt_*_ms             time between tokens: gaps between consecutive output tokens of a request,
@@ -32,7 +35,7 @@ the iterations the full model would; only each iteration's time differs, by the 
                        latencies multiplied by it, stalls counted on the scaled gaps; scaled_qps: the
                        offered load at which the full model sees the same queueing (a time-scaled run:
                        arrivals stretch with service times). Checked against one run with all layers
-                       (conf/serving/experiment/fig12_llama3_8b_all_layers.yaml).
+                       (conf/serving/experiment/fig12_llama2_7b_all_layers.yaml).
 Rows (schema: experiments.harness.schema.SERVING_SCHEMA, provenance and options columns included) are
 appended to a CSV per (sweep, device).
 """
@@ -68,15 +71,19 @@ def stall_metrics(gaps_ms: np.ndarray, thresholds_ms=STALL_THRESHOLDS_MS, prefix
     return out
 
 
-def steady_rate_per_min(finish_s: list[float]) -> float:
-    """Finishes per minute between the N/4-th and the 3N/4-th finish (NaN below 4 requests)."""
+def steady_rate_per_min(finish_s, first_token_s) -> float:
+    """Finishes per minute while the pipeline is full: from the first finish (the first request has
+    done all its decodes, so every stage holds work) to the last first token (the last prefill is
+    done; after it, only the decode-only drain is left). (m - 1) / (f_m - f_1) over the m finishes in
+    that window; NaN when fewer than 3 fall in it (too few requests for a steady state: more
+    num_requests)."""
     f = np.sort(np.asarray(finish_s, dtype=float))
-    n = len(f)
-    if n < 4:
+    if not len(f):
         return float("nan")
-    k1, k2 = n // 4, (3 * n + 3) // 4 - 1
-    span = f[k2] - f[k1]
-    return float(60.0 * (k2 - k1) / span) if k2 > k1 and span > 0 else float("nan")
+    f = f[f <= max(first_token_s)]
+    if len(f) < 3 or f[-1] <= f[0]:
+        return float("nan")
+    return float(60.0 * (len(f) - 1) / (f[-1] - f[0]))
 
 
 def time_scale(iterations, num_layers: int, model_num_layers: int) -> tuple[float, float]:
@@ -107,7 +114,7 @@ def summarize(run: EngineRun, model_num_layers: int | None = None, num_layers: i
     span = run.makespan_s
     ends = [i.end_s for i in its]
     walls = [(b - a) * 1e3 for a, b in zip([0.0] + ends, ends)]   # includes online idle gaps
-    steady = steady_rate_per_min([r.finish_s for r in reqs])
+    steady = steady_rate_per_min([r.finish_s for r in reqs], [r.token_times_s[0] for r in reqs])
     out = {
         "num_requests": len(reqs),
         "requests_per_s": len(reqs) / span, "requests_per_min": 60.0 * len(reqs) / span,

@@ -12,7 +12,7 @@ Experiments (presets in conf/serving/experiment/, each also runnable as
   arxiv_capacity_llama3_8b   the arXiv-like mix served offline: the capacity the online rates come from
   arxiv_online_llama3_8b     Poisson arrivals at load x capacity for each load (0.85, 0.95): TTFT, TBT,
                     stalls; runs the capacity experiment first when its rows are missing
-  fig12_llama3_8b_all_layers the layer-cut check (all 32 layers; the others build 8)
+  fig12_llama2_7b_all_layers the layer-cut check (all 32 layers; the others build 8)
 each with backends pod, triton_serial and fi_serial. Rows: <results>/serving/<experiment>/<gpu>.csv
 (results/h200/serving/... on the H200). A backend (an online backend at a load) with an ok row
 already there is not run again (--fresh: the experiment's rows of this device are removed first), so
@@ -21,10 +21,11 @@ a cut run is resumed by running the same command again. Figures: analysis.servin
 
 `run_paper_serving(results_dir)` is what `make reproduce` calls on a GPU.
 
-GPU time (H200, estimates before any run: 8 of 32 layers): ~20-40 s per Fig 12 backend at 64 requests
-(time ~ num_requests x (prompt + output) / chunk iterations, + one decode-only drain of the output
-length), ~10-20 s per backend for the capacity and each online rate at 128 requests, ~4x that for
-the all-layers check; a few minutes for the whole set plus JIT warm-ups.
+GPU time (H200, estimates before any run, 8 of 32 layers; iterations ~ N x P / (chunk - C) + D for
+N requests of P prompt and D output tokens with C decoding at once): ~60 s per backend for
+fig12_yi_6b (128 requests, chunk 512), ~40 s for fig12_llama3_8b (128), ~20 s for fig12_llama2_7b (64),
+~15-20 s per backend for the capacity and each online rate (128), ~4x fig12_llama2_7b for the
+all-layers check: ~12 minutes for all, plus JIT warm-ups. Time grows linearly with num_requests.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from experiments.serving.experiment import CPU_SMOKE, ServingRefused, serve
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
 FIG12 = ("fig12_yi_6b", "fig12_llama3_8b", "fig12_llama2_7b")
-PAPER_EXPERIMENTS = (*FIG12, "arxiv_capacity_llama3_8b", "arxiv_online_llama3_8b", "fig12_llama3_8b_all_layers")
+PAPER_EXPERIMENTS = (*FIG12, "arxiv_capacity_llama3_8b", "arxiv_online_llama3_8b", "fig12_llama2_7b_all_layers")
 # What a CPU run of the whole plan overrides (tests, smoke): the tiny model with 4 layers built 2
 # (so the scaled columns are exercised), the fp32 reference backend, a few requests.
 CPU_OVERRIDES = ("serving/model=tiny", "serving/workload=tiny", "serving/scheduler=tiny", "device=cpu",
