@@ -1,7 +1,8 @@
 # The few commands people type. Each target sets up .venv from pyproject.toml by itself.
 #   make test       CPU test suite (Triton kernels run in the interpreter)
 #   make reproduce  GPU: paper sweeps + figures; no GPU: smoke sweep in the interpreter + figures
-#                   rebuilt from the committed H100 results
+#                   rebuilt from the committed H100 and H200 results
+#   make figures    figures and tables rebuilt from the committed results only
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -39,8 +40,10 @@ test: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m experiments.reproduce
 
+# Committed rows -> figures: the H100's into results/figures/, the H200's into results/figures/h200/.
 figures: $(STAMP)
 	$(PY) -m analysis.figures --results results/h100 --out results/figures
+	$(PY) -m analysis.figures --results results/h200 --out results/figures/h200
 
 clean:
 	rm -rf $(VENV) outputs multirun results/smoke

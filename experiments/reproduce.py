@@ -1,16 +1,20 @@
 """`make reproduce`: measure and rebuild every figure and table.
 
-    python -m experiments.reproduce [--sweeps paper balance kernels] [--fresh] [--figures-only]
+    python -m experiments.reproduce [--sweeps paper balance kernels paper_grid ...] [--fresh] [--figures-only]
                                     [--no-wandb] [--wandb-mode offline|online]
 
-On a GPU (torch.cuda.is_available()): the paper sweeps `sweep=paper`, `sweep=balance`, `sweep=kernels`
-with `backend=all`, composed from conf/attention.yaml and run by experiments.harness.sweep.run_sweep, rows appended
-to results/<gpu>/<sweep>/<gpu>.csv (results/h100/... on an H100; rows already there are kept and not
-re-measured unless --fresh), then every figure and table rebuilt from results/<gpu>/ into
-results/figures/ (results/<gpu>/figures/ for a GPU other than the H100 the committed figures come from).
+On a GPU (torch.cuda.is_available()): every run of GPU_RUNS, in order - the sweeps `paper`, `balance`,
+`kernels`, the paper grid's seeded sample (`paper_grid`), the per-chunk sweep with `backend=all`, and the
+knob sweeps `policy` and `ctas_per_sm` with the `pod` backend once per named pod_config (each config to its
+own file, results/<gpu>/<sweep>/<gpu>.<config>.csv, since both write the same (point, backend) pairs) -
+composed from conf/attention.yaml and run by experiments.harness.sweep.run_sweep, rows appended to
+results/<gpu>/<sweep>/<gpu>.csv (rows already there are kept and not re-measured unless --fresh: a cut
+run resumes), then every figure and table rebuilt from results/<gpu>/ into results/figures/ for the H100
+the committed figures come from, results/figures/<gpu>/ for any other GPU (FIGURE_SETS).
 Without a GPU: the smoke sweep (`sweep=smoke backend=cpu`) in the Triton interpreter into
 results/smoke/cpu.csv (git-ignored; always re-measured), its tables into results/smoke/figures/, then the
-figures rebuilt from the committed H100 results in results/h100/ (if there are any yet).
+figures rebuilt from each committed GPU's results (results/h100/ -> results/figures/, results/h200/ ->
+results/figures/h200/), where there are any.
 W&B (offline unless WANDB_MODE says otherwise; --no-wandb: off): the harness logs each sweep's config
 and rows; this script logs the figures and summary tables. wandb missing -> a warning, nothing else.
 """
@@ -20,14 +24,39 @@ import argparse
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 CONFIG_NAME = "attention"
-PAPER_SWEEPS = ("paper", "balance", "kernels")
 SMOKE_SWEEP = "smoke"
-COMMITTED_GPU = "h100"   # the committed results and figures come from this GPU
+COMMITTED_GPU = "h100"   # the figures in results/figures/ itself come from this GPU's results
+# Committed results folder -> the folder (under the results root) its figures go to.
+FIGURE_SETS = {"h100": "figures", "h200": "figures/h200"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One harness run of `make reproduce` on a GPU: a sweep, a backend list, and (knob sweeps) the
+    `pod` config named in pod/kernels/configs.py POD_CONFIGS, whose rows then go to their own file."""
+    sweep: str
+    backend: str = "all"
+    pod_config: str | None = None
+
+
+GPU_RUNS = (
+    Run("paper"), Run("balance"), Run("kernels"),
+    Run("paper_grid"),                          # the seeded stratified sample; the full grid: README
+    Run("per_chunk"),
+    Run("policy", "pod", "policy_5050"), Run("policy", "pod", "policy_proportional"),
+    Run("ctas_per_sm", "pod", "ctas_2"), Run("ctas_per_sm", "pod", "ctas_4"),
+)
+PAPER_SWEEPS = tuple(dict.fromkeys(r.sweep for r in GPU_RUNS))
+
+
+def figures_dir(results_root: Path, gpu: str) -> Path:
+    return results_root / FIGURE_SETS.get(gpu, f"figures/{gpu}")
 
 
 def has_gpu() -> bool:
@@ -35,24 +64,40 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def compose_sweep(sweep: str, backend: str, results_dir: Path, wandb_enabled: bool, wandb_mode: str):
+def compose_sweep(sweep: str, backend: str, results_dir: Path, wandb_enabled: bool, wandb_mode: str,
+                  extra: list[str] | tuple[str, ...] = ()):
     """The harness config of one sweep, composed from conf/ through Hydra's compose API."""
     from hydra import compose, initialize_config_dir
     overrides = [f"sweep={sweep}", f"backend={backend}", f"results_dir='{results_dir}'",
-                 f"wandb.enabled={str(wandb_enabled).lower()}", f"wandb.mode={wandb_mode}"]
+                 f"wandb.enabled={str(wandb_enabled).lower()}", f"wandb.mode={wandb_mode}", *extra]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=CONFIG_NAME, overrides=overrides)
 
 
-def run_sweeps(sweeps, backend: str, results_dir: Path, args) -> dict[str, int]:
-    """Each sweep through experiments.harness.sweep.run_sweep; returns {sweep: rows in its results file}."""
+def run_overrides(run: Run, results_dir: Path, device: str) -> list[str]:
+    """A knob run's pod_config, and its own results file <results_dir>/<sweep>/<device>.<config>.csv."""
+    if run.pod_config is None:
+        return []
+    path = results_dir / run.sweep / f"{device}.{run.pod_config}.csv"
+    return [f"backend_options.pod_config={run.pod_config}", f"results_file='{path}'"]
+
+
+def run_sweeps(runs, backend: str | None, results_dir: Path, args, device: str = "cpu") -> dict[str, int]:
+    """Each run (a Run, or a sweep name run with `backend`) through experiments.harness.sweep.run_sweep;
+    `backend` given overrides every run's list. Returns {sweep[:config]: rows in its results file}."""
     from experiments.harness.sweep import run_sweep  # imported late: the interpreter switch must come first
     rows = {}
-    for sweep in sweeps:
-        cfg = compose_sweep(sweep, backend, results_dir, not args.no_wandb, args.wandb_mode)
-        print(f"[reproduce] sweep={sweep} backend={backend} -> {results_dir}/{sweep}/", flush=True)
+    for run in runs:
+        run = run if isinstance(run, Run) else Run(run)
+        names = backend or run.backend
+        extra = run_overrides(run, results_dir, device)
+        cfg = compose_sweep(run.sweep, names, results_dir, not args.no_wandb, args.wandb_mode, extra)
+        key = run.sweep + (f":{run.pod_config}" if run.pod_config else "")
+        print(f"[reproduce] sweep={run.sweep} backend={names}"
+              + (f" pod_config={run.pod_config}" if run.pod_config else "") + f" -> {results_dir}/{run.sweep}/",
+              flush=True)
         df = run_sweep(cfg)
-        rows[sweep] = len(df)
+        rows[key] = len(df)
     return rows
 
 
@@ -116,14 +161,17 @@ def log_to_wandb(written: dict[str, list[Path]], name: str, config: dict, mode: 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweeps", nargs="+", default=None,
-                    help=f"GPU sweeps (default: {' '.join(PAPER_SWEEPS)}); CPU always runs '{SMOKE_SWEEP}'")
-    ap.add_argument("--backend", default=None, help="backend list of conf/backend (GPU: all, CPU: cpu)")
+                    help=f"GPU sweeps (default: {' '.join(PAPER_SWEEPS)}; the runs of GPU_RUNS of these "
+                         f"sweeps); CPU always runs '{SMOKE_SWEEP}'")
+    ap.add_argument("--backend", default=None,
+                    help="backend list of conf/backend for every run (default GPU: each run's own, CPU: cpu)")
     ap.add_argument("--results-root", type=Path, default=ROOT / "results",
                     help="folder holding results/<gpu>/, results/smoke/ and results/figures/")
     ap.add_argument("--out", type=Path, default=None,
                     help="GPU: where the rows go (default <results-root>/<gpu>)")
     ap.add_argument("--figures", type=Path, default=None,
-                    help="where figures go (default <results-root>/figures for H100 results)")
+                    help="where figures go (default <results-root>/figures for H100 results, "
+                         "<results-root>/figures/<gpu> for another GPU's)")
     ap.add_argument("--fresh", action="store_true",
                     help="GPU: delete this GPU's earlier rows of the chosen sweeps and re-measure all")
     ap.add_argument("--figures-only", action="store_true", help="measure nothing, rebuild figures")
@@ -136,14 +184,15 @@ def main_gpu(args) -> list[str]:
     from experiments.harness.provenance import device_slug
     slug = device_slug("cuda")
     sweeps = args.sweeps or list(PAPER_SWEEPS)
+    unknown = [s for s in sweeps if s not in PAPER_SWEEPS]
+    runs = [r for r in GPU_RUNS if r.sweep in sweeps] + [Run(s) for s in unknown]   # any other sweep: backend all
     results_dir = args.out or args.results_root / slug
-    figures = args.figures or (args.results_root / "figures" if slug == COMMITTED_GPU
-                               else results_dir / "figures")
+    figures = args.figures or figures_dir(args.results_root, slug)
     done = []
     if not args.figures_only:
         if args.fresh:
             clear_sweeps(results_dir, sweeps, slug, "--fresh: the chosen sweeps are re-measured")
-        rows = run_sweeps(sweeps, args.backend or "all", results_dir, args)
+        rows = run_sweeps(runs, args.backend, results_dir, args, slug)
         done.append(f"measured sweeps {', '.join(f'{s} ({n} rows)' for s, n in rows.items())} on "
                     f"{slug} -> {results_dir}/")
     written = rebuild_figures(results_dir, figures)
@@ -163,8 +212,6 @@ def main_cpu(args) -> list[str]:
     # The harness writes <results_dir>/<sweep>/<device>.csv: results/smoke/cpu.csv here, as
     # `python -m experiments.attention` (whose default sweep is the smoke one) does.
     smoke_dir = args.results_root / SMOKE_SWEEP
-    committed = args.results_root / COMMITTED_GPU
-    figures = args.figures or args.results_root / "figures"
     done = []
     if not args.figures_only:
         clear_sweeps(args.results_root, [SMOKE_SWEEP], "cpu",
@@ -174,15 +221,19 @@ def main_cpu(args) -> list[str]:
         done.append(f"no GPU: ran the smoke sweep in the Triton interpreter ({rows[SMOKE_SWEEP]} rows) -> "
                     f"{smoke_dir}/; its tables (status, errors; CPU timings are not meaningful, so no "
                     f"speed-ups) -> {smoke_dir / 'figures'}/")
-    written = rebuild_figures(committed, figures)
-    if written:
-        done.append(f"rebuilt figures and tables from the committed {COMMITTED_GPU.upper()} results "
-                    f"{committed}/ -> {figures}/")
-        if not args.no_wandb:
-            log_to_wandb(written, f"figures-{COMMITTED_GPU}", {"results": str(committed)}, args.wandb_mode)
-    else:
-        done.append(f"no committed {COMMITTED_GPU.upper()} results under {committed}/ yet: no figures "
-                    "rebuilt (run `make reproduce` on an H100 and commit results/h100/)")
+    for gpu in FIGURE_SETS:
+        committed = args.results_root / gpu
+        figures = (args.figures if gpu == COMMITTED_GPU and args.figures
+                   else figures_dir(args.results_root, gpu))
+        written = rebuild_figures(committed, figures)
+        if written:
+            done.append(f"rebuilt figures and tables from the committed {gpu.upper()} results "
+                        f"{committed}/ -> {figures}/")
+            if not args.no_wandb:
+                log_to_wandb(written, f"figures-{gpu}", {"results": str(committed)}, args.wandb_mode)
+        else:
+            done.append(f"no committed {gpu.upper()} results under {committed}/ yet: no figures "
+                        f"rebuilt (run `make reproduce` on an {gpu.upper()} and commit results/{gpu}/)")
     return done
 
 

@@ -332,9 +332,11 @@ class FakeSweeps:
         _points(rows, f"{cfg.sweep.name}-p", dict(fa2_serial=2.0, fi_serial=1.5, fi_pod=1.4, pod=1.0),
                 sweep=cfg.sweep.name, meaningful=self.meaningful)
         folder = Path(cfg.results_dir) / cfg.sweep.name
-        folder.mkdir(parents=True, exist_ok=True)
+        path = Path(cfg.results_file) if cfg.get("results_file") else folder / f"{self.device}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
         df = pd.DataFrame(rows)
-        df.to_csv(folder / f"{self.device}.csv", index=False)
+        df["options"] = f'{{"pod_config": "{cfg.backend_options.pod_config}"}}'
+        df.to_csv(path, index=False)
         return df
 
 
@@ -379,11 +381,19 @@ def test_reproduce_gpu_runs_paper_sweeps_then_figures(reproduce, tmp_path, monke
     monkeypatch.setattr(harness, "run_sweep", fake)
     monkeypatch.setattr(rp, "has_gpu", lambda: True)
     out, figs = tmp_path / "h100", tmp_path / "figures"
-    assert rp.main(["--results-root", str(tmp_path), "--out", str(out), "--figures", str(figs)]) == 0
-    assert [c.sweep.name for c in fake.cfgs] == ["paper", "balance", "kernels"]
-    for c in fake.cfgs:
+    # Every sweep of the paper's evaluation is in `make reproduce`; the knob sweeps run `pod` once per config.
+    assert rp.PAPER_SWEEPS == ("paper", "balance", "kernels", "paper_grid", "per_chunk", "policy", "ctas_per_sm")
+    assert [r.pod_config for r in rp.GPU_RUNS if r.sweep == "ctas_per_sm"] == ["ctas_2", "ctas_4"]
+    argv = ["--results-root", str(tmp_path), "--out", str(out), "--figures", str(figs)]
+    assert rp.main(argv + ["--sweeps", "paper", "balance", "kernels", "policy"]) == 0
+    assert [c.sweep.name for c in fake.cfgs] == ["paper", "balance", "kernels", "policy", "policy"]
+    for c in fake.cfgs[:3]:
         assert Path(c.results_dir) == out and "fi_pod" in c.backend.names and "pod" in c.backend.names
-        assert c.wandb.enabled and c.wandb.mode == "offline"
+        assert c.wandb.enabled and c.wandb.mode == "offline" and not c.results_file
+    for c, name in zip(fake.cfgs[3:], ("policy_5050", "policy_proportional")):
+        assert list(c.backend.names) == ["pod"] and c.backend_options.pod_config == name
+        assert Path(c.results_file).parent == out / "policy" and Path(c.results_file).name.endswith(f".{name}.csv")
+    assert _nonempty(figs / "policy.png")
     assert _nonempty(figs / "speedup_serial_paper.png") and _nonempty(figs / "speedup_serial_balance.pdf")
     summ = pd.read_csv(figs / "speedup_summary.csv").set_index(["backend", "vs"])
     assert summ.loc[("pod", "best serial"), "geomean"] == pytest.approx(1.5)  # 1.5 ms / 1.0 ms, 2 sweeps
@@ -406,6 +416,7 @@ def test_reproduce_cpu_runs_smoke_then_committed_figures(reproduce, tmp_path, mo
     assert not (tmp_path / "smoke" / "figures" / "speedup_serial_smoke.png").exists()  # CPU: no speed-ups
     out = capsys.readouterr().out
     assert "no committed H100 results" in out and not (tmp_path / "figures").exists()
+    assert "no committed H200 results" in out
     assert fake_wandb.inits == 0
 
     # Committed H100 results (no serving rows): figures rebuilt from them into <root>/figures.
@@ -415,6 +426,12 @@ def test_reproduce_cpu_runs_smoke_then_committed_figures(reproduce, tmp_path, mo
     assert not list((tmp_path / "figures").glob("serving*"))  # no serving results: no serving figures
     assert "rebuilt figures and tables from the committed H100 results" in capsys.readouterr().out
     assert "figures/roofline" in fake_wandb.logged
+    assert not (tmp_path / "figures" / "h200").exists()
+    # Each committed GPU's figures: the H100's into <root>/figures, the H200's into <root>/figures/h200.
+    built = []
+    monkeypatch.setattr(rp, "rebuild_figures", lambda res, out: built.append((res, out)) or {})
+    assert rp.main(["--results-root", str(tmp_path), "--figures-only", "--no-wandb"]) == 0
+    assert built == [(tmp_path / "h100", tmp_path / "figures"), (tmp_path / "h200", tmp_path / "figures" / "h200")]
 
 
 def test_reproduce_without_wandb_installed_warns(reproduce, tmp_path, monkeypatch):
