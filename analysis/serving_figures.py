@@ -2,13 +2,14 @@
 
     python -m analysis.serving_figures --results results/h200/serving --out results/h200/figures
 
-  serving_throughput[_<gpu>]  offline (the paper's Fig 12): requests per minute per backend per model
-                   (left) and each backend's speed-up over each OTHER backend of the same model and
-                   experiment (right; no backend against itself)
+  serving_throughput[_<gpu>]  offline (the paper's Fig 12): steady requests per minute per backend per
+                   model (left) and pod's throughput over each OTHER backend of the same model and run
+                   (right; never a backend against itself)
   serving_latency_<model>[_<gpu>]   online: TTFT p50/p99, TBT p50/p99 and the share of decode gaps
                    over 200 / 500 ms, per backend (hue) at each offered load (x)
-  tables serving_throughput, serving_latency, serving_layer_cut_check (the all-layers run's measured
-                   requests/min beside the 8-layer run's scaled estimate) (CSV + Markdown)
+  tables (CSV + Markdown) serving_throughput, serving_latency, serving_speedups (the figure's ratios),
+                   serving_layer_cut_check (the all-layers run's measured requests/min beside the
+                   cut run's scaled estimate)
 Only rows with status ok and timing_meaningful (a GPU run) are drawn; of repeated rows of one
 (experiment, backend, load) the latest (timestamp) wins. Rows of a layer-cut run (time_scale != 1)
 are drawn with their scaled_* columns, ESTIMATES of the full model, and the figure says so; the
@@ -75,16 +76,24 @@ def throughput_table(s: pd.DataFrame) -> pd.DataFrame:
 
 
 def speedups(off: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Each backend's rate over each OTHER backend's, per (gpu, sweep, model): never a backend vs itself."""
+    """Per (gpu, sweep, model): the first backend of BACKEND_ORDER present (pod when it ran) over each
+    OTHER backend: rate / other's rate. Never a backend over itself, no reciprocal pairs."""
     out = []
     for (gpu, sweep, model), d in off.groupby(["gpu", "sweep", "model"], sort=True):
         rate = dict(zip(d["backend"], d[value]))
-        for b in _backends(rate):
-            for other in _backends(rate):
-                if other != b and rate[other] > 0:
-                    out.append(dict(gpu=gpu, sweep=sweep, model=model, backend=b, vs=other,
-                                    speedup=rate[b] / rate[other]))
+        order = _backends(rate)
+        b = order[0]
+        for other in order[1:]:
+            if pd.notna(rate[b]) and pd.notna(rate[other]) and rate[other] > 0:
+                out.append(dict(gpu=gpu, sweep=sweep, model=model, backend=b, vs=other,
+                                speedup=rate[b] / rate[other]))
     return pd.DataFrame(out, columns=["gpu", "sweep", "model", "backend", "vs", "speedup"])
+
+
+def _panel(d: pd.DataFrame) -> pd.Series:
+    """x label of an offline row: the model, and the layers when the sweep is an all-layers check."""
+    check = d["sweep"].str.endswith(ALL_LAYERS_SUFFIX)
+    return d["model"] + check.map({True: "\n(all layers, measured)", False: ""})
 
 
 def fig_throughput(s: pd.DataFrame, out: Path) -> list[Path]:
@@ -93,15 +102,16 @@ def fig_throughput(s: pd.DataFrame, out: Path) -> list[Path]:
     gpus = sorted(off["gpu"].unique())
     for gpu in gpus:
         d = off[off["gpu"] == gpu].copy()
-        d["panel"] = d["model"] + "\n" + d["sweep"]
+        d["panel"] = _panel(d)
         d["value"] = _value(d, "steady_requests_per_min").fillna(_value(d, "requests_per_min"))
         cut = _scaled(d)
         backends = _backends(d["backend"])
         order = sorted(d["panel"].unique())
-        fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.6 * len(order) + 4), 4.6))
+        fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 3.0 * len(order) + 4), 4.6))
         sns.barplot(data=d, x="panel", y="value", hue="backend", hue_order=backends, order=order,
                     errorbar=None, ax=axes[0])
-        axes[0].set_xlabel("model / experiment")
+        axes[0].set_xlabel("model")
+        axes[0].legend(title="backend", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         axes[0].set_ylabel("requests per minute (steady)" + ("\nscaled to all layers (estimate)" if cut else ""))
         axes[0].set_title("throughput", fontsize=10)
         sp = speedups(d, "value")
@@ -110,14 +120,14 @@ def fig_throughput(s: pd.DataFrame, out: Path) -> list[Path]:
             axes[1].text(0.5, 0.5, "one backend: no comparison", ha="center", transform=axes[1].transAxes)
         else:
             sp["pair"] = sp["backend"] + " / " + sp["vs"]
-            sp["panel"] = sp["model"] + "\n" + sp["sweep"]
-            pairs = [f"{b} / {o}" for b in backends for o in backends if b != o and f"{b} / {o}" in set(sp["pair"])]
+            sp["panel"] = _panel(sp)
+            pairs = list(dict.fromkeys(sp["pair"]))
             sns.barplot(data=sp, x="panel", y="speedup", hue="pair", hue_order=pairs,
                         order=[p for p in order if p in set(sp["panel"])], errorbar=None, ax=axes[1])
             axes[1].axhline(1.0, color="black", lw=1, ls="--")
-            axes[1].set_xlabel("model / experiment")
+            axes[1].set_xlabel("model")
             axes[1].set_ylabel("throughput ratio (×)")
-            axes[1].set_title("backend / other backend (same model and run)", fontsize=10)
+            axes[1].set_title("throughput ratio (same model and run)", fontsize=10)
             axes[1].legend(title="backend / vs", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.suptitle(gpu_title("Offline serving throughput (paper Fig 12)", [gpu])
                      + ("\nlayer-cut runs: scaled to all layers (estimate; see time_scale)" if cut else ""))
@@ -199,7 +209,11 @@ def build_serving_figures(results: str | Path, out: str | Path) -> dict[str, lis
     if s.empty:
         return {}
     written = {"serving_throughput": fig_throughput(s, out), "serving_latency": fig_latency(s, out)}
+    off = s[s["mode"] == "offline"]
+    ratio = speedups(off.assign(rate=_value(off, "steady_requests_per_min").fillna(_value(off, "requests_per_min"))),
+                     "rate")
     for name, t in (("serving_throughput", throughput_table(s)), ("serving_latency", latency_table(s)),
+                    ("serving_speedups", ratio),
                     ("serving_layer_cut_check", layer_cut_check(s))):
         if not t.empty:
             written[f"table:{name}"] = write_table(t, out, name)
