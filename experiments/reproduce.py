@@ -125,7 +125,9 @@ def clear_sweeps(results_dir: Path, sweeps, device: str, why: str = "re-measured
 
 def rebuild_figures(results_dir: Path, out: Path) -> dict[str, list[Path]]:
     from analysis.figures import build_all
+    from analysis.serving_figures import build_serving_figures   # the paper's serving figures (experiments/serving/paper.py)
     written = build_all(results_dir, out)
+    written.update(build_serving_figures(results_dir, out))
     n = sum(len(v) for v in written.values())
     if written:
         print(f"[reproduce] {n} figure/table files from {results_dir}/ -> {out}/ "
@@ -195,6 +197,9 @@ def main_gpu(args) -> list[str]:
         rows = run_sweeps(runs, args.backend, results_dir, args, slug)
         done.append(f"measured sweeps {', '.join(f'{s} ({n} rows)' for s, n in rows.items())} on "
                     f"{slug} -> {results_dir}/")
+        if args.sweeps is None:   # the default full run: the paper's serving experiments too -> results/<gpu>/serving/
+            from experiments.serving.paper import run_paper_serving
+            done += run_paper_serving(results_dir, fresh=args.fresh, figures=False)
     written = rebuild_figures(results_dir, figures)
     if written:
         done.append(f"rebuilt figures and tables from {results_dir}/ -> {figures}/")

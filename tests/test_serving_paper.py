@@ -247,3 +247,20 @@ def test_serving_figures_from_rows_are_byte_stable_and_never_self_compared(tmp_p
     rpm = check[check["metric"] == "requests_per_min"]
     assert len(rpm) == 3 and np.allclose(rpm["estimate_error"], 1 / 0.98 - 1)
     assert build_serving_figures(tmp_path / "nothing", tmp_path / "c") == {}
+
+
+def test_make_reproduce_on_a_gpu_runs_the_serving_experiments(tmp_path, monkeypatch):
+    """`make reproduce` (no --sweeps) on a GPU calls run_paper_serving into results/<gpu>/; an explicit
+    --sweeps list does not."""
+    import experiments.harness.provenance as provenance
+    import experiments.reproduce as rp
+    calls = []
+    monkeypatch.setattr(rp, "has_gpu", lambda: True)
+    monkeypatch.setattr(provenance, "device_slug", lambda d: "h200")
+    monkeypatch.setattr(rp, "run_sweeps", lambda *a, **k: {})
+    monkeypatch.setattr(rp, "rebuild_figures", lambda *a, **k: {})
+    monkeypatch.setattr(paper, "run_paper_serving", lambda results, **k: calls.append((results, k)) or ["ok"])
+    assert rp.main(["--results-root", str(tmp_path), "--no-wandb"]) == 0
+    assert calls == [(tmp_path / "h200", {"fresh": False, "figures": False})]
+    assert rp.main(["--results-root", str(tmp_path), "--no-wandb", "--sweeps", "paper"]) == 0
+    assert len(calls) == 1
