@@ -159,6 +159,23 @@ def hybrid_sweeps(sp: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- speed-up figures (the paper's attention figures) ------------------------------------------------
+def _cell_labels(values: pd.DataFrame, noisy: pd.DataFrame) -> np.ndarray:
+    """Heat-map cell texts: the value to 2 decimals, '?' after a noisy one, '' where there is none."""
+    v, n = values.to_numpy(dtype=float), noisy.to_numpy(dtype=bool)
+    return np.array([["" if math.isnan(a) else f"{a:.2f}" + ("?" if b else "") for a, b in zip(ra, rb)]
+                     for ra, rb in zip(v, n)], dtype=object)
+
+
+def _with_speedup_noise(sp: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
+    """`speedup_noisy`: the row or its best-serial row is noisy (p80/p20 over the limit)."""
+    noisy = paper_figures.flag_noisy(sp)[["run", "point_id", "backend", "noisy"]]
+    base = noisy.rename(columns={"backend": "best_serial_backend", "noisy": "_base_noisy"})
+    d = data.merge(noisy, on=["run", "point_id", "backend"], how="left", suffixes=("", "_n"))
+    d = d.merge(base, on=["run", "point_id", "best_serial_backend"], how="left")
+    flag = d["noisy_n" if "noisy_n" in d else "noisy"].fillna(False).astype(bool) | d["_base_noisy"].fillna(False).astype(bool)
+    return d.assign(speedup_noisy=flag).drop(columns=[c for c in ("noisy_n", "_base_noisy") if c in d])
+
+
 def fig_speedups(sp: pd.DataFrame, out: Path, reference: str) -> list[Path]:
     """One figure per (sweep, gpu): bars of the speed-up per batch composition, hue backend, facet model
     (rows: KV layout when a sweep has both)."""
@@ -200,6 +217,10 @@ def fig_speedup_heatmap(sp: pd.DataFrame, out: Path) -> list[Path]:
     """One heat map per (sweep, gpu): every backend (rows) x batch composition (columns), the speed-up
     over the best serial baseline in each cell (red slower, blue faster); one panel per model."""
     data = sp[sp["speedup_vs_serial"].notna() & ~sp["backend"].isin(HIDDEN_BACKENDS)]
+    # No cell compares a backend with itself: the best serial baseline's own cell at a point stays blank.
+    data = data.assign(speedup_vs_serial=data["speedup_vs_serial"].where(
+        data["backend"] != data["best_serial_backend"]))
+    data = _with_speedup_noise(sp, data[data["speedup_vs_serial"].notna()])
     paths = []
     gpu_split = data["gpu"].nunique() > 1
     for (sweep, gpu), d in data.groupby(["sweep", "gpu"], sort=True):
@@ -216,12 +237,17 @@ def fig_speedup_heatmap(sp: pd.DataFrame, out: Path) -> list[Path]:
             t = d[d["panel"] == panel].pivot_table(index="backend", columns="composition",
                                                     values="speedup_vs_serial", aggfunc="median")
             t = t.reindex(index=backends, columns=[c for c in order if c in t.columns])
+            t = t.dropna(how="all")   # a baseline that is the best serial everywhere has no row
+            nz = (d[d["panel"] == panel].pivot_table(index="backend", columns="composition",
+                                                     values="speedup_noisy", aggfunc="max")
+                  .reindex(index=t.index, columns=t.columns).fillna(0).astype(bool))
             with warnings.catch_warnings():  # seaborn 0.13 calls matplotlib's deprecated set_bad
                 warnings.simplefilter("ignore", PendingDeprecationWarning)
                 sns.heatmap(np.log2(t), ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim,
-                            annot=t.map(lambda v: "" if pd.isna(v) else f"{v:.2f}"), fmt="",
+                            annot=_cell_labels(t, nz), fmt="",
                             annot_kws={"fontsize": 7}, linewidths=0.4,
                             cbar_kws={"label": "speed-up (×)"})
+            ax.grid(False)
             ticks = [x for x in (0.25, 0.5, 0.67, 1, 1.5, 2, 4) if abs(np.log2(x)) <= lim]
             ax.collections[0].colorbar.set_ticks(np.log2(ticks), labels=[f"{x:g}×" for x in ticks])
             ax.set_title(panel, fontsize=10)
@@ -231,7 +257,9 @@ def fig_speedup_heatmap(sp: pd.DataFrame, out: Path) -> list[Path]:
             ax.tick_params(axis="y", rotation=0)
             for lab in ax.get_xticklabels():
                 lab.set_horizontalalignment("right")
-        fig.suptitle(gpu_title(f"Speed-up over best serial (×), every backend, sweep '{sweep}'", [gpu]))
+        fig.suptitle(gpu_title(f"Speed-up over best serial (×), every backend, sweep '{sweep}'", [gpu])
+                     + f"\nblank: the best serial baseline itself; '?': noisy (p80/p20 > "
+                       f"{paper_figures.NOISE_SPREAD_LIMIT:g}), not a clean number")
         fig.tight_layout(rect=(0, 0, 1, 0.98))
         paths += save(fig, out, f"speedup_heatmap_{slug(sweep)}" + (f"_{slug(gpu)}" if gpu_split else ""))
     return paths
@@ -273,13 +301,20 @@ def fig_roofline(sp: pd.DataFrame, results: Results, out: Path) -> list[Path]:
                 ax.text(0.5, 0.5, f"no {what} rows", ha="center", transform=ax.transAxes)
                 continue
             order = [b for b in backends if b in set(rows["backend"])]
+            flagged = paper_figures.flag_noisy(rows)
+            clean, noisy = flagged[~flagged["noisy"]], flagged[flagged["noisy"]]
             with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated `vert`
                 warnings.simplefilter("ignore", DeprecationWarning)
-                sns.boxplot(data=rows, x="backend", y=value, order=order, ax=ax, color="0.92",
+                sns.boxplot(data=clean, x="backend", y=value, order=order, ax=ax, color="0.92",
                             showfliers=False)
             with seeded_jitter():
-                sns.stripplot(data=rows, x="backend", y=value, order=order, hue="backend",
+                sns.stripplot(data=clean, x="backend", y=value, order=order, hue="backend",
                               palette=palette, ax=ax, size=4, alpha=0.8, legend=False)
+            if len(noisy):   # noisy rows: hollow, beside their backend's strip, not in the box
+                xs = noisy["backend"].map({b: i for i, b in enumerate(order)}).to_numpy(dtype=float) + 0.3
+                ax.scatter(xs, noisy[value], s=22, facecolors="none", edgecolors="crimson", linewidths=1,
+                           label=f"noisy (p80/p20 > {paper_figures.NOISE_SPREAD_LIMIT:g})")
+                ax.legend(fontsize=7, loc="lower right")
             ax.axhline(ceiling, color="crimson", ls="--", lw=1.2)
             ax.text(0.01, ceiling, f" ceiling {ceiling:.0f} {unit} ({ceil['source']})", color="crimson",
                     va="bottom", ha="left", fontsize=8, transform=ax.get_yaxis_transform())
@@ -299,10 +334,15 @@ def fig_roofline(sp: pd.DataFrame, results: Results, out: Path) -> list[Path]:
             ax.set_axis_off()
             ax.text(0.5, 0.5, "no hybrid rows", ha="center", transform=ax.transAxes)
         else:
-            u = hyb.assign(compute_share=hyb["tflops"] / ceil["tflops"], bandwidth_share=hyb["gbps"] / ceil["gbps"])
-            sns.scatterplot(data=u, x="compute_share", y="bandwidth_share", hue="backend",
+            u = paper_figures.flag_noisy(hyb.assign(compute_share=hyb["tflops"] / ceil["tflops"],
+                                                    bandwidth_share=hyb["gbps"] / ceil["gbps"]))
+            sns.scatterplot(data=u[~u["noisy"]], x="compute_share", y="bandwidth_share", hue="backend",
                             hue_order=[b for b in backends if b in set(u["backend"])], palette=palette,
                             ax=ax, s=22, alpha=0.8)
+            if u["noisy"].any():
+                ax.scatter(u.loc[u["noisy"], "compute_share"], u.loc[u["noisy"], "bandwidth_share"], s=22,
+                           facecolors="none", edgecolors="crimson",
+                           label=f"noisy (p80/p20 > {paper_figures.NOISE_SPREAD_LIMIT:g})")
             lim = max(1.05, float(u[["compute_share", "bandwidth_share"]].max().max()) * 1.05)
             ax.plot([0, 1], [1, 0], color="black", ls="--", lw=1, label="serial bound (sum = 1)")
             ax.set_xlim(0, lim)
@@ -318,6 +358,33 @@ def fig_roofline(sp: pd.DataFrame, results: Results, out: Path) -> list[Path]:
 
 
 # -- kernel benchmark ----------------------------------------------------------------------------------
+def _rate_bars(ax, rows: pd.DataFrame, value: str, order: list[str], hue_order: list[str]) -> None:
+    """Grouped bars of a rate (tflops | gbps) per label and kernel, the median over runs; error bars
+    from the rows' p80 and p20 times (work / p80 .. work / p20); a noisy row (paper_figures.flag_noisy)
+    is a hollow hatched bar, never a clean one."""
+    work, scale = ("prefill_flops", 1e12) if value == "tflops" else ("decode_bytes", 1e9)
+    rows = paper_figures.flag_noisy(rows)
+    rows = rows.assign(lo=rows[work] / (rows["p80_ms"] * 1e-3) / scale,
+                       hi=rows[work] / (rows["p20_ms"] * 1e-3) / scale)
+    agg = rows.groupby(["label", "kernel"]).agg(v=(value, "median"), lo=("lo", "median"), hi=("hi", "median"),
+                                                noisy=("noisy", "any")).reset_index()
+    colors = dict(zip(hue_order, sns.color_palette(n_colors=len(hue_order))))
+    width = min(0.8 / max(1, len(hue_order)), 0.4)
+    pos = {lab: i for i, lab in enumerate(order)}
+    for k, kernel in enumerate(hue_order):
+        g = agg[agg["kernel"] == kernel]
+        x = g["label"].map(pos).to_numpy(dtype=float) + (k - (len(hue_order) - 1) / 2) * width
+        face = [(1, 1, 1, 0) if n else colors[kernel] for n in g["noisy"]]
+        bars = ax.bar(x, g["v"], width, color=face, edgecolor=colors[kernel], label=kernel, linewidth=1)
+        for bar, noisy in zip(bars, g["noisy"]):
+            if noisy:
+                bar.set_hatch("///")
+        ax.errorbar(x, g["v"], yerr=np.vstack([(g["v"] - g["lo"]).clip(lower=0), (g["hi"] - g["v"]).clip(lower=0)]),
+                    fmt="none", ecolor="0.2", capsize=2, lw=0.8)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlim(-0.6, len(order) - 0.4)
+
+
 def fig_kernels(sp: pd.DataFrame, out: Path) -> list[Path]:
     pre, dec = kernel_rows(sp)
     paths = []
@@ -339,11 +406,11 @@ def fig_kernels(sp: pd.DataFrame, out: Path) -> list[Path]:
                                kernel=rows["backend"].map(lambda b: names.get(b, b)))
             hue_order = [names[b] for b in names if b in set(rows["backend"])] or sorted(rows["kernel"].unique())
             order = list(dict.fromkeys(rows.sort_values(["model", "composition_order"])["label"]))
-            sns.barplot(data=rows, x="label", y=value, hue="kernel", order=order, errorbar=None, ax=ax,
-                        hue_order=hue_order)
+            _rate_bars(ax, rows, value, order, hue_order)
             ax.set_xlabel(xlabels[what])
-            ax.set_ylabel(f"{what} {unit}")
-            ax.set_title(f"{what} kernels ({unit})", fontsize=10)
+            ax.set_ylabel(f"{what} {unit} (bars: p20–p80)")
+            ax.set_title(f"{what} kernels ({unit}); hatched hollow bar: noisy, p80/p20 > "
+                         f"{paper_figures.NOISE_SPREAD_LIMIT:g}, not a clean number", fontsize=10)
             ax.tick_params(axis="x", rotation=45)
             for t in ax.get_xticklabels():
                 t.set_horizontalalignment("right")

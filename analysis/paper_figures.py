@@ -12,7 +12,8 @@ the committed H100 one, gets nothing new):
   hopper_prefill        prefill TFLOP/s per point and kernel (sweep `hopper_prefill`), one panel per KV
                         layout, each point compared with FlashInfer on the point's own layout
 Tables (CSV + Markdown): paper_grid_speedup, paper_grid_balance, per_chunk, policy, ctas_per_sm,
-hopper_prefill_tflops, noisy_points.
+hopper_prefill_tflops, and noisy_points (every noisy row of any sweep, also those of analysis.figures'
+own figures).
 
 Trust rules, in every figure here:
   * times and rates carry error bars from the row's p20 and p80 (rates: work / p80 .. work / p20);
@@ -59,11 +60,14 @@ def flag_noisy(df: pd.DataFrame, limit: float = NOISE_SPREAD_LIMIT) -> pd.DataFr
     return df
 
 
-def noisy_table(df: pd.DataFrame, figure: str) -> pd.DataFrame:
+def noisy_table(sp: pd.DataFrame) -> pd.DataFrame:
+    """Every ok, meaningfully timed row whose p80/p20 exceeds the limit, in any sweep: the rows every
+    figure flags (drawn hollow or marked, never as a clean number)."""
+    d = flag_noisy(_timed(sp))
+    d = with_labels(d[d["noisy"]])
     cols = ["sweep", "gpu", "model", "batch", "label", "median_ms", "p20_ms", "p80_ms", "spread"]
-    t = df.loc[df["noisy"], [c for c in cols if c in df]].copy()
-    t.insert(0, "figure", figure)
-    return t
+    return d[cols].rename(columns={"label": "backend"}).sort_values(["sweep", "model", "batch", "backend"]) \
+        .reset_index(drop=True)
 
 
 def pod_config_of(options) -> str:
@@ -460,7 +464,6 @@ def build(sp: pd.DataFrame, out: Path, save) -> tuple[dict[str, list[Path]], dic
     (attention_speedups' output). `save(fig, out, name)` writes a figure (analysis.figures.save)."""
     figs: dict[str, list[Path]] = {}
     tables: dict[str, pd.DataFrame] = {}
-    noisy = []
     grid = paper_grid_speedups(sp)
     if not grid.empty:
         figs["paper_grid_violin"] = fig_paper_violin(grid, out, save)
@@ -468,31 +471,27 @@ def build(sp: pd.DataFrame, out: Path, save) -> tuple[dict[str, list[Path]], dic
         bal = balanced_points(grid)
         info = grid.drop_duplicates(["run", "point_id"])[["run", "point_id", "model", "batch"]]
         tables["paper_grid_balance"] = info.merge(bal, on=["run", "point_id"]).drop(columns=["run"])
-        noisy.append(noisy_table(grid[grid["speedup_vs_fa2"].notna()], "paper_grid_violin"))
     chunk = per_chunk_rows(sp)
     if not chunk.empty:
         figs["per_chunk"] = fig_per_chunk(chunk, out, save)
         tables["per_chunk"] = knob_table(chunk, ["model", "num_decode", "chunk_index"])
-        noisy.append(noisy_table(chunk, "per_chunk"))
     pol = knob_rows(sp, "policy")
     if not pol.empty:
         figs["policy"] = fig_policy(pol, out, save)
         tables["policy"] = knob_table(pol, ["model", "num_decode"])
-        noisy.append(noisy_table(pol, "policy"))
     ctas = knob_rows(sp, "ctas_per_sm")
     if not ctas.empty:
         paths, t = fig_ctas_heatmap(ctas, out, save)
         if paths:
             figs["ctas_per_sm"] = paths
             tables["ctas_per_sm"] = t
-        noisy.append(noisy_table(ctas, "ctas_per_sm"))
     pre = hopper_prefill_rows(sp)
     if not pre.empty:
         figs["hopper_prefill"] = fig_hopper_prefill(pre, out, save)
         tables["hopper_prefill_tflops"] = hopper_prefill_table(pre)
-        noisy.append(noisy_table(pre, "hopper_prefill"))
-    if noisy:
-        tables["noisy_points"] = pd.concat(noisy, ignore_index=True)
+    noisy = noisy_table(sp)
+    if not noisy.empty:
+        tables["noisy_points"] = noisy
     return {k: v for k, v in figs.items() if v}, tables
 
 

@@ -159,7 +159,8 @@ def test_build_writes_every_figure_and_table_byte_stable(sp, tmp_path):
     for q in again:
         assert (tmp_path / "a" / q.name).read_bytes() == q.read_bytes(), q.name
     noisy = tables["noisy_points"]
-    assert set(noisy["figure"]) == {"paper_grid_violin", "per_chunk", "ctas_per_sm", "hopper_prefill"}
+    assert set(noisy["sweep"]) == {"paper_grid", "per_chunk", "ctas_per_sm", "hopper_prefill"}
+    assert (noisy["spread"] > pf.NOISE_SPREAD_LIMIT).all() and "pod[ctas_4]" in set(noisy["backend"])
     pol = tables["policy"].set_index(["model", "num_decode"])
     assert pol.loc[("llama3_8b", 32), "pod[policy_5050]"] == pytest.approx(1.2)
     ctas = tables["ctas_per_sm"].set_index(["decode_context_len", "num_decode"])
@@ -179,3 +180,25 @@ def test_build_all_adds_the_paper_figures_only_where_their_sweeps_are(tmp_path):
     summary = (tmp_path / "figs" / "summary.md").read_text()
     assert "Paper grid" in summary and "Noisy rows" in summary
     assert load_results(res).attention.shape[0] == len(grid_rows())
+
+
+def test_existing_figures_flag_noisy_rows_and_never_compare_a_baseline_with_itself(sp, tmp_path, monkeypatch):
+    """The heat map of every backend leaves the best serial baseline's own cells out and marks noisy
+    cells with '?'; the kernel bars draw a noisy row hollow and hatched."""
+    import analysis.figures as figs
+    drawn = []
+    real = figs.sns.heatmap
+    monkeypatch.setattr(figs.sns, "heatmap", lambda data, **kw: drawn.append((data, kw["annot"])) or real(data, **kw))
+    figs.fig_speedup_heatmap(sp[sp["sweep"] == "paper_grid"], tmp_path)
+    (data, annot), = drawn
+    assert "fa2_serial" not in data.index                        # the best serial everywhere: no row
+    labels = dict(zip(data.columns, annot[list(data.index).index("pod")]))
+    # One composition: the median of pod's four speed-ups (2.0, 1.25, 1.6, 1.0), '?' as point c is noisy.
+    assert labels == {"512@0 + 64×4K": "1.43?"}
+    bars = []
+    real_bar = figs.plt.Axes.bar
+    monkeypatch.setattr(figs.plt.Axes, "bar", lambda self, *a, **kw: bars.append(kw["color"]) or real_bar(self, *a, **kw))
+    kernels = sp[sp["sweep"] == "hopper_prefill"].assign(sweep="kernels")
+    figs.fig_kernels(kernels, tmp_path)
+    hollow = [c for colors in bars for c in colors if c == (1, 1, 1, 0)]
+    assert len(hollow) == 1            # triton_prefill: its portable-tile rows are noisy (one bar a composition)
