@@ -16,14 +16,17 @@ Static round-robin assignment: no atomics, bitwise-repeatable outputs. The SM-aw
 every SM runs both roles for as long as both have work; the share of each role per SM is the
 prefill:decode work ratio of the batch (the paper's proportional policy, by construction).
 
-Tail handling as in the Hopper tile: the last page of a sequence (or a contiguous sequence) is read
-through a descriptor that ends at its last valid row, so TMA zero-fills past kv_len. These descriptors
-are rebuilt per tile; the producer drains its ring before rebuilding them, so no copy in flight reads a
-descriptor being rewritten.
+Tail handling. Prefill, as in the Hopper tile: the last page of a sequence (or a contiguous sequence) is
+read through a descriptor that ends at its last valid row, so TMA zero-fills past kv_len; these
+descriptors are rebuilt per tile by the 1-warp producer alone (which also issues every copy through them),
+after draining its ring, so no copy in flight reads a descriptor being rewritten. Decode reads through one
+descriptor pair over the whole cache and masks: scores of keys past kv_len are -inf, their V rows are
+zeroed in registers. Prefill O leaves by masked stores (no per-tile O descriptor).
 
 Resources (sm_90a): 16 warps (4 warpgroups: 2 prefill consumers, the prefill producer's, decode) with
-per-warpgroup registers summing to 512 (the register file / 128 threads); shared memory: prefill Q 32 KB
-+ PREFILL_STAGES x 2 x BLOCK_N x D, decode DECODE_STAGES x 2 x DECODE_BLOCK_N x D.
+per-warpgroup registers summing to 512 (the register file / 128 threads: 144 + 144 + 32 + 192, which
+leaves 8 bytes of spills in the paged build); shared memory: prefill Q 32 KB + STAGES x 2 x BLOCK_N x D,
+decode DECODE_STAGES x 2 x DECODE_BLOCK_N x D, 226 KB in all at D=128.
 """
 from __future__ import annotations
 
@@ -137,6 +140,9 @@ def _prefill_consumer(O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, read
     dtype: gl.constexpr = my_q.dtype
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
+    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+    st_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+    st_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
     it = 0
     n = 0
     for tile in range(cta, n_prefill_tiles, grid):
@@ -147,14 +153,17 @@ def _prefill_consumer(O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, read
         acc, l_i, m_i = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
                                      gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
                                      ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
+        # O = acc / l leaves through this Q half (every wgmma reading it has completed) and masked 16-byte
+        # stores (no per-tile O descriptor: a rewritten tensormap would need each issuing warp to fence
+        # it); rows past the chunk are dropped. Then the producer may load the next tile's Q here.
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
         my_q.store(acc.to(dtype))
-        fence_async_shared()
-        o_desc = tma.make_tensor_descriptor(O, [q_start + chunk_len, Q_STRIDE], [Q_STRIDE, 1], [ROWS, HEAD_DIM],
-                                            my_q.type.layout)
-        tma.async_copy_shared_to_global(o_desc, [q_start + m0 + HALF * ROWS, head * HEAD_DIM], my_q)
-        tma.store_wait(0)
+        o = my_q.load(st_layout)
+        fence_async_shared()                             # the reads above come before the next TMA write
         mbarrier.arrive(q_empty, count=1)
+        o_ptrs = O + gl.expand_dims((q_start + m0 + HALF * ROWS + st_rows).to(gl.int64) * Q_STRIDE, 1) \
+            + head * HEAD_DIM + gl.expand_dims(st_cols, 0)
+        gl.store(o_ptrs, o, mask=gl.expand_dims(m0 + HALF * ROWS + st_rows < chunk_len, 1))
         it += n_tiles
         n += 1
 
@@ -184,6 +193,7 @@ def _decode_partition(Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_item
     rows_o = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    v_keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, b_layout))
     k_full = tma.make_tensor_descriptor(K, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
     v_full = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
     it = 0
@@ -197,10 +207,9 @@ def _decode_partition(Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_item
         else:
             kv_start = gl.load(kv_indptr + seq)
         n_tiles = (kv_len + BLOCK_N - 1) // BLOCK_N
-        # The previous item's copies have all landed (it waited on each): its tail descriptors are free.
-        tail_rows, last_idx = _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
-        k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-        v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+        # One descriptor pair over the whole cache (no per-item rewrite): slots past kv_len are read as they
+        # are (stale, maybe NaN); their scores are masked and their V rows zeroed in registers below.
+        _, last_idx = _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
         q_ptrs = Qd + req.to(gl.int64) * Q_STRIDE + (g * GROUP + gl.expand_dims(rows_ld, 1)) * HEAD_DIM \
             + gl.expand_dims(cols_ld, 0)
         q = gl.load(q_ptrs, mask=gl.expand_dims(rows_ld < GROUP, 1), other=0.0)
@@ -209,7 +218,7 @@ def _decode_partition(Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_item
             s = (it + j) % STAGES
             mbarrier.expect(d_ready.index(s), 2 * tile_bytes, pred=j < n_tiles)
             if j < n_tiles:
-                _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, j, last_idx, stride_bt,
+                _issue_kv_tile(k_full, v_full, k_full, v_full, block_table, seq, kv_start, j, last_idx, stride_bt,
                                dk_smem.index(s), dv_smem.index(s), d_ready.index(s), d_ready.index(s),
                                g * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
         m_i = gl.full([16], -float("inf"), gl.float32, gl.SliceLayout(1, mma))
@@ -220,13 +229,14 @@ def _decode_partition(Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_item
             mbarrier.wait(d_ready.index(s), ((it + t) // STAGES) & 1)
             k = dk_smem.index(s).permute((1, 0)).load(b_layout)          # K^T [D, BLOCK_N]
             v = dv_smem.index(s).load(b_layout)                          # V [BLOCK_N, D]
+            v = gl.where(gl.expand_dims(t * BLOCK_N + v_keys < kv_len, 1), v, 0.0)
             gl.thread_barrier()                                          # every warp holds stage s
             nxt = t + STAGES - 1
             sn = (it + nxt) % STAGES
             if nxt < n_tiles:
                 fence_async_shared()
                 mbarrier.expect(d_ready.index(sn), 2 * tile_bytes)
-                _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, nxt, last_idx,
+                _issue_kv_tile(k_full, v_full, k_full, v_full, block_table, seq, kv_start, nxt, last_idx,
                                stride_bt, dk_smem.index(sn), dv_smem.index(sn), d_ready.index(sn),
                                d_ready.index(sn), g * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
             sc = mma_v2(q, k, gl.zeros([16, BLOCK_N], gl.float32, mma))
@@ -280,6 +290,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, q_indptr, kv_lens, kv_indptr, block_tabl
         mbarrier.init(d_ready.index(i), count=1)
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
+    fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
         (_prefill_consumer, (O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, q_indptr,
                              kv_lens, kv_indptr, work_units, cta, grid, n_prefill_tiles, num_q_heads, qk_scale,
@@ -307,9 +318,9 @@ class PodSm90Config:
     stages: int = 3
     decode_block_n: int = 64
     decode_stages: int = 3
-    consumer_regs: int = 160
+    consumer_regs: int = 144     # the second prefill consumer's (the first gets what is left: 144)
     producer_regs: int = 32
-    decode_regs: int = 160
+    decode_regs: int = 192       # the decode partition holds its K^T and V stage as mma operands
 
 
 def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) -> str | None:
@@ -317,6 +328,12 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
     h = spec.heads
     if h.head_dim not in (64, 128):
         return f"head_dim {h.head_dim} (64 or 128)"
+    if config.stages < 2 or config.decode_stages < 2:
+        return "rings need >= 2 stages (one being read while the next lands)"
+    smem = (128 + 2 * config.stages * config.block_n + 2 * config.decode_stages * config.decode_block_n) \
+        * h.head_dim * 2 + 2560                          # + barriers and the decode partition's scratch
+    if smem > 227 * 1024:
+        return f"{config} needs ~{smem} B of shared memory (227 KB an SM)"
     if h.group_size > 16:
         return f"GQA group {h.group_size} (the decode tile has 16 rows)"
     if spec.paged:
@@ -391,8 +408,8 @@ def pod_sm90_runner(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Te
 
 def compile_report(*, head_dim: int = 128, dtype: str = "bfloat16", paged: bool = True, page_size: int = 16,
                    num_q_heads: int = 32, num_kv_heads: int = 8, block_n: int = 64, stages: int = 3,
-                   decode_block_n: int = 64, decode_stages: int = 3, consumer_regs: int = 160,
-                   producer_regs: int = 32, decode_regs: int = 160) -> dict:
+                   decode_block_n: int = 64, decode_stages: int = 3, consumer_regs: int = 144,
+                   producer_regs: int = 32, decode_regs: int = 192) -> dict:
     """Compile for sm_90a on the host (no GPU): shared memory, registers, spills, wgmma / mma.sync / TMA."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
