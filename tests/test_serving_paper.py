@@ -146,6 +146,9 @@ def test_online_rates_from_an_offline_row():
     assert paper.online_rates(2.0, [0.85, 0.95]) == [(0.85, pytest.approx(1.7)), (0.95, pytest.approx(1.9))]
     with pytest.raises(ValueError, match="no ok offline row"):
         paper.capacity_rps(rows, "triton_serial")
+    df = pd.DataFrame(rows)
+    assert paper.capacity_with_fallback(df, "fi_serial") == (pytest.approx(1.5), "fi_serial")
+    assert paper.capacity_with_fallback(df, "triton_serial") == (pytest.approx(1.5), "fi_serial")  # the slowest
     with pytest.raises(ValueError, match="load"):
         paper.online_rates(2.0, [0.0])
 
