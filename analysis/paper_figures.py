@@ -478,7 +478,11 @@ def build(sp: pd.DataFrame, out: Path, save) -> tuple[dict[str, list[Path]], dic
     pol = knob_rows(sp, "policy")
     if not pol.empty:
         figs["policy"] = fig_policy(pol, out, save)
-        tables["policy"] = knob_table(pol, ["model", "num_decode"])
+        t = knob_table(pol, ["model", "num_decode"])
+        a, b = "pod[policy_5050]", "pod[policy_proportional]"
+        if a in t and b in t:   # > 1: the proportional policy is faster
+            t["proportional_speedup"] = t[a] / t[b]
+        tables["policy"] = t
     ctas = knob_rows(sp, "ctas_per_sm")
     if not ctas.empty:
         paths, t = fig_ctas_heatmap(ctas, out, save)

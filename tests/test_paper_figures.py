@@ -163,6 +163,7 @@ def test_build_writes_every_figure_and_table_byte_stable(sp, tmp_path):
     assert (noisy["spread"] > pf.NOISE_SPREAD_LIMIT).all() and "pod[ctas_4]" in set(noisy["backend"])
     pol = tables["policy"].set_index(["model", "num_decode"])
     assert pol.loc[("llama3_8b", 32), "pod[policy_5050]"] == pytest.approx(1.2)
+    assert pol.loc[("yi_6b", 64), "proportional_speedup"] == pytest.approx(1.2)
     ctas = tables["ctas_per_sm"].set_index(["decode_context_len", "num_decode"])
     assert ctas.loc[(1024, 8), "ratio_2_over_4"] == pytest.approx(1.25)
     assert ctas.loc[(2048, 16), "noisy"] and not ctas.loc[(2048, 8), "noisy"]
