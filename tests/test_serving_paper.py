@@ -168,11 +168,10 @@ def test_gpu_sized_experiments_are_refused_without_a_gpu(tmp_path, monkeypatch):
 
 
 def test_plan_runs_and_resumes_on_the_cpu(tmp_path):
-    names = ["fig12_llama3_8b", "arxiv_online_llama3_8b"]
+    names = ["arxiv_online_llama3_8b"]                 # runs its capacity experiment (offline) first
     overrides = [*paper.CPU_OVERRIDES, "warmup=false"]
-    lines = paper.run_paper_serving(tmp_path, names, overrides)
-    off = read_rows(tmp_path / "serving" / "fig12_llama3_8b" / "cpu.csv", SERVING_SCHEMA)
-    cap = read_rows(tmp_path / "serving" / "arxiv_capacity_llama3_8b" / "cpu.csv", SERVING_SCHEMA)
+    lines = paper.run_paper_serving(tmp_path, names, overrides, figures_dir=tmp_path / "figures")
+    off = cap = read_rows(tmp_path / "serving" / "arxiv_capacity_llama3_8b" / "cpu.csv", SERVING_SCHEMA)
     on = read_rows(tmp_path / "serving" / "arxiv_online_llama3_8b" / "cpu.csv", SERVING_SCHEMA)
     assert list(off["status"]) == ["ok"] and list(cap["status"]) == ["ok"] and list(on["status"]) == ["ok"] * 2
     assert (off["num_layers"] == 2).all() and (off["model_num_layers"] == 4).all()

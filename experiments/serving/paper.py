@@ -16,8 +16,8 @@ Experiments (presets in conf/serving/experiment/, each also runnable as
 each with backends pod, triton_serial and fi_serial. Rows: <results>/serving/<experiment>/<gpu>.csv
 (results/h200/serving/... on the H200). A backend (an online backend at a load) with an ok row
 already there is not run again (--fresh: the experiment's rows of this device are removed first), so
-a cut run is resumed by running the same command again. Figures: analysis.serving_figures, into
-<results>/figures/.
+a cut run is resumed by running the same command again. Figures: analysis.serving_figures, where
+make reproduce puts the GPU's figures (results/figures/h200/ for results/h200/).
 
 `run_paper_serving(results_dir)` is what `make reproduce` calls on a GPU.
 
@@ -197,7 +197,7 @@ def run_paper_serving(results_dir: str | Path, experiments: Sequence[str] | None
                       overrides: Sequence[str] = (), fresh: bool = False,
                       figures_dir: str | Path | None = None, figures: bool = True) -> list[str]:
     """Run the paper's serving experiments into <results_dir>/serving/ (what is missing only) and build
-    the serving figures into `figures_dir` (default <results_dir>/figures). Returns summary lines.
+    the serving figures into `figures_dir` (default make reproduce's, results/figures/<gpu>). Returns summary lines.
     On a machine without a GPU the GPU-sized presets are refused (ServingRefused) before anything runs;
     pass CPU_OVERRIDES for a CPU run of the machinery."""
     results_dir = Path(results_dir)
@@ -210,8 +210,14 @@ def run_paper_serving(results_dir: str | Path, experiments: Sequence[str] | None
                     + (f" ({len(bad)} not ok: {', '.join(r['backend'] + ' ' + r['status'] for r in bad)})"
                        if bad else "") + f" -> {serving_dir / name}/")
     if figures:
-        done += build_figures(serving_dir, Path(figures_dir) if figures_dir else results_dir / "figures")
+        done += build_figures(serving_dir, Path(figures_dir) if figures_dir else default_figures(results_dir))
     return done
+
+
+def default_figures(results_dir: Path) -> Path:
+    """Where make reproduce puts this results folder's figures (results/h200 -> results/figures/h200)."""
+    from experiments.reproduce import figures_dir
+    return figures_dir(Path(results_dir).parent, Path(results_dir).name)
 
 
 def build_figures(serving_dir: Path, out: Path) -> list[str]:
@@ -228,7 +234,8 @@ def main(argv=None) -> int:
                     help=f"experiments to run (default: all of {', '.join(PAPER_EXPERIMENTS)})")
     ap.add_argument("--results", type=Path, default=None,
                     help="folder holding serving/ and figures/ (default results/<gpu>, e.g. results/h200)")
-    ap.add_argument("--figures", type=Path, default=None, help="where figures go (default <results>/figures)")
+    ap.add_argument("--figures", type=Path, default=None,
+                    help="where figures go (default make reproduce's: results/figures/<gpu>)")
     ap.add_argument("--fresh", action="store_true", help="remove this device's rows of the chosen experiments first")
     ap.add_argument("--figures-only", action="store_true", help="run nothing; rebuild the serving figures")
     ap.add_argument("--cpu", action="store_true",
@@ -244,7 +251,7 @@ def main(argv=None) -> int:
     else:
         results = ROOT / "results" / _device_slug(device)
     if args.figures_only:
-        lines = build_figures(results / "serving", args.figures or results / "figures")
+        lines = build_figures(results / "serving", args.figures or default_figures(results))
     else:
         try:
             lines = run_paper_serving(results, args.only, overrides, args.fresh, args.figures)
