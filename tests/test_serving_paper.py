@@ -59,6 +59,18 @@ def test_layer_cut_keeps_the_full_models_kv_capacity():
     assert tokens * per_token <= 90 * 2**30 < (tokens + cut.page_size) * per_token
 
 
+def test_schedule_plan_has_a_steady_window():
+    """The Fig 12 request counts leave a steady state to measure: Llama-2-7B (the KV pool binds at 11
+    decoding requests, 256 output tokens) has most of its 64 finishes between the first finish and
+    the last prefill; besides 16+ prefill iterations per request and the 256-iteration drain, the
+    full KV pool leaves decode-only iterations while requests wait for pages."""
+    plan = paper.schedule_plan("fig12_llama2_7b")
+    assert plan["max_decodes"] == 11 and plan["preemptions"] == 0
+    assert plan["steady_window_finishes"] >= 48
+    assert plan["hybrid_iterations"] >= 64 * 16 - 16 and plan["decode_only_iterations"] > 256
+    assert plan["iterations"] >= 64 * 16 + 256
+
+
 def test_arxiv_mix_bounds_and_shape():
     cfg = paper.compose_experiment("arxiv_online_llama3_8b", ["qps=1.0"])
     wl = workload_config(cfg, 1000)

@@ -4,6 +4,7 @@
     python -m experiments.serving.paper --only fig12_llama3_8b arxiv_online_llama3_8b
     python -m experiments.serving.paper --only fig12_yi_6b num_requests=128     # Hydra overrides last
     python -m experiments.serving.paper --figures-only        # rebuild the serving figures from rows
+    python -m experiments.serving.paper --plan                # each schedule simulated (no model, CPU)
 
 Experiments (presets in conf/serving/experiment/, each also runnable as
 `python -m experiments.serving serving/experiment=<name>`):
@@ -193,6 +194,42 @@ def run_experiment(name: str, serving_dir: str | Path, overrides: Sequence[str] 
     return rows
 
 
+def schedule_plan(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The schedule a preset will run, simulated without a model (scheduler and page allocator only,
+    offline (an online preset: its requests all at t=0), every token sampled as 0; a second on a
+    CPU): iterations (hybrid, decode-only), the most
+    decodes in one iteration (the steady-state concurrency C), preemptions, and how many finishes fall
+    in the steady window (first finish .. last prefill; metrics.steady_rate_per_min). What the GPU run
+    will do, in iterations: the number to budget GPU time with (time ~ iterations x iteration time)."""
+    import dataclasses
+    from experiments.serving.experiment import (full_model_config, kv_pages, model_config, scheduler_config,
+                                                workload_config)
+    from experiments.serving.kv_cache import PageAllocator
+    from experiments.serving.scheduler import Request, Scheduler
+    from experiments.serving.workload import generate
+    cfg = compose_experiment(name, [*overrides, "qps=1.0"])
+    mcfg = model_config(cfg)
+    pages = kv_pages(cfg, mcfg, full_model_config(cfg).num_layers, torch.bfloat16)
+    sched = Scheduler(scheduler_config(cfg), PageAllocator(pages, int(cfg.seed)), int(cfg.page_size))
+    wl = dataclasses.replace(workload_config(cfg, 2), qps=None)
+    reqs = [Request.from_spec(r) for r in generate(wl)]
+    for r in reqs:
+        sched.add(r)
+    its = hybrid = decode_only = max_decodes = 0
+    while sched.has_work():
+        plan = sched.schedule()
+        its += 1
+        hybrid += bool(plan.prefills and plan.decodes)
+        decode_only += not plan.prefills
+        max_decodes = max(max_decodes, len(plan.decodes))
+        sched.complete(plan, [0] * len(plan.sampling()), float(its))
+    last_prefill = max(r.token_times_s[0] for r in reqs)
+    return dict(experiment=name, num_requests=len(reqs), num_layers=mcfg.num_layers, kv_pages=pages,
+                iterations=its, hybrid_iterations=hybrid, decode_only_iterations=decode_only,
+                max_decodes=max_decodes, preemptions=sched.num_preemptions,
+                steady_window_finishes=sum(r.finish_s <= last_prefill for r in reqs))
+
+
 def run_paper_serving(results_dir: str | Path, experiments: Sequence[str] | None = None,
                       overrides: Sequence[str] = (), fresh: bool = False,
                       figures_dir: str | Path | None = None, figures: bool = True) -> list[str]:
@@ -238,6 +275,8 @@ def main(argv=None) -> int:
                     help="where figures go (default make reproduce's: results/figures/<gpu>)")
     ap.add_argument("--fresh", action="store_true", help="remove this device's rows of the chosen experiments first")
     ap.add_argument("--figures-only", action="store_true", help="run nothing; rebuild the serving figures")
+    ap.add_argument("--plan", action="store_true",
+                    help="run nothing; print each experiment's schedule simulated without a model (iterations)")
     ap.add_argument("--cpu", action="store_true",
                     help="the whole plan on the CPU with the tiny model (the machinery, no timings)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every experiment (e.g. num_requests=32)")
@@ -250,6 +289,10 @@ def main(argv=None) -> int:
         results = ROOT / "results" / "smoke"
     else:
         results = ROOT / "results" / _device_slug(device)
+    if args.plan:
+        for name in args.only or PAPER_EXPERIMENTS:
+            print(schedule_plan(name, overrides), flush=True)
+        return 0
     if args.figures_only:
         lines = build_figures(results / "serving", args.figures or default_figures(results))
     else:
