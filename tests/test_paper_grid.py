@@ -147,3 +147,23 @@ def test_knob_configs_differ_only_in_their_knob():
     c4 = POD_CONFIGS["ctas_4"]
     assert 4 * c4.num_warps * 32 * c4.resolved_maxnreg() <= REGISTERS_PER_SM
     assert all(POD_CONFIGS[n].variant == "fused" for n in ("policy_5050", "policy_proportional", "ctas_2", "ctas_4"))
+
+
+def test_a_tiny_paper_grid_runs_through_the_harness_on_a_cpu(tmp_path):
+    """The generator end to end on tiny points: the harness expands a `generate:` block, runs the
+    points (fp32 reference backend) and records each row under its TP model with the heads per GPU."""
+    from experiments.harness.sweep import run_sweep
+    cfg = _compose("paper_grid", "backend=reference", f"results_dir={tmp_path}", "wandb.enabled=false",
+                   "progress=false")
+    sweep = dict(name="tiny_grid", base=dict(num_prefill=1, page_size=16, dtype="bfloat16"), generate=dict(
+        kind="paper_grid", models={"tiny": {"params": 1e3, "num_layers": 2, "tp": [1, 2]}},
+        # a card that holds 2 (TP 1: 2 kv heads) or 5 (TP 2: 1 kv head) requests of 32 tokens
+        card_bytes=3 * 32768 / 0.9, chunks=[16], contexts=[32], sample={"per_stratum": 1, "seed": 0}))
+    from omegaconf import OmegaConf
+    c = OmegaConf.to_container(cfg, resolve=True)
+    df = run_sweep({**c, "sweep": sweep})
+    assert len(df) == 2 and set(df["status"]) == {"ok"}
+    heads = {r.model: (r.num_q_heads, r.num_kv_heads, r.num_decode) for r in df.itertuples()}
+    assert {m: h[:2] for m, h in heads.items()} == {"tiny_tp1": (8, 2), "tiny_tp2": (4, 1)}
+    assert heads["tiny_tp1"][2] in (1, 2) and heads["tiny_tp2"][2] in (4, 5)
+    assert (df["decode_context_len"] == 32).all() and (df["chunk_len"] == 16).all()
