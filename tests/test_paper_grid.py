@@ -83,6 +83,9 @@ def test_sample_is_stratified_seeded_and_a_subset(grid_cfg):
     only_yi = {**block, "models": {"yi_6b": block["models"]["yi_6b"]}}
     yi, _ = pg.grid_cells(only_yi, grid_cfg.models)
     assert pg.sample_cells(yi, {"per_stratum": 2, "seed": 0}) == [c for c in a if c["model"].startswith("yi")]
+    # Nested: a bigger sample of the same seed holds the smaller one, so growing it re-uses measured rows.
+    one, six = (pg.sample_cells(strata, {"per_stratum": n, "seed": 0}) for n in (1, 6))
+    assert all(c in a for c in one) and all(c in six for c in a)
     # A stratum smaller than per_stratum gives all its cells.
     assert len(pg.sample_cells(strata[:1], {"per_stratum": 10**6})) == len(strata[0][1])
 

@@ -28,11 +28,12 @@ bytes (NVIDIA's data sheet) - all given in the sweep config, so another card is 
 Full grid: 210 (chunk, context, index) triples x 3 batches = 630 points a (model, TP), 4410 in all.
 Sample (`sample: {per_stratum: N, seed: S}`; `sample: null` runs the full grid): the strata are
 (model, TP, chunk, context), 105 of them; from each, N points (or all, if it has fewer) are drawn
-uniformly without replacement from its (chunk index x batch fraction) cells by
-`random.Random(f"{S}:{model}:{tp}:{chunk}:{context}").sample`, so a stratum's draw depends only on the
+uniformly without replacement from its (chunk index x batch fraction) cells: the first N of the cells
+shuffled by `random.Random(f"{S}:{model}:{tp}:{chunk}:{context}")`. A stratum's draw depends only on the
 seed and its own key (adding a model leaves the other strata's draws as they were), and the drawn points
 keep the grid's order. Every stratum (so every model, TP, chunk and context) is in the sample; the
-chunk index and the batch size are what is sampled.
+chunk index and the batch size are what is sampled. Samples of one seed are nested: per_stratum 4 holds
+per_stratum 2's points, so growing a sample into the same results file measures only the new points.
 The 20% filter (prefill and decode each >= 20% of the serial time) needs measured times: it is applied
 by analysis (analysis.paper_figures.balanced_points), not here.
 """
@@ -119,7 +120,9 @@ def sample_cells(strata: list[tuple[tuple, list[dict]]], sample: Mapping[str, An
     out = []
     for key, cells in strata:
         rng = random.Random(":".join(str(k) for k in (seed, *key)))
-        picked = sorted(rng.sample(range(len(cells)), min(n, len(cells))))
+        order = list(range(len(cells)))
+        rng.shuffle(order)                      # the stratum's cells in a seeded random order ...
+        picked = sorted(order[:n])              # ... its first n (nested: n+1 adds one more)
         out += [cells[i] for i in picked]
     return out
 
