@@ -6,7 +6,6 @@ backend with itself."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

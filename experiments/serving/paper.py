@@ -252,9 +252,9 @@ def run_paper_serving(results_dir: str | Path, experiments: Sequence[str] | None
 
 
 def default_figures(results_dir: Path) -> Path:
-    """Where make reproduce puts this results folder's figures (results/h200 -> results/figures/h200)."""
-    from experiments.reproduce import figures_dir
-    return figures_dir(Path(results_dir).parent, Path(results_dir).name)
+    """results/h200 -> results/figures/h200, where make reproduce puts the H200's figures (it builds
+    the serving figures itself, in rebuild_figures; this module does not import it: no import cycle)."""
+    return Path(results_dir).parent / "figures" / Path(results_dir).name
 
 
 def build_figures(serving_dir: Path, out: Path) -> list[str]:
