@@ -87,6 +87,23 @@ def _prefill_only(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS)
     return plan_chunked_prefill(batch, options.prefill_config)
 
 
+_WARMED: set = set()
+
+
+def _warm_once(key, launch) -> None:
+    """Compile (and autotune) in prepare, untimed, once per kernel specialisation `key`: an engine calls
+    prepare every iteration, and a warm-up launch each time would add an attention pass to every step."""
+    if interpreting() or key in _WARMED:
+        return
+    launch()
+    _WARMED.add(key)
+
+
+def _shape_key(batch: HybridBatch) -> tuple:
+    s = batch.spec
+    return (s.heads, s.dtype, s.page_size)
+
+
 def _poisoned_like(x: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN: a row the kernel never writes fails the harness's check."""
     return torch.full_like(x, float("nan"))
@@ -97,8 +114,7 @@ def _poisoned_like(x: torch.Tensor) -> torch.Tensor:
 def prepare_triton_prefill(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     work = _prefill_only(batch, options)
     launch = chunked_prefill_runner(batch, work, _poisoned_like(batch.q_prefill))   # no LSE needed here
-    if not interpreting():
-        launch()                          # compile and autotune here, untimed
+    _warm_once(("prefill", _shape_key(batch), type(work).__name__, repr(work.config)), launch)
 
     def run() -> AttentionOutput:
         return AttentionOutput(launch(), None)
@@ -112,8 +128,7 @@ def prepare_triton_prefill(batch: HybridBatch, options: BackendOptions = DEFAULT
 def prepare_triton_decode(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     work = _plan_decode(batch, options)
     launch = decode_runner(batch, work, torch.empty_like(batch.q_decode))
-    if not interpreting():
-        launch()                          # compile and autotune here, untimed
+    _warm_once(("decode", _shape_key(batch), options.decode_config), launch)
 
     def run() -> AttentionOutput:
         return AttentionOutput(None, launch())
@@ -133,8 +148,8 @@ def prepare_triton_serial(batch: HybridBatch, options: BackendOptions = DEFAULT_
     def run() -> AttentionOutput:
         return AttentionOutput(launch_prefill(), launch_decode())
 
-    if not interpreting():
-        run()                             # compile and autotune both kernels here, untimed
+    _warm_once(("serial", _shape_key(batch), type(pre_work).__name__, repr(pre_work.config),
+                options.decode_config), run)
     run.backend_config = {"prefill": _prefill_config(pre_work), "decode": _decode_config(dec_work)}
     return run
 
@@ -164,8 +179,7 @@ def _prepare_pod(batch: HybridBatch, config: PodConfig | None, autotune: dict[st
         config, timings = autotune_config(batch, autotune)
     p: Plan = plan(batch, config)
     launch = runner(p, batch)
-    if not interpreting():
-        launch()                          # compile (and autotune the serial kernels) here, untimed
+    _warm_once(("pod", _shape_key(batch), repr(p.config)), launch)
 
     def run() -> AttentionOutput:
         return AttentionOutput(*launch())

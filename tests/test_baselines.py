@@ -379,3 +379,15 @@ def test_gpu_smoke_sweep_checks_every_baseline_and_skips_on_cpu(tmp_path):
     df = run_sweep(cfg)
     assert len(df) == 4 * 8 and (df.status == "skipped").all()
     assert df.reason.str.contains("GPU|CUDA|flashinfer").all()
+
+
+def test_prepare_warms_a_kernel_once_per_specialisation(monkeypatch):
+    """An engine prepares every iteration: the untimed warm-up launch runs only for a new specialisation."""
+    import baselines.ours as ours
+    monkeypatch.setattr(ours, "interpreting", lambda: False)
+    monkeypatch.setattr(ours, "_WARMED", set())
+    calls = []
+    ours._warm_once(("k", 1), lambda: calls.append(1))
+    ours._warm_once(("k", 1), lambda: calls.append(2))
+    ours._warm_once(("k", 2), lambda: calls.append(3))
+    assert calls == [1, 3]
