@@ -31,13 +31,7 @@ TINY = ModelConfig("tiny", hidden_size=64, num_layers=2, num_q_heads=4, num_kv_h
                    intermediate_size=128, vocab_size=128, max_position=1024)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: thread start-up dominates, and a loaded 2-core CI box makes it 40x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_requests(n: int, seed: int, low=20, high=90, out_low=3, out_high=9) -> list[RequestSpec]:

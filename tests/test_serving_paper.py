@@ -22,12 +22,7 @@ from experiments.serving.scheduler import Request
 from experiments.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- presets and workloads ------------------------------------------------------------------------------
