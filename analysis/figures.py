@@ -548,11 +548,16 @@ def build_all(results_path: str | Path = "results", out: str | Path = "results/f
     return {k: v for k, v in written.items() if v}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", default="results", help="folder (or file) of result tables")
+def cli_args(doc: str, argv, rows: str = "result tables") -> argparse.Namespace:
+    """--results / --out of the figure builders' command lines (this module's and analysis.serving_figures')."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--results", default="results", help=f"folder (or file) of {rows}")
     ap.add_argument("--out", default="results/figures", help="where figures and tables go")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = cli_args(__doc__, argv)
     written = build_all(args.results, args.out)
     if not written:
         print(f"No result tables under {args.results!r}: nothing to plot. "

@@ -17,7 +17,6 @@ measured values stay in the tables. Files are byte-stable (analysis.figures.save
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.figures import gpu_title, save, slug, write_table  # noqa: E402
+from analysis.figures import cli_args, gpu_title, save, slug, write_table  # noqa: E402
 from analysis.load import load_results  # noqa: E402
 
 BACKEND_ORDER = ("pod", "triton_serial", "fi_serial")
@@ -221,10 +220,7 @@ def build_serving_figures(results: str | Path, out: str | Path) -> dict[str, lis
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", default="results", help="folder (or file) of serving rows")
-    ap.add_argument("--out", default="results/figures", help="where figures and tables go")
-    args = ap.parse_args(argv)
+    args = cli_args(__doc__, argv, "serving rows")
     written = build_serving_figures(args.results, args.out)
     if not written:
         print(f"No GPU-timed ok serving rows under {args.results!r}: nothing to plot.")

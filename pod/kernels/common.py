@@ -144,7 +144,7 @@ def kv_tile_offsets(seq, start, kv_len, kv_indptr_ptr, block_table_ptr, stride_b
 
 def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, arch: int = 90,
                         **kwargs) -> dict:
-    """Host-side, no GPU needed: compile ``kernel`` (a ``@triton.jit`` function) for sm_90 with the
+    """Host-side, no GPU needed: compile ``kernel`` (a ``@triton.jit`` or ``@gluon.jit`` function) for sm_90 with the
     specialisation a real launch with these arguments would get (tensors may live on the CPU), and
     report what decides occupancy and speed: shared memory bytes, registers per thread and spill bytes
     (from the bundled ptxas), and counts of wgmma, cp.async and TMA instructions in the PTX.
@@ -163,12 +163,16 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization,
                                                               options)
-    compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+    source = ASTSource
+    if getattr(kernel, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    compiled = triton_compile(source(kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
     ptx = compiled.asm["ptx"]
-    report = dict(shared_bytes=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+    report = dict(shared_bytes=compiled.metadata.shared, num_warps_total=compiled.metadata.num_warps,
+                  wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
                   cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                  tma_loads=ptx.count("cp.async.bulk.tensor"))
+                  tma_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"))
     report.update(ptxas_report(ptx, arch))
     return report
 

@@ -41,43 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
-from pod.kernels.prefill_sm90 import _attend_rows, _prefill_tile_info
-
-
-@gluon.jit
-def _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
-    """Cache rows up to a sequence's last valid row (TMA zero-fills beyond) and its last page index."""
-    if PAGED:
-        last_idx = (kv_len - 1) // PAGE_SIZE
-        last_page = gl.load(block_table + seq.to(gl.int64) * stride_bt + last_idx)
-        return last_page * PAGE_SIZE + (kv_len - last_idx * PAGE_SIZE), last_idx
-    else:
-        return kv_start + kv_len, kv_len * 0
-
-
-@gluon.jit
-def _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, t, last_idx, stride_bt,
-                   k_dst, v_dst, bar_k, bar_v, kv_col,
-                   BLOCK_N: gl.constexpr, COPY_ROWS: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
-    """TMA copies of KV tile t (keys t*BLOCK_N ...) of one sequence into one stage: a copy a page."""
-    if PAGED:
-        bt_row = block_table + seq.to(gl.int64) * stride_bt
-        for c in gl.static_range(BLOCK_N // COPY_ROWS):
-            tok = t * BLOCK_N + c * COPY_ROWS
-            idx = gl.minimum(tok // PAGE_SIZE, last_idx)
-            row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
-            tma.async_copy_global_to_shared(k_full, [row, kv_col], bar_k, k_dst.slice(c * COPY_ROWS, COPY_ROWS),
-                                            pred=idx != last_idx)
-            tma.async_copy_global_to_shared(k_tail, [row, kv_col], bar_k, k_dst.slice(c * COPY_ROWS, COPY_ROWS),
-                                            pred=idx == last_idx)
-            tma.async_copy_global_to_shared(v_full, [row, kv_col], bar_v, v_dst.slice(c * COPY_ROWS, COPY_ROWS),
-                                            pred=idx != last_idx)
-            tma.async_copy_global_to_shared(v_tail, [row, kv_col], bar_v, v_dst.slice(c * COPY_ROWS, COPY_ROWS),
-                                            pred=idx == last_idx)
-    else:
-        row = kv_start + t * BLOCK_N
-        tma.async_copy_global_to_shared(k_tail, [row, kv_col], bar_k, k_dst)
-        tma.async_copy_global_to_shared(v_tail, [row, kv_col], bar_v, v_dst)
+from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 
 
 @gluon.jit
@@ -376,9 +340,8 @@ def plan_pod_sm90(batch: HybridBatch, config: PodSm90Config = PodSm90Config(),
                        n_decode_items=n_d, grid=max(1, min(num_sms, max(n_p, n_d))))
 
 
-def pod_sm90_runner(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Tensor, out_decode: torch.Tensor):
-    """Bind the one launch; returns ``launch() -> (out_prefill, out_decode)``."""
-    from pod.kernels.prefill_sm90 import _ensure_allocator
+def launch_args(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Tensor, out_decode: torch.Tensor):
+    """(positional runtime args, constexpr kwargs) of `pod_sm90_kernel`."""
     spec, cfg = batch.spec, plan.config
     h = spec.heads
     k = batch.k_cache
@@ -397,7 +360,14 @@ def pod_sm90_runner(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Te
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, DECODE_BLOCK_N=cfg.decode_block_n, DECODE_STAGES=cfg.decode_stages,
                  CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, DECODE_REGS=cfg.decode_regs)
-    _ensure_allocator()
+    return args, const
+
+
+def pod_sm90_runner(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Tensor, out_decode: torch.Tensor):
+    """Bind the one launch; returns ``launch() -> (out_prefill, out_decode)``."""
+    from pod.kernels.prefill_sm90 import ensure_scratch_allocator
+    args, const = launch_args(batch, plan, out_prefill, out_decode)
+    ensure_scratch_allocator()
     grid = (plan.grid,)
 
     def launch():
@@ -406,32 +376,16 @@ def pod_sm90_runner(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Te
     return launch
 
 
-def compile_report(*, head_dim: int = 128, dtype: str = "bfloat16", paged: bool = True, page_size: int = 16,
-                   num_q_heads: int = 32, num_kv_heads: int = 8, block_n: int = 64, stages: int = 3,
-                   decode_block_n: int = 64, decode_stages: int = 3, consumer_regs: int = 144,
-                   producer_regs: int = 32, decode_regs: int = 192) -> dict:
-    """Compile for sm_90a on the host (no GPU): shared memory, registers, spills, wgmma / mma.sync / TMA."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile as triton_compile
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from pod.kernels.common import ptxas_report
-    tdt = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
-    sig = dict(Q=f"*{tdt}", Qd=f"*{tdt}", K=f"*{tdt}", V=f"*{tdt}", O=f"*{tdt}", Od=f"*{tdt}", q_indptr="*i32",
-               kv_lens="*i32", kv_indptr="*i32", block_table="*i32", work_units="*i32", decode_items="*i32",
-               n_prefill_tiles="i32", n_decode_items="i32", num_prefill="i32", num_q_heads="i32",
-               total_q_rows="i32", total_kv_rows="i32", stride_bt="i32", qk_scale="fp32")
-    const = dict(GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, NUM_KV_HEADS=num_kv_heads, BLOCK_M=128,
-                 BLOCK_N=block_n, PAGE_SIZE=page_size if paged else block_n, PAGED=paged, STAGES=stages,
-                 DECODE_BLOCK_N=decode_block_n, DECODE_STAGES=decode_stages, CONSUMER_REGS=consumer_regs,
-                 PRODUCER_REGS=producer_regs, DECODE_REGS=decode_regs)
-    sig.update({k: "constexpr" for k in const})
-    fn = pod_sm90_kernel
-    src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
-    compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    ptx = compiled.asm["ptx"]
-    rep = dict(shared_bytes=compiled.metadata.shared, num_warps_total=compiled.metadata.num_warps,
-               wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
-               tma_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"))
-    rep.update(ptxas_report(ptx))
-    return rep
+def compile_report(config: PodSm90Config = PodSm90Config(), *, head_dim: int = 128, dtype: str = "bfloat16",
+                   paged: bool = True, page_size: int = 16, num_q_heads: int = 32, num_kv_heads: int = 8) -> dict:
+    """Compile for sm_90a on the host (no GPU), with the arguments a real launch on a small hybrid batch of
+    this layout gets: shared memory, registers, spills, wgmma / mma.sync / TMA / setmaxnreg counts."""
+    from pod.batch import make_batch
+    from pod.kernels.common import sm90_compile_report
+    spec = BatchSpec.build(num_q_heads, num_kv_heads, head_dim, prefill=[(300, 700), (77, 0)], decode=[1000, 513],
+                           dtype=dtype, page_size=page_size if paged else None)
+    batch = make_batch(spec, "cpu", seed=0)
+    out = (torch.empty_like(batch.q_prefill), torch.empty_like(batch.q_decode))
+    args, const = launch_args(batch, plan_pod_sm90(batch, config, num_sms=132), *out)
+    rep = sm90_compile_report(pod_sm90_kernel, *args, num_warps=4, **const)
+    return {k: v for k, v in rep.items() if k != "cp_async"}

@@ -50,14 +50,50 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from pod.batch import BatchSpec, HybridBatch
-from pod.kernels.common import LOG2E, ptxas_report
+from pod.batch import BatchSpec, HybridBatch, make_batch
+from pod.kernels.common import LOG2E, sm90_compile_report
 from pod.kernels.configs import SM90_CONFIGS, SM90_CONFIGS_D64, SM90_DEFAULT, Sm90PrefillConfig
 
 
 # ------------------------------------------------------------------------------------------------
 # The kernel
 # ------------------------------------------------------------------------------------------------
+@gluon.jit
+def _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+    """Cache rows up to a sequence's last valid row (TMA zero-fills beyond) and its last page index."""
+    if PAGED:
+        last_idx = (kv_len - 1) // PAGE_SIZE
+        last_page = gl.load(block_table + seq.to(gl.int64) * stride_bt + last_idx)
+        return last_page * PAGE_SIZE + (kv_len - last_idx * PAGE_SIZE), last_idx
+    else:
+        return kv_start + kv_len, kv_len * 0
+
+
+@gluon.jit
+def _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, t, last_idx, stride_bt,
+                   k_dst, v_dst, bar_k, bar_v, kv_col,
+                   BLOCK_N: gl.constexpr, COPY_ROWS: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+    """TMA copies of KV tile t (keys t*BLOCK_N ...) of one sequence into one stage: a copy a page."""
+    if PAGED:
+        bt_row = block_table + seq.to(gl.int64) * stride_bt
+        for c in gl.static_range(BLOCK_N // COPY_ROWS):
+            tok = t * BLOCK_N + c * COPY_ROWS
+            idx = gl.minimum(tok // PAGE_SIZE, last_idx)
+            row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
+            tma.async_copy_global_to_shared(k_full, [row, kv_col], bar_k, k_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx != last_idx)
+            tma.async_copy_global_to_shared(k_tail, [row, kv_col], bar_k, k_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx == last_idx)
+            tma.async_copy_global_to_shared(v_full, [row, kv_col], bar_v, v_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx != last_idx)
+            tma.async_copy_global_to_shared(v_tail, [row, kv_col], bar_v, v_dst.slice(c * COPY_ROWS, COPY_ROWS),
+                                            pred=idx == last_idx)
+    else:
+        row = kv_start + t * BLOCK_N
+        tma.async_copy_global_to_shared(k_tail, [row, kv_col], bar_k, k_dst)
+        tma.async_copy_global_to_shared(v_tail, [row, kv_col], bar_v, v_dst)
+
+
 @gluon.jit
 def _kv_producer(K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty,
                  seq, kv_start, kv_len, n_tiles, kv_col, total_kv_rows, stride_bt,
@@ -67,48 +103,27 @@ def _kv_producer(K, V, block_table, k_smem, v_smem, ready_k, ready_v, empty,
     dtype: gl.constexpr = K.dtype.element_ty
     lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([COPY_ROWS, HEAD_DIM], dtype)
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+    # rows of the cache up to the sequence's last valid slot; TMA zero-fills beyond it
+    tail_rows, last_idx = _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
     if PAGED:
-        bt_row = block_table + seq.to(gl.int64) * stride_bt
-        last_idx = (kv_len - 1) // PAGE_SIZE
-        last_page = gl.load(bt_row + last_idx)
-        # rows of the cache up to the sequence's last valid slot; TMA zero-fills beyond it
-        tail_rows = last_page * PAGE_SIZE + (kv_len - last_idx * PAGE_SIZE)
         k_full = tma.make_tensor_descriptor(K, [total_kv_rows, ROW_STRIDE], [ROW_STRIDE, 1],
                                             [COPY_ROWS, HEAD_DIM], lay)
         v_full = tma.make_tensor_descriptor(V, [total_kv_rows, ROW_STRIDE], [ROW_STRIDE, 1],
                                             [COPY_ROWS, HEAD_DIM], lay)
-    else:
-        tail_rows = kv_start + kv_len
     k_tail = tma.make_tensor_descriptor(K, [tail_rows, ROW_STRIDE], [ROW_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
     v_tail = tma.make_tensor_descriptor(V, [tail_rows, ROW_STRIDE], [ROW_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+    if not PAGED:
+        k_full = k_tail                                  # contiguous: every copy goes through the tail pair
+        v_full = v_tail
 
     for t in range(n_tiles):
         s = t % STAGES
         mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)      # fresh barriers pass at phase 1
-        k_dst = k_smem.index(s)
-        v_dst = v_smem.index(s)
         mbarrier.expect(ready_k.index(s), tile_bytes)
         mbarrier.expect(ready_v.index(s), tile_bytes)
-        if PAGED:
-            # one block-table read a page serves its K and its V copy
-            for c in gl.static_range(BLOCK_N // COPY_ROWS):
-                tok = t * BLOCK_N + c * COPY_ROWS
-                idx = gl.minimum(tok // PAGE_SIZE, last_idx)
-                row = gl.load(bt_row + idx) * PAGE_SIZE + tok % PAGE_SIZE
-                full = idx != last_idx
-                tail = idx == last_idx
-                tma.async_copy_global_to_shared(k_full, [row, kv_col], ready_k.index(s),
-                                                k_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=full)
-                tma.async_copy_global_to_shared(k_tail, [row, kv_col], ready_k.index(s),
-                                                k_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=tail)
-                tma.async_copy_global_to_shared(v_full, [row, kv_col], ready_v.index(s),
-                                                v_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=full)
-                tma.async_copy_global_to_shared(v_tail, [row, kv_col], ready_v.index(s),
-                                                v_dst.slice(c * COPY_ROWS, COPY_ROWS), pred=tail)
-        else:
-            row = kv_start + t * BLOCK_N
-            tma.async_copy_global_to_shared(k_tail, [row, kv_col], ready_k.index(s), k_dst)
-            tma.async_copy_global_to_shared(v_tail, [row, kv_col], ready_v.index(s), v_dst)
+        _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, seq, kv_start, t, last_idx, stride_bt,
+                       k_smem.index(s), v_smem.index(s), ready_k.index(s), ready_v.index(s), kv_col,
+                       BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
 
 
 @gluon.jit
@@ -331,13 +346,6 @@ def sm90_supports(spec: BatchSpec, config: Sm90PrefillConfig | None = None) -> s
     return None
 
 
-def on_hopper(device: torch.device | str | None = None) -> bool:
-    """True on an sm_90 GPU, where this tile runs (Gluon does not run in the interpreter)."""
-    if not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device)[0] == 9
-
-
 @dataclass
 class Sm90PrefillWork:
     """The plan of one batch shape for the Hopper tile: the work list and the launch constants."""
@@ -347,7 +355,7 @@ class Sm90PrefillWork:
     group: int
     num_kv_heads: int
     head_dim: int
-    page_size: int
+    page_size: int | None           # None: contiguous KV
     paged: bool
     config: Sm90PrefillConfig
 
@@ -382,13 +390,13 @@ def plan_prefill_sm90(batch_or_spec: HybridBatch | BatchSpec, config: Sm90Prefil
     work_units = torch.tensor(units if units else [[0, 0]], dtype=torch.int32).reshape(-1, 2)
     return Sm90PrefillWork(work_units=work_units.to(device), num_units=len(units), num_q_heads=h.num_q_heads,
                            group=h.group_size, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
-                           page_size=spec.page_size or 0, paged=spec.paged, config=cfg)
+                           page_size=spec.page_size, paged=spec.paged, config=cfg)
 
 
 _SCRATCH: dict = {}
 
 
-def _ensure_allocator() -> None:
+def ensure_scratch_allocator() -> None:
     """Device-side TMA descriptors live in a per-launch global scratch buffer that Triton asks for."""
     if not _SCRATCH:
         def alloc(size: int, alignment: int, stream):
@@ -423,7 +431,7 @@ def prefill_sm90_runner(batch: HybridBatch, work: Sm90PrefillWork, out: torch.Te
                         lse: torch.Tensor | None = None):
     """Bind the launch once and return ``launch() -> out``: no allocation and no sync per call."""
     args, const = launch_args(batch, work, out, lse)
-    _ensure_allocator()
+    ensure_scratch_allocator()
     grid = (work.num_tiles,)
     num_warps = work.config.num_warps
 
@@ -459,36 +467,20 @@ def compile_reports_subprocess(cases: list[dict]) -> list[dict]:
 def compile_report(config: Sm90PrefillConfig, *, head_dim: int = 128, dtype: str = "bfloat16",
                    paged: bool = True, page_size: int = 16, num_q_heads: int = 32, num_kv_heads: int = 8,
                    has_lse: bool = True) -> dict:
-    """Compile the tile for sm_90a on the host and report what makes it fast: shared memory, registers,
-    spills (ptxas), wgmma / TMA / setmaxnreg counts in the PTX."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile as triton_compile
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    tdt = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
-    sig = dict(Q=f"*{tdt}", K=f"*{tdt}", V=f"*{tdt}", O=f"*{tdt}", LSE="*fp32", q_indptr="*i32", kv_lens="*i32",
-               kv_indptr="*i32", block_table="*i32", work_units="*i32", num_q_heads="i32", total_q_rows="i32",
-               total_kv_rows="i32", stride_bt="i32", stride_lse_tok="i32", qk_scale="fp32")
-    const = dict(GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, NUM_KV_HEADS=num_kv_heads,
-                 BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                 PAGE_SIZE=page_size if paged else config.block_n, PAGED=paged, HAS_LSE=has_lse,
-                 STAGES=config.stages, CONSUMERS=config.consumers, PRODUCER_REGS=config.producer_regs,
-                 CONSUMER_REGS=config.consumer_regs)
-    for name, value in const.items():
-        sig[name] = "constexpr"
-    fn = prefill_sm90_kernel
-    constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
-    src = GluonASTSource(fn, sig, constexprs)
-    compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=config.num_warps))
-    ptx = compiled.asm["ptx"]
+    """Compile the tile for sm_90a on the host, with the arguments a real launch on a small batch of this
+    layout gets, and report what makes it fast: shared memory, registers, spills (ptxas), wgmma / TMA /
+    setmaxnreg counts in the PTX (pod.kernels.common.sm90_compile_report)."""
+    spec = BatchSpec.build(num_q_heads, num_kv_heads, head_dim, prefill=[(300, 700), (77, 0)], dtype=dtype,
+                           page_size=page_size if paged else None)
+    batch = make_batch(spec, "cpu", seed=0)
+    out = torch.empty_like(batch.q_prefill)
+    lse = torch.empty(batch.q_prefill.shape[:2]) if has_lse else None
+    args, const = launch_args(batch, plan_prefill_sm90(batch, config), out, lse)
+    rep = sm90_compile_report(prefill_sm90_kernel, *args, num_warps=config.num_warps, **const)
     report = dict(config.to_json(), head_dim=head_dim, dtype=dtype, paged=paged,
-                  page_size=page_size if paged else None, shared_bytes=compiled.metadata.shared,
-                  num_warps_total=compiled.metadata.num_warps,
-                  wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
-                  setmaxnreg=ptx.count("setmaxnreg"), registers=None, spill_bytes=None)
-    rep = ptxas_report(ptx)
-    report.update(registers=rep["registers"], spill_bytes=rep["spill_bytes"], ptxas_ok="ptxas_error" not in rep)
+                  page_size=page_size if paged else None, ptxas_ok="ptxas_error" not in rep)
+    report.update({k: rep[k] for k in ("shared_bytes", "num_warps_total", "wgmma", "tma_loads", "setmaxnreg",
+                                       "registers", "spill_bytes")})
     if "ptxas_error" in rep:
         report["ptxas_error"] = rep["ptxas_error"]
     return report
