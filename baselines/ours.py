@@ -230,3 +230,33 @@ def prepare_pod_persistent(batch: HybridBatch, options: BackendOptions = DEFAULT
     cfg = POD_CONFIGS["persistent"]
     cfg = replace(cfg, kv_splits=decode_kv_splits(batch.spec, device_num_sms(batch.device), cfg.block_n_decode))
     return _prepare_pod(batch, cfg)
+
+
+# -- the Hopper POD kernel (pod/kernels/pod_sm90.py) ------------------------------------------------------
+def hopper_available() -> str | None:
+    """The Hopper kernels are Gluon for sm_90a: an H100/H200, not the interpreter."""
+    if interpreting():
+        return "sm_90a only (Gluon): Triton's interpreter cannot run it (CPU tests compile it for sm_90a instead)"
+    if not torch.cuda.is_available():
+        return "GPU only: needs an sm_90 GPU (H100/H200)"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return f"sm_90a only (Gluon, wgmma/TMA): this GPU is {torch.cuda.get_device_name()}"
+    return None
+
+
+@register_backend("pod_sm90", availability=hopper_available,
+                  description="POD on Hopper: one persistent launch, SM-level roles, the Hopper tile for both")
+def prepare_pod_sm90(batch: HybridBatch):
+    from pod.kernels.pod_sm90 import plan_pod_sm90, pod_sm90_supports
+    why = pod_sm90_supports(batch.spec)
+    if why is not None:
+        raise BackendUnavailable(f"pod_sm90 does not handle this batch: {why}")
+    work = plan_pod_sm90(batch)
+    launch = work.runner(batch, _poisoned_like(batch.q_prefill), _poisoned_like(batch.q_decode))
+    _warm_once(("pod_sm90", _shape_key(batch)), launch)
+
+    def run() -> AttentionOutput:
+        return AttentionOutput(*launch())
+
+    run.backend_config = work.describe()
+    return run

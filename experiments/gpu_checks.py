@@ -14,9 +14,10 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
                                            #     ragged batches (4 models, bf16/fp16, contiguous and pages
                                            #     of 16/64/256, NaN in stale page slots, NaN-poisoned
                                            #     outputs, 2 seeds): vs the fp32 reference, LSE, repeat
-    timeout 120 python -m experiments.gpu_checks pod_sm90  # (f) the Hopper POD kernel (pod/kernels/pod_sm90.py,
-                                           #     never run on a GPU before: run it under `timeout`) on
-                                           #     hybrid batches, same checks as (e) for both parts
+    python -m experiments.gpu_checks pod_sm90 [i/n]  # (f) the Hopper POD kernel (pod/kernels/pod_sm90.py) on
+                                           #     hybrid, decode-only and prefill-only batches, same checks as
+                                           #     (e) for both parts; i/n: every n-th case from i (run n
+                                           #     processes side by side: they compile in parallel)
 
 Timing (and the output check that comes with it) is the harness's: the fused kernel's configurations
 on the orientation and small points are `python -m experiments.attention -m sweep=pod_configs
@@ -231,51 +232,71 @@ def check_prefill_sm90(seeds=(1, 2), tol: float = 2e-2, lse_tol: float = 1e-2, o
     return rows
 
 
-# Hybrid batches for the Hopper POD kernel: ragged chunks and decodes, GQA 4 and 8, MHA, head_dim 64.
+# The Hopper POD kernel (pod/kernels/pod_sm90.py): hybrid, decode-only and prefill-only batches with ragged
+# chunks and decodes (none a multiple of a tile, a half-tile or a page), GQA 4 and 8, MHA, MQA, head_dim 64;
+# long decodes next to few items make the planner split them (partials + merge).
 POD_SM90_CHECK_SHAPES = (
-    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((300, 700), (77, 0)), (1000, 37, 513, 2049)),
-    (dict(num_q_heads=32, num_kv_heads=4, head_dim=128), ((1000, 3000),), (4097, 1)),
-    (dict(num_q_heads=32, num_kv_heads=32, head_dim=128), ((129, 64),), (700,)),
-    (dict(num_q_heads=32, num_kv_heads=8, head_dim=64), ((513, 999),), (333, 64)),
-    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((1024, 4096),), (4096,) * 64),
+    # (heads, prefill chunks, decode context lens, layouts, dtypes)
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((300, 700), (77, 0), (1, 50)), (1000, 37, 513, 2049, 1),
+     (None, 16, 64, 256), ("bfloat16", "float16")),
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((1024, 4096),), (4096,) * 48 + (333,) * 17,
+     (16,), ("bfloat16",)),
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), (), (20000, 65, 3000), (None, 16), ("bfloat16",)),
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=128), ((517, 1234), (128, 0)), (), (None, 16), ("bfloat16",)),
+    (dict(num_q_heads=32, num_kv_heads=4, head_dim=128), ((1000, 3000),), (4097, 1, 700), (None, 16), ("bfloat16",)),
+    (dict(num_q_heads=32, num_kv_heads=32, head_dim=128), ((129, 64),), (700, 90), (16,), ("bfloat16",)),
+    (dict(num_q_heads=32, num_kv_heads=1, head_dim=128), ((512, 2048),), (2048,) * 9 + (5,), (16,), ("bfloat16",)),
+    (dict(num_q_heads=32, num_kv_heads=8, head_dim=64), ((513, 999),), (333, 64, 5000), (None, 16), ("bfloat16",)),
 )
 
 
-def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print) -> list[dict]:
-    """(f) pod/kernels/pod_sm90.py on POD_SM90_CHECK_SHAPES x {bf16, fp16} x {contiguous, pages 16/64} x
-    seeds: both outputs start as NaN, stale page slots hold NaN; a run passes when both parts are within
-    `tol` of the fp32 reference and a second launch is bitwise equal."""
-    from pod.kernels.pod_sm90 import plan_pod_sm90, pod_sm90_runner, pod_sm90_supports
+def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """(f) pod/kernels/pod_sm90.py on POD_SM90_CHECK_SHAPES x layouts x dtypes x seeds, each with the
+    planner's grid and with a 4-CTA grid (many items a CTA: ring and Q-handshake phases across items, pairs
+    of unequal items) and a forced 1-CTA decode role: both outputs start as NaN, stale page slots hold NaN;
+    a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
+    equal. `shard=(i, n)`: only cases i, i+n, ... (n processes compile their kernels in parallel)."""
+    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90, pod_sm90_supports
     from pod.reference import max_rel_error, reference
     dev = _cuda()
     rows = []
-    for n_case, (heads, chunks, decodes) in enumerate(POD_SM90_CHECK_SHAPES):
-        for dtype in ("bfloat16", "float16"):
-            for page in (None, 16, 64):
+    grids = {"planned": PodSm90Config(), "ctas4": PodSm90Config(num_ctas=4),
+             "decode1": PodSm90Config(num_ctas=12, decode_ctas=1)}
+    case = -1
+    for n_case, (heads, chunks, decodes, layouts, dtypes) in enumerate(POD_SM90_CHECK_SHAPES):
+        for dtype in dtypes:
+            for page in layouts:
+                case += 1
+                if case % shard[1] != shard[0]:
+                    continue
                 spec = BatchSpec.build(**heads, prefill=chunks, decode=decodes, dtype=dtype, page_size=page)
+                why = pod_sm90_supports(spec)
                 for seed in seeds:
                     row = dict(heads=heads, chunks=chunks, decodes=len(decodes), dtype=dtype, page_size=page,
                                seed=seed)
-                    why = pod_sm90_supports(spec)
                     if why:
                         rows.append(dict(row, ok=True, skipped=why))
                         continue
                     batch = make_batch(spec, dev, seed=1000 * n_case + seed)
                     poison_stale_slots(batch)
                     ref_p, ref_d = reference(batch)
-                    plan = plan_pod_sm90(batch)
-                    outs = []
-                    for _ in range(2):
-                        o = (torch.full_like(batch.q_prefill, float("nan")), torch.full_like(batch.q_decode, float("nan")))
-                        pod_sm90_runner(batch, plan, *o)()
-                        torch.cuda.synchronize()
-                        outs.append(o)
-                    err_p, err_d = max_rel_error(outs[0][0], ref_p), max_rel_error(outs[0][1], ref_d)
-                    same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
-                    row.update(prefill_err=err_p, decode_err=err_d, repeat_equal=same,
-                               ok=err_p < tol and err_d < tol and same)
-                    rows.append(row)
-                    out(json.dumps(row))
+                    for gname, cfg in grids.items():
+                        work = plan_pod_sm90(batch, cfg)
+                        outs = []
+                        for _ in range(2):
+                            o = (torch.full_like(batch.q_prefill, float("nan")),
+                                 torch.full_like(batch.q_decode, float("nan")))
+                            work.runner(batch, *o)()
+                            torch.cuda.synchronize()
+                            outs.append(o)
+                        err_p = max_rel_error(outs[0][0], ref_p) if spec.num_prefill else 0.0
+                        err_d = max_rel_error(outs[0][1], ref_d) if spec.num_decode else 0.0
+                        same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+                        r = dict(row, plan=gname, grid=work.grid, decode_ctas=work.decode_ctas,
+                                 merge=work.needs_merge, prefill_err=err_p, decode_err=err_d, repeat_equal=same,
+                                 ok=err_p < tol and err_d < tol and same)
+                        rows.append(r)
+                        out(json.dumps(r))
     return rows
 
 
@@ -301,7 +322,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(schedule_stats(), indent=1))
         return 0
     if cmd in ("prefill_sm90", "pod_sm90"):
-        rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90()
+        shard = tuple(int(x) for x in argv[1].split("/")) if len(argv) > 1 else (0, 1)
+        rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90(shard=shard)
         bad = [r for r in rows if not r["ok"]]
         ran = sum("skipped" not in r for r in rows)
         print(f"{cmd}: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))

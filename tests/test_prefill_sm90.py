@@ -120,19 +120,19 @@ def test_auto_keeps_the_portable_tile_off_hopper_and_for_tiny_prefills(monkeypat
 
 
 def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
-    """pod/kernels/pod_sm90.py (not yet run on a GPU): one CTA an SM with four partitions. It must keep
-    wgmma for prefill, mma.sync for decode, TMA for both, per-partition registers and (almost) no spills,
-    within an SM's shared memory."""
+    """pod/kernels/pod_sm90.py: one persistent CTA an SM, the Hopper tile's three partitions running both
+    roles. It must keep wgmma and TMA, per-partition registers (setmaxnreg), no spills, and fit an SM's
+    shared memory, on paged and contiguous KV."""
     import json
     import os
     import subprocess
     import sys
-    code = "import json; from pod.kernels.pod_sm90 import compile_report; print(json.dumps(compile_report()))"
+    code = ("import json; from pod.kernels.pod_sm90 import compile_report; "
+            "print(json.dumps([compile_report(paged=True), compile_report(paged=False, trace=True)]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads(res.stdout.strip().splitlines()[-1])
-    assert r["num_warps_total"] == 16 and r["setmaxnreg"] > 0
-    assert r["wgmma"] > 0 and r["mma_sync"] > 0 and r["tma_loads"] > 0
-    # Not shipped yet: a few bytes of spills are tolerated (8 B at the default registers split).
-    assert r["spill_bytes"] <= 32 and r["shared_bytes"] <= S.SM90_SHARED_LIMIT, r
+    for r in json.loads(res.stdout.strip().splitlines()[-1]):
+        assert r["num_warps_total"] == 12 and r["setmaxnreg"] > 0, r
+        assert r["wgmma"] > 0 and r["tma_loads"] > 0, r
+        assert r["spill_bytes"] == 0 and r["shared_bytes"] <= S.SM90_SHARED_LIMIT, r

@@ -1,290 +1,414 @@
-"""POD for Hopper, first version (NOT YET RUN ON A GPU: compile-checked for sm_90a only; no backend or
-dispatcher uses it until `python -m experiments.gpu_checks pod_sm90` passes on an H200).
+"""POD on Hopper (sm_90a, Gluon): prefill and decode attention in one persistent launch, each SM running
+one role at a time with the full Hopper tile (SM-level roles, planned per batch).
 
-Design (docs/hopper_prefill.md, "What the fused POD kernel needs"): the Hopper prefill tile fills an SM by
-itself, so prefill and decode cannot be two co-resident CTAs as in the paper's A100 recipe. Instead every
-CTA runs both roles at once in different partitions (`gl.warp_specialize`), one CTA per SM, persistent:
+Why this shape (docs/hopper_pod.md has the numbers). The Hopper prefill tile fills an SM (225 KB of shared
+memory, the whole register file), so the paper's recipe of a prefill CTA and a decode CTA co-resident on
+an SM would shrink it; the first version of this kernel ran a decode partition beside a smaller prefill
+ring in every CTA and lost to the two standalone launches (0.81x). Here every CTA is the full tile, one a
+SM, persistent, and walks a list of work items planned on the host:
 
-  * two prefill consumers (4 warps each, 64 query rows, wgmma) and a prefill producer (1 warp, TMA)
-    walk the prefill tiles cta, cta + grid, cta + 2*grid, ... (heaviest first, as planned by
-    pod.kernels.prefill.plan_units): the Hopper tile's partitions, looped;
-  * a decode partition (4 warps) walks the decode items cta, cta + grid, ... (one item = one request and
-    one KV head, the GROUP query heads of that KV head as the rows of a 16-row mma_v2 tile, no KV split),
-    streaming its K/V pages by TMA through its own ring while the tensor cores run the prefill.
+  * a prefill item is one tile of the Hopper prefill kernel (pod/kernels/prefill_sm90.py): 128 query rows
+    of one chunk for one q head, 128-key stages, the tile's own partition code looped;
+  * a decode item pair is two decode items, (request, kv head, key range) each, one for each consumer
+    warpgroup: stage t carries keys [64t, 64t+64) of item A in rows 0-63 and of item B in rows 64-127, so
+    the ring protocol is the prefill's (both consumers read every stage and release it), and a decode SM
+    streams K/V through the same 3 x 64 KB TMA ring at up to HBM rate from a fraction of the SMs.
 
-Static round-robin assignment: no atomics, bitwise-repeatable outputs. The SM-aware part of POD is that
-every SM runs both roles for as long as both have work; the share of each role per SM is the
-prefill:decode work ratio of the batch (the paper's proportional policy, by construction).
+The planner (`plan_pod_sm90`) gives the decode pairs to `decode_ctas` CTAs and the prefill tiles to the
+rest, heaviest first onto the least-loaded CTA (LPT), choosing `decode_ctas` so both roles are estimated to
+finish together: prefill runs compute-bound on its SMs while decode runs bandwidth-bound on its own. That
+is how one launch beats two: the decode bytes move at HBM rate from ~40% of the SMs while the other
+~60% keep the tensor cores busy (serial runs decode on all SMs, leaving their tensor cores idle).
 
-Tail handling. Prefill, as in the Hopper tile: the last page of a sequence (or a contiguous sequence) is
-read through a descriptor that ends at its last valid row, so TMA zero-fills past kv_len; these
-descriptors are rebuilt per tile by the 1-warp producer alone (which also issues every copy through them),
-after draining its ring, so no copy in flight reads a descriptor being rewritten. Decode reads through one
-descriptor pair over the whole cache and masks: scores of keys past kv_len are -inf, their V rows are
-zeroed in registers. Prefill O leaves by masked stores (no per-tile O descriptor).
+Math (exp2 domain, as pod/kernels/common.py): s2 = (q . k) * qk_scale, qk_scale = sm_scale * log2(e);
+out = sum_j 2^(s2_j - lse2) v_j; lse2 = log2(sum_j 2^s2_j). A decode item covering only part of a
+request's keys (split-KV) writes its fp32 partial output and lse2 to the workspace; pod.kernels.merge
+merges them after the launch (only batches whose plan splits a decode need that second launch).
 
-Resources (sm_90a): 16 warps (4 warpgroups: 2 prefill consumers, the prefill producer's, decode) with
-per-warpgroup registers summing to 512 (the register file / 128 threads: 144 + 144 + 32 + 192, which
-leaves 8 bytes of spills in the paged build); shared memory: prefill Q 32 KB + STAGES x 2 x BLOCK_N x D,
-decode DECODE_STAGES x 2 x DECODE_BLOCK_N x D, 226 KB in all at D=128.
+Memory layout (NHD, d unit-stride):
+    Q, O       [total_chunk_tokens, Hq, D] viewed as 2-D [tokens, Hq*D] (a prefill tile: box [64, D])
+    Qd, Od     [num_decodes, Hq, D] viewed as 2-D [num_decodes*Hq, D]: a decode item's GROUP q heads are
+               GROUP consecutive rows; one [64, D] box loads them (the other 64-GROUP rows are computed and
+               dropped; rows past the tensor are zero-filled by TMA)
+    K, V       contiguous [total_kv, Hkv, D] or paged [pages, PAGE_SIZE, Hkv, D], as 2-D [rows, Hkv*D]
+    PartO      fp32 [partial_rows, Hq, D], PartLse fp32 [partial_rows, Hq] (split decodes only)
+Work lists (int32): work_units [units, 2] (chunk, q_block) as the prefill tile's; prefill tile id =
+unit * Hq + head. dec_items [pairs * 2, 6] = (seq or -1, request, kv_head, kv_start, kv_end, part_row),
+consumer c of pair p takes row 2p + c. cta_items[cta_ptr[c]:cta_ptr[c+1]] lists CTA c's items: >= 0 a
+prefill tile, < 0 the decode pair -(item + 1).
+
+Stale keys. Prefill: as the Hopper tile, the last page of a sequence is read through a descriptor that ends
+at the sequence's last valid row (TMA zero-fills past it); the producer rebuilds that pair per prefill item
+after the ring has drained. Decode: the half a consumer owns is read by it alone, so on its last tile it
+zeroes the V rows past the item's keys in shared memory (then a proxy fence) and masks their scores:
+a stale NaN never reaches P V.
+
+Partitions (one CTA, 12 warps): consumer 0 (default, 4 warps) and consumer 1 (4 warps) run wgmma on the
+ring (prefill: 64 query rows each; decode: one item each), the producer (1 warp) issues every TMA copy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
+import math
+from dataclasses import asdict, dataclass
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma)
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 
+SM90_SHARED_LIMIT = 227 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Device side
+# ------------------------------------------------------------------------------------------------
+@gluon.jit
+def _globaltimer(x):
+    """%globaltimer (ns, one clock for every SM): `x` is any int32 scalar (it only gives the result a shape)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=gl.int64, is_pure=False,
+                                     pack=1)
+
 
 @gluon.jit
-def _prefill_producer(Q, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units,
-                      q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
-                      cta, grid, n_prefill_tiles, num_q_heads, total_q_rows, total_kv_rows, stride_bt,
-                      GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, COPY_ROWS: gl.constexpr,
-                      PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr):
+def _smid(x):
+    return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _decode_info(dec_items, pair, c, HALF_N: gl.constexpr):
+    """Item c (0/1) of decode pair `pair`: (seq, request, kv head, first key, key count, partial row,
+    half-tiles). seq < 0: no item (the pair's other consumer has one)."""
+    row = dec_items + (2 * pair + c) * 6
+    seq = gl.load(row)
+    req = gl.load(row + 1)
+    g = gl.load(row + 2)
+    ks = gl.load(row + 3)
+    n_keys = gl.load(row + 4) - ks
+    part_row = gl.load(row + 5)
+    n_half = gl.where(seq >= 0, (n_keys + HALF_N - 1) // HALF_N, 0)
+    return seq, req, g, ks, n_keys, part_row, n_half
+
+
+@gluon.jit
+def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items,
+              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+              num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
+              GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
+              STAGES: gl.constexpr):
+    """1 warp: every TMA copy of the CTA's items, in item order, through the one ring."""
     dtype: gl.constexpr = K.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
+    HALF_N: gl.constexpr = BLOCK_N // 2
     Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
     KV_STRIDE: gl.constexpr = NUM_KV_HEADS * HEAD_DIM
+    COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < BLOCK_N else BLOCK_N
+    D_COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < HALF_N else HALF_N
+    ELT: gl.constexpr = dtype.primitive_bitwidth // 8
     lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([COPY_ROWS, HEAD_DIM], dtype)
+    d_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_COPY_ROWS, HEAD_DIM], dtype)
     q_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
-    tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+    # Whole-tensor descriptors, built once per CTA (the prefill tail pair is rebuilt per prefill item).
     q_desc = tma.make_tensor_descriptor(Q, [total_q_rows, Q_STRIDE], [Q_STRIDE, 1], [ROWS, HEAD_DIM], q_lay)
+    qd_desc = tma.make_tensor_descriptor(Qd, [total_qd_rows, HEAD_DIM], [HEAD_DIM, 1], [ROWS, HEAD_DIM], q_lay)
     k_full = tma.make_tensor_descriptor(K, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
     v_full = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-    it = 0
-    n = 0
-    for tile in range(cta, n_prefill_tiles, grid):
-        chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
-            tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
-        # Drain the ring before rewriting the tail descriptors: no copy in flight reads them.
-        for j in gl.static_range(STAGES):
-            prev = it - STAGES + j
-            mbarrier.wait(empty.index((prev + STAGES) % STAGES), ((prev // STAGES) & 1), pred=prev >= 0)
-        tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
-        k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-        v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-        # Q of this tile, once both consumers have stored the previous tile's O out of q_smem.
-        mbarrier.wait(q_empty, (n & 1) ^ 1)
-        mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
-        for i in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [q_start + m0 + i * ROWS, head * HEAD_DIM], q_ready,
-                                            q_smem.index(i))
-        for t in range(n_tiles):
-            s = it % STAGES
-            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready_k.index(s), tile_bytes)
-            mbarrier.expect(ready_v.index(s), tile_bytes)
-            _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, chunk, kv_start, t, last_idx, stride_bt,
-                           k_smem.index(s), v_smem.index(s), ready_k.index(s), ready_v.index(s),
-                           (head // GROUP) * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
-            it += 1
-        n += 1
+    kd = tma.make_tensor_descriptor(K, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [D_COPY_ROWS, HEAD_DIM], d_lay)
+    vd = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [D_COPY_ROWS, HEAD_DIM], d_lay)
+    cta = gl.program_id(0)
+    j0 = gl.load(cta_ptr + cta)
+    j1 = gl.load(cta_ptr + cta + 1)
+    it = j0 * 0                                          # ring slots used so far
+    for j in range(j0, j1):
+        n = j - j0                                       # items so far: the Q handshake's phase
+        item = gl.load(cta_items + j)
+        if item >= 0:
+            chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
+                item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
+            # Drain the ring before rewriting the tail descriptors: no copy in flight reads them.
+            for jj in gl.static_range(STAGES):
+                prev = it - STAGES + jj
+                mbarrier.wait(empty.index((prev + STAGES) % STAGES), (prev // STAGES) & 1, pred=prev >= 0)
+            tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
+            k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+            v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+            mbarrier.wait(q_empty, (n & 1) ^ 1)
+            mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * ELT)
+            for i in gl.static_range(2):
+                tma.async_copy_global_to_shared(q_desc, [q_start + m0 + i * ROWS, head * HEAD_DIM], q_ready,
+                                                q_smem.index(i))
+            for t in range(n_tiles):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready_k.index(s), BLOCK_N * HEAD_DIM * ELT)
+                mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT)
+                _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, chunk, kv_start, t, last_idx, stride_bt,
+                               k_smem.index(s), v_smem.index(s), ready_k.index(s), ready_v.index(s),
+                               (head // GROUP) * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
+                it += 1
+        else:
+            pair = -item - 1
+            seq_a, req_a, g_a, ks_a, nk_a, pr_a, n_a = _decode_info(dec_items, pair, 0, HALF_N)
+            seq_b, req_b, g_b, ks_b, nk_b, pr_b, n_b = _decode_info(dec_items, pair, 1, HALF_N)
+            len_a = gl.load(kv_lens + gl.maximum(seq_a, 0))
+            len_b = gl.load(kv_lens + gl.maximum(seq_b, 0))
+            st_a = gl.load(kv_indptr + gl.maximum(seq_a, 0))  # contiguous: the sequence's first cache row
+            st_b = gl.load(kv_indptr + gl.maximum(seq_b, 0))
+            _, last_a = _tail_rows(block_table, gl.maximum(seq_a, 0), st_a, len_a, stride_bt, PAGE_SIZE, PAGED)
+            _, last_b = _tail_rows(block_table, gl.maximum(seq_b, 0), st_b, len_b, stride_bt, PAGE_SIZE, PAGED)
+            mbarrier.wait(q_empty, (n & 1) ^ 1)
+            # expect-tx byte counts are constants: one expect for one Q box, the other for two
+            mbarrier.expect(q_ready, ROWS * HEAD_DIM * ELT, pred=seq_b < 0)
+            mbarrier.expect(q_ready, 2 * ROWS * HEAD_DIM * ELT, pred=seq_b >= 0)
+            tma.async_copy_global_to_shared(qd_desc, [req_a * (GROUP * NUM_KV_HEADS) + g_a * GROUP, 0], q_ready,
+                                            q_smem.index(0))
+            tma.async_copy_global_to_shared(qd_desc, [req_b * (GROUP * NUM_KV_HEADS) + g_b * GROUP, 0], q_ready,
+                                            q_smem.index(1), pred=seq_b >= 0)
+            for t in range(gl.maximum(n_a, n_b)):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                both = t < gl.minimum(n_a, n_b)          # else exactly one half lands (t < max(n_a, n_b))
+                single = t >= gl.minimum(n_a, n_b)
+                mbarrier.expect(ready_k.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
+                mbarrier.expect(ready_k.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
+                mbarrier.expect(ready_v.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
+                mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
+                # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence.
+                if t < n_a:
+                    _issue_kv_tile(kd, vd, kd, vd, block_table, seq_a, st_a, ks_a // HALF_N + t, last_a, stride_bt,
+                                   k_smem.index(s).slice(0, HALF_N), v_smem.index(s).slice(0, HALF_N),
+                                   ready_k.index(s), ready_v.index(s), g_a * HEAD_DIM,
+                                   HALF_N, D_COPY_ROWS, PAGE_SIZE, PAGED)
+                if t < n_b:
+                    _issue_kv_tile(kd, vd, kd, vd, block_table, seq_b, st_b, ks_b // HALF_N + t, last_b, stride_bt,
+                                   k_smem.index(s).slice(HALF_N, HALF_N), v_smem.index(s).slice(HALF_N, HALF_N),
+                                   ready_k.index(s), ready_v.index(s), g_b * HEAD_DIM,
+                                   HALF_N, D_COPY_ROWS, PAGE_SIZE, PAGED)
+                it += 1
 
 
 @gluon.jit
-def _prefill_consumer(O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
-                      q_indptr, kv_lens, kv_indptr, work_units, cta, grid, n_prefill_tiles, num_q_heads, qk_scale,
-                      HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      NUM_KV_HEADS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      PAGED: gl.constexpr, STAGES: gl.constexpr):
-    """Rows HALF*64 .. HALF*64+63 of every prefill tile of this CTA (the Hopper tile's consumer, looped)."""
+def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_keys, qk_scale,
+                 HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
+    """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...): S = Q K^T over
+    64 keys (wgmma, Q's 64 rows = the item's GROUP q heads and padding), online softmax, O += P V.
+    Keys past n_keys (the last half-tile only) get -inf scores and zeroed V rows. Releases each stage."""
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    keys = gl.arange(0, HALF_N, layout=gl.SliceLayout(0, s_layout))
+    v_rows = gl.arange(0, HALF_N, layout=gl.SliceLayout(1, z_layout))
+    zero_s = gl.zeros([64, HALF_N], gl.float32, s_layout)
+    m_i = gl.full([64], -float("inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+    for t in range(n_half):
+        slot = it + t
+        s = slot % STAGES
+        ph = (slot // STAGES) & 1
+        valid = n_keys - t * HALF_N                      # keys of this half-tile that belong to the item
+        mbarrier.wait(ready_k.index(s), ph)
+        k_half = k_smem.index(s).slice(HALF * HALF_N, HALF_N)
+        sc = warpgroup_mma(q_smem, k_half.permute((1, 0)), zero_s, use_acc=False)
+        if valid < HALF_N:
+            sc = gl.where(gl.expand_dims(keys < valid, 0), sc, -float("inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+        p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        mbarrier.wait(ready_v.index(s), ph)
+        v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
+        if valid < HALF_N:
+            # Stale rows (a NaN in a page slot past kv_len) must not reach P V (0 * NaN): zero them. This
+            # consumer is the half's only reader, and the producer refills it only after the release below.
+            v = v_half.load(z_layout)
+            v_half.store(gl.where(gl.expand_dims(v_rows < valid, 1), v, gl.zeros_like(v)))
+            fence_async_shared()
+            gl.thread_barrier()
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_half, acc)
+        mbarrier.arrive(empty.index(s), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _skip_stages(ready_k, ready_v, empty, it, n, STAGES: gl.constexpr):
+    """Release n ring slots this consumer does not read (its pair partner's longer item): wait until each
+    has landed first, so a release never runs a ring round ahead of the other consumer's."""
+    for t in range(n):
+        slot = it + t
+        mbarrier.wait(ready_k.index(slot % STAGES), (slot // STAGES) & 1)
+        mbarrier.wait(ready_v.index(slot % STAGES), (slot // STAGES) & 1)
+        mbarrier.arrive(empty.index(slot % STAGES), count=1)
+
+
+@gluon.jit
+def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+              q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads, qk_scale,
+              HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
+              TRACE: gl.constexpr):
+    """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair."""
     ROWS: gl.constexpr = BLOCK_M // 2
+    HALF_N: gl.constexpr = BLOCK_N // 2
     Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
     my_q = q_smem.index(HALF)
     dtype: gl.constexpr = my_q.dtype
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF_N, 16])
     st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
     st_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
     st_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
-    it = 0
-    n = 0
-    for tile in range(cta, n_prefill_tiles, grid):
-        chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
-            tile, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
-        row0 = q_pos0 + HALF * ROWS
-        mbarrier.wait(q_ready, n & 1)
-        acc, l_i, m_i = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
-                                     gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
-                                     ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
-        # O = acc / l leaves through this Q half (every wgmma reading it has completed) and masked 16-byte
-        # stores (no per-tile O descriptor: a rewritten tensormap would need each issuing warp to fence
-        # it); rows past the chunk are dropped. Then the producer may load the next tile's Q here.
-        acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        my_q.store(acc.to(dtype))
-        o = my_q.load(st_layout)
-        fence_async_shared()                             # the reads above come before the next TMA write
-        mbarrier.arrive(q_empty, count=1)
-        o_ptrs = O + gl.expand_dims((q_start + m0 + HALF * ROWS + st_rows).to(gl.int64) * Q_STRIDE, 1) \
-            + head * HEAD_DIM + gl.expand_dims(st_cols, 0)
-        gl.store(o_ptrs, o, mask=gl.expand_dims(m0 + HALF * ROWS + st_rows < chunk_len, 1))
-        it += n_tiles
-        n += 1
-
-
-@gluon.jit
-def _decode_partition(Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_items,
-                      dk_smem, dv_smem, d_ready, cta, grid, n_decode_items, num_prefill, total_kv_rows,
-                      stride_bt, qk_scale,
-                      GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
-                      BLOCK_N: gl.constexpr, COPY_ROWS: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                      PAGED: gl.constexpr, STAGES: gl.constexpr):
-    """One decode item = (request, KV head): its GROUP query heads as rows 0..GROUP-1 of a 16-row mma_v2
-    tile (warps side by side along N), all of its keys, no split. K/V pages by TMA through a STAGES ring
-    that this partition fills itself: tile t+STAGES-1 is issued once every warp holds tile t-1 in
-    registers (a partition barrier), so a stage is never overwritten while read."""
-    dtype: gl.constexpr = K.dtype.element_ty
-    KV_STRIDE: gl.constexpr = NUM_KV_HEADS * HEAD_DIM
-    Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
-    lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([COPY_ROWS, HEAD_DIM], dtype)
-    tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [1, 4], [1, 0])
-    rows_ld = gl.arange(0, 16, layout=gl.SliceLayout(1, ld))
-    cols_ld = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-    rows_o = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
-    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-    v_keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, b_layout))
-    k_full = tma.make_tensor_descriptor(K, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-    v_full = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-    it = 0
-    for item in range(cta, n_decode_items, grid):
-        req = gl.load(decode_items + 2 * item)
-        g = gl.load(decode_items + 2 * item + 1)
-        seq = num_prefill + req
-        kv_len = gl.load(kv_lens + seq)
-        if PAGED:
-            kv_start = kv_len * 0
+    o_rows = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+    o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    lse_rows = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    cta = gl.program_id(0)
+    j0 = gl.load(cta_ptr + cta)
+    j1 = gl.load(cta_ptr + cta + 1)
+    if TRACE:
+        t_start = _globaltimer(cta)
+    it = j0 * 0
+    n_pre = j0 * 0
+    for j in range(j0, j1):
+        n = j - j0
+        item = gl.load(cta_items + j)
+        if item >= 0:
+            chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
+                item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
+            row0 = q_pos0 + HALF * ROWS
+            mbarrier.wait(q_ready, n & 1)
+            acc, l_i, m_i = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
+                                         gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
+                                         ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
+            # O = acc / l through this Q half (its wgmmas are done) and masked 16-byte stores; then the
+            # producer may load the next item's Q here.
+            acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+            my_q.store(acc.to(dtype))
+            o = my_q.load(st_layout)
+            fence_async_shared()                         # the reads above come before the next TMA write
+            mbarrier.arrive(q_empty, count=1)
+            o_ptrs = O + gl.expand_dims((q_start + m0 + HALF * ROWS + st_rows).to(gl.int64) * Q_STRIDE, 1) \
+                + head * HEAD_DIM + gl.expand_dims(st_cols, 0)
+            gl.store(o_ptrs, o, mask=gl.expand_dims(m0 + HALF * ROWS + st_rows < chunk_len, 1))
+            it += n_tiles
+            n_pre += 1
         else:
-            kv_start = gl.load(kv_indptr + seq)
-        n_tiles = (kv_len + BLOCK_N - 1) // BLOCK_N
-        # One descriptor pair over the whole cache (no per-item rewrite): slots past kv_len are read as they
-        # are (stale, maybe NaN); their scores are masked and their V rows zeroed in registers below.
-        _, last_idx = _tail_rows(block_table, seq, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
-        q_ptrs = Qd + req.to(gl.int64) * Q_STRIDE + (g * GROUP + gl.expand_dims(rows_ld, 1)) * HEAD_DIM \
-            + gl.expand_dims(cols_ld, 0)
-        q = gl.load(q_ptrs, mask=gl.expand_dims(rows_ld < GROUP, 1), other=0.0)
-        q = gl.convert_layout(q, a_layout)
-        for j in gl.static_range(STAGES - 1):
-            s = (it + j) % STAGES
-            mbarrier.expect(d_ready.index(s), 2 * tile_bytes, pred=j < n_tiles)
-            if j < n_tiles:
-                _issue_kv_tile(k_full, v_full, k_full, v_full, block_table, seq, kv_start, j, last_idx, stride_bt,
-                               dk_smem.index(s), dv_smem.index(s), d_ready.index(s), d_ready.index(s),
-                               g * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
-        m_i = gl.full([16], -float("inf"), gl.float32, gl.SliceLayout(1, mma))
-        l_i = gl.zeros([16], gl.float32, gl.SliceLayout(1, mma))
-        acc = gl.zeros([16, HEAD_DIM], gl.float32, mma)
-        for t in range(n_tiles):
-            s = (it + t) % STAGES
-            mbarrier.wait(d_ready.index(s), ((it + t) // STAGES) & 1)
-            k = dk_smem.index(s).permute((1, 0)).load(b_layout)          # K^T [D, BLOCK_N]
-            v = dv_smem.index(s).load(b_layout)                          # V [BLOCK_N, D]
-            v = gl.where(gl.expand_dims(t * BLOCK_N + v_keys < kv_len, 1), v, 0.0)
-            gl.thread_barrier()                                          # every warp holds stage s
-            nxt = t + STAGES - 1
-            sn = (it + nxt) % STAGES
-            if nxt < n_tiles:
-                fence_async_shared()
-                mbarrier.expect(d_ready.index(sn), 2 * tile_bytes)
-                _issue_kv_tile(k_full, v_full, k_full, v_full, block_table, seq, kv_start, nxt, last_idx,
-                               stride_bt, dk_smem.index(sn), dv_smem.index(sn), d_ready.index(sn),
-                               d_ready.index(sn), g * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
-            sc = mma_v2(q, k, gl.zeros([16, BLOCK_N], gl.float32, mma))
-            sc = gl.where(gl.expand_dims(t * BLOCK_N + keys < kv_len, 0), sc, -float("inf"))
-            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-            p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = mma_v2(gl.convert_layout(p.to(dtype), a_layout), v, acc * gl.expand_dims(alpha, 1))
-            m_i = m_new
-        it += n_tiles
-        out = acc / gl.expand_dims(l_i, 1)
-        o_ptrs = Od + req.to(gl.int64) * Q_STRIDE + (g * GROUP + gl.expand_dims(rows_o, 1)) * HEAD_DIM \
-            + gl.expand_dims(cols_o, 0)
-        gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(rows_o < GROUP, 1))
+            pair = -item - 1
+            seq, req, g, ks, n_keys, part_row, n_mine = _decode_info(dec_items, pair, HALF, HALF_N)
+            _, _, _, _, _, _, n_other = _decode_info(dec_items, pair, 1 - HALF, HALF_N)
+            mbarrier.wait(q_ready, n & 1)
+            if n_mine > 0:
+                acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_mine, n_keys,
+                                             qk_scale, HALF, HEAD_DIM, HALF_N, STAGES)
+                mbarrier.arrive(q_empty, count=1)
+                _skip_stages(ready_k, ready_v, empty, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
+                out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+                heads = g * GROUP + o_rows                # rows >= GROUP are padding: never stored
+                keep = gl.expand_dims(o_rows < GROUP, 1)
+                if part_row < 0:
+                    od_ptrs = Od + gl.expand_dims((req * (GROUP * NUM_KV_HEADS) + heads).to(gl.int64) * HEAD_DIM, 1) \
+                        + gl.expand_dims(o_cols, 0)
+                    gl.store(od_ptrs, out.to(dtype), mask=keep)
+                else:
+                    prow = part_row * (GROUP * NUM_KV_HEADS) + heads
+                    po_ptrs = PartO + gl.expand_dims(prow.to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(o_cols, 0)
+                    gl.store(po_ptrs, out, mask=keep)
+                    lse_heads = part_row * (GROUP * NUM_KV_HEADS) + g * GROUP + lse_rows
+                    gl.store(PartLse + lse_heads, m_i + gl.log2(l_i), mask=lse_rows < GROUP)
+            else:
+                mbarrier.arrive(q_empty, count=1)
+                _skip_stages(ready_k, ready_v, empty, it, n_other, STAGES)
+            it += gl.maximum(n_mine, n_other)
+    if TRACE:
+        if HALF == 0:
+            t_end = _globaltimer(cta)
+            row = trace + cta.to(gl.int64) * 6
+            gl.store(row, _smid(cta).to(gl.int64))
+            gl.store(row + 1, t_start)
+            gl.store(row + 2, t_end)
+            gl.store(row + 3, n_pre.to(gl.int64))
+            gl.store(row + 4, (j1 - j0 - n_pre).to(gl.int64))
+            gl.store(row + 5, it.to(gl.int64))
 
 
 @gluon.jit
-def pod_sm90_kernel(Q, Qd, K, V, O, Od, q_indptr, kv_lens, kv_indptr, block_table, work_units, decode_items,
-                    n_prefill_tiles, n_decode_items, num_prefill, num_q_heads, total_q_rows, total_kv_rows,
-                    stride_bt, qk_scale,
+def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_indptr, block_table, work_units,
+                    dec_items, cta_ptr, cta_items, trace,
+                    num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt, qk_scale,
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
-                    STAGES: gl.constexpr, DECODE_BLOCK_N: gl.constexpr, DECODE_STAGES: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, DECODE_REGS: gl.constexpr):
+                    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                    TRACE: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
-    COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < BLOCK_N else BLOCK_N
-    D_COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < DECODE_BLOCK_N else DECODE_BLOCK_N
-    cta = gl.program_id(0)
-    grid = gl.num_programs(0)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    d_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([DECODE_BLOCK_N, HEAD_DIM], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    dk_smem = gl.allocate_shared_memory(dtype, [DECODE_STAGES, DECODE_BLOCK_N, HEAD_DIM], d_layout)
-    dv_smem = gl.allocate_shared_memory(dtype, [DECODE_STAGES, DECODE_BLOCK_N, HEAD_DIM], d_layout)
     ready_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ready_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    d_ready = gl.allocate_shared_memory(gl.int64, [DECODE_STAGES, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready_k.index(i), count=1)
         mbarrier.init(ready_v.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)           # both prefill consumers release a stage
-    for i in gl.static_range(DECODE_STAGES):
-        mbarrier.init(d_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)           # both consumers release every stage
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
-        (_prefill_consumer, (O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, q_indptr,
-                             kv_lens, kv_indptr, work_units, cta, grid, n_prefill_tiles, num_q_heads, qk_scale,
-                             0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES)),
-        (_prefill_consumer, (O, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, q_indptr,
-                             kv_lens, kv_indptr, work_units, cta, grid, n_prefill_tiles, num_q_heads, qk_scale,
-                             1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES)),
-        (_prefill_producer, (Q, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, q_smem, k_smem, v_smem,
-                             q_ready, q_empty, ready_k, ready_v, empty, cta, grid, n_prefill_tiles, num_q_heads,
-                             total_q_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M,
-                             BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED, STAGES)),
-        (_decode_partition, (Qd, K, V, Od, block_table, kv_lens, kv_indptr, decode_items, dk_smem, dv_smem, d_ready,
-                             cta, grid, n_decode_items, num_prefill, total_kv_rows, stride_bt, qk_scale, GROUP,
-                             HEAD_DIM, NUM_KV_HEADS, DECODE_BLOCK_N, D_COPY_ROWS, PAGE_SIZE, PAGED, DECODE_STAGES)),
-    ], [4, 1, 4], [CONSUMER_REGS, PRODUCER_REGS, DECODE_REGS])
+        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+                     q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
+                     qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE)),
+        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+                     q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
+                     qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE)),
+        (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
+                     cta_items, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, num_q_heads,
+                     total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
+                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ------------------------------------------------------------------------------------------------
-# Host side
+# Host side: config, the static schedule, plan, launch
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PodSm90Config:
-    """Tile sizes and per-partition registers (consumer x2 + producer + decode = 512 a thread slot)."""
-    block_n: int = 64
+    """The kernel's tile (the Hopper prefill tile's default: 128x128, 3 stages, two consumers) and the cost
+    model its planner splits the SMs by (per SM of an H200; docs/hopper_pod.md says where each comes from)."""
+    block_n: int = 128
     stages: int = 3
-    decode_block_n: int = 64
-    decode_stages: int = 3
-    consumer_regs: int = 144     # the second prefill consumer's (the first gets what is left: 144)
-    producer_regs: int = 32
-    decode_regs: int = 192       # the decode partition holds its K^T and V stage as mma operands
+    consumer_regs: int = 232
+    producer_regs: int = 40
+    prefill_tflops_per_sm: float = 4.3   # the prefill tile's rate on one SM (572 TFLOP/s / 132 SMs)
+    decode_gbps_per_sm: float = 90.0     # a decode CTA's K/V stream
+    hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
+    item_us: float = 2.0                 # fixed cost of an item: Q load, ring fill, epilogue
+    min_split_keys: int = 512            # a split decode item has at least this many keys
+    decode_ctas: int | None = None       # force the decode CTA count (diagnostics); None: the model's
+    num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
+
+    def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
+        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (3 * self.stages + 2)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) -> str | None:
@@ -292,100 +416,258 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
     h = spec.heads
     if h.head_dim not in (64, 128):
         return f"head_dim {h.head_dim} (64 or 128)"
-    if config.stages < 2 or config.decode_stages < 2:
-        return "rings need >= 2 stages (one being read while the next lands)"
-    smem = (128 + 2 * config.stages * config.block_n + 2 * config.decode_stages * config.decode_block_n) \
-        * h.head_dim * 2 + 2560                          # + barriers and the decode partition's scratch
-    if smem > 227 * 1024:
-        return f"{config} needs ~{smem} B of shared memory (227 KB an SM)"
-    if h.group_size > 16:
-        return f"GQA group {h.group_size} (the decode tile has 16 rows)"
+    if spec.dtype not in ("bfloat16", "float16"):
+        return f"dtype {spec.dtype} (bfloat16 or float16)"
+    if config.block_n != 128 or config.stages < 2:
+        return f"{config}: the tile is 128x128 with >= 2 stages"
+    if config.shared_bytes(h.head_dim) + 1024 > SM90_SHARED_LIMIT:
+        return f"{config} needs {config.shared_bytes(h.head_dim)} B of shared memory (227 KB an SM)"
+    if h.group_size > 64:
+        return f"GQA group {h.group_size} (a decode item's q heads are rows of one 64-row wgmma)"
     if spec.paged:
         p = spec.page_size
-        for n in (config.block_n, config.decode_block_n):
-            if p < 8 or not (p % n == 0 or n % p == 0):
-                return f"page_size {p} (needs >= 8 and a divisor or multiple of {n})"
+        if p < 8 or not (p % 128 == 0 or 64 % p == 0):
+            return f"page_size {p} (>= 8, dividing 64 or a multiple of 128)"
     return None
 
 
+def lpt(costs: list[float], bins: int) -> tuple[list[list[int]], float]:
+    """Longest processing time first: items (by index, heaviest first, ties in index order) onto the
+    least-loaded of `bins` bins. Returns each bin's items in the order it runs them, and the makespan."""
+    if bins <= 0 or not costs:
+        return [[] for _ in range(max(bins, 0))], 0.0
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    heap = [(0.0, b) for b in range(bins)]
+    lists: list[list[int]] = [[] for _ in range(bins)]
+    for i in order:
+        load, b = heapq.heappop(heap)
+        lists[b].append(i)
+        heapq.heappush(heap, (load + costs[i], b))
+    return lists, max(load for load, _ in heap)
+
+
+def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, decode_slowdown) -> tuple[int, float, float]:
+    """(decode CTAs k, estimated prefill ms-us, estimated decode us): the k in [1, grid-1] that minimises
+    max(LPT(decode on k) * decode_slowdown(k), LPT(prefill on grid - k)); k = 0 or grid for one role."""
+    if not decode_costs:
+        return 0, lpt(prefill_costs, grid)[1], 0.0
+    if not prefill_costs:
+        return grid, 0.0, lpt(decode_costs, grid)[1] * decode_slowdown(grid)
+
+    def times(k):
+        return lpt(prefill_costs, grid - k)[1], lpt(decode_costs, k)[1] * decode_slowdown(k)
+
+    lo, hi = 1, grid - 1                     # smallest k whose decode time <= its prefill time
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tp, td = times(mid)
+        if td <= tp:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min({max(1, lo - 1), lo}, key=lambda k: (max(times(k)), k))
+    tp, td = times(best)
+    return best, tp, td
+
+
 @dataclass
-class PodSm90Plan:
+class PodSm90Work:
+    """The plan of one batch shape for the Hopper POD kernel (shape-only; `runner` binds a launch)."""
     config: PodSm90Config
-    work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block), heaviest first
+    spec: BatchSpec
+    grid: int
+    decode_ctas: int
     n_prefill_tiles: int
-    decode_items: torch.Tensor      # [items, 2] int32 (decode request, kv head), longest first
-    n_decode_items: int
-    grid: int                       # one persistent CTA an SM
+    n_decode_pairs: int
+    work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block)
+    dec_items: torch.Tensor         # [pairs * 2, 6] int32 (seq or -1, request, kv head, kv_start, kv_end, part_row)
+    cta_ptr: torch.Tensor           # [grid + 1] int32
+    cta_items: torch.Tensor         # [items] int32: >= 0 prefill tile, < 0 decode pair -(p + 1)
+    decode: object                  # pod.kernels.decode.DecodeWork: the splits, partial workspace, merge list
+    estimate_us: dict
+
+    @property
+    def num_tiles(self) -> int:
+        return self.n_prefill_tiles + self.n_decode_pairs
+
+    @property
+    def needs_merge(self) -> bool:
+        return bool(self.decode is not None and self.decode.needs_merge)
+
+    def describe(self) -> dict:
+        return dict(kernel="pod_sm90", grid=self.grid, decode_ctas=self.decode_ctas,
+                    n_prefill_tiles=self.n_prefill_tiles, n_decode_pairs=self.n_decode_pairs,
+                    decode_kv_chunk=self.decode.kv_chunk_len if self.decode is not None else None,
+                    merge_launch=self.needs_merge, estimate_us=self.estimate_us,
+                    **{k: v for k, v in self.config.to_json().items() if v is not None})
+
+    def runner(self, batch: HybridBatch, out_prefill: torch.Tensor, out_decode: torch.Tensor,
+               trace: torch.Tensor | None = None):
+        return pod_sm90_runner(batch, self, out_prefill, out_decode, trace)
 
 
-def plan_pod_sm90(batch: HybridBatch, config: PodSm90Config = PodSm90Config(),
-                  num_sms: int | None = None) -> PodSm90Plan:
-    """Shape-only: the prefill work list (as the Hopper tile's), the decode items, the grid."""
+def _decode_split_keys(spec: BatchSpec, cfg: PodSm90Config, decode_share: float, grid: int) -> int:
+    """Keys per decode item: every item at most a third of a decode consumer's expected share (so LPT can
+    balance), never under min_split_keys; a multiple of 64 (a half-tile)."""
+    lens = spec.decode_context_lens
+    key_heads = sum(lens) * spec.heads.num_kv_heads
+    k_est = max(1, round(grid * decode_share))
+    chunk = max(cfg.min_split_keys, math.ceil(key_heads / (6 * k_est)))
+    chunk = -(-chunk // 64) * 64
+    return min(chunk, -(-max(lens) // 64) * 64)
+
+
+def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config = PodSm90Config(),
+                  num_sms: int | None = None, device: torch.device | str | None = None) -> PodSm90Work:
+    """Shape-only: the prefill tiles, the decode items (split where needed) paired for the two consumers,
+    the SM split and each CTA's list (LPT). `num_sms`: the grid without a forced one (default: the
+    device's SM count; 132 off a GPU)."""
+    from pod.kernels.decode import plan_decode
     from pod.kernels.prefill import plan_units
-    spec, dev = batch.spec, batch.device
-    why = pod_sm90_supports(spec, config)
+    if isinstance(batch_or_spec, HybridBatch):
+        spec, device = batch_or_spec.spec, device or batch_or_spec.device
+    else:
+        spec, device = batch_or_spec, device or "cpu"
+    device = torch.device(device)
+    cfg = config
+    why = pod_sm90_supports(spec, cfg)
     if why is not None:
         raise ValueError(f"the Hopper POD kernel does not handle this batch: {why}")
-    units, _ = plan_units(spec, 128)
-    hkv = spec.heads.num_kv_heads
-    order = sorted(range(spec.num_decode), key=lambda j: -spec.decode_context_lens[j])
-    items = [(j, g) for j in order for g in range(hkv)]
-    if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-    n_p, n_d = len(units) * spec.heads.num_q_heads, len(items)
-    return PodSm90Plan(config=config,
-                       work_units=torch.tensor(units or [[0, 0]], dtype=torch.int32, device=dev).reshape(-1, 2),
-                       n_prefill_tiles=n_p,
-                       decode_items=torch.tensor(items or [[0, 0]], dtype=torch.int32, device=dev).reshape(-1, 2),
-                       n_decode_items=n_d, grid=max(1, min(num_sms, max(n_p, n_d))))
-
-
-def launch_args(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Tensor, out_decode: torch.Tensor):
-    """(positional runtime args, constexpr kwargs) of `pod_sm90_kernel`."""
-    spec, cfg = batch.spec, plan.config
     h = spec.heads
-    k = batch.k_cache
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+    # Prefill tiles: the Hopper tile's work list; cost = KV tiles computed x a full tile's FLOPs.
+    units, _ = plan_units(spec, 128)
+    tile_us = 4 * 128 * 128 * h.head_dim / (cfg.prefill_tflops_per_sm * 1e6)
+    unit_cost = []
+    for c, b in units:
+        ch = spec.prefill_chunks[c]
+        q_pos0 = ch.context_len + b * 128
+        n_kv = -(-min(ch.context_len + ch.chunk_len, q_pos0 + 128) // cfg.block_n)
+        unit_cost.append(n_kv * tile_us + cfg.item_us)
+    prefill_costs = [unit_cost[t // h.num_q_heads] for t in range(len(units) * h.num_q_heads)]
+
+    # Decode items (request, kv head, key range): split so LPT can balance them over the decode CTAs.
+    stage_us = 2 * cfg.block_n * h.head_dim * spec.torch_dtype.itemsize / (cfg.decode_gbps_per_sm * 1e3)
+    grid0 = cfg.num_ctas or num_sms
+    dec, pairs, decode_costs = None, [], []
+    if spec.num_decode:
+        p_total = sum(prefill_costs)
+        d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
+        chunk = _decode_split_keys(spec, cfg, d_total / (d_total + p_total), grid0)
+        dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, block_n=64, device=device)
+        items = [(r, g, ks, ke, pr) for r, ks, ke, pr in dec.work.tolist() for g in range(h.num_kv_heads)]
+        items.sort(key=lambda it: -(it[3] - it[2]))                  # longest first; pair neighbours
+        for i in range(0, len(items), 2):
+            a = items[i]
+            b = items[i + 1] if i + 1 < len(items) else None
+            pairs.append((a, b))
+            n_half = max(-(-(x[3] - x[2]) // 64) for x in (a, b) if x is not None)
+            decode_costs.append(n_half * stage_us + cfg.item_us)
+
+    grid = max(1, min(grid0, len(prefill_costs) + len(pairs)))
+
+    def slowdown(k):                          # k decode CTAs share HBM
+        return max(1.0, k * cfg.decode_gbps_per_sm / cfg.hbm_gbps)
+
+    if cfg.decode_ctas is not None and prefill_costs and pairs:
+        k = max(1, min(cfg.decode_ctas, grid - 1))
+        t_p, t_d = lpt(prefill_costs, grid - k)[1], lpt(decode_costs, k)[1] * slowdown(k)
+    else:
+        k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown)
+    k = min(k, len(pairs)) if pairs else 0
+    dec_lists, _ = lpt(decode_costs, k)
+    pre_lists, _ = lpt(prefill_costs, grid - k)
+    cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
+    cta_ptr = [0]
+    for lst in cta_lists:
+        cta_ptr.append(cta_ptr[-1] + len(lst))
+    flat = [x for lst in cta_lists for x in lst] or [0]
+    rows = []
+    for a, b in pairs:
+        for x in (a, b):
+            if x is None:
+                rows.append((-1, 0, 0, 0, 1, -1))
+            else:
+                r, g, ks, ke, pr = x
+                rows.append((spec.num_prefill + r, r, g, ks, ke, pr))
+
+    def i32(x, shape):
+        return torch.tensor(x, dtype=torch.int32).reshape(shape).to(device)
+
+    return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
+                       n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(pairs),
+                       work_units=i32(units or [(0, 0)], (-1, 2)), dec_items=i32(rows or [(-1, 0, 0, 0, 1, -1)] * 2, (-1, 6)),
+                       cta_ptr=i32(cta_ptr, (-1,)), cta_items=i32(flat, (-1,)), decode=dec,
+                       estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)))
+
+
+def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor, out_decode: torch.Tensor,
+                trace: torch.Tensor | None = None):
+    """(positional runtime args, constexpr kwargs) of `pod_sm90_kernel`."""
+    spec, cfg = batch.spec, work.config
+    h = spec.heads
+    k, v = batch.k_cache, batch.v_cache
     for name, t in (("q_prefill", batch.q_prefill), ("q_decode", batch.q_decode), ("k_cache", k),
-                    ("v_cache", batch.v_cache), ("out_prefill", out_prefill), ("out_decode", out_decode)):
+                    ("v_cache", v), ("out_prefill", out_prefill), ("out_decode", out_decode)):
         if not t.is_contiguous():
-            raise ValueError(f"the Hopper POD kernel needs a dense {name}")
+            raise ValueError(f"the Hopper POD kernel needs a dense {name} (got strides {t.stride()})")
     paged = spec.paged
+    # A role without rows still gets a valid TMA descriptor: the other role's queries stand in (never read).
+    q = batch.q_prefill if batch.q_prefill.shape[0] else batch.q_decode
+    qd = batch.q_decode if batch.q_decode.shape[0] else batch.q_prefill
     bt = batch.block_table if paged else batch.kv_lens
-    args = (batch.q_prefill, batch.q_decode, k, batch.v_cache, out_prefill, out_decode, batch.q_indptr,
-            batch.kv_lens, batch.kv_indptr if not paged else batch.kv_lens, bt, plan.work_units, plan.decode_items,
-            plan.n_prefill_tiles, plan.n_decode_items, spec.num_prefill, h.num_q_heads, batch.q_prefill.shape[0],
+    kv_indptr = batch.kv_indptr if not paged else batch.kv_lens
+    dec = work.decode
+    part_o = dec.part_o if dec is not None else out_decode
+    part_lse = dec.part_lse if dec is not None else out_decode
+    args = (q, qd, k, v, out_prefill, out_decode, part_o, part_lse, batch.q_indptr, batch.kv_lens, kv_indptr, bt,
+            work.work_units, work.dec_items, work.cta_ptr, work.cta_items,
+            trace if trace is not None else work.cta_ptr,
+            h.num_q_heads, q.shape[0] if q is batch.q_prefill else 1, qd.shape[0] * h.num_q_heads,
             k.shape[0] * k.shape[1] if paged else k.shape[0], bt.stride(0) if paged else 0,
             float(batch.sm_scale) * LOG2E)
     const = dict(GROUP=h.group_size, HEAD_DIM=h.head_dim, NUM_KV_HEADS=h.num_kv_heads, BLOCK_M=128,
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
-                 STAGES=cfg.stages, DECODE_BLOCK_N=cfg.decode_block_n, DECODE_STAGES=cfg.decode_stages,
-                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, DECODE_REGS=cfg.decode_regs)
+                 STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+                 TRACE=trace is not None)
     return args, const
 
 
-def pod_sm90_runner(batch: HybridBatch, plan: PodSm90Plan, out_prefill: torch.Tensor, out_decode: torch.Tensor):
-    """Bind the one launch; returns ``launch() -> (out_prefill, out_decode)``."""
+def pod_sm90_runner(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor, out_decode: torch.Tensor,
+                    trace: torch.Tensor | None = None):
+    """Bind the launch once; returns ``launch() -> (out_prefill, out_decode)`` (no allocation, no sync).
+    `trace`: int64 [grid, 6] gets each CTA's (smid, start ns, end ns, prefill items, decode pairs, stages)."""
+    from pod.kernels.merge import merge_partials
     from pod.kernels.prefill_sm90 import ensure_scratch_allocator
-    args, const = launch_args(batch, plan, out_prefill, out_decode)
+    args, const = launch_args(batch, work, out_prefill, out_decode, trace)
     ensure_scratch_allocator()
-    grid = (plan.grid,)
+    grid = (work.grid,)
+    dec = work.decode
+    merge = work.needs_merge
 
     def launch():
-        pod_sm90_kernel[grid](*args, **const, num_warps=4)
+        if work.num_tiles:
+            pod_sm90_kernel[grid](*args, **const, num_warps=4)
+        if merge:
+            merge_partials(dec.merge_reqs, dec.part_indptr, dec.part_o, dec.part_lse, out_decode)
         return out_prefill, out_decode
     return launch
 
 
 def compile_report(config: PodSm90Config = PodSm90Config(), *, head_dim: int = 128, dtype: str = "bfloat16",
-                   paged: bool = True, page_size: int = 16, num_q_heads: int = 32, num_kv_heads: int = 8) -> dict:
+                   paged: bool = True, page_size: int = 16, num_q_heads: int = 32, num_kv_heads: int = 8,
+                   trace: bool = False) -> dict:
     """Compile for sm_90a on the host (no GPU), with the arguments a real launch on a small hybrid batch of
-    this layout gets: shared memory, registers, spills, wgmma / mma.sync / TMA / setmaxnreg counts."""
+    this layout gets: shared memory, registers, spills, wgmma / TMA / setmaxnreg counts."""
     from pod.batch import make_batch
     from pod.kernels.common import sm90_compile_report
     spec = BatchSpec.build(num_q_heads, num_kv_heads, head_dim, prefill=[(300, 700), (77, 0)], decode=[1000, 513],
                            dtype=dtype, page_size=page_size if paged else None)
     batch = make_batch(spec, "cpu", seed=0)
     out = (torch.empty_like(batch.q_prefill), torch.empty_like(batch.q_decode))
-    args, const = launch_args(batch, plan_pod_sm90(batch, config, num_sms=132), *out)
+    tr = torch.zeros(132, 6, dtype=torch.int64) if trace else None
+    args, const = launch_args(batch, plan_pod_sm90(batch, config, num_sms=132), *out, tr)
     rep = sm90_compile_report(pod_sm90_kernel, *args, num_warps=4, **const)
     return {k: v for k, v in rep.items() if k != "cp_async"}

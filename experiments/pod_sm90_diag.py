@@ -1,0 +1,237 @@
+"""Diagnostics of the Hopper POD kernel (pod/kernels/pod_sm90.py) on an sm_90 GPU: where its time goes.
+
+    python -m experiments.pod_sm90_diag rates     # each role alone on k CTAs (one a SM): decode GB/s (total,
+                                                  # a SM) and prefill TFLOP/s, against the standalone kernels
+    python -m experiments.pod_sm90_diag split     # hybrid points: time vs decode CTAs around the planner's
+                                                  # choice, each role's span inside the launch (%globaltimer)
+    python -m experiments.pod_sm90_diag compare   # the planned launch vs triton_serial and each part alone
+
+One JSON line a measurement (stdout; `--out FILE` appends them there too), a table last. Every timed
+configuration's outputs (NaN-poisoned) are checked against the fp32 reference first: a wrong one is
+reported and not timed. Timing is the harness's (`experiments.harness.sweep.time_run`: do_bench medians
+with p20/p80). The sweeps (`python -m experiments.attention sweep=paper backend=...`) are where results
+come from; this says why they are what they are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from pod.batch import BatchSpec, make_batch
+
+L3 = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)      # Llama-3-8B
+L2 = dict(num_q_heads=32, num_kv_heads=32, head_dim=128)     # Llama-2-7B (MHA)
+YI = dict(num_q_heads=32, num_kv_heads=4, head_dim=128)      # Yi-6B (GQA 8)
+
+# Hybrid points: the paper sweep's centre and its slices (chunk@context + decodes x context), 16-token pages.
+HYBRID = {
+    "c1024@12288+64x8192": (L3, [(1024, 12288)], [8192] * 64, 16),
+    "c1024@12288+64x8192/contig": (L3, [(1024, 12288)], [8192] * 64, None),
+    "c1024@4096+64x8192": (L3, [(1024, 4096)], [8192] * 64, 16),
+    "c512@4096+64x2048": (L3, [(512, 4096)], [2048] * 64, 16),
+    "c2048@16384+32x8192": (L3, [(2048, 16384)], [8192] * 32, 16),
+    "c1024@4096+256x2048": (L3, [(1024, 4096)], [2048] * 256, 16),
+    "c1024@4096+16x16384": (L3, [(1024, 4096)], [16384] * 16, 16),
+    "yi c1024@12288+64x8192": (YI, [(1024, 12288)], [8192] * 64, 16),
+    "l2 c1024@4096+16x8192": (L2, [(1024, 4096)], [8192] * 16, 16),
+}
+
+
+def _spec(heads, prefill, decode, page) -> BatchSpec:
+    return BatchSpec.build(**heads, prefill=prefill, decode=decode, page_size=page)
+
+
+class Bench:
+    """Check-then-time on fresh random inputs of one spec (one batch a spec, the reference once)."""
+
+    def __init__(self, spec: BatchSpec, seed: int = 0):
+        from pod.reference import reference
+        from pod.kernels.prefill_sm90 import ensure_scratch_allocator
+        from experiments.gpu_checks import poison_stale_slots
+        ensure_scratch_allocator()
+        self.spec = spec
+        self.batch = make_batch(spec, "cuda", seed=seed)
+        poison_stale_slots(self.batch)
+        self.ref = reference(self.batch)
+
+    def measure(self, launch, outs, parts=("prefill", "decode"), tol: float = 2e-2) -> dict:
+        from experiments.harness.sweep import TimingConfig, time_run
+        from pod.reference import max_rel_error
+        for o in outs:
+            o.fill_(float("nan"))
+        launch()
+        torch.cuda.synchronize()
+        errs = {}
+        for part, o, r in zip(("prefill", "decode"), outs, self.ref):
+            if part in parts and r.shape[0]:
+                errs[f"{part}_err"] = max_rel_error(o, r)
+        ok = all(e < tol for e in errs.values())
+        row = dict(errs, ok=ok)
+        if ok:
+            med, p20, p80, _ = time_run(launch, self.batch.device, TimingConfig(warmup_ms=10, rep_ms=60))
+            row.update(median_ms=med, p20_ms=p20, p80_ms=p80)
+        return row
+
+
+def _pod(bench: Bench, cfg, trace: bool = False) -> tuple[dict, object]:
+    from pod.kernels.pod_sm90 import plan_pod_sm90
+    work = plan_pod_sm90(bench.batch, cfg)
+    outs = bench.batch.empty_outputs()
+    row = bench.measure(work.runner(bench.batch, *outs), outs)
+    row.update(grid=work.grid, decode_ctas=work.decode_ctas, est_us=work.estimate_us,
+               merge=work.needs_merge)
+    if trace and row["ok"]:
+        tr = torch.zeros(work.grid, 6, dtype=torch.int64, device="cuda")
+        work.runner(bench.batch, *outs, trace=tr)()
+        torch.cuda.synchronize()
+        row.update(role_spans(tr.cpu()))
+    return row, work
+
+
+def role_spans(tr: torch.Tensor) -> dict:
+    """From a trace [grid, 6] (smid, start ns, end ns, prefill items, decode pairs, stages): each role's
+    span inside the launch (first start to last end of its CTAs, us) and the CTAs' idle tail."""
+    t0 = int(tr[:, 1].min())
+    out = {}
+    for role, col in (("prefill", 3), ("decode", 4)):
+        sel = tr[:, col] > 0
+        if sel.any():
+            ends = (tr[sel, 2] - t0).double() / 1e3
+            out[f"{role}_span_us"] = round(float(ends.max()), 1)
+            out[f"{role}_end_min_us"] = round(float(ends.min()), 1)
+            out[f"{role}_ctas"] = int(sel.sum())
+    out["distinct_sms"] = int(torch.unique(tr[:, 0]).numel())
+    return out
+
+
+def rates(out) -> list[dict]:
+    """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
+    prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU."""
+    from pod.kernels.pod_sm90 import PodSm90Config
+    rows = []
+    dec = Bench(_spec(L3, [], [8192] * 64, 16))
+    for k in (8, 16, 24, 32, 48, 64, 96, 132):
+        r, _ = _pod(dec, PodSm90Config(num_ctas=k), trace=True)
+        if r.get("median_ms"):
+            gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
+            r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
+        rows.append(out(dict(what="decode 64x8192 on k CTAs", k=k, **r)))
+    for name in ("triton_decode", "fi_serial"):
+        rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
+    pre = Bench(_spec(L3, [(1024, 12288)], [], 16))
+    for k in (66, 132):
+        r, _ = _pod(pre, PodSm90Config(num_ctas=k), trace=True)
+        if r.get("median_ms"):
+            r["tflops"] = round(pre.spec.prefill_flops() / r["median_ms"] / 1e9, 1)
+        rows.append(out(dict(what="prefill 1024@12288 on k CTAs", k=k, **r)))
+    for name in ("triton_prefill", "fi_serial"):
+        rows.append(out(dict(what=f"{name} prefill 1024@12288 (whole GPU)", **_backend(pre, name))))
+    return rows
+
+
+def _backend(bench: Bench, name: str) -> dict:
+    from baselines.registry import get_backend
+    b = get_backend(name)
+    why = b.unavailable_reason(bench.batch)
+    if why:
+        return dict(ok=False, skipped=why)
+    try:
+        run = b.setup(bench.batch)
+    except Exception as e:  # noqa: BLE001 - a diagnostic reports, it does not stop
+        return dict(ok=False, skipped=f"{type(e).__name__}: {e}"[:200])
+    holder = {}
+
+    def launch():
+        holder["o"] = run()
+    from experiments.harness.sweep import TimingConfig, time_run
+    from pod.reference import max_rel_error
+    launch()
+    torch.cuda.synchronize()
+    o = holder["o"]
+    errs = {}
+    for part, got, ref in (("prefill", o.prefill, bench.ref[0]), ("decode", o.decode, bench.ref[1])):
+        if part in b.computes and ref.shape[0] and got is not None:
+            errs[f"{part}_err"] = max_rel_error(got, ref)
+    ok = all(e < 2e-2 for e in errs.values())
+    row = dict(errs, ok=ok)
+    if ok:
+        med, p20, p80, _ = time_run(launch, bench.batch.device, TimingConfig(warmup_ms=10, rep_ms=60))
+        row.update(median_ms=med, p20_ms=p20, p80_ms=p80)
+    return row
+
+
+def split(out, points=None) -> list[dict]:
+    """Hybrid points: the planned launch (traced: each role's span), then decode_ctas around the plan's."""
+    from pod.kernels.pod_sm90 import PodSm90Config
+    rows = []
+    for name in points or HYBRID:
+        bench = Bench(_spec(*HYBRID[name]))
+        r, work = _pod(bench, PodSm90Config(), trace=True)
+        rows.append(out(dict(what="planned", point=name, **r)))
+        k0 = work.decode_ctas
+        for f in (0.6, 0.8, 0.9, 1.1, 1.25, 1.5):
+            k = max(1, min(work.grid - 1, round(k0 * f)))
+            if k == k0:
+                continue
+            r, _ = _pod(bench, PodSm90Config(decode_ctas=k), trace=True)
+            rows.append(out(dict(what="decode_ctas", point=name, **r)))
+        del bench
+        torch.cuda.empty_cache()
+    return rows
+
+
+def compare(out, points=None) -> list[dict]:
+    """The planned launch against triton_serial, fi_serial and each of our parts alone (same batch)."""
+    from pod.kernels.pod_sm90 import PodSm90Config
+    rows = []
+    for name in points or HYBRID:
+        bench = Bench(_spec(*HYBRID[name]))
+        r, _ = _pod(bench, PodSm90Config())
+        row = dict(what="compare", point=name, pod_sm90_ms=r.get("median_ms"), pod_sm90_ok=r["ok"],
+                   pod_sm90_err=max(r.get("prefill_err", 0), r.get("decode_err", 0)))
+        for b in ("triton_serial", "triton_prefill", "triton_decode", "fi_serial", "pod"):
+            br = _backend(bench, b)
+            row[f"{b}_ms"] = br.get("median_ms")
+        if row["pod_sm90_ms"] and row["triton_serial_ms"]:
+            row["speedup_vs_triton_serial"] = round(row["triton_serial_ms"] / row["pod_sm90_ms"], 3)
+        if row["pod_sm90_ms"] and row["fi_serial_ms"]:
+            row["speedup_vs_fi_serial"] = round(row["fi_serial_ms"] / row["pod_sm90_ms"], 3)
+        if row["triton_prefill_ms"] and row["triton_decode_ms"]:
+            row["overlap_bound_ms"] = max(row["triton_prefill_ms"], row["triton_decode_ms"])
+        rows.append(out(row))
+        del bench
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("rates", "split", "compare"))
+    ap.add_argument("--out", help="append the JSON lines here too")
+    ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("pod_sm90_diag: needs an sm_90 GPU (H100/H200)", file=sys.stderr)
+        return 2
+
+    def out(row):
+        line = json.dumps(row, default=lambda x: round(x, 5) if isinstance(x, float) else str(x))
+        print(line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+        return row
+
+    points = a.points.split(",") if a.points else None
+    fn = dict(rates=rates, split=lambda o: split(o, points), compare=lambda o: compare(o, points))[a.what]
+    rows = fn(out)
+    bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]
+    print(f"{a.what}: {len(rows)} rows, {len(bad)} failed checks")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One call on a GPU machine that has no network: set up its python with carried wheels, then run stages.
+# Usage (repo root, on the GPU machine):  bash scripts/gpu_session.sh STAGE [STAGE ...]
+#   env              GPU, driver, versions
+#   fi_install       FlashInfer modules built earlier (.fi_so/fi_so.tar.xz) into the wheel's AOT folder
+#   fi_bg            build FlashInfer's fi_serial / fi_pod JIT modules in the background (log: $OUT/fi_*.log)
+#   fi_join          wait (at most FI_WAIT s) for them
+#   fi_pack          every built FlashInfer .so -> $OUT/fi_so.tar.xz (carry it back as .fi_so/ next time)
+#   pod_check:N      the Hopper POD kernel's GPU check in N processes side by side (log: $OUT/pod_check.log)
+#   diag:WHAT[:PTS]  python -m experiments.pod_sm90_diag WHAT [--points PTS] (JSON lines: $OUT/diag.jsonl)
+#   sweep:NAME[:BACKEND_GROUP[:BACKEND,...]]  python -m experiments.attention into .gpu_results/ (resumes)
+#   collect          .gpu_results/ -> $OUT/gpu_results.tgz
+#   MODULE           anything else: python3 -m MODULE, output appended to $OUT/run.log
+# Every stage runs under `timeout` (STAGE_TIMEOUT, default 300 s): a hung kernel costs minutes, not the call.
+set -uo pipefail
+OUT=${OUT:-$PWD/.device_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1 MAX_JOBS=16
+if [ -d .whl ] && [ ! -d /tmp/site/flashinfer ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/tmp/pip.log 2>&1 || { echo "wheel install failed"; tail /tmp/pip.log; }
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export FLASHINFER_WORKSPACE_BASE=$PWD/.fi_cache
+mkdir -p "$FLASHINFER_WORKSPACE_BASE"
+T=${STAGE_TIMEOUT:-300}
+log() { tee -a "$OUT/run.log"; }
+for stage in "$@"; do
+  echo "=== stage $stage $(date -u +%T)" | log
+  case "$stage" in
+    env)
+      { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+        python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__,'sms',torch.cuda.get_device_properties(0).multi_processor_count)"
+        python3 -c "import flashinfer;print('flashinfer',flashinfer.__version__)" 2>&1 | tail -1
+      } 2>&1 | log ;;
+    fi_install)
+      aot=$(python3 -c "import flashinfer,os;print(os.path.join(os.path.dirname(flashinfer.__file__),'data','aot'))" 2>/dev/null)
+      if [ -n "$aot" ] && ls .fi_so/*.tar.xz >/dev/null 2>&1; then
+        for f in .fi_so/*.tar.xz; do tar -C /tmp -xJf "$f"; done
+        for so in /tmp/fi_so/*.so; do n=$(basename "$so" .so); mkdir -p "$aot/$n"; cp "$so" "$aot/$n/"; done
+        ls "$aot" | log
+      else echo "no carried FlashInfer modules" | log; fi ;;
+    fi_bg)
+      for b in fi_serial fi_pod; do
+        (timeout 600 python3 -m experiments.attention sweep=gpu_smoke 'sweep.grids=[{model: llama3_8b, page_size: 16}]' \
+           "backend.names=[$b]" results_dir=.gpu_results/fi_$b progress=false wandb.enabled=false \
+           > "$OUT/fi_$b.log" 2>&1; echo "'backend' $b rc=$?" >> "$OUT/fi_$b.log") &
+      done ;;
+    fi_join)
+      for i in $(seq 1 "${FI_WAIT:-300}"); do
+        [ "$(cat "$OUT"/fi_fi_*.log 2>/dev/null | grep -c "'backend'")" -ge 2 ] && break; sleep 1; done
+      tail -n 3 "$OUT"/fi_fi_*.log | log ;;
+    fi_pack)
+      mkdir -p /tmp/fi_so; find .fi_cache -name "*.so" -exec cp {} /tmp/fi_so/ \;
+      ls -la /tmp/fi_so | log
+      tar -C /tmp -cJf "$OUT/fi_so.tar.xz" fi_so && ls -la "$OUT/fi_so.tar.xz" | log ;;
+    pod_check:*)
+      n=${stage#pod_check:}; pids=()
+      for i in $(seq 0 $((n - 1))); do
+        timeout "$T" python3 -m experiments.gpu_checks pod_sm90 "$i/$n" > "$OUT/pod_check_$i.log" 2>&1 &
+        pids+=($!)
+      done
+      rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+      cat "$OUT"/pod_check_*.log > "$OUT/pod_check.log"; rm -f "$OUT"/pod_check_*.log
+      grep -h "runs,\|FAILED\|Error\|error" "$OUT/pod_check.log" | head -40 | log
+      echo "pod_check rc=$rc" | log
+      [ "$rc" = 124 ] && touch .pod_hang ;;
+    diag:*)
+      IFS=: read -r _ what pts <<<"$stage"
+      extra=(); [ -n "${pts:-}" ] && extra=(--points "$pts")
+      timeout "$T" python3 -m experiments.pod_sm90_diag "$what" --out "$OUT/diag.jsonl" "${extra[@]}" 2>&1 \
+        | grep -v '^{' | log ;;
+    sweep:*)
+      IFS=: read -r _ sw grp only <<<"$stage"
+      extra=(); [ -n "${only:-}" ] && extra=("backend.names=[${only}]")
+      timeout "$T" python3 -m experiments.attention sweep=$sw backend=${grp:-all} results_dir=.gpu_results \
+        progress=false wandb.enabled=false timing.warmup_ms=10 timing.rep_ms=60 "${extra[@]}" 2>&1 \
+        | grep -v "^\s*$" | tail -n 30 | log
+      tar -czf "$OUT/gpu_results.tgz" .gpu_results ;;
+    collect) tar -czf "$OUT/gpu_results.tgz" .gpu_results 2>&1 | log; ls -la "$OUT" | log ;;
+    *) timeout "$T" python3 -m $stage 2>&1 | log ;;
+  esac
+done
