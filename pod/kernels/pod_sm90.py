@@ -619,10 +619,13 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
     qd = batch.q_decode if batch.q_decode.shape[0] else batch.q_prefill
     bt = batch.block_table if paged else batch.kv_lens
     kv_indptr = batch.kv_indptr if not paged else batch.kv_lens
+    # Empty outputs (a role the batch lacks) have no storage: a live buffer stands in, never written.
+    o = out_prefill if out_prefill.numel() else out_decode
+    od = out_decode if out_decode.numel() else out_prefill
     dec = work.decode
-    part_o = dec.part_o if dec is not None else out_decode
-    part_lse = dec.part_lse if dec is not None else out_decode
-    args = (q, qd, k, v, out_prefill, out_decode, part_o, part_lse, batch.q_indptr, batch.kv_lens, kv_indptr, bt,
+    part_o = dec.part_o if dec is not None else work.cta_ptr.new_zeros(1, dtype=torch.float32)
+    part_lse = dec.part_lse if dec is not None else part_o
+    args = (q, qd, k, v, o, od, part_o, part_lse, batch.q_indptr, batch.kv_lens, kv_indptr, bt,
             work.work_units, work.dec_items, work.cta_ptr, work.cta_items,
             trace if trace is not None else work.cta_ptr,
             h.num_q_heads, q.shape[0] if q is batch.q_prefill else 1, qd.shape[0] * h.num_q_heads,
