@@ -5,6 +5,7 @@
     python -m experiments.pod_sm90_diag split     # hybrid points: time vs decode CTAs around the planner's
                                                   # choice, each role's span inside the launch (%globaltimer)
     python -m experiments.pod_sm90_diag compare   # the planned launch vs triton_serial and each part alone
+    python -m experiments.pod_sm90_diag table FILE  # a short table of the JSON lines (no GPU needed)
 
 One JSON line a measurement (stdout; `--out FILE` appends them there too), a table last. Every timed
 configuration's outputs (NaN-poisoned) are checked against the fp32 reference first: a wrong one is
@@ -207,7 +208,26 @@ def compare(out, points=None) -> list[dict]:
     return rows
 
 
+def table(path: str) -> None:
+    """A short table of a JSON-lines file this module wrote (no GPU needed)."""
+    keys = ("what", "point", "k", "grid", "decode_ctas", "ok", "median_ms", "gbps", "gbps_per_sm", "tflops",
+            "prefill_span_us", "decode_span_us", "prefill_err", "decode_err", "pod_sm90_ms", "triton_serial_ms",
+            "triton_prefill_ms", "triton_decode_ms", "fi_serial_ms", "pod_ms", "speedup_vs_triton_serial",
+            "speedup_vs_fi_serial", "skipped")
+    for line in open(path):
+        r = json.loads(line)
+        cells = []
+        for k in keys:
+            if k in r and r[k] is not None:
+                v = r[k]
+                cells.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+        print(" ".join(cells)[:400])
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["table"]:
+        table(argv[1])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=("rates", "split", "compare"))
     ap.add_argument("--out", help="append the JSON lines here too")
