@@ -96,6 +96,26 @@ def _decode_info(dec_items, pair, c, HALF_N: gl.constexpr):
 
 
 @gluon.jit
+def _pair_rows(block_table, seq_a, seq_b, st_a, st_b, tile_a, tile_b, last_a, last_b, stride_bt,
+               NCOPY: gl.constexpr, COPY_ROWS: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
+               HALF_N: gl.constexpr):
+    """Cache rows of the 2 * NCOPY copies of one decode-pair stage (item A's half-tile, then B's): one
+    gather of block-table entries (one memory latency a stage, issued before the producer waits for the
+    stage to free up). Page slots past a sequence's last page re-read the last page (masked keys)."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    i = gl.arange(0, 2 * NCOPY, layout=lay)
+    is_b = i >= NCOPY
+    tok = gl.where(is_b, tile_b, tile_a) * HALF_N + (i % NCOPY) * COPY_ROWS
+    if PAGED:
+        seq = gl.where(is_b, gl.maximum(seq_b, 0), gl.maximum(seq_a, 0))
+        idx = gl.minimum(tok // PAGE_SIZE, gl.where(is_b, last_b, last_a))
+        rows = gl.load(block_table + seq.to(gl.int64) * stride_bt + idx) * PAGE_SIZE + tok % PAGE_SIZE
+    else:
+        rows = gl.where(is_b, st_b, st_a) + tok
+    return rows, i
+
+
+@gluon.jit
 def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items,
               q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
               num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
@@ -110,6 +130,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     KV_STRIDE: gl.constexpr = NUM_KV_HEADS * HEAD_DIM
     COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < BLOCK_N else BLOCK_N
     D_COPY_ROWS: gl.constexpr = PAGE_SIZE if PAGED and PAGE_SIZE < HALF_N else HALF_N
+    NCOPY: gl.constexpr = HALF_N // D_COPY_ROWS         # copies a decode half-tile
     ELT: gl.constexpr = dtype.primitive_bitwidth // 8
     lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([COPY_ROWS, HEAD_DIM], dtype)
     d_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_COPY_ROWS, HEAD_DIM], dtype)
@@ -171,6 +192,9 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
             tma.async_copy_global_to_shared(qd_desc, [req_b * (GROUP * NUM_KV_HEADS) + g_b * GROUP, 0], q_ready,
                                             q_smem.index(1), pred=seq_b >= 0)
             for t in range(gl.maximum(n_a, n_b)):
+                # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence.
+                rows, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N + t, ks_b // HALF_N + t,
+                                      last_a, last_b, stride_bt, NCOPY, D_COPY_ROWS, PAGE_SIZE, PAGED, HALF_N)
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 both = t < gl.minimum(n_a, n_b)          # else exactly one half lands (t < max(n_a, n_b))
@@ -179,39 +203,41 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 mbarrier.expect(ready_k.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
                 mbarrier.expect(ready_v.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
                 mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
-                # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence.
-                if t < n_a:
-                    _issue_kv_tile(kd, vd, kd, vd, block_table, seq_a, st_a, ks_a // HALF_N + t, last_a, stride_bt,
-                                   k_smem.index(s).slice(0, HALF_N), v_smem.index(s).slice(0, HALF_N),
-                                   ready_k.index(s), ready_v.index(s), g_a * HEAD_DIM,
-                                   HALF_N, D_COPY_ROWS, PAGE_SIZE, PAGED)
-                if t < n_b:
-                    _issue_kv_tile(kd, vd, kd, vd, block_table, seq_b, st_b, ks_b // HALF_N + t, last_b, stride_bt,
-                                   k_smem.index(s).slice(HALF_N, HALF_N), v_smem.index(s).slice(HALF_N, HALF_N),
-                                   ready_k.index(s), ready_v.index(s), g_b * HEAD_DIM,
-                                   HALF_N, D_COPY_ROWS, PAGE_SIZE, PAGED)
+                for c in gl.static_range(2 * NCOPY):
+                    row = gl.sum(gl.where(ci == c, rows, 0), 0)
+                    use = (t < n_a) if c < NCOPY else (t < n_b)
+                    col = (g_a if c < NCOPY else g_b) * HEAD_DIM
+                    tma.async_copy_global_to_shared(kd, [row, col], ready_k.index(s),
+                                                    k_smem.index(s).slice(c * D_COPY_ROWS, D_COPY_ROWS), pred=use)
+                    tma.async_copy_global_to_shared(vd, [row, col], ready_v.index(s),
+                                                    v_smem.index(s).slice(c * D_COPY_ROWS, D_COPY_ROWS), pred=use)
                 it += 1
 
 
 @gluon.jit
 def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_keys, qk_scale,
-                 HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
-    """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...): S = Q K^T over
-    64 keys (wgmma, Q's 64 rows = the item's GROUP q heads and padding), online softmax, O += P V.
-    Keys past n_keys (the last half-tile only) get -inf scores and zeroed V rows. Releases each stage."""
+                 HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr,
+                 DEC_N: gl.constexpr):
+    """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...), swap-AB: the
+    item's q heads are the wgmma's N (DEC_N = 16 or 32 columns), its 64 keys and D its M, so a GQA group
+    of 4 costs 16 columns of tensor-core work instead of 64 padded rows:
+        S^T = K Q^T            [64 keys, DEC_N]   A = K half (smem), B = Q^T (this consumer's Q buffer)
+        softmax down each column (per q head, over keys; exp2 domain)
+        O^T += V^T P^T         [D, DEC_N]         A = V half^T (smem), B = P^T (staged in spare Q rows)
+    Keys past n_keys (the last half-tile only) get -inf scores and zeroed V rows. Releases each stage.
+    Returns O^T (un-normalised), and the per-head sums and maxima."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                       instr_shape=[16, DEC_N, 16])
     z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    keys = gl.arange(0, HALF_N, layout=gl.SliceLayout(0, s_layout))
+    q_t = q_smem.slice(0, DEC_N).permute((1, 0))                  # B of S^T: [D, DEC_N]
+    p_buf = q_smem.slice(DEC_N, DEC_N).slice(0, HALF_N, dim=1)    # P [DEC_N, 64] in Q rows no head uses
+    keys = gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
     v_rows = gl.arange(0, HALF_N, layout=gl.SliceLayout(1, z_layout))
-    zero_s = gl.zeros([64, HALF_N], gl.float32, s_layout)
-    m_i = gl.full([64], -float("inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+    zero_s = gl.zeros([HALF_N, DEC_N], gl.float32, s_layout)
+    m_i = gl.full([DEC_N], -float("inf"), gl.float32, gl.SliceLayout(0, s_layout))
+    l_i = gl.zeros([DEC_N], gl.float32, gl.SliceLayout(0, s_layout))
+    acc = gl.zeros([HEAD_DIM, DEC_N], gl.float32, s_layout)
     for t in range(n_half):
         slot = it + t
         s = slot % STAGES
@@ -219,14 +245,15 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
         valid = n_keys - t * HALF_N                      # keys of this half-tile that belong to the item
         mbarrier.wait(ready_k.index(s), ph)
         k_half = k_smem.index(s).slice(HALF * HALF_N, HALF_N)
-        sc = warpgroup_mma(q_smem, k_half.permute((1, 0)), zero_s, use_acc=False)
+        st = warpgroup_mma(k_half, q_t, zero_s, use_acc=False)
         if valid < HALF_N:
-            sc = gl.where(gl.expand_dims(keys < valid, 0), sc, -float("inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-        p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+            st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
+        m_new = gl.maximum(m_i, gl.max(st, 0) * qk_scale)
+        p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
         alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        l_i = l_i * alpha + gl.sum(p, 0)
         m_i = m_new
+        p_buf.store(gl.permute(p.to(dtype), (1, 0)))
         mbarrier.wait(ready_v.index(s), ph)
         v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
         if valid < HALF_N:
@@ -234,10 +261,9 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
             # consumer is the half's only reader, and the producer refills it only after the release below.
             v = v_half.load(z_layout)
             v_half.store(gl.where(gl.expand_dims(v_rows < valid, 1), v, gl.zeros_like(v)))
-            fence_async_shared()
-            gl.thread_barrier()
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_half, acc)
+        fence_async_shared()                             # P (and zeroed V rows) before the tensor cores read
+        gl.thread_barrier()
+        acc = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
         mbarrier.arrive(empty.index(s), count=1)
     return acc, l_i, m_i
 
@@ -267,14 +293,14 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, r
     dtype: gl.constexpr = my_q.dtype
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF_N, 16])
+    DEC_N: gl.constexpr = 16 if GROUP <= 16 else 32
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DEC_N, 16])
     st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
     st_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
     st_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
-    o_rows = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-    o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    lse_rows = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    d_rows = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, d_layout))     # decode O^T: rows = d
+    d_cols = gl.arange(0, DEC_N, layout=gl.SliceLayout(0, d_layout))        #             columns = q heads
     cta = gl.program_id(0)
     j0 = gl.load(cta_ptr + cta)
     j1 = gl.load(cta_ptr + cta + 1)
@@ -312,22 +338,22 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, r
             mbarrier.wait(q_ready, n & 1)
             if n_mine > 0:
                 acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_mine, n_keys,
-                                             qk_scale, HALF, HEAD_DIM, HALF_N, STAGES)
+                                             qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N)
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
-                out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-                heads = g * GROUP + o_rows                # rows >= GROUP are padding: never stored
-                keep = gl.expand_dims(o_rows < GROUP, 1)
+                # O^T [D, DEC_N] / l: column h is q head g*GROUP + h; columns >= GROUP are padding.
+                out = acc / gl.expand_dims(l_i, 0)
+                heads = g * GROUP + d_cols
+                keep = gl.expand_dims(d_cols < GROUP, 0)
                 if part_row < 0:
-                    od_ptrs = Od + gl.expand_dims((req * (GROUP * NUM_KV_HEADS) + heads).to(gl.int64) * HEAD_DIM, 1) \
-                        + gl.expand_dims(o_cols, 0)
+                    od_ptrs = Od + gl.expand_dims((req * (GROUP * NUM_KV_HEADS) + heads).to(gl.int64) * HEAD_DIM, 0) \
+                        + gl.expand_dims(d_rows, 1)
                     gl.store(od_ptrs, out.to(dtype), mask=keep)
                 else:
                     prow = part_row * (GROUP * NUM_KV_HEADS) + heads
-                    po_ptrs = PartO + gl.expand_dims(prow.to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(o_cols, 0)
+                    po_ptrs = PartO + gl.expand_dims(prow.to(gl.int64) * HEAD_DIM, 0) + gl.expand_dims(d_rows, 1)
                     gl.store(po_ptrs, out, mask=keep)
-                    lse_heads = part_row * (GROUP * NUM_KV_HEADS) + g * GROUP + lse_rows
-                    gl.store(PartLse + lse_heads, m_i + gl.log2(l_i), mask=lse_rows < GROUP)
+                    gl.store(PartLse + prow, m_i + gl.log2(l_i), mask=d_cols < GROUP)
             else:
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, it, n_other, STAGES)
@@ -395,7 +421,7 @@ class PodSm90Config:
     block_n: int = 128
     stages: int = 3
     consumer_regs: int = 232
-    producer_regs: int = 40
+    producer_regs: int = 48
     prefill_tflops_per_sm: float = 4.3   # the prefill tile's rate on one SM (572 TFLOP/s / 132 SMs)
     decode_gbps_per_sm: float = 90.0     # a decode CTA's K/V stream
     hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
@@ -422,8 +448,8 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
         return f"{config}: the tile is 128x128 with >= 2 stages"
     if config.shared_bytes(h.head_dim) + 1024 > SM90_SHARED_LIMIT:
         return f"{config} needs {config.shared_bytes(h.head_dim)} B of shared memory (227 KB an SM)"
-    if h.group_size > 64:
-        return f"GQA group {h.group_size} (a decode item's q heads are rows of one 64-row wgmma)"
+    if h.group_size > 32:
+        return f"GQA group {h.group_size} (<= 32: a decode item's q heads are the N of a swap-AB wgmma)"
     if spec.paged:
         p = spec.page_size
         if p < 8 or not (p % 128 == 0 or 64 % p == 0):
