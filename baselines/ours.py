@@ -11,15 +11,15 @@ Every prepare does the plan (shape-only, untimed) and binds the launch arguments
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
 
 from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
-from pod.api import Plan, device_num_sms, plan, runner
+from pod.api import Plan, plan, runner
 from pod.batch import HybridBatch
 from pod.dispatch import PodConfig, decode_kv_splits
+from pod.env import device_num_sms, interpreting
 from pod.kernels.configs import DECODE_CONFIGS, POD_CONFIGS, pod_autotune_candidates
 from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
 from pod.kernels.prefill import PrefillWork
@@ -28,10 +28,6 @@ from pod.reference import reference
 
 INTERPRETER_HINT = ("runs on a CUDA GPU; on a CPU run it in Triton's interpreter: set TRITON_INTERPRET=1 "
                     "(`make test` and `python -m experiments.attention sweep=smoke backend=cpu` do)")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_available() -> str | None:

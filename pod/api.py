@@ -13,29 +13,23 @@ The backends `pod`, `pod_paper` and `pod_persistent` (baselines/ours.py) are thi
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.dispatch import PodConfig, choose_config, max_ctas_per_sm, role_policy
+from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
 from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
 from pod.kernels.pod_fused import (COUNTER_WORDS, DECODE_TILE_CONSTEXPRS, PREFILL_TILE_CONSTEXPRS,
                                    pod_fused_kernel)
 from pod.kernels.prefill import PrefillConfig, PrefillWork, plan_prefill, prefill_launch_args
 from pod.prefill import chunked_prefill_runner, plan_chunked_prefill, resolve_prefill_kernel
 
-SIMULATED_NUM_SMS = 4   # SMs the interpreter pretends to have (CTA i "runs" on SM i % 4)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _simulate_smid(device: torch.device) -> bool:
     """The interpreter (and a CPU device) has no %smid: CTA i is said to run on SM i % num_sms."""
-    return device.type != "cuda" or _interpreting()
+    return device.type != "cuda" or interpreting()
 
 
 @dataclass(frozen=True)
@@ -81,22 +75,11 @@ class Plan:
         return d
 
 
-def device_num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and not _interpreting():
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return SIMULATED_NUM_SMS
-
-
 def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None, *,
          device: str | torch.device | None = None, **overrides) -> Plan:
     """Shape-only work for a batch. `config=None` lets the dispatcher choose; keyword overrides
     (e.g. kv_splits=4, variant="persistent") apply on top of the chosen or given config."""
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, device or batch_or_spec.device
-    else:
-        spec = batch_or_spec
-        device = device or ("cuda" if torch.cuda.is_available() and not _interpreting() else "cpu")
-    device = torch.device(device)
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     base = config or PodConfig()
     num_sms = base.num_sms or device_num_sms(device)
     if config is None:
@@ -137,7 +120,7 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
 
 def _launch_kwargs(config: PodConfig, paged: bool) -> dict:
     kw = dict(num_warps=config.num_warps, num_stages=config.resolved_num_stages(paged))
-    if not _interpreting():
+    if not interpreting():
         maxnreg = config.resolved_maxnreg()
         if maxnreg is not None:
             kw["maxnreg"] = maxnreg

@@ -66,7 +66,7 @@ class PodConfig:
     num_stages: int | None = None        # None: 3 contiguous, 5 paged (the block-table load takes a
                                          # pipeline stage: 5 keeps two K/V buffers in flight)
     maxnreg: int | None = 0              # registers/thread cap; 0: auto (RESIDENT_CTAS_PER_SM fit), None: no cap
-    num_sms: int | None = None           # None: the device's SM count (interpreter: 4 simulated SMs)
+    num_sms: int | None = None           # None: pod.env.device_num_sms (off the GPU: SIMULATED_NUM_SMS)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

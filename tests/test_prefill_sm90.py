@@ -109,7 +109,7 @@ def test_auto_keeps_the_portable_tile_off_hopper_and_for_tiny_prefills(monkeypat
         P.resolve_prefill_kernel(spec, "nope", "cpu")
     # On an sm_90 GPU: a 512-token chunk over 4K of context (37 GFLOP) -> Hopper tile; the same chunk
     # without context (2.1 GFLOP) -> portable; 1024 tokens without context (8.6 GFLOP) -> Hopper tile.
-    monkeypatch.setattr(P, "_on_hopper", lambda device: True)
+    monkeypatch.setattr(P, "on_hopper", lambda device: True)
     assert P.resolve_prefill_kernel(spec, "auto", "cuda") == ("sm90", S.SM90_DEFAULT)
     tiny = BatchSpec.build(32, 8, 128, prefill=[(512, 0)], page_size=16)
     assert tiny.prefill_flops() < P.SM90_MIN_PREFILL_FLOPS

@@ -16,7 +16,7 @@ has more than one split); `decode_runner(batch, work, out)` binds the launch arg
 returns the closure a timed run() calls. Nothing in either synchronises with the host.
 
 Splits. By default the plan targets ``num_sms * ctas_per_sm`` resident CTAs (num_sms queried from the
-device, INTERPRET_NUM_SMS in the interpreter) and picks the keys per split with the shortest modelled
+device, pod.env.SIMULATED_NUM_SMS in the interpreter) and picks the keys per split with the shortest modelled
 makespan (split_policy="balanced"; "fit" is FlashInfer's rule: the smallest chunk whose tiles fit one
 wave). Requests get different split counts (a long request gets more). `kv_splits`, `target_ctas` or
 `kv_chunk_len` override it, e.g. for a fused kernel that wants fewer decode CTAs.
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +72,7 @@ import triton
 import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
+from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
 from pod.kernels.configs import (DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_FIXED, DECODE_INTERPRET,
                                  DECODE_MAX_BLOCK_N)
@@ -83,12 +83,6 @@ AUTOTUNE_CONFIGS = [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st 
 MAX_BLOCK_N = DECODE_MAX_BLOCK_N
 FIXED_CONFIG = DECODE_FIXED
 INTERPRET_CONFIG = DECODE_INTERPRET
-INTERPRET_NUM_SMS = 8        # stands in for the SM count when there is no GPU
-
-
-def interpreting() -> bool:
-    """True under the Triton interpreter (CPU tests): one small fixed config, no autotune."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # -- kernel -----------------------------------------------------------------------------------------
@@ -263,14 +257,6 @@ class DecodeWork:
                     PAGED=bool(self.page_size), FUSE_MERGE=self.fuse_merge)
 
 
-def device_num_sms(device: torch.device | str | None = None) -> int:
-    """SMs of the CUDA device (132 on H100 SXM), or INTERPRET_NUM_SMS in the interpreter / on CPU."""
-    if interpreting() or not torch.cuda.is_available():
-        return INTERPRET_NUM_SMS
-    device = torch.device(device if device is not None else "cuda")
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
@@ -360,12 +346,7 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
               lets a fused kernel run `decode_tile` with any BLOCK_N dividing that alignment.
     fuse_merge: the last split CTA of each (request, kv head) merges; no merge launch.
     """
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, batch_or_spec.device if device is None else device
-    else:
-        spec = batch_or_spec
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available()
-                                                              and not interpreting() else "cpu"))
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     h = spec.heads
     if block_n is None and interpreting():
         config = dict(INTERPRET_CONFIG)

@@ -318,11 +318,12 @@ class PodSm90Plan:
     grid: int                       # one persistent CTA an SM
 
 
-def plan_pod_sm90(batch: HybridBatch, config: PodSm90Config = PodSm90Config(),
-                  num_sms: int | None = None) -> PodSm90Plan:
+def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config = PodSm90Config(),
+                  num_sms: int | None = None, device: torch.device | str | None = None) -> PodSm90Plan:
     """Shape-only: the prefill work list (as the Hopper tile's), the decode items, the grid."""
+    from pod.env import device_num_sms, unpack_batch_or_spec
     from pod.kernels.prefill import plan_units
-    spec, dev = batch.spec, batch.device
+    spec, dev = unpack_batch_or_spec(batch_or_spec, device)
     why = pod_sm90_supports(spec, config)
     if why is not None:
         raise ValueError(f"the Hopper POD kernel does not handle this batch: {why}")
@@ -331,7 +332,7 @@ def plan_pod_sm90(batch: HybridBatch, config: PodSm90Config = PodSm90Config(),
     order = sorted(range(spec.num_decode), key=lambda j: -spec.decode_context_lens[j])
     items = [(j, g) for j in order for g in range(hkv)]
     if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+        num_sms = device_num_sms(dev)
     n_p, n_d = len(units) * spec.heads.num_q_heads, len(items)
     return PodSm90Plan(config=config,
                        work_units=torch.tensor(units or [[0, 0]], dtype=torch.int32, device=dev).reshape(-1, 2),

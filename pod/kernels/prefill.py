@@ -41,7 +41,6 @@ tests'). The harness checks and times them (`backend_options.prefill_config=<nam
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -49,14 +48,10 @@ import triton
 import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
+from pod.env import interpreting, unpack_batch_or_spec
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
 from pod.kernels.configs import (PREFILL_AUTOTUNE, PREFILL_COMPILE_CHECKS, PREFILL_CONFIGS, PREFILL_DEFAULT,
                                  PrefillConfig)
-
-
-def interpreting() -> bool:
-    """True under the Triton interpreter (CPU tests): small fixed block sizes, no autotune."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,13 +235,9 @@ def plan_units(spec: BatchSpec, block_m: int) -> tuple[list[tuple[int, int]], li
 
 def plan_prefill(batch_or_spec: HybridBatch | BatchSpec, config: PrefillConfig | str | None = None,
                  device: torch.device | str | None = None) -> PrefillWork:
-    """Plan the prefill part of a batch: work list (on `device`, default the batch's) and constants.
-
-    Depends only on the batch's shape; call once per batch shape, then `prefill()` per layer."""
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, device or batch_or_spec.device
-    else:
-        spec, device = batch_or_spec, device or "cpu"
+    """Plan the prefill part of a batch: work list (on `device`: pod.env.unpack_batch_or_spec) and
+    constants. Depends only on the batch's shape; call once per batch shape, then `prefill()` per layer."""
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     cfg = resolve_config(config)
     if cfg.block_n is not None and cfg.block_n < 16 or cfg.block_m < 16:
         raise ValueError(f"prefill config {cfg}: block_m and block_n must be >= 16 (tl.dot)")
