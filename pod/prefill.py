@@ -1,7 +1,7 @@
 """Chunked prefill, the product's entry point: the Hopper tile where it runs, the portable tile elsewhere.
 
     work = plan_chunked_prefill(batch)            # shape-only, once per batch shape
-    launch = chunked_prefill_runner(batch, work, out, lse)
+    launch = work.runner(batch, out, lse)          # either kernel's plan: a KernelWork (pod/kernels/contract.py)
     launch()                                       # per layer: one launch, no allocation, no sync
 
 Config names (pod/kernels/configs.py): "auto" picks SM90_DEFAULT (pod/kernels/prefill_sm90.py, Gluon,
@@ -22,6 +22,7 @@ import torch
 from pod.batch import BatchSpec, HybridBatch
 from pod.env import on_hopper, unpack_batch_or_spec
 from pod.kernels.configs import PREFILL_AUTO, PREFILL_CONFIGS, SM90_CONFIGS, SM90_CONFIGS_D64, SM90_DEFAULT
+from pod.kernels.contract import KernelWork
 
 # Below this much prefill work the launch is latency-bound and the portable tile is faster (see above).
 SM90_MIN_PREFILL_FLOPS = 4e9
@@ -49,7 +50,7 @@ def resolve_prefill_kernel(spec: BatchSpec, config: str | None, device: torch.de
 
 
 def plan_chunked_prefill(batch_or_spec: HybridBatch | BatchSpec, config: str | None = PREFILL_AUTO,
-                         device: torch.device | str | None = None):
+                         device: torch.device | str | None = None) -> KernelWork:
     """The plan of the kernel `config` picks for this batch (a PrefillWork or an Sm90PrefillWork), on
     `device` (pod.env.unpack_batch_or_spec: a batch's own, or where the kernels run)."""
     spec, device = unpack_batch_or_spec(batch_or_spec, device)
@@ -62,13 +63,3 @@ def plan_chunked_prefill(batch_or_spec: HybridBatch | BatchSpec, config: str | N
         return plan_prefill_sm90(spec, name, device=device)
     from pod.kernels.prefill import plan_prefill
     return plan_prefill(spec, name, device=device)
-
-
-def chunked_prefill_runner(batch: HybridBatch, work, out: torch.Tensor, lse: torch.Tensor | None = None):
-    """Bind the launch of `work`'s kernel once; returns ``launch() -> out``."""
-    from pod.kernels.prefill_sm90 import Sm90PrefillWork
-    if isinstance(work, Sm90PrefillWork):
-        from pod.kernels.prefill_sm90 import prefill_sm90_runner
-        return prefill_sm90_runner(batch, work, out, lse)
-    from pod.kernels.prefill import prefill_runner
-    return prefill_runner(batch, work, out, lse)

@@ -12,8 +12,8 @@ with a single split writes its final output directly (no merge, no workspace).
 Plan/run. `plan_decode(batch_or_spec, num_sms, ...)` does all shape work on the host once (split
 counts, the work list, workspace allocation, the merge list) and returns a `DecodeWork`;
 `decode(batch, work, out)` only launches (the decode kernel, then the merge kernel if any request
-has more than one split); `decode_runner(batch, work, out)` binds the launch arguments once and
-returns the closure a timed run() calls. Nothing in either synchronises with the host.
+has more than one split); `work.runner(batch, out)` (`decode_runner`) binds the launch arguments once
+and returns the closure a timed run() calls. Nothing in either synchronises with the host.
 
 Splits. By default the plan targets ``num_sms * ctas_per_sm`` resident CTAs (num_sms queried from the
 device, pod.env.SIMULATED_NUM_SMS in the interpreter) and picks the keys per split with the shortest modelled
@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -188,7 +188,8 @@ _decode_kernel_autotuned = triton.autotune(
 # -- plan ---------------------------------------------------------------------------------------------
 @dataclass
 class DecodeWork:
-    """Everything `decode` needs that depends only on the batch's shape (FlashInfer's plan())."""
+    """Everything `decode` needs that depends only on the batch's shape (FlashInfer's plan()).
+    A KernelWork (pod/kernels/contract.py)."""
 
     num_decodes: int
     num_q_heads: int
@@ -209,7 +210,7 @@ class DecodeWork:
     num_sms: int
     target_ctas: int
     config: dict | None            # fixed {"BLOCK_N", "num_warps", "num_stages"}, or None: autotune
-    describe: dict = field(default_factory=dict)
+    split_policy: str = "balanced" # how the default split was chosen (plan_decode's split_policy)
 
     @property
     def group(self) -> int:
@@ -231,6 +232,26 @@ class DecodeWork:
     @property
     def needs_merge(self) -> bool:
         return self.merge_reqs.numel() > 0
+
+    def describe(self) -> dict:
+        """JSON-able knobs for result rows (backend_config): the split plan and the launch config. An
+        autotuned plan reports the autotuner's pick once a launch has made it."""
+        d = dict(kv_chunk_len=self.kv_chunk_len, max_splits=max(self.splits, default=0),
+                 num_items=self.num_items, num_tiles=self.num_tiles,
+                 partial_rows=sum(s for s in self.splits if s > 1), target_ctas=self.target_ctas,
+                 split_policy=self.split_policy, fuse_merge=self.fuse_merge,
+                 config=dict(self.config) if self.config is not None else "autotune")
+        if self.config is None:
+            best = getattr(_decode_kernel_autotuned, "best_config", None)
+            if best is not None:
+                d["config"] = dict(BLOCK_N=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
+                                   num_stages=best.num_stages)
+            d["autotuned"] = True
+        return d
+
+    def runner(self, batch: HybridBatch, out: torch.Tensor):
+        """``launch() -> out`` with its arguments bound once (`decode_runner`)."""
+        return decode_runner(batch, self, out)
 
     def tile_args(self, batch: HybridBatch, out: torch.Tensor) -> tuple:
         """Runtime arguments of `decode_tile` after tile_id, in its order (see the module docstring)."""
@@ -401,10 +422,7 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
         part_lse=torch.empty(max(rows, 1), h.num_q_heads, dtype=torch.float32, device=device),
         merge_reqs=i32(merge_reqs),
         merge_counters=torch.zeros(max(len(lens) * h.num_kv_heads, 1), dtype=torch.int32, device=device),
-        fuse_merge=fuse_merge, num_sms=num_sms, target_ctas=target, config=config,
-        describe=dict(kv_chunk_len=chunk, max_splits=max(splits, default=0), num_items=len(items),
-                      num_tiles=len(items) * h.num_kv_heads, partial_rows=rows, target_ctas=target,
-                      split_policy=split_policy, fuse_merge=fuse_merge, config=config or "autotune"))
+        fuse_merge=fuse_merge, num_sms=num_sms, target_ctas=target, config=config, split_policy=split_policy)
 
 
 # -- run ----------------------------------------------------------------------------------------------
@@ -441,7 +459,7 @@ def decode(batch: HybridBatch, work: DecodeWork, out: torch.Tensor | None = None
     """
     if out is None:
         out = torch.empty_like(batch.q_decode)
-    return decode_runner(batch, work, out)()
+    return work.runner(batch, out)()
 
 
 def sm90_report(spec: BatchSpec, *, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,

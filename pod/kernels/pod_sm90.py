@@ -30,7 +30,7 @@ decode DECODE_STAGES x 2 x DECODE_BLOCK_N x D, 226 KB in all at D=128.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import triton
@@ -310,12 +310,26 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
 
 @dataclass
 class PodSm90Plan:
+    """A KernelWork (pod/kernels/contract.py)."""
     config: PodSm90Config
     work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block), heaviest first
     n_prefill_tiles: int
     decode_items: torch.Tensor      # [items, 2] int32 (decode request, kv head), longest first
     n_decode_items: int
     grid: int                       # one persistent CTA an SM
+
+    @property
+    def num_tiles(self) -> int:
+        """Work tiles of both roles (the grid's persistent CTAs claim them)."""
+        return self.n_prefill_tiles + self.n_decode_items
+
+    def describe(self) -> dict:
+        return dict(kernel="pod_sm90", **asdict(self.config), n_prefill_tiles=self.n_prefill_tiles,
+                    n_decode_items=self.n_decode_items, grid=self.grid)
+
+    def runner(self, batch: HybridBatch, out_prefill: torch.Tensor, out_decode: torch.Tensor):
+        """``launch() -> (out_prefill, out_decode)`` with its arguments bound once (`pod_sm90_runner`)."""
+        return pod_sm90_runner(batch, self, out_prefill, out_decode)
 
 
 def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config = PodSm90Config(),

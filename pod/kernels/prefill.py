@@ -187,7 +187,8 @@ def resolve_config(config: PrefillConfig | str | None) -> PrefillConfig:
 
 @dataclass
 class PrefillWork:
-    """Everything `prefill()` needs besides the batch tensors: the work list and launch constants."""
+    """Everything `prefill()` needs besides the batch tensors: the work list and launch constants.
+    A KernelWork (pod/kernels/contract.py)."""
     work_units: torch.Tensor        # [num_units, 2] int32 (chunk, q_block), heaviest first, on device
     num_units: int
     num_q_heads: int
@@ -216,8 +217,20 @@ class PrefillWork:
         return c
 
     def describe(self) -> dict:
-        """JSON-able knobs for result rows (backend_config)."""
-        return self.config.to_json()
+        """JSON-able knobs for result rows (backend_config). An autotuned plan reports the autotuner's
+        pick once a launch has made it."""
+        d = self.config.to_json()
+        if self.autotune:
+            best = getattr(_prefill_kernel_autotuned, "best_config", None)
+            if best is not None:
+                d.update(block_n=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
+                         num_stages=best.num_stages)
+            d["autotuned"] = True
+        return d
+
+    def runner(self, batch: HybridBatch, out: torch.Tensor, lse: torch.Tensor | None = None):
+        """``launch() -> out`` with its arguments bound once (`prefill_runner`)."""
+        return prefill_runner(batch, self, out, lse)
 
 
 def plan_units(spec: BatchSpec, block_m: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -298,12 +311,12 @@ def prefill(batch: HybridBatch, work: PrefillWork, out: torch.Tensor | None = No
     """Launch the prefill kernel. Returns (out [tokens, Hq, D] in q's dtype, lse2 [tokens, Hq] fp32 or None).
 
     `out`/`lse` may be preallocated (e.g. by a backend's prepare); otherwise they are allocated here.
-    No host synchronisation: only a launch. For repeated calls `prefill_runner` binds arguments once."""
+    No host synchronisation: only a launch. For repeated calls `work.runner` binds arguments once."""
     if out is None:
         out = torch.empty_like(batch.q_prefill)
     if lse is None and return_lse:
         lse = torch.empty(batch.q_prefill.shape[:2], dtype=torch.float32, device=out.device)
-    prefill_runner(batch, work, out, lse)()
+    work.runner(batch, out, lse)()
     return out, lse
 
 

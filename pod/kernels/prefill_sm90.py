@@ -349,7 +349,8 @@ def sm90_supports(spec: BatchSpec, config: Sm90PrefillConfig | None = None) -> s
 
 @dataclass
 class Sm90PrefillWork:
-    """The plan of one batch shape for the Hopper tile: the work list and the launch constants."""
+    """The plan of one batch shape for the Hopper tile: the work list and the launch constants.
+    A KernelWork (pod/kernels/contract.py)."""
     work_units: torch.Tensor        # [num_units, 2] int32 (chunk, q_block), heaviest first
     num_units: int
     num_q_heads: int
@@ -366,6 +367,10 @@ class Sm90PrefillWork:
 
     def describe(self) -> dict:
         return self.config.to_json()
+
+    def runner(self, batch: HybridBatch, out: torch.Tensor, lse: torch.Tensor | None = None):
+        """``launch() -> out`` with its arguments bound once (`prefill_sm90_runner`)."""
+        return prefill_sm90_runner(batch, self, out, lse)
 
 
 def plan_prefill_sm90(batch_or_spec: HybridBatch | BatchSpec, config: Sm90PrefillConfig | str | None = None,
