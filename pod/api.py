@@ -118,13 +118,8 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
     base = config or PodConfig()
     num_sms = base.num_sms or device_num_sms(device)
     if config is None:
-        config = choose_config(spec, num_sms, base)
-        if config.variant != "serial" and resolve_prefill_kernel(spec, None, device)[0] == "sm90":
-            # On Hopper the fused kernel's prefill role is the portable tile (BLOCK_N 32 under a register
-            # cap for two CTAs an SM), while the standalone Hopper tile runs 1.5-1.8x the portable one
-            # (docs/hopper_prefill.md): fusing cannot beat the two launches, so the dispatcher picks them
-            # until a fused kernel is built on the Hopper tile.
-            config = replace(config, variant="serial")
+        config = choose_config(spec, num_sms, base,
+                               prefill_kernel=resolve_prefill_kernel(spec, None, device)[0])
     if overrides:
         config = replace(config, **overrides)
 
