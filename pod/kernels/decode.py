@@ -74,14 +74,12 @@ import triton.language as tl
 from pod.batch import BatchSpec, HybridBatch
 from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
-from pod.kernels.configs import (DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_FIXED, DECODE_INTERPRET,
-                                 DECODE_MAX_BLOCK_N)
+from pod.kernels.configs import DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_INTERPRET, DECODE_MAX_BLOCK_N
 from pod.kernels.merge import merge_heads, merge_partials
 
 # -- launch configurations: pod/kernels/configs.py (DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET) --
 AUTOTUNE_CONFIGS = [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in DECODE_AUTOTUNE]
 MAX_BLOCK_N = DECODE_MAX_BLOCK_N
-FIXED_CONFIG = DECODE_FIXED
 INTERPRET_CONFIG = DECODE_INTERPRET
 
 
@@ -479,11 +477,6 @@ def sm90_report(spec: BatchSpec, *, block_n: int = 64, num_warps: int = 4, num_s
     # 16-byte cp.async: K/V tiles streamed through shared memory by the software pipeline.
     return dict(batch=spec.describe(), block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                 fuse_merge=fuse_merge, **report)
-
-
-def decode_attention(batch: HybridBatch, **plan_kwargs) -> torch.Tensor:
-    """One-shot convenience: plan + run. Returns the decode output [num_decodes, Hq, D]."""
-    return decode(batch, plan_decode(batch, **plan_kwargs))
 
 
 if __name__ == "__main__":

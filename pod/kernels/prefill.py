@@ -320,12 +320,6 @@ def prefill(batch: HybridBatch, work: PrefillWork, out: torch.Tensor | None = No
     return out, lse
 
 
-def prefill_attention(batch: HybridBatch, config: PrefillConfig | str | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-shot convenience: plan + run. Returns (out, lse2)."""
-    return prefill(batch, plan_prefill(batch, config))
-
-
 def json_name(cfg: PrefillConfig) -> str:
     for name, c in PREFILL_CONFIGS.items():
         if c == cfg:
