@@ -1,8 +1,9 @@
 """Facts about where the kernels run, asked in one place: the Triton interpreter, the device a plan
 defaults to, its SM count (simulated off the GPU) and whether it is a Hopper GPU.
 
-Every plan_* function of pod/ and every adapter of baselines/ asks these; nothing else reads
-TRITON_INTERPRET or queries the device's properties.
+Every plan_* function of pod/ and every adapter of baselines/ asks these instead of keeping its own copy
+(tests/test_env.py checks it), so a plan made from a spec lands on the same device, with the same SM
+count, whichever kernel it is for.
 """
 from __future__ import annotations
 
