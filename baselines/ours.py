@@ -11,27 +11,23 @@ Every prepare does the plan (shape-only, untimed) and binds the launch arguments
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
 
 from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
-from pod.api import Plan, device_num_sms, plan, runner
+from pod.api import Plan, plan
 from pod.batch import HybridBatch
 from pod.dispatch import PodConfig, decode_kv_splits
+from pod.env import device_num_sms, interpreting
 from pod.kernels.configs import DECODE_CONFIGS, POD_CONFIGS, pod_autotune_candidates
-from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
-from pod.kernels.prefill import PrefillWork
-from pod.prefill import chunked_prefill_runner, plan_chunked_prefill
+from pod.kernels.contract import KernelWork
+from pod.kernels.decode import DecodeWork, plan_decode
+from pod.prefill import plan_chunked_prefill
 from pod.reference import reference
 
 INTERPRETER_HINT = ("runs on a CUDA GPU; on a CPU run it in Triton's interpreter: set TRITON_INTERPRET=1 "
                     "(`make test` and `python -m experiments.attention sweep=smoke backend=cpu` do)")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_available() -> str | None:
@@ -50,30 +46,6 @@ def prepare_reference(batch: HybridBatch):
 
 
 # -- the standalone kernels ----------------------------------------------------------------------------
-def _prefill_config(work) -> dict:
-    cfg = work.describe()
-    if isinstance(work, PrefillWork) and work.autotune:
-        from pod.kernels.prefill import _prefill_kernel_autotuned
-        best = getattr(_prefill_kernel_autotuned, "best_config", None)
-        if best is not None:
-            cfg.update(block_n=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
-                       num_stages=best.num_stages)
-        cfg["autotuned"] = True
-    return cfg
-
-
-def _decode_config(work: DecodeWork) -> dict:
-    cfg = dict(work.describe)
-    if work.config is None:
-        from pod.kernels.decode import _decode_kernel_autotuned
-        best = getattr(_decode_kernel_autotuned, "best_config", None)
-        if best is not None:
-            cfg["config"] = dict(BLOCK_N=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
-                                 num_stages=best.num_stages)
-        cfg["autotuned"] = True
-    return cfg
-
-
 def _plan_decode(batch: HybridBatch, options: BackendOptions) -> DecodeWork:
     if options.decode_config not in DECODE_CONFIGS:
         raise ValueError(f"backend_options.decode_config={options.decode_config!r} unknown; "
@@ -81,7 +53,7 @@ def _plan_decode(batch: HybridBatch, options: BackendOptions) -> DecodeWork:
     return plan_decode(batch, **DECODE_CONFIGS[options.decode_config])
 
 
-def _prefill_only(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+def _prefill_only(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS) -> KernelWork:
     """The prefill plan of the kernel backend_options.prefill_config picks ("auto": the Hopper tile on an
     sm_90 GPU where it handles the layout, the portable tile elsewhere; pod/prefill.py)."""
     return plan_chunked_prefill(batch, options.prefill_config)
@@ -113,13 +85,13 @@ def _poisoned_like(x: torch.Tensor) -> torch.Tensor:
                   description="our Triton chunked-prefill kernel (prefill part only)")
 def prepare_triton_prefill(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     work = _prefill_only(batch, options)
-    launch = chunked_prefill_runner(batch, work, _poisoned_like(batch.q_prefill))   # no LSE needed here
+    launch = work.runner(batch, _poisoned_like(batch.q_prefill))   # no LSE needed here
     _warm_once(("prefill", _shape_key(batch), type(work).__name__, repr(work.config)), launch)
 
     def run() -> AttentionOutput:
         return AttentionOutput(launch(), None)
 
-    run.backend_config = _prefill_config(work)
+    run.backend_config = work.describe()
     return run
 
 
@@ -127,13 +99,13 @@ def prepare_triton_prefill(batch: HybridBatch, options: BackendOptions = DEFAULT
                   description="our Triton split-KV decode (GQA group packed in M) + LSE merge")
 def prepare_triton_decode(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     work = _plan_decode(batch, options)
-    launch = decode_runner(batch, work, torch.empty_like(batch.q_decode))
+    launch = work.runner(batch, torch.empty_like(batch.q_decode))
     _warm_once(("decode", _shape_key(batch), options.decode_config), launch)
 
     def run() -> AttentionOutput:
         return AttentionOutput(None, launch())
 
-    run.backend_config = _decode_config(work)
+    run.backend_config = work.describe()
     return run
 
 
@@ -142,15 +114,15 @@ def prepare_triton_decode(batch: HybridBatch, options: BackendOptions = DEFAULT_
 def prepare_triton_serial(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     pre_work, dec_work = _prefill_only(batch, options), _plan_decode(batch, options)
     out_p, out_d = _poisoned_like(batch.q_prefill), _poisoned_like(batch.q_decode)
-    launch_prefill = chunked_prefill_runner(batch, pre_work, out_p)      # arguments bound once, untimed
-    launch_decode = decode_runner(batch, dec_work, out_d)
+    launch_prefill = pre_work.runner(batch, out_p)      # arguments bound once, untimed
+    launch_decode = dec_work.runner(batch, out_d)
 
     def run() -> AttentionOutput:
         return AttentionOutput(launch_prefill(), launch_decode())
 
     _warm_once(("serial", _shape_key(batch), type(pre_work).__name__, repr(pre_work.config),
                 options.decode_config), run)
-    run.backend_config = {"prefill": _prefill_config(pre_work), "decode": _decode_config(dec_work)}
+    run.backend_config = {"prefill": pre_work.describe(), "decode": dec_work.describe()}
     return run
 
 
@@ -166,7 +138,7 @@ def autotune_config(batch: HybridBatch, candidates: dict[str, PodConfig], timer=
             return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
     timings = {}
     for name, cfg in candidates.items():
-        launch = runner(plan(batch, cfg), batch)
+        launch = plan(batch, cfg).runner(batch)
         launch()                                       # compile outside the timing
         timings[name] = float(timer(launch))
     best = min(timings, key=timings.get)
@@ -178,7 +150,7 @@ def _prepare_pod(batch: HybridBatch, config: PodConfig | None, autotune: dict[st
     if autotune and not interpreting():
         config, timings = autotune_config(batch, autotune)
     p: Plan = plan(batch, config)
-    launch = runner(p, batch)
+    launch = p.runner(batch)
     _warm_once(("pod", _shape_key(batch), repr(p.config)), launch)
 
     def run() -> AttentionOutput:

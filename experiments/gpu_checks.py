@@ -55,7 +55,7 @@ def check_repeatable(spec: BatchSpec = SMALL, launches: int = 50, configs: dict 
     """(a) Every variant: `launches` runs of one plan on one batch give bit-identical outputs (a
     scheduling race, a stale counter or a lost merge would show as a difference or NaN), the first is
     right against the fp32 reference, and the counter workspace is all zeros after the runs."""
-    from pod.api import plan, runner
+    from pod.api import plan
     from pod.reference import max_rel_error, reference
     dev = _cuda()
     batch = make_batch(spec, dev, seed=0)
@@ -67,7 +67,7 @@ def check_repeatable(spec: BatchSpec = SMALL, launches: int = 50, configs: dict 
     for name, cfg in configs.items():
         p = plan(batch, cfg)
         out = batch.empty_outputs()
-        launch = runner(p, batch, out)
+        launch = p.runner(batch, *out)
         first = [t.clone() for t in launch()]
         diffs = 0
         for _ in range(launches - 1):
@@ -195,7 +195,7 @@ def check_prefill_sm90(seeds=(1, 2), tol: float = 2e-2, lse_tol: float = 1e-2, o
     bitwise equal. One JSON-able dict a run."""
     import math
 
-    from pod.kernels.prefill_sm90 import plan_prefill_sm90, prefill_sm90_runner, sm90_configs, sm90_supports
+    from pod.kernels.prefill_sm90 import plan_prefill_sm90, sm90_configs, sm90_supports
     from pod.reference import max_rel_error, reference_prefill
     dev = _cuda()
     rows = []
@@ -217,9 +217,9 @@ def check_prefill_sm90(seeds=(1, 2), tol: float = 2e-2, lse_tol: float = 1e-2, o
                         work = plan_prefill_sm90(batch, cfg)
                         o = torch.full_like(batch.q_prefill, float("nan"))
                         lse = torch.full(batch.q_prefill.shape[:2], float("nan"), device=dev)
-                        prefill_sm90_runner(batch, work, o, lse)()
+                        work.runner(batch, o, lse)()
                         o2 = torch.full_like(o, float("nan"))
-                        prefill_sm90_runner(batch, work, o2, None)()
+                        work.runner(batch, o2, None)()
                         torch.cuda.synchronize()
                         err = max_rel_error(o, ref)
                         lse_err = (float((lse * math.log(2) - lse_ref).abs().max())

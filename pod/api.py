@@ -2,40 +2,37 @@
 
     p = plan(batch)                      # or plan(spec, device="cuda"), plan(batch, PodConfig(...))
     o_prefill, o_decode = run(p, batch)  # one fused launch (two for the "serial" variant)
+    launch = p.runner(batch)             # arguments bound once; launch() -> (o_prefill, o_decode)
     o_prefill, o_decode = pod_attention(batch, kv_splits=4)   # plan + run, config as keywords
 
 `plan` does all shape-only work, FlashInfer-style: the dispatcher's choice (pod.dispatch), the prefill
 and decode work lists (sorted longest first), tile counts, the decode KV splits and their fp32 partial
 workspace, the role policy, the grid, and the int32 counter workspace (zeros; the kernel leaves it
 zeroed after every launch). `run` only launches: no host sync, no allocation but the outputs.
+A Plan is a KernelWork (pod/kernels/contract.py), as the standalone kernels' plans it holds are.
 
 The backends `pod`, `pod_paper` and `pod_persistent` (baselines/ours.py) are thin adapters over this API.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.dispatch import PodConfig, choose_config, max_ctas_per_sm, role_policy
-from pod.kernels.decode import DecodeWork, decode_runner, plan_decode
+from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
+from pod.kernels.contract import KernelWork
+from pod.kernels.decode import DecodeWork, plan_decode
 from pod.kernels.pod_fused import (COUNTER_WORDS, DECODE_TILE_CONSTEXPRS, PREFILL_TILE_CONSTEXPRS,
                                    pod_fused_kernel)
-from pod.kernels.prefill import PrefillConfig, PrefillWork, plan_prefill, prefill_launch_args
-from pod.prefill import chunked_prefill_runner, plan_chunked_prefill, resolve_prefill_kernel
-
-SIMULATED_NUM_SMS = 4   # SMs the interpreter pretends to have (CTA i "runs" on SM i % 4)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from pod.kernels.prefill import PrefillConfig, plan_prefill, prefill_launch_args
+from pod.prefill import plan_chunked_prefill, resolve_prefill_kernel
 
 
 def _simulate_smid(device: torch.device) -> bool:
     """The interpreter (and a CPU device) has no %smid: CTA i is said to run on SM i % num_sms."""
-    return device.type != "cuda" or _interpreting()
+    return device.type != "cuda" or interpreting()
 
 
 @dataclass(frozen=True)
@@ -51,12 +48,13 @@ class Launch:
 
 @dataclass
 class Plan:
+    """The plan of one batch shape (KernelWork): the config, both roles' plans, the fused launches."""
     spec: BatchSpec
     config: PodConfig                  # resolved: the dispatcher's choice when none was given
     device: torch.device
     num_sms: int
     simulate_smid: bool
-    prefill: object                    # the prefill plan (PrefillWork; serial on Hopper: Sm90PrefillWork)
+    prefill: KernelWork                # the prefill plan (PrefillWork; serial on Hopper: Sm90PrefillWork)
     decode: DecodeWork                 # the decode kernel's plan: (request, split) items, partials, merge counters
     counters: torch.Tensor             # int32 [COUNTER_WORDS] scheduling counters (zeros between runs)
     prefill_share: int                 # role policy: prefill_share of every policy_period SM arrival slots
@@ -71,6 +69,11 @@ class Plan:
     def n_decode_tiles(self) -> int:
         return self.decode.num_tiles
 
+    @property
+    def num_tiles(self) -> int:
+        """Work tiles of both roles (fused: one CTA each; persistent: claimed by the grid's workers)."""
+        return self.n_prefill_tiles + self.n_decode_tiles
+
     def describe(self) -> dict:
         """The knobs as a flat dict (the harness stores it as the row's backend_config)."""
         d = self.config.as_dict()
@@ -80,33 +83,43 @@ class Plan:
                  max_kv_splits=max(self.decode.splits, default=0))
         return d
 
+    def runner(self, batch: HybridBatch, o_prefill: torch.Tensor | None = None,
+               o_decode: torch.Tensor | None = None):
+        """A closure running the plan on `batch` into the outputs (allocated here if None), arguments
+        bound once: the least host work per call, what a timed loop should call. The closure returns
+        (o_prefill, o_decode)."""
+        if o_prefill is None:
+            o_prefill = torch.empty_like(batch.q_prefill)
+        if o_decode is None:
+            o_decode = torch.empty_like(batch.q_decode)
+        if self.config.variant == "serial":
+            launch_prefill = self.prefill.runner(batch, o_prefill)
+            launch_decode = self.decode.runner(batch, o_decode)
 
-def device_num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and not _interpreting():
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return SIMULATED_NUM_SMS
+            def serial():
+                launch_prefill()
+                launch_decode()
+                return o_prefill, o_decode
+            return serial
+        launches = [fused_launcher(self, batch, o_prefill, o_decode, l) for l in self.launches if l.grid > 0]
+
+        def fused():
+            for launch in launches:
+                launch()
+            return o_prefill, o_decode
+        return fused
 
 
 def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None, *,
          device: str | torch.device | None = None, **overrides) -> Plan:
     """Shape-only work for a batch. `config=None` lets the dispatcher choose; keyword overrides
     (e.g. kv_splits=4, variant="persistent") apply on top of the chosen or given config."""
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, device or batch_or_spec.device
-    else:
-        spec = batch_or_spec
-        device = device or ("cuda" if torch.cuda.is_available() and not _interpreting() else "cpu")
-    device = torch.device(device)
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     base = config or PodConfig()
     num_sms = base.num_sms or device_num_sms(device)
     if config is None:
-        config = choose_config(spec, num_sms, base)
-        if config.variant != "serial" and resolve_prefill_kernel(spec, None, device)[0] == "sm90":
-            # On Hopper the fused kernel's prefill role is the portable tile (BLOCK_N 32 under a register
-            # cap for two CTAs an SM), while the standalone Hopper tile runs 1.5-1.8x the portable one
-            # (docs/hopper_prefill.md): fusing cannot beat the two launches, so the dispatcher picks them
-            # until a fused kernel is built on the Hopper tile.
-            config = replace(config, variant="serial")
+        config = choose_config(spec, num_sms, base,
+                               prefill_kernel=resolve_prefill_kernel(spec, None, device)[0])
     if overrides:
         config = replace(config, **overrides)
 
@@ -137,7 +150,7 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
 
 def _launch_kwargs(config: PodConfig, paged: bool) -> dict:
     kw = dict(num_warps=config.num_warps, num_stages=config.resolved_num_stages(paged))
-    if not _interpreting():
+    if not interpreting():
         maxnreg = config.resolved_maxnreg()
         if maxnreg is not None:
             kw["maxnreg"] = maxnreg
@@ -197,33 +210,10 @@ def sm90_report(config: PodConfig | None = None, spec: BatchSpec | None = None) 
     return rep
 
 
-def runner(p: Plan, batch: HybridBatch, out: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """A closure running the plan on `batch` into `out` (allocated here if None), arguments bound once:
-    the least host work per call, what a timed loop should call. The closure returns (o_prefill, o_decode)."""
-    o_prefill, o_decode = out if out is not None else (torch.empty_like(batch.q_prefill),
-                                                       torch.empty_like(batch.q_decode))
-    if p.config.variant == "serial":
-        launch_prefill = chunked_prefill_runner(batch, p.prefill, o_prefill)
-        launch_decode = decode_runner(batch, p.decode, o_decode)
-
-        def serial():
-            launch_prefill()
-            launch_decode()
-            return o_prefill, o_decode
-        return serial
-    launches = [fused_launcher(p, batch, o_prefill, o_decode, l) for l in p.launches if l.grid > 0]
-
-    def fused():
-        for launch in launches:
-            launch()
-        return o_prefill, o_decode
-    return fused
-
-
 def run(p: Plan, batch: HybridBatch,
         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the plan on `batch` (same shape as planned). Returns (o_prefill, o_decode)."""
-    return runner(p, batch, out)()
+    return p.runner(batch, *(out or ()))()
 
 
 def pod_attention(batch: HybridBatch, config: PodConfig | None = None, **overrides):

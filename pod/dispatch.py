@@ -1,9 +1,10 @@
 """The dispatcher: from a batch's shape, pick how POD runs it (see docs/dispatcher.md).
 
-`choose_config(spec, num_sms)` returns a `PodConfig`: the variant (fused one-tile-per-CTA, persistent,
-or serial = prefill launch then decode launch), CTAs per SM, the prefill:decode role policy, tile sizes
-and the decode KV-split count. It is a pure function of the shape (no GPU, no timing) so `plan()` can
-call it and tests can check it.
+`choose_config(spec, num_sms, prefill_kernel=...)` returns a `PodConfig`: the variant (fused
+one-tile-per-CTA, persistent, or serial = prefill launch then decode launch), CTAs per SM, the
+prefill:decode role policy, tile sizes and the decode KV-split count. It is a pure function of the shape
+and of the facts it is handed by name (the SM count, which prefill kernel pod.prefill would run): no
+device query, no timing, so `plan()` can call it and tests can check it.
 
 The decision rests on a two-number cost model, estimated_ms(): prefill attention is compute bound
 (prefill_flops / PREFILL_TFLOPS), decode attention is bandwidth bound (decode_bytes / DECODE_GBPS).
@@ -46,6 +47,7 @@ PERSISTENT_ABOVE_WAVES = 1e9  # use the persistent variant when #tiles > this x 
 
 VARIANTS = ("fused", "persistent", "serial")
 POLICIES = ("alternating", "proportional")
+PREFILL_KERNELS = ("portable", "sm90")   # pod.prefill.resolve_prefill_kernel's answers
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class PodConfig:
     num_stages: int | None = None        # None: 3 contiguous, 5 paged (the block-table load takes a
                                          # pipeline stage: 5 keeps two K/V buffers in flight)
     maxnreg: int | None = 0              # registers/thread cap; 0: auto (RESIDENT_CTAS_PER_SM fit), None: no cap
-    num_sms: int | None = None           # None: the device's SM count (interpreter: 4 simulated SMs)
+    num_sms: int | None = None           # None: pod.env.device_num_sms (off the GPU: SIMULATED_NUM_SMS)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -154,15 +156,26 @@ def decode_kv_splits(spec: BatchSpec, num_sms: int, block_n_decode: int = 64) ->
     return max(1, min(want, room, MAX_KV_SPLITS))
 
 
-def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None) -> PodConfig:
-    """The dispatcher. `base` supplies the knobs it does not decide (tile sizes, warps, ...)."""
+def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, *,
+                  prefill_kernel: str = "portable") -> PodConfig:
+    """The dispatcher. `base` supplies the knobs it does not decide (tile sizes, warps, ...);
+    `prefill_kernel` is the standalone prefill kernel the batch would get ("sm90": the Hopper tile;
+    pod.prefill.resolve_prefill_kernel decides it from the device)."""
+    if prefill_kernel not in PREFILL_KERNELS:
+        raise ValueError(f"prefill_kernel={prefill_kernel!r}: allowed {PREFILL_KERNELS}")
     base = base or PodConfig()
     t_prefill, t_decode = estimated_ms(spec)
     splits = decode_kv_splits(spec, num_sms, base.block_n_decode)
     # 1. one role only, or one role negligible next to the other: nothing to overlap.
     if min(t_prefill, t_decode) < MIN_OVERLAP_SHARE * max(t_prefill, t_decode):
         return replace(base, variant="serial")   # the standalone decode plan picks its own splits
-    # 2. both roles matter: fuse. Policy by imbalance of the estimated times.
+    # 2. the standalone prefill is the Hopper tile: the fused kernel's prefill role is the portable tile
+    # (BLOCK_N 32 under a register cap for two CTAs an SM), while the Hopper tile runs 1.5-1.8x the
+    # portable one (docs/hopper_prefill.md): fusing cannot beat the two launches until a fused kernel is
+    # built on the Hopper tile.
+    if prefill_kernel == "sm90":
+        return replace(base, variant="serial")
+    # 3. both roles matter: fuse. Policy by imbalance of the estimated times.
     ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
     policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"
     n_prefill_tiles = sum(math.ceil(c.chunk_len / base.block_m) for c in spec.prefill_chunks) \

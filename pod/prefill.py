@@ -1,7 +1,7 @@
 """Chunked prefill, the product's entry point: the Hopper tile where it runs, the portable tile elsewhere.
 
     work = plan_chunked_prefill(batch)            # shape-only, once per batch shape
-    launch = chunked_prefill_runner(batch, work, out, lse)
+    launch = work.runner(batch, out, lse)          # either kernel's plan: a KernelWork (pod/kernels/contract.py)
     launch()                                       # per layer: one launch, no allocation, no sync
 
 Config names (pod/kernels/configs.py): "auto" picks SM90_DEFAULT (pod/kernels/prefill_sm90.py, Gluon,
@@ -20,12 +20,9 @@ from __future__ import annotations
 import torch
 
 from pod.batch import BatchSpec, HybridBatch
+from pod.env import on_hopper, unpack_batch_or_spec
 from pod.kernels.configs import PREFILL_AUTO, PREFILL_CONFIGS, SM90_CONFIGS, SM90_CONFIGS_D64, SM90_DEFAULT
-
-
-def _on_hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-
+from pod.kernels.contract import KernelWork
 
 # Below this much prefill work the launch is latency-bound and the portable tile is faster (see above).
 SM90_MIN_PREFILL_FLOPS = 4e9
@@ -36,13 +33,13 @@ def resolve_prefill_kernel(spec: BatchSpec, config: str | None, device: torch.de
     device = torch.device(device)
     name = PREFILL_AUTO if config is None else config
     if name == PREFILL_AUTO:
-        if _on_hopper(device):
+        if on_hopper(device):
             from pod.kernels.prefill_sm90 import sm90_supports
             if sm90_supports(spec) is None and spec.prefill_flops() >= SM90_MIN_PREFILL_FLOPS:
                 return "sm90", SM90_DEFAULT
         return "portable", None                    # the portable tile's own default (interpreter aware)
     if name in SM90_CONFIGS or name in SM90_CONFIGS_D64:
-        if device.type == "cuda" and not _on_hopper(device):
+        if device.type == "cuda" and not on_hopper(device):
             raise ValueError(f"prefill config {name!r} is the Hopper (sm_90a) tile; this GPU is "
                              f"{torch.cuda.get_device_name(device)}: use 'auto' or a portable config")
         return "sm90", name
@@ -53,14 +50,10 @@ def resolve_prefill_kernel(spec: BatchSpec, config: str | None, device: torch.de
 
 
 def plan_chunked_prefill(batch_or_spec: HybridBatch | BatchSpec, config: str | None = PREFILL_AUTO,
-                         device: torch.device | str | None = None):
-    """The plan of the kernel `config` picks for this batch (a PrefillWork or an Sm90PrefillWork); a spec
-    needs its `device`."""
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, device or batch_or_spec.device
-    else:
-        spec, device = batch_or_spec, device or "cpu"
-    device = torch.device(device)
+                         device: torch.device | str | None = None) -> KernelWork:
+    """The plan of the kernel `config` picks for this batch (a PrefillWork or an Sm90PrefillWork), on
+    `device` (pod.env.unpack_batch_or_spec: a batch's own, or where the kernels run)."""
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     kernel, name = resolve_prefill_kernel(spec, config, device)
     if kernel == "sm90":
         if device.type != "cuda":
@@ -70,13 +63,3 @@ def plan_chunked_prefill(batch_or_spec: HybridBatch | BatchSpec, config: str | N
         return plan_prefill_sm90(spec, name, device=device)
     from pod.kernels.prefill import plan_prefill
     return plan_prefill(spec, name, device=device)
-
-
-def chunked_prefill_runner(batch: HybridBatch, work, out: torch.Tensor, lse: torch.Tensor | None = None):
-    """Bind the launch of `work`'s kernel once; returns ``launch() -> out``."""
-    from pod.kernels.prefill_sm90 import Sm90PrefillWork
-    if isinstance(work, Sm90PrefillWork):
-        from pod.kernels.prefill_sm90 import prefill_sm90_runner
-        return prefill_sm90_runner(batch, work, out, lse)
-    from pod.kernels.prefill import prefill_runner
-    return prefill_runner(batch, work, out, lse)

@@ -142,3 +142,33 @@ def test_readme_layout_and_backend_table_match_the_tree():
     table = readme.split("## Backends", 1)[1].split("\n\n", 2)[2]
     in_table = set(re.findall(r"`([a-z0-9_]+)`", table.split("\n\n")[0]))
     assert in_table == set(list_backends()), (in_table ^ set(list_backends()))
+
+
+def test_every_module_level_name_is_used_somewhere():
+    """No parked code: every function, class and constant defined at a module's top level in the
+    repository's packages is named somewhere besides its definition (code, tests, docs, configs, the
+    Makefile). Functions a @register_* decorator registers (backends) are used by the registry."""
+    from collections import Counter
+    words = Counter()
+    for path in REPO.rglob("*"):
+        rel = path.relative_to(REPO).parts
+        if (path.is_file() and not any(p.startswith(".") or p in ("results", "outputs", "multirun", "wandb")
+                                       for p in rel)
+                and (path.suffix in (".py", ".md", ".ipynb", ".yaml", ".toml", ".sh") or path.name == "Makefile")):
+            words.update(re.findall(r"\w+", path.read_text(errors="replace")))
+    unused = []
+    for path in repo_modules().values():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                registered = any(isinstance(d, ast.Call) and ast.unparse(d.func).startswith("register")
+                                 for d in node.decorator_list)
+                names = [] if registered else [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            else:
+                names = []
+            unused += [f"{path.relative_to(REPO)}: {n}" for n in names
+                       if not n.startswith("__") and words[n] <= 1]
+    assert not unused, "defined and never used (remove, or use):\n" + "\n".join(unused)

@@ -249,6 +249,19 @@ def test_dispatch_negligible_role_is_serial_and_balanced_is_fused():
     assert choose_config(lopsided, 132).variant == "serial"
 
 
+def test_dispatch_with_the_hopper_prefill_tile_is_serial():
+    """The Hopper rule is the dispatcher's, a pure function of named facts: where the standalone prefill
+    would be the Hopper tile, a batch that would fuse runs serial (no GPU needed: the fact is passed in)."""
+    balanced = BatchSpec.build(**LLAMA3, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
+    assert choose_config(balanced, 132, prefill_kernel="portable").variant == "fused"
+    assert choose_config(balanced, 132).variant == "fused"                 # portable is the default
+    base = PodConfig(block_n_decode=32)
+    hopper = choose_config(balanced, 132, base, prefill_kernel="sm90")
+    assert hopper == replace(base, variant="serial")                      # the base's knobs, untouched
+    with pytest.raises(ValueError, match="prefill_kernel"):
+        choose_config(balanced, 132, prefill_kernel="hopper")
+
+
 def test_dispatch_policy_and_splits():
     spec = BatchSpec.build(**LLAMA3, prefill=[(512, 0)], decode=[16384] * 4)
     cfg = choose_config(spec, 132)

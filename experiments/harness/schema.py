@@ -88,7 +88,6 @@ CEILING_SCHEMA: dict[str, str] = {
 
 ATTENTION_COLUMNS: tuple[str, ...] = tuple(ATTENTION_SCHEMA)
 SERVING_COLUMNS: tuple[str, ...] = tuple(SERVING_SCHEMA)
-STATUSES = ("ok", "skipped", "error", "oom")
 
 
 def numeric_columns(schema: Mapping[str, str]) -> list[str]:

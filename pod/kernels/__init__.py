@@ -8,7 +8,7 @@ the Triton 3.6 interpreter (they change nothing on the GPU, where the interprete
     loop like ``for start in range(lo, hi, BLOCK_N)`` with tensor bounds fails: convert via ``.item()``;
   * ``tl.dot`` on bfloat16 operands multiplies their raw uint16 bit patterns: widen bf16 to fp32 first.
 """
-import os
+from pod.env import interpreting
 
 
 def _fix_interpreter() -> None:
@@ -45,5 +45,5 @@ def _fix_interpreter() -> None:
     interpreter._pod_fixed = True
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if interpreting():
     _fix_interpreter()

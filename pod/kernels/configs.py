@@ -123,7 +123,6 @@ DECODE_CONFIGS: dict[str, dict] = {
     "auto_fused_merge": dict(fuse_merge=True),
     "no_split": dict(kv_splits=1),
 }
-DECODE_DEFAULT = "auto"
 
 # What `python -m pod.kernels.decode` compiles for sm_90 (no GPU needed; tests/test_decode_kernel.py):
 # sm90_report keyword sets, one JSON line each.

@@ -12,11 +12,11 @@ with a single split writes its final output directly (no merge, no workspace).
 Plan/run. `plan_decode(batch_or_spec, num_sms, ...)` does all shape work on the host once (split
 counts, the work list, workspace allocation, the merge list) and returns a `DecodeWork`;
 `decode(batch, work, out)` only launches (the decode kernel, then the merge kernel if any request
-has more than one split); `decode_runner(batch, work, out)` binds the launch arguments once and
-returns the closure a timed run() calls. Nothing in either synchronises with the host.
+has more than one split); `work.runner(batch, out)` (`decode_runner`) binds the launch arguments once
+and returns the closure a timed run() calls. Nothing in either synchronises with the host.
 
 Splits. By default the plan targets ``num_sms * ctas_per_sm`` resident CTAs (num_sms queried from the
-device, INTERPRET_NUM_SMS in the interpreter) and picks the keys per split with the shortest modelled
+device, pod.env.SIMULATED_NUM_SMS in the interpreter) and picks the keys per split with the shortest modelled
 makespan (split_policy="balanced"; "fit" is FlashInfer's rule: the smallest chunk whose tiles fit one
 wave). Requests get different split counts (a long request gets more). `kv_splits`, `target_ctas` or
 `kv_chunk_len` override it, e.g. for a fused kernel that wants fewer decode CTAs.
@@ -65,30 +65,22 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
+from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
-from pod.kernels.configs import (DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_FIXED, DECODE_INTERPRET,
-                                 DECODE_MAX_BLOCK_N)
+from pod.kernels.configs import DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_INTERPRET, DECODE_MAX_BLOCK_N
 from pod.kernels.merge import merge_heads, merge_partials
 
 # -- launch configurations: pod/kernels/configs.py (DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET) --
 AUTOTUNE_CONFIGS = [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in DECODE_AUTOTUNE]
 MAX_BLOCK_N = DECODE_MAX_BLOCK_N
-FIXED_CONFIG = DECODE_FIXED
 INTERPRET_CONFIG = DECODE_INTERPRET
-INTERPRET_NUM_SMS = 8        # stands in for the SM count when there is no GPU
-
-
-def interpreting() -> bool:
-    """True under the Triton interpreter (CPU tests): one small fixed config, no autotune."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # -- kernel -----------------------------------------------------------------------------------------
@@ -194,7 +186,8 @@ _decode_kernel_autotuned = triton.autotune(
 # -- plan ---------------------------------------------------------------------------------------------
 @dataclass
 class DecodeWork:
-    """Everything `decode` needs that depends only on the batch's shape (FlashInfer's plan())."""
+    """Everything `decode` needs that depends only on the batch's shape (FlashInfer's plan()).
+    A KernelWork (pod/kernels/contract.py)."""
 
     num_decodes: int
     num_q_heads: int
@@ -215,7 +208,7 @@ class DecodeWork:
     num_sms: int
     target_ctas: int
     config: dict | None            # fixed {"BLOCK_N", "num_warps", "num_stages"}, or None: autotune
-    describe: dict = field(default_factory=dict)
+    split_policy: str = "balanced" # how the default split was chosen (plan_decode's split_policy)
 
     @property
     def group(self) -> int:
@@ -237,6 +230,26 @@ class DecodeWork:
     @property
     def needs_merge(self) -> bool:
         return self.merge_reqs.numel() > 0
+
+    def describe(self) -> dict:
+        """JSON-able knobs for result rows (backend_config): the split plan and the launch config. An
+        autotuned plan reports the autotuner's pick once a launch has made it."""
+        d = dict(kv_chunk_len=self.kv_chunk_len, max_splits=max(self.splits, default=0),
+                 num_items=self.num_items, num_tiles=self.num_tiles,
+                 partial_rows=sum(s for s in self.splits if s > 1), target_ctas=self.target_ctas,
+                 split_policy=self.split_policy, fuse_merge=self.fuse_merge,
+                 config=dict(self.config) if self.config is not None else "autotune")
+        if self.config is None:
+            best = getattr(_decode_kernel_autotuned, "best_config", None)
+            if best is not None:
+                d["config"] = dict(BLOCK_N=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
+                                   num_stages=best.num_stages)
+            d["autotuned"] = True
+        return d
+
+    def runner(self, batch: HybridBatch, out: torch.Tensor):
+        """``launch() -> out`` with its arguments bound once (`decode_runner`)."""
+        return decode_runner(batch, self, out)
 
     def tile_args(self, batch: HybridBatch, out: torch.Tensor) -> tuple:
         """Runtime arguments of `decode_tile` after tile_id, in its order (see the module docstring)."""
@@ -261,14 +274,6 @@ class DecodeWork:
         return dict(NUM_KV_HEADS=self.num_kv_heads, GROUP=self.group, HEAD_DIM=self.head_dim,
                     BLOCK_M=self.block_m, BLOCK_N=block_n, PAGE_SIZE=self.page_size or 1,
                     PAGED=bool(self.page_size), FUSE_MERGE=self.fuse_merge)
-
-
-def device_num_sms(device: torch.device | str | None = None) -> int:
-    """SMs of the CUDA device (132 on H100 SXM), or INTERPRET_NUM_SMS in the interpreter / on CPU."""
-    if interpreting() or not torch.cuda.is_available():
-        return INTERPRET_NUM_SMS
-    device = torch.device(device if device is not None else "cuda")
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _round_up(x: int, a: int) -> int:
@@ -360,12 +365,7 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
               lets a fused kernel run `decode_tile` with any BLOCK_N dividing that alignment.
     fuse_merge: the last split CTA of each (request, kv head) merges; no merge launch.
     """
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, batch_or_spec.device if device is None else device
-    else:
-        spec = batch_or_spec
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available()
-                                                              and not interpreting() else "cpu"))
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     h = spec.heads
     if block_n is None and interpreting():
         config = dict(INTERPRET_CONFIG)
@@ -420,10 +420,7 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
         part_lse=torch.empty(max(rows, 1), h.num_q_heads, dtype=torch.float32, device=device),
         merge_reqs=i32(merge_reqs),
         merge_counters=torch.zeros(max(len(lens) * h.num_kv_heads, 1), dtype=torch.int32, device=device),
-        fuse_merge=fuse_merge, num_sms=num_sms, target_ctas=target, config=config,
-        describe=dict(kv_chunk_len=chunk, max_splits=max(splits, default=0), num_items=len(items),
-                      num_tiles=len(items) * h.num_kv_heads, partial_rows=rows, target_ctas=target,
-                      split_policy=split_policy, fuse_merge=fuse_merge, config=config or "autotune"))
+        fuse_merge=fuse_merge, num_sms=num_sms, target_ctas=target, config=config, split_policy=split_policy)
 
 
 # -- run ----------------------------------------------------------------------------------------------
@@ -460,7 +457,7 @@ def decode(batch: HybridBatch, work: DecodeWork, out: torch.Tensor | None = None
     """
     if out is None:
         out = torch.empty_like(batch.q_decode)
-    return decode_runner(batch, work, out)()
+    return work.runner(batch, out)()
 
 
 def sm90_report(spec: BatchSpec, *, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
@@ -480,11 +477,6 @@ def sm90_report(spec: BatchSpec, *, block_n: int = 64, num_warps: int = 4, num_s
     # 16-byte cp.async: K/V tiles streamed through shared memory by the software pipeline.
     return dict(batch=spec.describe(), block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                 fuse_merge=fuse_merge, **report)
-
-
-def decode_attention(batch: HybridBatch, **plan_kwargs) -> torch.Tensor:
-    """One-shot convenience: plan + run. Returns the decode output [num_decodes, Hq, D]."""
-    return decode(batch, plan_decode(batch, **plan_kwargs))
 
 
 if __name__ == "__main__":

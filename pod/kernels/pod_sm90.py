@@ -547,21 +547,18 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
                   num_sms: int | None = None, device: torch.device | str | None = None) -> PodSm90Work:
     """Shape-only: the prefill tiles, the decode items (split where needed) paired for the two consumers,
     the SM split and each CTA's list (LPT). `num_sms`: the grid without a forced one (default: the
-    device's SM count; 132 off a GPU)."""
+    device's SM count, pod.env.device_num_sms)."""
+    from pod.env import device_num_sms, unpack_batch_or_spec
     from pod.kernels.decode import plan_decode
     from pod.kernels.prefill import plan_units
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, device or batch_or_spec.device
-    else:
-        spec, device = batch_or_spec, device or "cpu"
-    device = torch.device(device)
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     cfg = config
     why = pod_sm90_supports(spec, cfg)
     if why is not None:
         raise ValueError(f"the Hopper POD kernel does not handle this batch: {why}")
     h = spec.heads
     if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        num_sms = device_num_sms(device)
 
     # Prefill tiles: the Hopper tile's work list; cost = KV tiles computed x a full tile's FLOPs.
     units, _ = plan_units(spec, 128)
@@ -583,7 +580,14 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
         chunk = _decode_split_keys(spec, cfg, d_total / (d_total + p_total), grid0)
         dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, block_n=64, device=device)
-        items = [(r, g, ks, ke, pr) for r, ks, ke, pr in dec.work.tolist() for g in range(h.num_kv_heads)]
+        # The decode plan's items, rebuilt on the host from its split counts (as plan_decode lays them out).
+        items, base = [], 0
+        for r, (n, s_r) in enumerate(zip(spec.decode_context_lens, dec.splits)):
+            for i in range(s_r):
+                pr = base + i if s_r > 1 else -1
+                items += [(r, g, i * dec.kv_chunk_len, min(n, (i + 1) * dec.kv_chunk_len), pr)
+                          for g in range(h.num_kv_heads)]
+            base += s_r if s_r > 1 else 0
         items.sort(key=lambda it: -(it[3] - it[2]))                  # longest first; pair neighbours
         for i in range(0, len(items), 2):
             a = items[i]

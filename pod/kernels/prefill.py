@@ -41,7 +41,6 @@ tests'). The harness checks and times them (`backend_options.prefill_config=<nam
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -49,14 +48,10 @@ import triton
 import triton.language as tl
 
 from pod.batch import BatchSpec, HybridBatch
+from pod.env import interpreting, unpack_batch_or_spec
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
 from pod.kernels.configs import (PREFILL_AUTOTUNE, PREFILL_COMPILE_CHECKS, PREFILL_CONFIGS, PREFILL_DEFAULT,
                                  PrefillConfig)
-
-
-def interpreting() -> bool:
-    """True under the Triton interpreter (CPU tests): small fixed block sizes, no autotune."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +187,8 @@ def resolve_config(config: PrefillConfig | str | None) -> PrefillConfig:
 
 @dataclass
 class PrefillWork:
-    """Everything `prefill()` needs besides the batch tensors: the work list and launch constants."""
+    """Everything `prefill()` needs besides the batch tensors: the work list and launch constants.
+    A KernelWork (pod/kernels/contract.py)."""
     work_units: torch.Tensor        # [num_units, 2] int32 (chunk, q_block), heaviest first, on device
     num_units: int
     num_q_heads: int
@@ -221,8 +217,20 @@ class PrefillWork:
         return c
 
     def describe(self) -> dict:
-        """JSON-able knobs for result rows (backend_config)."""
-        return self.config.to_json()
+        """JSON-able knobs for result rows (backend_config). An autotuned plan reports the autotuner's
+        pick once a launch has made it."""
+        d = self.config.to_json()
+        if self.autotune:
+            best = getattr(_prefill_kernel_autotuned, "best_config", None)
+            if best is not None:
+                d.update(block_n=best.kwargs.get("BLOCK_N"), num_warps=best.num_warps,
+                         num_stages=best.num_stages)
+            d["autotuned"] = True
+        return d
+
+    def runner(self, batch: HybridBatch, out: torch.Tensor, lse: torch.Tensor | None = None):
+        """``launch() -> out`` with its arguments bound once (`prefill_runner`)."""
+        return prefill_runner(batch, self, out, lse)
 
 
 def plan_units(spec: BatchSpec, block_m: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -240,13 +248,9 @@ def plan_units(spec: BatchSpec, block_m: int) -> tuple[list[tuple[int, int]], li
 
 def plan_prefill(batch_or_spec: HybridBatch | BatchSpec, config: PrefillConfig | str | None = None,
                  device: torch.device | str | None = None) -> PrefillWork:
-    """Plan the prefill part of a batch: work list (on `device`, default the batch's) and constants.
-
-    Depends only on the batch's shape; call once per batch shape, then `prefill()` per layer."""
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, device or batch_or_spec.device
-    else:
-        spec, device = batch_or_spec, device or "cpu"
+    """Plan the prefill part of a batch: work list (on `device`: pod.env.unpack_batch_or_spec) and
+    constants. Depends only on the batch's shape; call once per batch shape, then `prefill()` per layer."""
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     cfg = resolve_config(config)
     if cfg.block_n is not None and cfg.block_n < 16 or cfg.block_m < 16:
         raise ValueError(f"prefill config {cfg}: block_m and block_n must be >= 16 (tl.dot)")
@@ -307,19 +311,13 @@ def prefill(batch: HybridBatch, work: PrefillWork, out: torch.Tensor | None = No
     """Launch the prefill kernel. Returns (out [tokens, Hq, D] in q's dtype, lse2 [tokens, Hq] fp32 or None).
 
     `out`/`lse` may be preallocated (e.g. by a backend's prepare); otherwise they are allocated here.
-    No host synchronisation: only a launch. For repeated calls `prefill_runner` binds arguments once."""
+    No host synchronisation: only a launch. For repeated calls `work.runner` binds arguments once."""
     if out is None:
         out = torch.empty_like(batch.q_prefill)
     if lse is None and return_lse:
         lse = torch.empty(batch.q_prefill.shape[:2], dtype=torch.float32, device=out.device)
-    prefill_runner(batch, work, out, lse)()
+    work.runner(batch, out, lse)()
     return out, lse
-
-
-def prefill_attention(batch: HybridBatch, config: PrefillConfig | str | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-shot convenience: plan + run. Returns (out, lse2)."""
-    return prefill(batch, plan_prefill(batch, config))
 
 
 def json_name(cfg: PrefillConfig) -> str:

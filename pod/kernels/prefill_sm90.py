@@ -51,6 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from pod.batch import BatchSpec, HybridBatch, make_batch
+from pod.env import unpack_batch_or_spec
 from pod.kernels.common import LOG2E, sm90_compile_report
 from pod.kernels.configs import SM90_CONFIGS, SM90_CONFIGS_D64, SM90_DEFAULT, Sm90PrefillConfig
 
@@ -348,7 +349,8 @@ def sm90_supports(spec: BatchSpec, config: Sm90PrefillConfig | None = None) -> s
 
 @dataclass
 class Sm90PrefillWork:
-    """The plan of one batch shape for the Hopper tile: the work list and the launch constants."""
+    """The plan of one batch shape for the Hopper tile: the work list and the launch constants.
+    A KernelWork (pod/kernels/contract.py)."""
     work_units: torch.Tensor        # [num_units, 2] int32 (chunk, q_block), heaviest first
     num_units: int
     num_q_heads: int
@@ -366,15 +368,16 @@ class Sm90PrefillWork:
     def describe(self) -> dict:
         return self.config.to_json()
 
+    def runner(self, batch: HybridBatch, out: torch.Tensor, lse: torch.Tensor | None = None):
+        """``launch() -> out`` with its arguments bound once (`prefill_sm90_runner`)."""
+        return prefill_sm90_runner(batch, self, out, lse)
+
 
 def plan_prefill_sm90(batch_or_spec: HybridBatch | BatchSpec, config: Sm90PrefillConfig | str | None = None,
                       device: torch.device | str | None = None) -> Sm90PrefillWork:
     """Plan the prefill part of a batch for the Hopper tile (shape only: once per batch shape)."""
     from pod.kernels.prefill import plan_units
-    if isinstance(batch_or_spec, HybridBatch):
-        spec, device = batch_or_spec.spec, device or batch_or_spec.device
-    else:
-        spec, device = batch_or_spec, device or "cpu"
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
     h = spec.heads
     if isinstance(config, str):
         table = sm90_configs(h.head_dim)
