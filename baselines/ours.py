@@ -218,12 +218,15 @@ def hopper_available() -> str | None:
 
 @register_backend("pod_sm90", availability=hopper_available,
                   description="POD on Hopper: one persistent launch, SM-level roles, the Hopper tile for both")
-def prepare_pod_sm90(batch: HybridBatch):
-    from pod.kernels.pod_sm90 import plan_pod_sm90, pod_sm90_supports
+def prepare_pod_sm90(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
+    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90, pod_sm90_supports
     why = pod_sm90_supports(batch.spec)
     if why is not None:
         raise BackendUnavailable(f"pod_sm90 does not handle this batch: {why}")
-    work = plan_pod_sm90(batch)
+    cfg = PodSm90Config()
+    if options.pod_sm90_decode_gbps > 0:
+        cfg = replace(cfg, decode_gbps_per_sm=options.pod_sm90_decode_gbps)
+    work = plan_pod_sm90(batch, cfg)
     launch = work.runner(batch, _poisoned_like(batch.q_prefill), _poisoned_like(batch.q_decode))
     _warm_once(("pod_sm90", _shape_key(batch)), launch)
 

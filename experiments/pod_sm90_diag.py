@@ -6,6 +6,7 @@
                                                   # choice, each role's span inside the launch (%globaltimer)
     python -m experiments.pod_sm90_diag compare   # the planned launch vs triton_serial and each part alone
     python -m experiments.pod_sm90_diag table FILE  # a short table of the JSON lines (no GPU needed)
+    python -m experiments.pod_sm90_diag sweep-table CSV  # pod_sm90 over the serial backends, per point
 
 One JSON line a measurement (stdout; `--out FILE` appends them there too), a table last. Every timed
 configuration's outputs (NaN-poisoned) are checked against the fp32 reference first: a wrong one is
@@ -224,9 +225,34 @@ def table(path: str) -> None:
         print(" ".join(cells)[:400])
 
 
+def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi_serial")) -> None:
+    """Per point of a sweep's result file: our backend's time over each serial one, and the geomean."""
+    import pandas as pd
+    df = pd.read_csv(path)
+    ok = df[df.status == "ok"]
+    t = ok.pivot_table(index="point_id", columns="backend", values="median_ms", aggfunc="first")
+    if ours not in t:
+        print(f"no ok {ours} rows in {path}; statuses: {df.groupby(['backend', 'status']).size().to_dict()}")
+        return
+    for b in against:
+        if b in t:
+            r = (t[b] / t[ours]).dropna()
+            if len(r):
+                print(f"{ours} vs {b}: n={len(r)} geomean={float(r.prod() ** (1 / len(r))):.3f} "
+                      f"min={r.min():.3f} max={r.max():.3f}")
+    cols = [c for c in (ours, "triton_serial", "triton_prefill", "triton_decode", "fi_serial") if c in t]
+    print(t[cols].round(4).to_string(max_colwidth=60))
+    bad = df[df.status != "ok"]
+    if len(bad):
+        print(bad[["point_id", "backend", "status", "reason"]].to_string(max_colwidth=80))
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["table"]:
         table(argv[1])
+        return 0
+    if argv[:1] == ["sweep-table"]:
+        sweep_table(argv[1])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=("rates", "split", "compare"))

@@ -2,13 +2,14 @@
 # One call on a GPU machine that has no network: set up its python with carried wheels, then run stages.
 # Usage (repo root, on the GPU machine):  bash scripts/gpu_session.sh STAGE [STAGE ...]
 #   env              GPU, driver, versions
-#   fi_install       FlashInfer modules built earlier (.fi_so/fi_so.tar.xz) into the wheel's AOT folder
+#   fi_install       FlashInfer modules built earlier (.fi_so/fi_so.tar.xz.*) into the wheel's AOT folder
 #   fi_bg            build FlashInfer's fi_serial / fi_pod JIT modules in the background (log: $OUT/fi_*.log)
 #   fi_join          wait (at most FI_WAIT s) for them
-#   fi_pack          every built FlashInfer .so -> $OUT/fi_so.tar.xz (carry it back as .fi_so/ next time)
+#   fi_pack          every built FlashInfer .so -> $OUT/fi_so.tar.xz.NN (15 MB parts; carry them as .fi_so/)
 #   pod_check:N      the Hopper POD kernel's GPU check in N processes side by side (log: $OUT/pod_check.log)
 #   diag:WHAT[:PTS]  python -m experiments.pod_sm90_diag WHAT [--points PTS] (JSON lines: $OUT/diag.jsonl)
-#   sweep:NAME[:BACKEND_GROUP[:BACKEND,...]]  python -m experiments.attention into .gpu_results/ (resumes)
+#   sweep:NAME[:BACKEND_GROUP[:BACKEND,...]]  python -m experiments.attention into .gpu_results/ (resumes;
+#                    SWEEP_ARGS: more Hydra overrides)
 #   collect          .gpu_results/ -> $OUT/gpu_results.tgz
 #   MODULE           anything else: python3 -m MODULE, output appended to $OUT/run.log
 # Every stage runs under `timeout` (STAGE_TIMEOUT, default 300 s): a hung kernel costs minutes, not the call.
@@ -34,8 +35,8 @@ for stage in "$@"; do
       } 2>&1 | log ;;
     fi_install)
       aot=$(python3 -c "import flashinfer,os;print(os.path.join(os.path.dirname(flashinfer.__file__),'data','aot'))" 2>/dev/null)
-      if [ -n "$aot" ] && ls .fi_so/*.tar.xz >/dev/null 2>&1; then
-        for f in .fi_so/*.tar.xz; do tar -C /tmp -xJf "$f"; done
+      if [ -n "$aot" ] && ls .fi_so/fi_so.tar.xz.* >/dev/null 2>&1; then
+        cat .fi_so/fi_so.tar.xz.* | tar -C /tmp -xJf -
         for so in /tmp/fi_so/*.so; do n=$(basename "$so" .so); mkdir -p "$aot/$n"; cp "$so" "$aot/$n/"; done
         ls "$aot" | log
       else echo "no carried FlashInfer modules" | log; fi ;;
@@ -52,7 +53,7 @@ for stage in "$@"; do
     fi_pack)
       mkdir -p /tmp/fi_so; find .fi_cache -name "*.so" -exec cp {} /tmp/fi_so/ \;
       ls -la /tmp/fi_so | log
-      tar -C /tmp -cJf "$OUT/fi_so.tar.xz" fi_so && ls -la "$OUT/fi_so.tar.xz" | log ;;
+      tar -C /tmp -cJf - fi_so | split -b 15m -d - "$OUT/fi_so.tar.xz." && ls -la "$OUT"/fi_so.tar.xz.* | log ;;
     pod_check:*)
       n=${stage#pod_check:}; pids=()
       for i in $(seq 0 $((n - 1))); do
@@ -73,7 +74,7 @@ for stage in "$@"; do
       IFS=: read -r _ sw grp only <<<"$stage"
       extra=(); [ -n "${only:-}" ] && extra=("backend.names=[${only}]")
       timeout "$T" python3 -m experiments.attention sweep=$sw backend=${grp:-all} results_dir=.gpu_results \
-        progress=false wandb.enabled=false timing.warmup_ms=10 timing.rep_ms=60 "${extra[@]}" 2>&1 \
+        progress=false wandb.enabled=false timing.warmup_ms=10 timing.rep_ms=60 "${extra[@]}" ${SWEEP_ARGS:-} 2>&1 \
         | grep -v "^\s*$" | tail -n 30 | log
       tar -czf "$OUT/gpu_results.tgz" .gpu_results ;;
     collect) tar -czf "$OUT/gpu_results.tgz" .gpu_results 2>&1 | log; ls -la "$OUT" | log ;;
