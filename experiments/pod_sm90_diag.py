@@ -109,13 +109,13 @@ def role_spans(tr: torch.Tensor) -> dict:
     return out
 
 
-def rates(out) -> list[dict]:
+def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
     prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
     dec = Bench(_spec(L3, [], [8192] * 64, 16))
-    for k in (8, 16, 24, 32, 48, 64, 96, 132):
+    for k in ks:
         r, _ = _pod(dec, PodSm90Config(num_ctas=k), trace=True)
         if r.get("median_ms"):
             gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
@@ -123,6 +123,8 @@ def rates(out) -> list[dict]:
         rows.append(out(dict(what="decode 64x8192 on k CTAs", k=k, **r)))
     for name in ("triton_decode", "fi_serial"):
         rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
+    if not prefill:
+        return rows
     pre = Bench(_spec(L3, [(1024, 12288)], [], 16))
     for k in (66, 132):
         r, _ = _pod(pre, PodSm90Config(num_ctas=k), trace=True)
@@ -258,6 +260,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("what", choices=("rates", "split", "compare"))
     ap.add_argument("--out", help="append the JSON lines here too")
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
+    ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132)")
+    ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("pod_sm90_diag: needs an sm_90 GPU (H100/H200)", file=sys.stderr)
@@ -272,7 +276,8 @@ def main(argv: list[str]) -> int:
         return row
 
     points = a.points.split(",") if a.points else None
-    fn = dict(rates=rates, split=lambda o: split(o, points), compare=lambda o: compare(o, points))[a.what]
+    ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
+    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only), split=lambda o: split(o, points), compare=lambda o: compare(o, points))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]
     print(f"{a.what}: {len(rows)} rows, {len(bad)} failed checks")

@@ -7,7 +7,7 @@
 #   fi_join          wait (at most FI_WAIT s) for them
 #   fi_pack          every built FlashInfer .so -> $OUT/fi_so.tar.xz.NN (15 MB parts; carry them as .fi_so/)
 #   pod_check:N      the Hopper POD kernel's GPU check in N processes side by side (log: $OUT/pod_check.log)
-#   diag:WHAT[:PTS]  python -m experiments.pod_sm90_diag WHAT [--points PTS] (JSON lines: $OUT/diag.jsonl)
+#   diag:WHAT[:PTS]  python -m experiments.pod_sm90_diag WHAT [--points PTS] $DIAG_ARGS (JSON: $OUT/diag.jsonl)
 #   sweep:NAME[:BACKEND_GROUP[:BACKEND,...]]  python -m experiments.attention into .gpu_results/ (resumes;
 #                    SWEEP_ARGS: more Hydra overrides)
 #   collect          .gpu_results/ -> $OUT/gpu_results.tgz
@@ -67,7 +67,7 @@ for stage in "$@"; do
       [ "$rc" = 124 ] && touch .pod_hang ;;
     diag:*)
       IFS=: read -r _ what pts <<<"$stage"
-      extra=(); [ -n "${pts:-}" ] && extra=(--points "$pts")
+      extra=(); [ -n "${pts:-}" ] && extra=(--points "$pts"); extra+=(${DIAG_ARGS:-})
       timeout "$T" python3 -m experiments.pod_sm90_diag "$what" --out "$OUT/diag.jsonl" "${extra[@]}" 2>&1 \
         | grep -v '^{' | log ;;
     sweep:*)

@@ -102,7 +102,8 @@ def _pair_rows(block_table, seq_a, seq_b, st_a, st_b, tile_a, tile_b, last_a, la
     """Cache rows of the 2 * NCOPY copies of one decode-pair stage (item A's half-tile, then B's): one
     gather of block-table entries (one memory latency a stage, issued before the producer waits for the
     stage to free up). Page slots past a sequence's last page re-read the last page (masked keys)."""
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    # Every lane holds all 2 * NCOPY rows: picking copy c's row is register selects, not a warp reduction.
+    lay: gl.constexpr = gl.BlockedLayout([2 * NCOPY], [32], [1], [0])
     i = gl.arange(0, 2 * NCOPY, layout=lay)
     is_b = i >= NCOPY
     tok = gl.where(is_b, tile_b, tile_a) * HALF_N + (i % NCOPY) * COPY_ROWS
@@ -191,10 +192,15 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                                             q_smem.index(0))
             tma.async_copy_global_to_shared(qd_desc, [req_b * (GROUP * NUM_KV_HEADS) + g_b * GROUP, 0], q_ready,
                                             q_smem.index(1), pred=seq_b >= 0)
+            # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence. The block
+            # table is read a stage ahead, so its latency hides behind this stage's wait and copies.
+            rows_next, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N, ks_b // HALF_N,
+                                       last_a, last_b, stride_bt, NCOPY, D_COPY_ROWS, PAGE_SIZE, PAGED, HALF_N)
             for t in range(gl.maximum(n_a, n_b)):
-                # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence.
-                rows, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N + t, ks_b // HALF_N + t,
-                                      last_a, last_b, stride_bt, NCOPY, D_COPY_ROWS, PAGE_SIZE, PAGED, HALF_N)
+                rows = rows_next
+                rows_next, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N + t + 1,
+                                           ks_b // HALF_N + t + 1, last_a, last_b, stride_bt, NCOPY, D_COPY_ROWS,
+                                           PAGE_SIZE, PAGED, HALF_N)
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 both = t < gl.minimum(n_a, n_b)          # else exactly one half lands (t < max(n_a, n_b))
