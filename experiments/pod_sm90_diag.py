@@ -32,6 +32,8 @@ YI = dict(num_q_heads=32, num_kv_heads=4, head_dim=128)      # Yi-6B (GQA 8)
 HYBRID = {
     "c1024@12288+64x8192": (L3, [(1024, 12288)], [8192] * 64, 16),
     "c1024@12288+64x8192/contig": (L3, [(1024, 12288)], [8192] * 64, None),
+    "c1024@12288+64x8192/p64": (L3, [(1024, 12288)], [8192] * 64, 64),
+    "c1024@4096+64x8192/p64": (L3, [(1024, 4096)], [8192] * 64, 64),
     "c1024@4096+64x8192": (L3, [(1024, 4096)], [8192] * 64, 16),
     "c512@4096+64x2048": (L3, [(512, 4096)], [2048] * 64, 16),
     "c2048@16384+32x8192": (L3, [(2048, 16384)], [8192] * 32, 16),
@@ -109,18 +111,19 @@ def role_spans(tr: torch.Tensor) -> dict:
     return out
 
 
-def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True) -> list[dict]:
+def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
-    prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU."""
+    prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU. `page`: the KV layout
+    (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
-    dec = Bench(_spec(L3, [], [8192] * 64, 16))
+    dec = Bench(_spec(L3, [], [8192] * 64, page))
     for k in ks:
         r, _ = _pod(dec, PodSm90Config(num_ctas=k), trace=True)
         if r.get("median_ms"):
             gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
             r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
-        rows.append(out(dict(what="decode 64x8192 on k CTAs", k=k, **r)))
+        rows.append(out(dict(what=f"decode 64x8192 on k CTAs, page {page}", k=k, **r)))
     for name in ("triton_decode", "fi_serial"):
         rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
     if not prefill:
@@ -262,6 +265,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132)")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
+    ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("pod_sm90_diag: needs an sm_90 GPU (H100/H200)", file=sys.stderr)
@@ -277,7 +281,8 @@ def main(argv: list[str]) -> int:
 
     points = a.points.split(",") if a.points else None
     ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
-    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only), split=lambda o: split(o, points), compare=lambda o: compare(o, points))[a.what]
+    page = None if a.page == "none" else int(a.page)
+    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page), split=lambda o: split(o, points), compare=lambda o: compare(o, points))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]
     print(f"{a.what}: {len(rows)} rows, {len(bad)} failed checks")
