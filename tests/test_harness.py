@@ -13,11 +13,14 @@ from hydra import compose, initialize_config_dir
 
 from experiments.harness import sweep as harness
 from pod.batch import BatchSpec
-from experiments.harness.sweep import expand_points, point_id, run_sweep, shard
+from experiments.harness import running, wandb_log
+from experiments.harness.points import expand_points, point_id, shard
+from experiments.harness.sweep import run_sweep
 from pod.reference import reference
 from baselines.registry import AttentionOutput, Backend, BackendUnavailable, always_available
 from analysis.load import load_results as load_tables
-from experiments.harness.results import ResultStore, WandbLogger
+from experiments.harness.results import ResultStore
+from experiments.harness.wandb_log import WandbLogger
 from experiments.harness.schema import ATTENTION_COLUMNS as COLUMNS, ATTENTION_SCHEMA, typed
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -229,14 +232,14 @@ def test_statuses_skipped_error_oom_and_layout_fallback(tmp_path, fake_registry,
     names = list(fake_registry)
     points = [POINTS[0], POINTS[2], POINTS[3]]   # hybrid paged, prefill-only paged, hybrid contiguous
     built = []
-    real_batch, real_make = harness._PointBatches.batch, harness.make_batch
+    real_batch, real_make = running.PointBatches.batch, running.make_batch
 
     def one_layout_at_a_time(self, spec):   # a point never holds two KV caches at once
         b = real_batch(self, spec)
         assert len(self._batches) == 1
         return b
-    monkeypatch.setattr(harness._PointBatches, "batch", one_layout_at_a_time)
-    monkeypatch.setattr(harness, "make_batch", lambda spec, *a, **k: built.append(spec) or real_make(spec, *a, **k))
+    monkeypatch.setattr(running.PointBatches, "batch", one_layout_at_a_time)
+    monkeypatch.setattr(running, "make_batch", lambda spec, *a, **k: built.append(spec) or real_make(spec, *a, **k))
     df = run_sweep(sweep_cfg(tmp_path, points, names))
     assert len(df) == len(points) * len(names)
     rows = lambda name: df[df.backend == name]          # noqa: E731
@@ -275,7 +278,7 @@ def test_sweep_stops_when_a_backend_breaks_the_cuda_context(tmp_path, fake_regis
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     fake_registry.update(a=backend("a"), crash=backend("crash", prepare=crash), b=backend("b"))
     cfg = sweep_cfg(tmp_path, POINTS[:2], ["a", "crash", "b"])
-    with pytest.raises(harness.CudaContextLost, match="illegal memory access"):
+    with pytest.raises(running.CudaContextLost, match="illegal memory access"):
         run_sweep(cfg)
     df = load_results(tmp_path)
     assert list(df.backend) == ["a", "crash"] and list(df.status) == ["ok", "error"]

@@ -1,7 +1,7 @@
 """The paper's attention grid (POD-Attention, Fig. 11; issue 13 item 2) as sweep points, and its sample.
 
 A sweep config names this generator with a `generate:` block (conf/sweep/paper_grid.yaml);
-`experiments.harness.sweep.expand_points` calls `generate_points(block, models)` and adds the points
+`experiments.harness.points.expand_points` calls `generate_points(block, models)` and adds the points
 over the sweep's `base`, after its `grids` and before its `points`.
 
 Grid, per model and tensor parallelism (TP):
