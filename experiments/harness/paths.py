@@ -10,12 +10,29 @@ from experiments.harness.provenance import device_slug
 
 
 def resolve_device(name: str, shard_index: int = 0) -> torch.device:
-    """"auto": cuda:(shard % gpus) when CUDA is there (one GPU per multirun shard), else cpu."""
+    """"auto": cuda:(shard % gpus) when CUDA is there (one GPU per multirun shard), else cpu; "cuda" (no
+    index): the same GPU as "auto"; "cpu"; "cuda:<i>". ValueError, naming what is here, for a device
+    this machine does not have or a name torch does not know."""
+    name = str(name).strip()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", shard_index % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(name)
+        return resolve_device("cuda" if torch.cuda.is_available() else "cpu", shard_index)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={name!r} is invalid: auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"device={name} is not supported: auto, cpu, cuda or cuda:<index>")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={name}: there is no CUDA GPU here; device=auto (or cpu) runs the "
+                         "kernels in Triton's interpreter on this CPU")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        return torch.device("cuda", shard_index % count)
+    if device.index >= count:
+        raise ValueError(f"device={name}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    return device
 
 
 def results_path(cfg: Mapping[str, Any], device: torch.device) -> tuple[Path, list[Path]]:

@@ -4,6 +4,10 @@
   expand_points(sweep, models)   every point of a sweep config, deterministic order, duplicates removed
   shard(points, index, count)    the points of one multirun shard
   point_id(model, spec)          the stable id a row is keyed by (resume, joins across backends)
+
+A value BatchSpec.from_counts would read quietly one way where a user likely meant another is refused
+here, naming the key: `page_size=0` (contiguous KV is `page_size: null`), `num_prefill=0` with a
+`chunk_len`, `num_decode=0` with a `decode_context_len`. Everything else is BatchSpec's validation.
 """
 from __future__ import annotations
 
@@ -60,10 +64,20 @@ def heads_of(model_cfg: Mapping[str, Any]) -> ModelHeads:
                       int(model_cfg["head_dim"]))
 
 
+def _refuse_ambiguous(v: Mapping[str, Any]) -> None:
+    page = v["page_size"]
+    if isinstance(page, (int, float)) and not isinstance(page, bool) and page == 0:
+        raise ValueError("page_size=0 is invalid: a power of two for paged KV, or null for contiguous KV")
+    for count, length, part in (("num_prefill", "chunk_len", "prefill"),
+                                ("num_decode", "decode_context_len", "decode")):
+        if v[count] == 0 and v[length]:
+            raise ValueError(f"{count}=0 with {length}={v[length]} is ambiguous: {count} >= 1 for a "
+                             f"{part} part, or {length}=0 for none")
+
+
 def make_point(values: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) -> Point:
-    """A point from flat keys (POINT_KEYS). chunk_len=0 or num_prefill=0: no prefill;
-    num_decode=0: no decode.
-    Validation is BatchSpec's (its ValueError names the field)."""
+    """A point from flat keys (POINT_KEYS). chunk_len=0: no prefill; num_decode=0: no decode.
+    Validation is BatchSpec's (its ValueError names the field), and `_refuse_ambiguous`'s."""
     unknown = set(values) - set(POINT_KEYS)
     if unknown:
         raise ValueError(f"unknown point keys {sorted(unknown)}; allowed: {POINT_KEYS}")
@@ -72,6 +86,7 @@ def make_point(values: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]
         raise ValueError("point has no model: set `model` in the sweep's base, grid or point")
     if v["model"] not in models:
         raise ValueError(f"unknown model {v['model']!r}; known: {sorted(models)}")
+    _refuse_ambiguous(v)
     counts = {k: v[k] for k in POINT_KEYS if k != "model"}
     spec = BatchSpec.from_counts(heads_of(models[v["model"]]), **counts)
     return Point(str(v["model"]), spec)

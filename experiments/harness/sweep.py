@@ -14,7 +14,8 @@ The parts it is made of, each its own module:
   results.py   the append-only row store (resume)
   wandb_log.py W&B logging
   summary.py   rows over the error threshold, status counts
-Before the first point, `run_sweep` refuses in one line what cannot run: an unknown backend name (the
+Before the first point, `run_sweep` refuses in one line what cannot run: an invalid value (a point's
+field, num_shards, shard, cpu_max_kv_tokens, a device this machine lacks), an unknown backend name (the
 registered names listed), a GPU sweep or a GPU-sized point on a CPU, an unwritable results file. Ctrl-C stops with
 `SweepInterrupted` (rows already appended stay, a restart resumes after them).
 """
@@ -29,6 +30,7 @@ import pandas as pd
 import torch
 
 from baselines.registry import Backend, BackendOptions, UnknownBackend, list_backends
+from experiments.cli import command
 from experiments.harness.paths import resolve_device, results_path
 from experiments.harness.points import Point, expand_points, kv_tokens, shard, to_container
 from experiments.harness.provenance import device_slug, provenance
@@ -50,8 +52,9 @@ def backends_by_name(names: Iterable[str]) -> list[Backend]:
     return [registered[n] for n in names]
 
 
-class SweepRefused(RuntimeError):
-    """A sweep that cannot run as configured (said in one line before the first point)."""
+class SweepRefused(ValueError):
+    """A sweep that cannot run as configured (said in one line before the first point): an invalid
+    value (the message names the key), a GPU sweep on a CPU, a device this machine lacks."""
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -65,19 +68,46 @@ class SweepInterrupted(KeyboardInterrupt):
 def refuse_on_cpu(sweep: Mapping[str, Any], points: Sequence[Point], device: torch.device, limit: int) -> None:
     """On a CPU the kernels run in Triton's interpreter and the fp32 reference on the CPU: a GPU sweep
     (`gpu_only: true` in its config) or a GPU-sized point would take many minutes or mean nothing.
-    Refuse such a sweep in one line (SweepRefused) before it starts."""
+    Refuse such a sweep in one line (SweepRefused) before it starts, saying what runs instead."""
     if device.type == "cuda" or not points:
         return
     name = sweep.get("name")
-    instead = "run it on a CUDA GPU, or on this CPU: python -m experiments.attention sweep=smoke backend=cpu"
+    smoke = command("experiments.attention sweep=smoke backend=cpu")
     if sweep.get("gpu_only"):
-        raise SweepRefused(f"sweep={name} is GPU-only (its points are sized for a GPU); {instead}")
+        raise SweepRefused(f"sweep={name} is GPU-only (its points are sized for a GPU); run it on a CUDA "
+                           f"GPU, or on this CPU: {smoke}")
     big = max(points, key=lambda p: kv_tokens(p.spec))
-    if kv_tokens(big.spec) > limit:
+    need = kv_tokens(big.spec)
+    if need > limit:
+        instead = f"cpu_max_kv_tokens={need} runs it anyway (slowly)"
+        if name != "smoke":
+            instead = f"run it on a CUDA GPU, or on this CPU: {smoke}; or {instead}"
         raise SweepRefused(
-            f"sweep={name} is GPU-only here: point {big.spec.describe()} holds {kv_tokens(big.spec):,} KV "
+            f"sweep={name} is GPU-only here: point {big.spec.describe()} holds {need:,} KV "
             f"tokens, more than cpu_max_kv_tokens={limit:,} that the Triton interpreter runs in reasonable "
             f"time; {instead}")
+
+
+def _count(c: Mapping[str, Any], key: str, default: int, least: int, what: str) -> int:
+    """c[key] as an int >= least, or SweepRefused naming the key and what it takes."""
+    v = c.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise SweepRefused(f"{key}={v!r} is invalid: {what}")
+    return v
+
+
+def _run_settings(c: Mapping[str, Any]) -> tuple[int, int, int, torch.device]:
+    """(shard, num_shards, cpu_max_kv_tokens, device) of a config, each checked with a message naming it."""
+    num_shards = _count(c, "num_shards", 1, 1, "a positive number of shards (1: no sharding)")
+    shard_index = _count(c, "shard", 0, 0, f"one of 0..{num_shards - 1} (num_shards={num_shards})")
+    if shard_index >= num_shards:
+        raise SweepRefused(f"shard={shard_index} is invalid: one of 0..{num_shards - 1} (num_shards={num_shards})")
+    limit = _count(c, "cpu_max_kv_tokens", 16384, 0, "a non-negative number of KV tokens (default 16384)")
+    try:
+        device = resolve_device(str(c.get("device", "auto")), shard_index)
+    except ValueError as e:
+        raise SweepRefused(str(e)) from None
+    return shard_index, num_shards, limit, device
 
 
 def _setup_interpreter(cfg: Mapping[str, Any], device: torch.device) -> None:
@@ -98,22 +128,24 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     wandb {enabled, project, mode, dir, tags} (conf/attention.yaml documents each). Returns every row
     of this run's results file (earlier runs' rows included).
 
-    Refuses before the first point (UnknownBackend, SweepRefused, OSError): an unknown backend name,
-    a GPU sweep (`gpu_only`) or a GPU-sized point on a CPU, an unwritable results file. Raises SweepInterrupted on Ctrl-C and
+    Refuses before the first point (UnknownBackend, SweepRefused, OSError): an invalid value, an
+    unknown backend name, a GPU sweep (`gpu_only`) or a GPU-sized point on a CPU, an unwritable results file. Raises SweepInterrupted on Ctrl-C and
     CudaContextLost after a backend breaks the CUDA context (its error row is written first); in both
     cases a restart resumes.
     """
     full_cfg = to_container(cfg)
     c = dict(full_cfg)
-    shard_index, num_shards = int(c.get("shard", 0)), int(c.get("num_shards", 1))
-    device = resolve_device(str(c.get("device", "auto")), shard_index)
+    shard_index, num_shards, cpu_limit, device = _run_settings(c)
     sweep_name = str(c["sweep"]["name"])
     models = dict(c.get("models") or {})
     if c.get("model"):   # the `model` group's choice is always known by its name
         models[str(c["model"]["name"])] = c["model"]
-    points = shard(expand_points(c["sweep"], models), shard_index, num_shards)
-    options = BackendOptions.from_config(c.get("backend_options"))
-    refuse_on_cpu(c["sweep"], points, device, int(c.get("cpu_max_kv_tokens", 16384)))
+    try:   # a value BatchSpec (or the harness) refuses: one line naming the field, not a traceback
+        points = shard(expand_points(c["sweep"], models), shard_index, num_shards)
+        options = BackendOptions.from_config(c.get("backend_options"))
+    except ValueError as e:
+        raise SweepRefused(f"sweep={sweep_name}: {e}") from None
+    refuse_on_cpu(c["sweep"], points, device, cpu_limit)
     _setup_interpreter(c, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
