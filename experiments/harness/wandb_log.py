@@ -1,4 +1,5 @@
-"""Weights & Biases: what a sweep logs (its config, each row's metrics, the final table).
+"""Weights & Biases: what a sweep logs (its config, each row's metrics, the final table) and what
+`make reproduce` logs (its figures and summary tables).
 
 Offline unless the user set WANDB_MODE (no account needed; `wandb sync` later); wandb missing -> one
 warning, then nothing. A broken W&B setup never costs a sweep.
@@ -69,3 +70,35 @@ class WandbLogger:
             self.run.log({"results": self._wandb.Table(dataframe=df)})
         self.run.finish()
         self.run = None
+
+
+def log_files(written: Mapping[str, Iterable[Path]], name: str, config: dict, mode: str,
+              project: str = "pod-attention") -> Path | None:
+    """Figures (PNG) and summary tables (CSV of `table:*` keys) of one run to W&B, quietly: W&B's own
+    banner, history and sync hints stay out of the terminal (the caller says where the run went).
+    Returns the run's folder, or None when nothing was logged; never fails the caller."""
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("wandb is not installed: figures are not logged to W&B (pip install wandb)",
+                      stacklevel=2)
+        return None
+    os.environ.setdefault("WANDB_MODE", mode)
+    try:
+        if getattr(wandb, "run", None) is not None:     # one run at a time (no deprecated reinit=True)
+            wandb.run.finish()
+        run = wandb.init(project=project, name=name, job_type="figures", config=config,
+                         settings=wandb.Settings(silent=True))
+        for key, paths in written.items():
+            for p in paths:
+                if p.suffix == ".png":
+                    run.log({f"figures/{p.stem}": wandb.Image(str(p))})
+                elif p.suffix == ".csv" and key.startswith("table:"):
+                    df = pd.read_csv(p)
+                    run.log({f"tables/{p.stem}": wandb.Table(dataframe=df.astype(object).where(df.notna(), None))})
+        folder = Path(run.dir).parent if getattr(run, "dir", None) else None
+        run.finish()
+        return folder
+    except Exception as e:  # a broken W&B setup must never cost the figures
+        warnings.warn(f"W&B logging of figures failed: {e}", stacklevel=2)
+        return None
