@@ -160,3 +160,16 @@ def test_the_harness_is_in_parts_that_each_say_what_they_are():
         assert len(text.splitlines()) <= 300, f"{path.name}: {len(text.splitlines())} lines"
     for part in ("points", "timing", "running", "paths", "wandb_log", "summary"):
         assert (harness / f"{part}.py").is_file(), part
+
+
+def test_a_model_name_means_one_shape_across_conf():
+    """conf/model/ (attention sweeps) and conf/serving/model/ (the serving engine) may both hold a model,
+    but one name means one set of heads: two different models were both called `tiny`."""
+    import yaml
+    shapes = {}
+    for path in sorted((REPO / "conf" / "model").glob("*.yaml")) + sorted((REPO / "conf" / "serving" / "model").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        heads = (cfg["num_q_heads"], cfg["num_kv_heads"], cfg["head_dim"])
+        first = shapes.setdefault(cfg["name"], (heads, path))
+        assert first[0] == heads, (f"{path.relative_to(REPO)} and {first[1].relative_to(REPO)} are both "
+                                   f"called {cfg['name']!r}: heads {heads} vs {first[0]}")

@@ -27,7 +27,7 @@ from experiments.serving.scheduler import Request, Scheduler, SchedulerConfig
 from experiments.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-TINY = ModelConfig("tiny", hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64,
+TINY = ModelConfig("tiny_llama", hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64,
                    intermediate_size=128, vocab_size=128, max_position=1024)
 
 
@@ -229,7 +229,7 @@ def test_model_configs_have_published_shapes(name, params):
 
 @pytest.mark.parametrize("mode", ["offline", "online"])
 def test_experiment_writes_a_row(tmp_path, mode):
-    cfg = compose_serving("serving/model=tiny", "serving/workload=tiny", "serving/scheduler=tiny",
+    cfg = compose_serving("serving/model=tiny_llama", "serving/workload=tiny", "serving/scheduler=tiny",
                           "device=cpu", "dtype=float32", "num_layers=2", "num_requests=4", "num_pages=64",
                           "backends=[reference]", f"mode={mode}", "qps=200", f"out_dir={tmp_path}",
                           "sweep_name=smoke")
@@ -240,7 +240,7 @@ def test_experiment_writes_a_row(tmp_path, mode):
     row, saved = rows[0], table[0]
     assert tuple(saved) == SERVING_COLUMNS
     assert row["status"] == "ok", row["reason"]
-    assert saved["backend"] == "reference" and saved["mode"] == mode and saved["model"] == "tiny"
+    assert saved["backend"] == "reference" and saved["mode"] == mode and saved["model"] == "tiny_llama"
     assert saved["sweep"] == "smoke"
     assert 0 < row["iteration_p50_ms"] <= row["iteration_max_ms"]
     assert row["num_requests"] == 4 and row["chunk_size"] == 32 and row["iterations"] > 0

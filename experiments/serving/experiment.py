@@ -92,7 +92,7 @@ class ServingRefused(RuntimeError):
     """A serving run that cannot start as configured (said in one line before anything is built)."""
 
 
-CPU_SMOKE = ("python -m experiments.serving serving/model=tiny serving/workload=tiny serving/scheduler=tiny "
+CPU_SMOKE = ("python -m experiments.serving serving/model=tiny_llama serving/workload=tiny serving/scheduler=tiny "
              "device=cpu dtype=float32 backends=[reference] num_layers=2 num_pages=64")
 
 

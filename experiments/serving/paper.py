@@ -47,7 +47,7 @@ FIG12 = ("fig12_yi_6b", "fig12_llama3_8b", "fig12_llama2_7b")
 PAPER_EXPERIMENTS = (*FIG12, "arxiv_capacity_llama3_8b", "arxiv_online_llama3_8b", "fig12_llama2_7b_all_layers")
 # What a CPU run of the whole plan overrides (tests, smoke): the tiny model with 4 layers built 2
 # (so the scaled columns are exercised), the fp32 reference backend, a few requests.
-CPU_OVERRIDES = ("serving/model=tiny", "serving/workload=tiny", "serving/scheduler=tiny", "device=cpu",
+CPU_OVERRIDES = ("serving/model=tiny_llama", "serving/workload=tiny", "serving/scheduler=tiny", "device=cpu",
                  "dtype=float32", "backends=[reference]", "serving.model.num_layers=4", "num_layers=2",
                  "num_pages=64", "num_requests=6", "warmup_requests=0", "online.rate_backend=reference")
 
