@@ -274,3 +274,23 @@ def test_readme_python_commands_resolve_in_the_venv():
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [], \
         f"README names modules that do not resolve: {p.stdout}"
+
+
+# -- what a first run leaves behind ------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_cpu_smoke_rows_are_git_ignored_where_they_land():
+    """The README's CPU smokes write rows that mean nothing off a CPU: the attention smoke's
+    results/smoke/cpu.csv and the serving smoke's <out_dir>/<sweep_name>/cpu.csv (results/serving/e2e/),
+    which a first run left untracked. Both are ignored, and so is any CPU row under results/."""
+    from hydra import compose, initialize_config_dir
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        serving = compose("serving", overrides=["device=cpu"])
+        attention = compose("attention")
+    paths = [f"{serving.out_dir}/{serving.sweep_name}/cpu.csv",
+             f"{attention.results_dir}/{attention.sweep.name}/cpu.csv", "results/h200/policy/cpu.policy_5050.csv"]
+    p = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert p.stdout.split() == paths, p.stdout + p.stderr
+    assert subprocess.run(["git", "check-ignore", "--no-index", "results/h200/policy/h200.csv"], cwd=ROOT,
+                          capture_output=True).returncode == 1      # a GPU's rows are committed

@@ -47,7 +47,7 @@ def test_layer_cut_keeps_the_full_models_kv_capacity():
     assert model_config(cut).num_layers == 8 and model_config(full).num_layers == 32
     assert full.sweep_name == "fig12_llama2_7b_all_layers" and full.num_requests == cut.num_requests
     assert full.serving.workload.name == cut.serving.workload.name == "fig12_pd64"
-    pages = [kv_pages(c, model_config(c), 32, torch.bfloat16) for c in (cut, full)]
+    pages = [kv_pages(c, torch.bfloat16) for c in (cut, full)]
     assert pages[0] == pages[1] > 0                     # same tokens in the pool: the same schedule
     tokens, per_token = pages[0] * cut.page_size, 32 * 2 * 32 * 128 * 2    # Llama-2: 512 KiB a token
     assert tokens * per_token <= 90 * 2**30 < (tokens + cut.page_size) * per_token
