@@ -556,8 +556,12 @@ def cli_args(doc: str, argv, rows: str = "result tables") -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return cli_args(__doc__, argv)
+
+
 def main(argv=None) -> int:
-    args = cli_args(__doc__, argv)
+    args = parse_args(argv)
     written = build_all(args.results, args.out)
     if not written:
         print(f"No result tables under {args.results!r}: nothing to plot. "

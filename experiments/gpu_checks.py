@@ -279,8 +279,22 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print) -> list[dict]:
     return rows
 
 
+COMMANDS = ("repeat", "sanitize", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90")
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    """(check, its arguments): the first word (default repeat), one of COMMANDS; anything else exits 2
+    with one line naming the checks."""
+    cmd, rest = (argv[0], list(argv[1:])) if argv else ("repeat", [])
+    if cmd not in COMMANDS or (rest and rest != ["contig"]) or (rest and cmd != "offline"):
+        print(f"gpu_checks: {' '.join(argv)!r} is not a check; one of {', '.join(COMMANDS)} "
+              f"(offline takes `contig`)", file=sys.stderr)
+        raise SystemExit(2)
+    return cmd, rest
+
+
 def main(argv: list[str]) -> int:
-    cmd = argv[0] if argv else "repeat"
+    cmd, rest = parse_args(argv)
     if cmd == "repeat":
         rep = check_repeatable()
         print(json.dumps(rep, indent=1))
@@ -293,21 +307,18 @@ def main(argv: list[str]) -> int:
         print(json.dumps(rep, indent=1))
         return 0 if all(r["max_ctas_per_sm"] >= RESIDENT_CTAS_PER_SM for r in rep.values()) else 1
     if cmd == "offline":
-        page_size = None if argv[1:2] == ["contig"] else 16
+        page_size = None if rest == ["contig"] else 16
         for name, rep in offline_resources(page_size=page_size).items():
             print(json.dumps(dict(config=name, **rep)))
         return 0
     if cmd == "schedule":
         print(json.dumps(schedule_stats(), indent=1))
         return 0
-    if cmd in ("prefill_sm90", "pod_sm90"):
-        rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90()
-        bad = [r for r in rows if not r["ok"]]
-        ran = sum("skipped" not in r for r in rows)
-        print(f"{cmd}: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
-        return 1 if bad else 0
-    print(__doc__)
-    return 2
+    rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90()   # the two left
+    bad = [r for r in rows if not r["ok"]]
+    ran = sum("skipped" not in r for r in rows)
+    print(f"{cmd}: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -294,3 +294,126 @@ def test_cpu_smoke_rows_are_git_ignored_where_they_land():
     assert p.stdout.split() == paths, p.stdout + p.stderr
     assert subprocess.run(["git", "check-ignore", "--no-index", "results/h200/policy/h200.csv"], cwd=ROOT,
                           capture_output=True).returncode == 1      # a GPU's rows are committed
+
+
+# -- every README command, dry-run: its arguments parse and its config composes -----------------------
+HYDRA_APPS = {"experiments.attention": "attention", "experiments.serving": "serving"}
+# pod/ is the product and keeps its __main__ blocks to itself (compile reports): resolved only (above).
+RESOLVED_ONLY = {"pod.kernels.prefill", "pod.kernels.decode"}
+
+
+def _alternatives(words: list[str]) -> list[list[str]]:
+    """`{a,b,c}` in a command is the README's "one of": one command per alternative."""
+    for i, w in enumerate(words):
+        m = re.fullmatch(r"\{([\w,]+)\}", w)
+        if m:
+            return [alt for choice in m.group(1).split(",")
+                    for alt in _alternatives([*words[:i], choice, *words[i + 1:]])]
+    return [words]
+
+
+def _first_of_each_sweep(overrides: list[str]) -> list[str]:
+    """A multirun's overrides as one run of it: `key=a,b` -> `key=a`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        out.append(f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override()
+                   else o.input_line)
+    return out
+
+
+def _dry_run_hydra(app: str, args: list[str]) -> None:
+    """Compose the app's config with the command's overrides and check what its entry point checks
+    before the first point (attention) or before anything is built (serving), as on a GPU machine."""
+    from hydra import compose, initialize_config_dir
+    overrides = _first_of_each_sweep([a for a in args if a not in ("-m", "--multirun")])
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(HYDRA_APPS[app], overrides=overrides, return_hydra_config=True)
+    if app == "experiments.attention":
+        from experiments.harness import sweep
+        from experiments.harness.points import expand_points
+        models = dict(cfg.models)
+        models[cfg.model.name] = cfg.model
+        assert expand_points(cfg.sweep, models)
+        sweep._run_settings({**{k: v for k, v in cfg.items() if k != "hydra"}, "device": "cpu"})
+        sweep.backends_by_name(list(cfg.backend.names))
+    else:
+        from unittest import mock
+
+        from baselines.registry import get_backend
+        from experiments.serving import experiment
+        with mock.patch("torch.cuda.is_available", lambda: True):    # "GPU:" commands: checked as on a GPU
+            experiment.check_config(cfg)
+        experiment.model_config(cfg)
+        experiment.scheduler_config(cfg)
+        experiment.workload_config(cfg, 1000)
+        for name in experiment.backend_names(cfg):
+            get_backend(name)
+
+
+def test_every_readme_command_parses_as_written():
+    """Each README command's arguments go through the program's own parser: `-m` Hydra apps compose
+    their config (a multirun's first job) and pass the checks their entry point makes before running;
+    other `-m` modules' parse_args take the arguments; `make` commands dry-run (`make -n`); a pip extra
+    exists in pyproject.toml. (`serving.paper --only fig12_yi_6b num_requests=128` was refused:
+    invalid choice.)"""
+    import importlib
+    import shlex
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    checked, failed = set(), []
+    for command in readme_commands():
+        words = shlex.split(command)
+        words = words[words.index(_program(command)):]
+        name = words[0].split("/")[-1]
+        for alt in _alternatives(words):
+            try:
+                if name == "make":
+                    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+                    p = subprocess.run(["make", "-n", "-o", ".venv/.installed", *alt[1:]], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, timeout=60)
+                    assert p.returncode == 0, p.stderr
+                elif name == "pip":
+                    for extra in re.findall(r"\.\[([\w,-]+)\]", " ".join(alt)):
+                        assert set(extra.split(",")) <= set(extras), f"no extra {extra}"
+                elif name.startswith("python") and alt[1] == "-m":
+                    module, args = alt[2], alt[3:]
+                    if module in HYDRA_APPS:
+                        _dry_run_hydra(module, args)
+                    elif module not in RESOLVED_ONLY:
+                        importlib.import_module(module).parse_args(args)
+                    checked.add(module)
+            except (Exception, SystemExit) as e:   # noqa: BLE001 - every failure is reported
+                failed.append(f"{' '.join(alt)}: {type(e).__name__}: {e}")
+    assert not failed, "README commands that do not run as written:\n" + "\n".join(failed)
+    assert {"experiments.attention", "experiments.serving", "experiments.serving.paper", "experiments.reproduce",
+            "analysis.figures", "analysis.serving_figures", "experiments.gpu_checks"} <= checked, checked
+
+
+# -- Ctrl-C while a command starts (its imports take seconds) ----------------------------------------
+INTERRUPT_AT_IMPORT = """
+import runpy, sys
+module, heavy = sys.argv[1], sys.argv[2]
+class CtrlC:                                   # the user hits Ctrl-C while `heavy` is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == heavy:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module, heavy, args", [
+    ("experiments.reproduce", "torch", ["--no-wandb"]),
+    ("experiments.attention", "hydra", []),
+    ("experiments.serving", "hydra", []),
+    ("experiments.serving", "torch", []),
+    ("experiments.serving.paper", "torch", ["--plan"]),
+])
+def test_ctrl_c_during_start_up_imports_ends_in_one_line(module, heavy, args):
+    p = subprocess.run([sys.executable, "-c", INTERRUPT_AT_IMPORT, module, heavy, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    name = module.split(".")[-1] if module != "experiments.serving.paper" else "serving"
+    assert p.returncode == 130, p.stdout + p.stderr
+    assert p.stderr.strip().splitlines() == [f"[{name}] interrupted (Ctrl-C)"], p.stderr
