@@ -109,11 +109,9 @@ def test_torch_from_the_default_index_otherwise(stub_pip, local_index, answer):
 def test_make_installs_torch_through_the_script_and_readme_says_which():
     """On a machine without a GPU, the venv recipe installs torch with the script, before the project;
     the README's top names the same torch version."""
-    if shutil.which("nvidia-smi"):
-        pytest.skip("the GPU branch keeps the system's torch")
     venv = "/nonexistent/pod-venv"
-    p = subprocess.run(["make", "-n", f"VENV={venv}", "venv"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run(["make", "-n", f"VENV={venv}", "HAS_GPU=", "venv"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     version = _makefile_var("TORCH_VERSION")
@@ -123,6 +121,56 @@ def test_make_installs_torch_through_the_script_and_readme_says_which():
     assert project and install[0] < project[0]
     assert not any(re.search(r"pip install\b.*\btorch==", line) for line in lines), p.stdout
     assert f"torch=={version}" in (ROOT / "README.md").read_text()
+
+
+# -- the GPU set-up: the flashinfer extra, said up front, optional ---------------------------------------
+@pytest.fixture
+def gpu_setup(tmp_path):
+    """The Makefile's venv recipe with the GPU branch forced (HAS_GPU=1) and a stub `python3`: its
+    `-m venv` makes a venv whose python logs each pip call and fails the flashinfer one when
+    $STUB_OFFLINE is set (no network)."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    log = tmp_path / "calls"
+    venv_python = f'#!/bin/sh\necho "$@" >> "{log}"\ncase "$*" in *flashinfer*) [ -n "$STUB_OFFLINE" ] && exit 1;; esac\nexit 0\n'
+    stub = _executable(tmp_path / "bin" / "python3", (
+        '#!/bin/sh\n'                                       # python3 -m venv [--system-site-packages] DIR
+        f'echo "python3 $*" >> "{log}"\n'
+        'for a; do dir=$a; done\n'
+        'mkdir -p "$dir/bin"\n'
+        f"cat > \"$dir/bin/python\" <<'EOF'\n{venv_python}EOF\n"
+        'chmod +x "$dir/bin/python"\n'))
+
+    def make(offline: bool) -> tuple[subprocess.CompletedProcess, list[str]]:
+        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+        env.update(STUB_OFFLINE="1" if offline else "")
+        p = subprocess.run(["make", "HAS_GPU=1", f"PYTHON={stub}", "VENV=v", "venv"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+        calls = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        shutil.rmtree(tmp_path / "v", ignore_errors=True)
+        return p, calls
+    return make
+
+
+@needs_make
+@pytest.mark.parametrize("offline", [False, True])
+def test_make_on_a_gpu_machine_installs_the_flashinfer_extra(gpu_setup, offline):
+    """`make test`/`make reproduce` on a GPU machine installed `.[dev]` only: every FlashInfer baseline a
+    skipped row. The GPU branch keeps the system's torch, installs the flashinfer extra, says first that
+    FlashInfer JIT-builds for minutes on first use, and without a network says which extra to install
+    later and finishes the set-up."""
+    p, calls = gpu_setup(offline)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert calls[0].startswith("python3 -m venv --system-site-packages")
+    installs = [c for c in calls[1:] if c.startswith("-m pip install")]
+    assert any("'.[dev,flashinfer]'" in c or ".[dev,flashinfer]" in c for c in installs), calls
+    assert not any("torch" in c for c in installs)          # the system's CUDA torch stays
+    out = p.stdout
+    jit = out.index("FlashInfer JIT-compiles its kernels")
+    assert jit < out.index("-m pip install") and "minutes" in out[jit:jit + 200]
+    said = [line for line in out.splitlines() if line.startswith("FlashInfer not installed (no network?)")]
+    assert bool(said) == offline and (not offline or "v/bin/pip install -e '.[flashinfer]'" in said[0])
 
 
 # -- .ci/run: "no tests collected" is a failure -----------------------------------------------------
