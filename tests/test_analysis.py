@@ -287,11 +287,15 @@ def test_markdown_table():
 
 
 # -- the notebook ------------------------------------------------------------------------------------
-def _run_notebook(monkeypatch, results: Path, figures: Path):
+def _run_notebook(monkeypatch, results: Path | str, figures: Path | None):
+    """Execute the notebook as `jupyter execute` does (the kernel in notebooks/); figures=None: POD_FIGURES unset."""
     import nbclient
     import nbformat
     monkeypatch.setenv("POD_RESULTS", str(results))
-    monkeypatch.setenv("POD_FIGURES", str(figures))
+    if figures is None:
+        monkeypatch.delenv("POD_FIGURES", raising=False)
+    else:
+        monkeypatch.setenv("POD_FIGURES", str(figures))
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
     # kernel "python3" resolves to this interpreter (jupyter_client swaps `python` for sys.executable)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
@@ -316,6 +320,27 @@ def test_notebook_runs_on_results_and_on_none(built, tmp_path, monkeypatch):
 
     _, text = _run_notebook(monkeypatch, tmp_path / "no_results", tmp_path / "nbfigs2")
     assert "No results yet" in text and not (tmp_path / "nbfigs2").exists()
+
+
+def test_notebook_paths_are_the_repositorys_and_committed_figures_stay_as_they_are(built, monkeypatch):
+    """`POD_RESULTS=<relative folder> jupyter execute notebooks/analysis.ipynb` found nothing (the path
+    resolved from notebooks/) and, by default, rewrote the committed results/figures/: now a relative
+    path is the repository's, and without POD_FIGURES the figures go to outputs/notebook/ (git-ignored)."""
+    import os
+    import shutil
+    committed = ROOT / "results" / "figures"
+    before = {p: p.stat().st_mtime_ns for p in committed.rglob("*")}
+    scratch = ROOT / "outputs" / "notebook"
+    existed = scratch.exists()
+    try:
+        relative = os.path.relpath(built[0] / "results", ROOT)
+        outputs, text = _run_notebook(monkeypatch, relative, None)
+        assert "43 attention rows" in text and f"figures -> {scratch / 'figures'}" in text
+        assert _nonempty(scratch / "figures" / "roofline.png")
+        assert {p: p.stat().st_mtime_ns for p in committed.rglob("*")} == before
+    finally:
+        if not existed:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # -- experiments/reproduce.py ------------------------------------------------------------------------

@@ -424,6 +424,9 @@ def test_every_readme_command_parses_as_written():
                 elif name == "pip":
                     for extra in re.findall(r"\.\[([\w,-]+)\]", " ".join(alt)):
                         assert set(extra.split(",")) <= set(extras), f"no extra {extra}"
+                elif name == "jupyter":
+                    assert alt[1] in ("execute", "lab") and all((ROOT / a).is_file() for a in alt[2:]), alt
+                    checked.add("jupyter")
                 elif name.startswith("python") and alt[1] == "-m":
                     module, args = alt[2], alt[3:]
                     if module in HYDRA_APPS:
@@ -435,7 +438,7 @@ def test_every_readme_command_parses_as_written():
                 failed.append(f"{' '.join(alt)}: {type(e).__name__}: {e}")
     assert not failed, "README commands that do not run as written:\n" + "\n".join(failed)
     assert {"experiments.attention", "experiments.serving", "experiments.serving.paper", "experiments.reproduce",
-            "analysis.figures", "analysis.serving_figures", "experiments.gpu_checks"} <= checked, checked
+            "analysis.figures", "analysis.serving_figures", "experiments.gpu_checks", "jupyter"} <= checked, checked
 
 
 # -- Ctrl-C while a command starts (its imports take seconds) ----------------------------------------
