@@ -31,6 +31,7 @@ from dataclasses import replace
 
 import torch
 
+from experiments.cli import command
 from pod.batch import BatchSpec, make_batch
 from pod.dispatch import RESIDENT_CTAS_PER_SM, PodConfig, max_ctas_per_sm
 from pod.kernels.configs import POD_CONFIGS, POD_RESOURCE_CANDIDATES
@@ -46,7 +47,7 @@ CANDIDATES = {name: POD_CONFIGS[name] for name in POD_RESOURCE_CANDIDATES}
 
 def _cuda():
     if not torch.cuda.is_available():
-        raise SystemExit("GPU only: this check needs a CUDA GPU (without one: python -m experiments.gpu_checks offline)")
+        raise SystemExit(f"GPU only: this check needs a CUDA GPU (without one: {command('experiments.gpu_checks offline')})")
     return torch.device("cuda")
 
 

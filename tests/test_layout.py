@@ -173,3 +173,22 @@ def test_a_model_name_means_one_shape_across_conf():
         first = shapes.setdefault(cfg["name"], (heads, path))
         assert first[0] == heads, (f"{path.relative_to(REPO)} and {first[1].relative_to(REPO)} are both "
                                    f"called {cfg['name']!r}: heads {heads} vs {first[0]}")
+
+
+def test_hints_name_the_interpreter_that_has_the_packages():
+    """A message of experiments/ that tells the user what to run names the running interpreter
+    (experiments.cli.command: `.venv/bin/python -m ...` after `make`), not a bare `python -m` / `pip
+    install` from PATH that may lack the project's packages. Docstrings and comments may say `python -m`."""
+    offenders = []
+    for path in (REPO / "experiments").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docs |= {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call)   # command("pip install x")
+                 and getattr(n.func, "id", getattr(n.func, "attr", None)) == "command" for a in n.args}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                    and re.search(r"(?<![/\w])(python3?|pip) (-m |install)", node.value)):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:80]!r}")
+    assert not offenders, "\n".join(offenders)

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from experiments.cli import command
+
 
 class WandbLogger:
     """Logs the run config, each row's metrics and the final table to W&B; a no-op when disabled.
@@ -33,7 +35,7 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            warnings.warn("wandb is not installed: W&B logging is off (pip install wandb)", stacklevel=2)
+            warnings.warn(f"wandb is not installed: W&B logging is off ({command('pip install wandb')})", stacklevel=2)
             return
         os.environ.setdefault("WANDB_MODE", mode)
         if quiet:                        # W&B's banner and sync hints would bury the harness's summary
@@ -80,7 +82,7 @@ def log_files(written: Mapping[str, Iterable[Path]], name: str, config: dict, mo
     try:
         import wandb
     except ImportError:
-        warnings.warn("wandb is not installed: figures are not logged to W&B (pip install wandb)",
+        warnings.warn(f"wandb is not installed: figures are not logged to W&B ({command('pip install wandb')})",
                       stacklevel=2)
         return None
     os.environ.setdefault("WANDB_MODE", mode)
