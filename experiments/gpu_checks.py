@@ -14,9 +14,10 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
                                            #     ragged batches (4 models, bf16/fp16, contiguous and pages
                                            #     of 16/64/256, NaN in stale page slots, NaN-poisoned
                                            #     outputs, 2 seeds): vs the fp32 reference, LSE, repeat
-    timeout 120 python -m experiments.gpu_checks pod_sm90  # (f) the Hopper POD kernel (pod/kernels/pod_sm90.py,
-                                           #     never run on a GPU before: run it under `timeout`) on
-                                           #     hybrid batches, same checks as (e) for both parts
+    timeout 120 python -m experiments.gpu_checks pod_sm90  # (f) the Hopper POD kernel (pod/kernels/pod_sm90.py;
+                                           #     under `timeout`: a wrong barrier phase hangs, not fails;
+                                           #     docs/hopper_pod.md) on hybrid batches, same checks as (e)
+                                           #     for both parts
 
 Timing (and the output check that comes with it) is the harness's: the fused kernel's configurations
 on the orientation and small points are `python -m experiments.attention -m sweep=pod_configs

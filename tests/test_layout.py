@@ -192,3 +192,22 @@ def test_hints_name_the_interpreter_that_has_the_packages():
                     and re.search(r"(?<![/\w])(python3?|pip) (-m |install)", node.value)):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:80]!r}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_code_and_configs_speak_of_the_code():
+    """No tracker references ("issue <number> item <n>") in Python files or sweep configs (a reader has the
+    code, not the tracker), and
+    no words of how the work was scheduled ("lent", "second reader", "next session") in the README,
+    docs/ or scripts/."""
+    offenders = []
+    code = [p for pkg in (*PACKAGES, "tests") for p in (REPO / pkg).rglob("*.py")]
+    for path in code + sorted((REPO / "conf" / "sweep").glob("*.yaml")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bissue \d+", line, re.I):
+                offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    prose = [REPO / "README.md", REPO / "Makefile", *(REPO / "docs").glob("*.md"), *(REPO / "scripts").iterdir()]
+    for path in prose:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\blent\b|second reader|next session", line, re.I):
+                offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -120,9 +120,9 @@ def test_auto_keeps_the_portable_tile_off_hopper_and_for_tiny_prefills(monkeypat
 
 
 def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
-    """pod/kernels/pod_sm90.py (not yet run on a GPU): one CTA an SM with four partitions. It must keep
-    wgmma for prefill, mma.sync for decode, TMA for both, per-partition registers and (almost) no spills,
-    within an SM's shared memory."""
+    """pod/kernels/pod_sm90.py (its GPU check: experiments.gpu_checks pod_sm90): one CTA an SM with four
+    partitions. It must keep wgmma for prefill, mma.sync for decode, TMA for both, per-partition registers
+    and (almost) no spills, within an SM's shared memory."""
     import json
     import os
     import subprocess

@@ -1,4 +1,4 @@
-"""The paper's serving experiments (issue 13 item 4), each one command, all of them resumable.
+"""The paper's serving experiments (its Fig. 12 and the online arXiv runs), each one command, all resumable.
 
     python -m experiments.serving.paper                       # every experiment below, in order
     python -m experiments.serving.paper --only fig12_llama3_8b arxiv_online_llama3_8b
@@ -22,11 +22,8 @@ make reproduce puts the GPU's figures (results/figures/h200/ for results/h200/).
 
 `run_paper_serving(results_dir)` is what `make reproduce` calls on a GPU.
 
-GPU time (H200, estimates before any run, 8 of 32 layers; iterations ~ N x P / (chunk - C) + D for
-N requests of P prompt and D output tokens with C decoding at once): ~60 s per backend for
-fig12_yi_6b (128 requests, chunk 512), ~40 s for fig12_llama3_8b (128), ~20 s for fig12_llama2_7b (64),
-~15-20 s per backend for the capacity and each online rate (128), ~4x fig12_llama2_7b for the
-all-layers check: ~12 minutes for all, plus JIT warm-ups. Time grows linearly with num_requests.
+GPU time grows linearly with num_requests and with the iterations `--plan` counts for each schedule
+(the README's serving section turns them into minutes).
 """
 from __future__ import annotations
 
