@@ -48,7 +48,8 @@ CANDIDATES = {name: POD_CONFIGS[name] for name in POD_RESOURCE_CANDIDATES}
 
 def _cuda():
     if not torch.cuda.is_available():
-        raise SystemExit(f"GPU only: this check needs a CUDA GPU (without one: {command('experiments.gpu_checks offline')})")
+        offline = command("experiments.gpu_checks offline")
+        raise SystemExit(f"GPU only: this check needs a CUDA GPU (without one: {offline})")
     return torch.device("cuda")
 
 

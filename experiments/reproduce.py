@@ -228,7 +228,7 @@ def main_gpu(args, plan: Plan) -> list[str]:
         rows = run_sweeps(runs, args.backend, results_dir, args, slug)
         done.append(f"measured sweeps {', '.join(f'{s} ({n} rows)' for s, n in rows.items())} on "
                     f"{slug} -> {results_dir}/")
-        if args.sweeps is None and plan.serving:   # the full run: the paper's serving experiments -> results/<gpu>/serving/
+        if args.sweeps is None and plan.serving:   # the full run: the paper's serving experiments too
             from experiments.serving.paper import run_paper_serving
             done += run_paper_serving(results_dir, fresh=args.fresh, figures=False)
     written = rebuild_figures(results_dir, figures)
@@ -279,10 +279,10 @@ def main(argv=None) -> int:
     gpu = has_gpu()                      # imports torch: a Ctrl-C here is said by experiments.cli.run
     if not gpu:
         if args.sweeps is not None and args.sweeps != [plan.cpu_sweep]:
+            one = cli.command(f"experiments.attention sweep=<name> backend={plan.cpu_backend}")
             print(f"[reproduce] refused: --sweeps {' '.join(args.sweeps)} picks GPU sweeps and there is no "
                   f"CUDA GPU here; without one `make reproduce` runs the {plan.cpu_sweep} sweep (no --sweeps); "
-                  f"one sweep on this CPU: {cli.command(f'experiments.attention sweep=<name> backend={plan.cpu_backend}')}",
-                  file=sys.stderr)
+                  f"one sweep on this CPU: {one}", file=sys.stderr)
             return 2
         # Kernels run in the Triton interpreter: set before anything imports triton.
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -169,6 +169,7 @@ def test_hydra_override_rejected_before_anything_runs(override, field, tmp_path)
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 2, out
-    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("[harness] refused: sweep=single: BatchSpec."), out[-3000:]
+    assert len(p.stderr.strip().splitlines()) == 1, out[-3000:]
+    assert p.stderr.startswith("[harness] refused: sweep=single: BatchSpec."), out[-3000:]
     assert f"BatchSpec.{field}=" in out and "Traceback" not in out, out[-3000:]
     assert not list((tmp_path / "results").rglob("*.csv")), "a row was written for an invalid point"

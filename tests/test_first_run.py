@@ -132,7 +132,8 @@ def gpu_setup(tmp_path):
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(ROOT / name, tmp_path / name)
     log = tmp_path / "calls"
-    venv_python = f'#!/bin/sh\necho "$@" >> "{log}"\ncase "$*" in *flashinfer*) [ -n "$STUB_OFFLINE" ] && exit 1;; esac\nexit 0\n'
+    venv_python = (f'#!/bin/sh\necho "$@" >> "{log}"\n'
+                   'case "$*" in *flashinfer*) [ -n "$STUB_OFFLINE" ] && exit 1;; esac\nexit 0\n')
     stub = _executable(tmp_path / "bin" / "python3", (
         '#!/bin/sh\n'                                       # python3 -m venv [--system-site-packages] DIR
         f'echo "python3 $*" >> "{log}"\n'

@@ -167,7 +167,8 @@ def test_a_model_name_means_one_shape_across_conf():
     but one name means one set of heads: two different models were both called `tiny`."""
     import yaml
     shapes = {}
-    for path in sorted((REPO / "conf" / "model").glob("*.yaml")) + sorted((REPO / "conf" / "serving" / "model").glob("*.yaml")):
+    for path in [*sorted((REPO / "conf" / "model").glob("*.yaml")),
+                 *sorted((REPO / "conf" / "serving" / "model").glob("*.yaml"))]:
         cfg = yaml.safe_load(path.read_text())
         heads = (cfg["num_q_heads"], cfg["num_kv_heads"], cfg["head_dim"])
         first = shapes.setdefault(cfg["name"], (heads, path))

@@ -129,9 +129,9 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     of this run's results file (earlier runs' rows included).
 
     Refuses before the first point (UnknownBackend, SweepRefused, OSError): an invalid value, an
-    unknown backend name, a GPU sweep (`gpu_only`) or a GPU-sized point on a CPU, an unwritable results file. Raises SweepInterrupted on Ctrl-C and
-    CudaContextLost after a backend breaks the CUDA context (its error row is written first); in both
-    cases a restart resumes.
+    unknown backend name, a GPU sweep (`gpu_only`) or a GPU-sized point on a CPU, an unwritable results
+    file. Raises SweepInterrupted on Ctrl-C and CudaContextLost after a backend breaks the CUDA context
+    (its error row is written first); in both cases a restart resumes.
     """
     full_cfg = to_container(cfg)
     c = dict(full_cfg)
