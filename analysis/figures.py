@@ -41,8 +41,8 @@ from analysis.speedup import (POD_BASELINE, attention_speedups, kernel_rows, ker
 # Measured on our H100 SXM (bf16 dense matmul, large square GEMM; device-to-device copy), used when
 # the results carry no `ceilings` table of their own.
 DEFAULT_CEILINGS = {"tflops": 800.0, "gbps": 3000.0, "source": "H100 measured defaults"}
-# Other GPUs' measured defaults, by the provenance `gpu` name (issue 13: H200 bf16 matmul 701 TFLOP/s,
-# copy 4272 GB/s).
+# Other GPUs' measured defaults, by the provenance `gpu` name (the H200's: `python -m experiments.ceilings`
+# on an H200; no results/h200/ceilings.csv is committed yet, which would take precedence).
 GPU_CEILINGS = {"NVIDIA H200": {"tflops": 701.0, "gbps": 4272.0, "source": "H200 measured defaults"}}
 # Sweeps whose points are pure prefill / pure decode kernel benchmarks: reported as TFLOP/s and GB/s
 # tables, not as hybrid-batch speed-ups.
@@ -556,8 +556,12 @@ def cli_args(doc: str, argv, rows: str = "result tables") -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return cli_args(__doc__, argv)
+
+
 def main(argv=None) -> int:
-    args = cli_args(__doc__, argv)
+    args = parse_args(argv)
     written = build_all(args.results, args.out)
     if not written:
         print(f"No result tables under {args.results!r}: nothing to plot. "

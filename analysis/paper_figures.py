@@ -1,4 +1,5 @@
-"""The paper's evaluation figures (issue 13 items 2, 3, 5) and the rules that make a figure trustworthy.
+"""The paper's evaluation figures (its Fig. 11 grid, per-chunk time, role policy, CTAs per SM, and our Hopper
+prefill per KV layout) and the rules that make a figure trustworthy.
 
 Figures (PNG + PDF), each drawn only when its sweep's rows exist (so a results folder without them, e.g.
 the committed H100 one, gets nothing new):

@@ -219,8 +219,12 @@ def build_serving_figures(results: str | Path, out: str | Path) -> dict[str, lis
     return {k: v for k, v in written.items() if v}
 
 
+def parse_args(argv=None):
+    return cli_args(__doc__, argv, "serving rows")
+
+
 def main(argv=None) -> int:
-    args = cli_args(__doc__, argv, "serving rows")
+    args = parse_args(argv)
     written = build_serving_figures(args.results, args.out)
     if not written:
         print(f"No GPU-timed ok serving rows under {args.results!r}: nothing to plot.")

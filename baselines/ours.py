@@ -27,7 +27,7 @@ from pod.prefill import plan_chunked_prefill
 from pod.reference import reference
 
 INTERPRETER_HINT = ("runs on a CUDA GPU; on a CPU run it in Triton's interpreter: set TRITON_INTERPRET=1 "
-                    "(`make test` and `python -m experiments.attention sweep=smoke backend=cpu` do)")
+                    "(`make test` and `make reproduce` do)")
 
 
 def triton_available() -> str | None:

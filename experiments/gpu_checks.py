@@ -27,11 +27,13 @@ Only the sm_90 compile report (`pod.api.sm90_report`, no GPU needed) runs in the
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import replace
 
 import torch
 
+from experiments.cli import command
 from pod.batch import BatchSpec, make_batch
 from pod.dispatch import RESIDENT_CTAS_PER_SM, PodConfig, max_ctas_per_sm
 from pod.kernels.configs import POD_CONFIGS, POD_RESOURCE_CANDIDATES
@@ -47,7 +49,8 @@ CANDIDATES = {name: POD_CONFIGS[name] for name in POD_RESOURCE_CANDIDATES}
 
 def _cuda():
     if not torch.cuda.is_available():
-        raise SystemExit("GPU only: this check needs a CUDA GPU (without one: python -m experiments.gpu_checks offline)")
+        offline = command("experiments.gpu_checks offline")
+        raise SystemExit(f"GPU only: this check needs a CUDA GPU (without one: {offline})")
     return torch.device("cuda")
 
 
@@ -300,8 +303,24 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     return rows
 
 
+COMMANDS = ("repeat", "sanitize", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90")
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    """(check, its arguments): the first word (default repeat), one of COMMANDS; anything else exits 2
+    with one line naming the checks."""
+    cmd, rest = (argv[0], list(argv[1:])) if argv else ("repeat", [])
+    shard_ok = cmd == "pod_sm90" and len(rest) == 1 and re.fullmatch(r"\d+/[1-9]\d*", rest[0]) \
+        and int(rest[0].split("/")[0]) < int(rest[0].split("/")[1])
+    if cmd not in COMMANDS or (rest and not shard_ok and (rest != ["contig"] or cmd != "offline")):
+        print(f"gpu_checks: {' '.join(argv)!r} is not a check; one of {', '.join(COMMANDS)} "
+              f"(offline takes `contig`, pod_sm90 a shard `i/n`)", file=sys.stderr)
+        raise SystemExit(2)
+    return cmd, rest
+
+
 def main(argv: list[str]) -> int:
-    cmd = argv[0] if argv else "repeat"
+    cmd, rest = parse_args(argv)
     if cmd == "repeat":
         rep = check_repeatable()
         print(json.dumps(rep, indent=1))
@@ -314,22 +333,19 @@ def main(argv: list[str]) -> int:
         print(json.dumps(rep, indent=1))
         return 0 if all(r["max_ctas_per_sm"] >= RESIDENT_CTAS_PER_SM for r in rep.values()) else 1
     if cmd == "offline":
-        page_size = None if argv[1:2] == ["contig"] else 16
+        page_size = None if rest == ["contig"] else 16
         for name, rep in offline_resources(page_size=page_size).items():
             print(json.dumps(dict(config=name, **rep)))
         return 0
     if cmd == "schedule":
         print(json.dumps(schedule_stats(), indent=1))
         return 0
-    if cmd in ("prefill_sm90", "pod_sm90"):
-        shard = tuple(int(x) for x in argv[1].split("/")) if len(argv) > 1 else (0, 1)
-        rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90(shard=shard)
-        bad = [r for r in rows if not r["ok"]]
-        ran = sum("skipped" not in r for r in rows)
-        print(f"{cmd}: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
-        return 1 if bad else 0
-    print(__doc__)
-    return 2
+    shard = tuple(int(x) for x in rest[0].split("/")) if rest else (0, 1)
+    rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90(shard=shard)   # the two left
+    bad = [r for r in rows if not r["ok"]]
+    ran = sum("skipped" not in r for r in rows)
+    print(f"{cmd}: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -3,37 +3,38 @@
     python -m experiments.reproduce [--sweeps paper balance kernels paper_grid ...] [--fresh] [--figures-only]
                                     [--no-wandb] [--wandb-mode offline|online]
 
-On a GPU (torch.cuda.is_available()): every run of GPU_RUNS, in order - the sweeps `paper`, `balance`,
-`kernels`, the paper grid's seeded sample (`paper_grid`), the per-chunk sweep with `backend=all`, and the
-knob sweeps `policy` and `ctas_per_sm` with the `pod` backend once per named pod_config (each config to its
-own file, results/<gpu>/<sweep>/<gpu>.<config>.csv, since both write the same (point, backend) pairs) -
-composed from conf/attention.yaml and run by experiments.harness.sweep.run_sweep, rows appended to
+What runs comes from conf/reproduce.yaml. On a GPU (torch.cuda.is_available()): its `gpu.runs`, in
+order (each composed from conf/attention.yaml and run by experiments.harness.sweep.run_sweep; a knob
+run with a `pod_config` writes its own file, results/<gpu>/<sweep>/<gpu>.<config>.csv), rows appended to
 results/<gpu>/<sweep>/<gpu>.csv (rows already there are kept and not re-measured unless --fresh: a cut
-run resumes), then every figure and table rebuilt from results/<gpu>/ into results/figures/ for the H100
-the committed figures come from, results/figures/<gpu>/ for any other GPU (FIGURE_SETS).
-Without a GPU: the smoke sweep (`sweep=smoke backend=cpu`) in the Triton interpreter into
-results/smoke/cpu.csv (git-ignored; always re-measured), its tables into results/smoke/figures/, then the
-figures rebuilt from each committed GPU's results (results/h100/ -> results/figures/, results/h200/ ->
+run resumes), then the paper's serving experiments, then every figure and table rebuilt from
+results/<gpu>/ into the folder `figures` names for it (results/figures/ for the H100, else
+results/figures/<gpu>/).
+Without a GPU: the `cpu.sweep` (smoke) in the Triton interpreter into results/smoke/cpu.csv
+(git-ignored; always re-measured), its tables into results/smoke/figures/, then the figures rebuilt from
+each committed GPU's results (`figures`: results/h100/ -> results/figures/, results/h200/ ->
 results/figures/h200/), where there are any.
 W&B (offline unless WANDB_MODE says otherwise; --no-wandb: off): the harness logs each sweep's config
-and rows; this script logs the figures and summary tables. wandb missing -> a warning, nothing else.
+and rows; this script logs the figures and summary tables, quietly (one line says where the run went).
+wandb missing -> a warning, nothing else.
+An argument it cannot act on, a sweep refused by the harness and Ctrl-C (at start-up, in a sweep, while
+figures are drawn) each end in one line.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from experiments import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 CONFIG_NAME = "attention"
-SMOKE_SWEEP = "smoke"
+PLAN_FILE = CONF_DIR / "reproduce.yaml"   # which sweeps run, in order, and where figures go
 COMMITTED_GPU = "h100"   # the figures in results/figures/ itself come from this GPU's results
-# Committed results folder -> the folder (under the results root) its figures go to.
-FIGURE_SETS = {"h100": "figures", "h200": "figures/h200"}
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,37 @@ class Run:
     pod_config: str | None = None
 
 
-GPU_RUNS = (
-    Run("paper"), Run("balance"), Run("kernels"),
-    Run("paper_grid"),                          # the seeded stratified sample; the full grid: README
-    Run("per_chunk"),
-    Run("policy", "pod", "policy_5050"), Run("policy", "pod", "policy_proportional"),
-    Run("ctas_per_sm", "pod", "ctas_2"), Run("ctas_per_sm", "pod", "ctas_4"),
-)
-PAPER_SWEEPS = tuple(dict.fromkeys(r.sweep for r in GPU_RUNS))
+@dataclass(frozen=True)
+class Plan:
+    """conf/reproduce.yaml: the GPU runs (and whether the serving experiments follow), the CPU's smoke
+    sweep, and which committed results folder rebuilds into which figures folder."""
+    gpu_runs: tuple[Run, ...]
+    serving: bool
+    cpu_sweep: str
+    cpu_backend: str
+    figure_sets: dict[str, str]
+
+    @property
+    def gpu_sweeps(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.sweep for r in self.gpu_runs))
 
 
-def figures_dir(results_root: Path, gpu: str) -> Path:
-    return results_root / FIGURE_SETS.get(gpu, f"figures/{gpu}")
+def load_plan(path: Path | None = None) -> Plan:
+    """conf/reproduce.yaml (or `path`) as a Plan."""
+    from omegaconf import OmegaConf
+    c = OmegaConf.to_container(OmegaConf.load(path or PLAN_FILE), resolve=True)
+    runs = tuple(Run(**r) for r in c["gpu"]["runs"])
+    return Plan(runs, bool(c["gpu"].get("serving", True)), str(c["cpu"]["sweep"]), str(c["cpu"]["backend"]),
+                {str(k): str(v) for k, v in c["figures"].items()})
+
+
+class ReproduceRefused(ValueError):
+    """An argument `make reproduce` cannot act on (said in one line before anything runs)."""
+
+
+def figures_dir(results_root: Path, gpu: str, plan: Plan | None = None) -> Path:
+    sets = (plan or load_plan()).figure_sets
+    return results_root / sets.get(gpu, f"figures/{gpu}")
 
 
 def has_gpu() -> bool:
@@ -123,11 +143,22 @@ def clear_sweeps(results_dir: Path, sweeps, device: str, why: str = "re-measured
     return files
 
 
+class FiguresInterrupted(KeyboardInterrupt):
+    """Ctrl-C while figures were drawn into `out`: some may be half-written; a rerun rebuilds them all."""
+
+    def __init__(self, out: Path):
+        super().__init__(str(out))
+        self.out = out
+
+
 def rebuild_figures(results_dir: Path, out: Path) -> dict[str, list[Path]]:
     from analysis.figures import build_all
     from analysis.serving_figures import build_serving_figures   # the paper's serving figures (experiments/serving/paper.py)
-    written = build_all(results_dir, out)
-    written.update(build_serving_figures(results_dir, out))
+    try:
+        written = build_all(results_dir, out)
+        written.update(build_serving_figures(results_dir, out))
+    except KeyboardInterrupt:
+        raise FiguresInterrupted(out) from None
     n = sum(len(v) for v in written.values())
     if written:
         print(f"[reproduce] {n} figure/table files from {results_dir}/ -> {out}/ "
@@ -137,34 +168,21 @@ def rebuild_figures(results_dir: Path, out: Path) -> dict[str, list[Path]]:
 
 def log_to_wandb(written: dict[str, list[Path]], name: str, config: dict, mode: str,
                  project: str = "pod-attention") -> None:
-    """Figures (PNG) and summary tables of one reproduce run to W&B; never fails the run."""
-    try:
-        import wandb
-    except ImportError:
-        warnings.warn("wandb is not installed: figures are not logged to W&B (pip install wandb)",
-                      stacklevel=2)
-        return
-    os.environ.setdefault("WANDB_MODE", mode)
-    try:
-        import pandas as pd
-        run = wandb.init(project=project, name=name, job_type="figures", config=config, reinit=True)
-        for key, paths in written.items():
-            for p in paths:
-                if p.suffix == ".png":
-                    run.log({f"figures/{p.stem}": wandb.Image(str(p))})
-                elif p.suffix == ".csv" and key.startswith("table:"):
-                    df = pd.read_csv(p)
-                    run.log({f"tables/{p.stem}": wandb.Table(dataframe=df.astype(object).where(df.notna(), None))})
-        run.finish()
-    except Exception as e:  # a broken W&B setup must never cost the figures
-        warnings.warn(f"W&B logging of figures failed: {e}", stacklevel=2)
+    """Figures (PNG) and summary tables of one reproduce run to W&B, in one line of ours."""
+    from experiments.harness.wandb_log import log_files
+    folder = log_files(written, name, config, mode, project)
+    if folder is not None:
+        where = os.environ.get("WANDB_MODE", mode)
+        print(f"[reproduce] W&B ({where}): figures and tables of {name} -> {_shown(folder)}"
+              + (f" (upload: {_shown(Path(sys.executable).parent / 'wandb')} sync {_shown(folder)})"
+                 if where == "offline" else ""), flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweeps", nargs="+", default=None,
-                    help=f"GPU sweeps (default: {' '.join(PAPER_SWEEPS)}; the runs of GPU_RUNS of these "
-                         f"sweeps); CPU always runs '{SMOKE_SWEEP}'")
+                    help="GPU only: the sweeps to run (default: every run of conf/reproduce.yaml gpu.runs; "
+                         "a sweep of conf/sweep/ not listed there runs with backend all)")
     ap.add_argument("--backend", default=None,
                     help="backend list of conf/backend for every run (default GPU: each run's own, CPU: cpu)")
     ap.add_argument("--results-root", type=Path, default=ROOT / "results",
@@ -182,14 +200,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main_gpu(args) -> list[str]:
+def gpu_runs(plan: Plan, sweeps: list[str] | None) -> list[Run]:
+    """The plan's runs of `sweeps` (all when None), in the plan's order; a sweep of conf/sweep/ the plan
+    does not list runs once with backend all; a name conf/sweep/ lacks is refused."""
+    if sweeps is None:
+        return list(plan.gpu_runs)
+    known = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
+    missing = [s for s in sweeps if s not in known]
+    if missing:
+        raise ReproduceRefused(f"--sweeps {' '.join(missing)}: no such sweep in conf/sweep/; known: "
+                               f"{', '.join(known)}")
+    return ([r for r in plan.gpu_runs if r.sweep in sweeps]
+            + [Run(s) for s in dict.fromkeys(sweeps) if s not in plan.gpu_sweeps])
+
+
+def main_gpu(args, plan: Plan) -> list[str]:
     from experiments.harness.provenance import device_slug
     slug = device_slug("cuda")
-    sweeps = args.sweeps or list(PAPER_SWEEPS)
-    unknown = [s for s in sweeps if s not in PAPER_SWEEPS]
-    runs = [r for r in GPU_RUNS if r.sweep in sweeps] + [Run(s) for s in unknown]   # any other sweep: backend all
+    runs = gpu_runs(plan, args.sweeps)
+    sweeps = list(dict.fromkeys(r.sweep for r in runs))
     results_dir = args.out or args.results_root / slug
-    figures = args.figures or figures_dir(args.results_root, slug)
+    figures = args.figures or figures_dir(args.results_root, slug, plan)
     done = []
     if not args.figures_only:
         if args.fresh:
@@ -197,7 +228,7 @@ def main_gpu(args) -> list[str]:
         rows = run_sweeps(runs, args.backend, results_dir, args, slug)
         done.append(f"measured sweeps {', '.join(f'{s} ({n} rows)' for s, n in rows.items())} on "
                     f"{slug} -> {results_dir}/")
-        if args.sweeps is None:   # the default full run: the paper's serving experiments too -> results/<gpu>/serving/
+        if args.sweeps is None and plan.serving:   # the full run: the paper's serving experiments too
             from experiments.serving.paper import run_paper_serving
             done += run_paper_serving(results_dir, fresh=args.fresh, figures=False)
     written = rebuild_figures(results_dir, figures)
@@ -211,25 +242,23 @@ def main_gpu(args) -> list[str]:
     return done
 
 
-def main_cpu(args) -> list[str]:
-    # Kernels run in the Triton interpreter: set before anything imports triton.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+def main_cpu(args, plan: Plan) -> list[str]:
     # The harness writes <results_dir>/<sweep>/<device>.csv: results/smoke/cpu.csv here, as
     # `python -m experiments.attention` (whose default sweep is the smoke one) does.
-    smoke_dir = args.results_root / SMOKE_SWEEP
+    smoke = plan.cpu_sweep
+    smoke_dir = args.results_root / smoke
     done = []
     if not args.figures_only:
-        clear_sweeps(args.results_root, [SMOKE_SWEEP], "cpu",
-                     "smoke rows are scratch: every smoke run re-measures them")
-        rows = run_sweeps([SMOKE_SWEEP], args.backend or "cpu", args.results_root, args)
+        clear_sweeps(args.results_root, [smoke], "cpu", "smoke rows are scratch: every smoke run re-measures them")
+        rows = run_sweeps([smoke], args.backend or plan.cpu_backend, args.results_root, args)
         rebuild_figures(smoke_dir, smoke_dir / "figures")
-        done.append(f"no GPU: ran the smoke sweep in the Triton interpreter ({rows[SMOKE_SWEEP]} rows) -> "
+        done.append(f"no GPU: ran the {smoke} sweep in the Triton interpreter ({rows[smoke]} rows) -> "
                     f"{smoke_dir}/; its tables (status, errors; CPU timings are not meaningful, so no "
                     f"speed-ups) -> {smoke_dir / 'figures'}/")
-    for gpu in FIGURE_SETS:
+    for gpu in plan.figure_sets:
         committed = args.results_root / gpu
         figures = (args.figures if gpu == COMMITTED_GPU and args.figures
-                   else figures_dir(args.results_root, gpu))
+                   else figures_dir(args.results_root, gpu, plan))
         written = rebuild_figures(committed, figures)
         if written:
             done.append(f"rebuilt figures and tables from the committed {gpu.upper()} results "
@@ -243,12 +272,40 @@ def main_cpu(args) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """`make reproduce`. Its exit status: 0 done, 2 refused (one line says why), 130 Ctrl-C (one line says
+    what was kept and how to go on)."""
     args = parse_args(argv)
-    gpu = has_gpu()
-    done = main_gpu(args) if gpu else main_cpu(args)
+    plan = load_plan()
+    gpu = has_gpu()                      # imports torch: a Ctrl-C here is said by experiments.cli.run
+    if not gpu:
+        if args.sweeps is not None and args.sweeps != [plan.cpu_sweep]:
+            one = cli.command(f"experiments.attention sweep=<name> backend={plan.cpu_backend}")
+            print(f"[reproduce] refused: --sweeps {' '.join(args.sweeps)} picks GPU sweeps and there is no "
+                  f"CUDA GPU here; without one `make reproduce` runs the {plan.cpu_sweep} sweep (no --sweeps); "
+                  f"one sweep on this CPU: {one}", file=sys.stderr)
+            return 2
+        # Kernels run in the Triton interpreter: set before anything imports triton.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from baselines.registry import UnknownBackend
+    from experiments.harness.sweep import SweepInterrupted, SweepRefused
+    from experiments.serving.experiment import ServingRefused
+    try:
+        done = main_gpu(args, plan) if gpu else main_cpu(args, plan)
+    except (ReproduceRefused, SweepRefused, UnknownBackend, ServingRefused, OSError) as e:
+        print(f"[reproduce] refused: {e}", file=sys.stderr)
+        return 2
+    except SweepInterrupted as e:
+        print(f"[reproduce] interrupted: {e.rows_kept} new rows kept in {_shown(e.path)}; "
+              f"`make reproduce` goes on from there", file=sys.stderr)
+        return 130
+    except FiguresInterrupted as e:
+        print(f"[reproduce] interrupted while drawing figures into {_shown(e.out)} (some may be half-written); "
+              f"`make reproduce` (or {cli.command('experiments.reproduce --figures-only')}) rebuilds them",
+              file=sys.stderr)
+        return 130
     print("\n[reproduce] done:" + "".join(f"\n  - {line}" for line in done), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("reproduce", main))

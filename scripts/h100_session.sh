@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One call on the lent H100: set up the image's python with our carried wheels, then run the given stages.
+# A GPU run on a machine without a network (the H100 runs of docs/h100_notes.md): set up the image's python
+# with wheels carried in .whl/, then run the given stages.
 # Usage (repo root, on the GPU machine):  bash scripts/h100_session.sh STAGE [STAGE ...]
 #   env            GPU, driver, versions, which python packages the image has
 #   fi_warm_bg     start FlashInfer's JIT build + smoke check in the background (log: $OUT/fi_warm.log)
 #   fi_wait        wait for it
-#   fi_pack        pack the JIT cache into <=15 MB parts under $OUT (carry back as .fi_cache next time)
+#   fi_pack        pack the JIT cache into <=15 MB parts under $OUT (bring back as .fi_cache for a later run)
 #   ceilings       copy bandwidth and bf16 matmul rate -> .gpu_results/ceilings.csv
 #   sweep:NAME     python -m experiments.attention sweep=NAME backend=all into .gpu_results/ (resumes)
 #   collect        .gpu_results/ -> $OUT/gpu_results.tgz

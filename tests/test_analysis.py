@@ -287,11 +287,15 @@ def test_markdown_table():
 
 
 # -- the notebook ------------------------------------------------------------------------------------
-def _run_notebook(monkeypatch, results: Path, figures: Path):
+def _run_notebook(monkeypatch, results: Path | str, figures: Path | None):
+    """Execute the notebook as `jupyter execute` does (the kernel in notebooks/); figures=None: POD_FIGURES unset."""
     import nbclient
     import nbformat
     monkeypatch.setenv("POD_RESULTS", str(results))
-    monkeypatch.setenv("POD_FIGURES", str(figures))
+    if figures is None:
+        monkeypatch.delenv("POD_FIGURES", raising=False)
+    else:
+        monkeypatch.setenv("POD_FIGURES", str(figures))
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
     # kernel "python3" resolves to this interpreter (jupyter_client swaps `python` for sys.executable)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
@@ -316,6 +320,27 @@ def test_notebook_runs_on_results_and_on_none(built, tmp_path, monkeypatch):
 
     _, text = _run_notebook(monkeypatch, tmp_path / "no_results", tmp_path / "nbfigs2")
     assert "No results yet" in text and not (tmp_path / "nbfigs2").exists()
+
+
+def test_notebook_paths_are_the_repositorys_and_committed_figures_stay_as_they_are(built, monkeypatch):
+    """`POD_RESULTS=<relative folder> jupyter execute notebooks/analysis.ipynb` found nothing (the path
+    resolved from notebooks/) and, by default, rewrote the committed results/figures/: now a relative
+    path is the repository's, and without POD_FIGURES the figures go to outputs/notebook/ (git-ignored)."""
+    import os
+    import shutil
+    committed = ROOT / "results" / "figures"
+    before = {p: p.stat().st_mtime_ns for p in committed.rglob("*")}
+    scratch = ROOT / "outputs" / "notebook"
+    existed = scratch.exists()
+    try:
+        relative = os.path.relpath(built[0] / "results", ROOT)
+        outputs, text = _run_notebook(monkeypatch, relative, None)
+        assert "43 attention rows" in text and f"figures -> {scratch / 'figures'}" in text
+        assert _nonempty(scratch / "figures" / "roofline.png")
+        assert {p: p.stat().st_mtime_ns for p in committed.rglob("*")} == before
+    finally:
+        if not existed:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # -- experiments/reproduce.py ------------------------------------------------------------------------
@@ -358,6 +383,10 @@ class FakeWandb:
         pass
 
     @staticmethod
+    def Settings(**kw):
+        return kw
+
+    @staticmethod
     def Image(path):
         return ("image", path)
 
@@ -382,8 +411,9 @@ def test_reproduce_gpu_runs_paper_sweeps_then_figures(reproduce, tmp_path, monke
     monkeypatch.setattr(rp, "has_gpu", lambda: True)
     out, figs = tmp_path / "h100", tmp_path / "figures"
     # Every sweep of the paper's evaluation is in `make reproduce`; the knob sweeps run `pod` once per config.
-    assert rp.PAPER_SWEEPS == ("paper", "balance", "kernels", "paper_grid", "per_chunk", "policy", "ctas_per_sm")
-    assert [r.pod_config for r in rp.GPU_RUNS if r.sweep == "ctas_per_sm"] == ["ctas_2", "ctas_4"]
+    plan = rp.load_plan()
+    assert plan.gpu_sweeps == ("paper", "balance", "kernels", "paper_grid", "per_chunk", "policy", "ctas_per_sm")
+    assert [r.pod_config for r in plan.gpu_runs if r.sweep == "ctas_per_sm"] == ["ctas_2", "ctas_4"]
     argv = ["--results-root", str(tmp_path), "--out", str(out), "--figures", str(figs)]
     assert rp.main(argv + ["--sweeps", "paper", "balance", "kernels", "policy"]) == 0
     assert [c.sweep.name for c in fake.cfgs] == ["paper", "balance", "kernels", "policy", "policy"]
@@ -432,6 +462,111 @@ def test_reproduce_cpu_runs_smoke_then_committed_figures(reproduce, tmp_path, mo
     monkeypatch.setattr(rp, "rebuild_figures", lambda res, out: built.append((res, out)) or {})
     assert rp.main(["--results-root", str(tmp_path), "--figures-only", "--no-wandb"]) == 0
     assert built == [(tmp_path / "h100", tmp_path / "figures"), (tmp_path / "h200", tmp_path / "figures" / "h200")]
+
+
+def test_reproduce_runs_the_sweeps_conf_reproduce_yaml_lists(reproduce, tmp_path, monkeypatch):
+    """Which sweeps `make reproduce` runs is a config (conf/reproduce.yaml), not Python: a plan with two
+    runs and no serving runs those two, in its order."""
+    rp, harness, _ = reproduce
+    assert not hasattr(rp, "GPU_RUNS") and rp.PLAN_FILE == ROOT / "conf" / "reproduce.yaml"
+    plan = tmp_path / "reproduce.yaml"
+    plan.write_text("gpu:\n  runs:\n    - {sweep: kernels}\n"
+                    "    - {sweep: policy, backend: pod, pod_config: policy_5050}\n  serving: false\n"
+                    "cpu: {sweep: smoke, backend: reference}\nfigures: {h100: figs}\n")
+    monkeypatch.setattr(rp, "PLAN_FILE", plan)
+    fake = FakeSweeps("h100", meaningful=True)
+    monkeypatch.setattr(harness, "run_sweep", fake)
+    monkeypatch.setattr(rp, "has_gpu", lambda: True)
+    monkeypatch.setattr(rp, "rebuild_figures", lambda res, out: {})
+    assert rp.main(["--results-root", str(tmp_path), "--no-wandb"]) == 0
+    assert [(c.sweep.name, c.backend_options.pod_config) for c in fake.cfgs] == [
+        ("kernels", "dispatcher"), ("policy", "policy_5050")]
+    monkeypatch.setattr(rp, "has_gpu", lambda: False)
+    fake.cfgs.clear()
+    assert rp.main(["--results-root", str(tmp_path), "--no-wandb"]) == 0
+    assert [(c.sweep.name, list(c.backend.names)) for c in fake.cfgs] == [("smoke", ["reference"])]
+
+
+def _one_line(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in captured.out + captured.err, captured
+    return err[0]
+
+
+def test_reproduce_sweeps_on_a_cpu_is_refused_not_ignored(reproduce, tmp_path, monkeypatch, capsys):
+    rp, harness, _ = reproduce
+    fake = FakeSweeps("cpu", meaningful=False)
+    monkeypatch.setattr(harness, "run_sweep", fake)
+    monkeypatch.setattr(rp, "has_gpu", lambda: False)
+    assert rp.main(["--results-root", str(tmp_path), "--sweeps", "paper", "--no-wandb"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("[reproduce] refused: --sweeps paper") and "no CUDA GPU here" in line
+    assert f"{rp.cli.interpreter()} -m experiments.attention sweep=<name> backend=cpu" in line
+    assert fake.cfgs == []
+    monkeypatch.setattr(rp, "has_gpu", lambda: True)      # a GPU: a sweep conf/sweep/ lacks is named
+    assert rp.main(["--results-root", str(tmp_path), "--sweeps", "papr", "--no-wandb"]) == 2
+    assert "--sweeps papr: no such sweep in conf/sweep/" in _one_line(capsys) and fake.cfgs == []
+
+
+def test_reproduce_ctrl_c_and_refusals_end_in_one_line(reproduce, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a sweep (rows kept, how to go on), Ctrl-C while figures are drawn, a sweep the harness
+    refuses: one line each on stderr and an exit status, never a traceback."""
+    rp, harness, _ = reproduce
+    monkeypatch.setattr(rp, "has_gpu", lambda: False)
+    argv = ["--results-root", str(tmp_path), "--no-wandb"]
+
+    def interrupted(cfg):
+        raise harness.SweepInterrupted(tmp_path / "smoke" / "cpu.csv", 3)
+    monkeypatch.setattr(harness, "run_sweep", interrupted)
+    assert rp.cli.run("reproduce", lambda: rp.main(argv)) == 130
+    line = _one_line(capsys)
+    assert line.startswith("[reproduce] interrupted: 3 new rows kept in") and "make reproduce" in line
+
+    def refused(cfg):
+        raise harness.SweepRefused("sweep=smoke: page_size=0 is invalid")
+    monkeypatch.setattr(harness, "run_sweep", refused)
+    assert rp.cli.run("reproduce", lambda: rp.main(argv)) == 2
+    assert _one_line(capsys) == "[reproduce] refused: sweep=smoke: page_size=0 is invalid"
+
+    import analysis.figures
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(analysis.figures, "build_all", ctrl_c)
+    assert rp.cli.run("reproduce", lambda: rp.main(argv + ["--figures-only"])) == 130
+    line = _one_line(capsys)
+    assert line.startswith("[reproduce] interrupted while drawing figures into") and "--figures-only" in line
+
+    def ctrl_c_at_start():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rp, "has_gpu", ctrl_c_at_start)    # `import torch` is where start-up waits
+    assert rp.cli.run("reproduce", lambda: rp.main(argv)) == 130
+    assert _one_line(capsys) == "[reproduce] interrupted (Ctrl-C)"
+
+
+def test_reproduce_logs_figures_to_wandb_in_one_line_of_its_own(tmp_path, monkeypatch, capfd):
+    """--figures-only printed W&B's banner, history and sync hints for each run (15 lines) and a
+    deprecation warning for reinit=True: now W&B is silent and one line says where the run went."""
+    import warnings
+
+    import experiments.reproduce as rp
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"a": [1, 2]}).to_csv(table, index=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("figures-h100", "figures-h200"):
+            rp.log_to_wandb({"table:t": [table]}, name, {"results": "x"}, "offline")
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("[reproduce] W&B (offline): figures and tables of figures-h")
+                                   for line in lines), lines
+    assert "sync" in lines[0] and not [w for w in caught if "reinit" in str(w.message)]
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 2
 
 
 def test_reproduce_without_wandb_installed_warns(reproduce, tmp_path, monkeypatch):

@@ -365,7 +365,8 @@ def test_gpu_smoke_sweep_checks_every_baseline_and_skips_on_cpu(tmp_path):
     baselines give skipped rows saying so, our kernels say how to run them without a GPU."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.harness.sweep import SweepRefused, expand_points, run_sweep
+    from experiments.harness.points import expand_points
+    from experiments.harness.sweep import SweepRefused, run_sweep
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("attention", overrides=["sweep=gpu_smoke", "backend=baselines", f"results_dir={tmp_path}",

@@ -109,11 +109,9 @@ def test_torch_from_the_default_index_otherwise(stub_pip, local_index, answer):
 def test_make_installs_torch_through_the_script_and_readme_says_which():
     """On a machine without a GPU, the venv recipe installs torch with the script, before the project;
     the README's top names the same torch version."""
-    if shutil.which("nvidia-smi"):
-        pytest.skip("the GPU branch keeps the system's torch")
     venv = "/nonexistent/pod-venv"
-    p = subprocess.run(["make", "-n", f"VENV={venv}", "venv"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run(["make", "-n", f"VENV={venv}", "HAS_GPU=", "venv"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     version = _makefile_var("TORCH_VERSION")
@@ -123,6 +121,57 @@ def test_make_installs_torch_through_the_script_and_readme_says_which():
     assert project and install[0] < project[0]
     assert not any(re.search(r"pip install\b.*\btorch==", line) for line in lines), p.stdout
     assert f"torch=={version}" in (ROOT / "README.md").read_text()
+
+
+# -- the GPU set-up: the flashinfer extra, said up front, optional ---------------------------------------
+@pytest.fixture
+def gpu_setup(tmp_path):
+    """The Makefile's venv recipe with the GPU branch forced (HAS_GPU=1) and a stub `python3`: its
+    `-m venv` makes a venv whose python logs each pip call and fails the flashinfer one when
+    $STUB_OFFLINE is set (no network)."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    log = tmp_path / "calls"
+    venv_python = (f'#!/bin/sh\necho "$@" >> "{log}"\n'
+                   'case "$*" in *flashinfer*) [ -n "$STUB_OFFLINE" ] && exit 1;; esac\nexit 0\n')
+    stub = _executable(tmp_path / "bin" / "python3", (
+        '#!/bin/sh\n'                                       # python3 -m venv [--system-site-packages] DIR
+        f'echo "python3 $*" >> "{log}"\n'
+        'for a; do dir=$a; done\n'
+        'mkdir -p "$dir/bin"\n'
+        f"cat > \"$dir/bin/python\" <<'EOF'\n{venv_python}EOF\n"
+        'chmod +x "$dir/bin/python"\n'))
+
+    def make(offline: bool) -> tuple[subprocess.CompletedProcess, list[str]]:
+        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+        env.update(STUB_OFFLINE="1" if offline else "")
+        p = subprocess.run(["make", "HAS_GPU=1", f"PYTHON={stub}", "VENV=v", "venv"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+        calls = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        shutil.rmtree(tmp_path / "v", ignore_errors=True)
+        return p, calls
+    return make
+
+
+@needs_make
+@pytest.mark.parametrize("offline", [False, True])
+def test_make_on_a_gpu_machine_installs_the_flashinfer_extra(gpu_setup, offline):
+    """`make test`/`make reproduce` on a GPU machine installed `.[dev]` only: every FlashInfer baseline a
+    skipped row. The GPU branch keeps the system's torch, installs the flashinfer extra, says first that
+    FlashInfer JIT-builds for minutes on first use, and without a network says which extra to install
+    later and finishes the set-up."""
+    p, calls = gpu_setup(offline)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert calls[0].startswith("python3 -m venv --system-site-packages")
+    installs = [c for c in calls[1:] if c.startswith("-m pip install")]
+    assert any("'.[dev,flashinfer]'" in c or ".[dev,flashinfer]" in c for c in installs), calls
+    assert not any("torch" in c for c in installs)          # the system's CUDA torch stays
+    out = p.stdout
+    jit = out.index("FlashInfer JIT-compiles its kernels")
+    assert jit < out.index("-m pip install") and "minutes" in out[jit:jit + 200]
+    said = [line for line in out.splitlines() if line.startswith("FlashInfer not installed (no network?)")]
+    assert bool(said) == offline and (not offline or "v/bin/pip install -e '.[flashinfer]'" in said[0])
 
 
 # -- .ci/run: "no tests collected" is a failure -----------------------------------------------------
@@ -274,3 +323,149 @@ def test_readme_python_commands_resolve_in_the_venv():
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [], \
         f"README names modules that do not resolve: {p.stdout}"
+
+
+# -- what a first run leaves behind ------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_cpu_smoke_rows_are_git_ignored_where_they_land():
+    """The README's CPU smokes write rows that mean nothing off a CPU: the attention smoke's
+    results/smoke/cpu.csv and the serving smoke's <out_dir>/<sweep_name>/cpu.csv (results/serving/e2e/),
+    which a first run left untracked. Both are ignored, and so is any CPU row under results/."""
+    from hydra import compose, initialize_config_dir
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        serving = compose("serving", overrides=["device=cpu"])
+        attention = compose("attention")
+    paths = [f"{serving.out_dir}/{serving.sweep_name}/cpu.csv",
+             f"{attention.results_dir}/{attention.sweep.name}/cpu.csv", "results/h200/policy/cpu.policy_5050.csv"]
+    p = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert p.stdout.split() == paths, p.stdout + p.stderr
+    assert subprocess.run(["git", "check-ignore", "--no-index", "results/h200/policy/h200.csv"], cwd=ROOT,
+                          capture_output=True).returncode == 1      # a GPU's rows are committed
+
+
+# -- every README command, dry-run: its arguments parse and its config composes -----------------------
+HYDRA_APPS = {"experiments.attention": "attention", "experiments.serving": "serving"}
+# pod/ is the product and keeps its __main__ blocks to itself (compile reports): resolved only (above).
+RESOLVED_ONLY = {"pod.kernels.prefill", "pod.kernels.decode"}
+
+
+def _alternatives(words: list[str]) -> list[list[str]]:
+    """`{a,b,c}` in a command is the README's "one of": one command per alternative."""
+    for i, w in enumerate(words):
+        m = re.fullmatch(r"\{([\w,]+)\}", w)
+        if m:
+            return [alt for choice in m.group(1).split(",")
+                    for alt in _alternatives([*words[:i], choice, *words[i + 1:]])]
+    return [words]
+
+
+def _first_of_each_sweep(overrides: list[str]) -> list[str]:
+    """A multirun's overrides as one run of it: `key=a,b` -> `key=a`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        out.append(f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override()
+                   else o.input_line)
+    return out
+
+
+def _dry_run_hydra(app: str, args: list[str]) -> None:
+    """Compose the app's config with the command's overrides and check what its entry point checks
+    before the first point (attention) or before anything is built (serving), as on a GPU machine."""
+    from hydra import compose, initialize_config_dir
+    overrides = _first_of_each_sweep([a for a in args if a not in ("-m", "--multirun")])
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(HYDRA_APPS[app], overrides=overrides, return_hydra_config=True)
+    if app == "experiments.attention":
+        from experiments.harness import sweep
+        from experiments.harness.points import expand_points
+        models = dict(cfg.models)
+        models[cfg.model.name] = cfg.model
+        assert expand_points(cfg.sweep, models)
+        sweep._run_settings({**{k: v for k, v in cfg.items() if k != "hydra"}, "device": "cpu"})
+        sweep.backends_by_name(list(cfg.backend.names))
+    else:
+        from unittest import mock
+
+        from baselines.registry import get_backend
+        from experiments.serving import experiment
+        with mock.patch("torch.cuda.is_available", lambda: True):    # "GPU:" commands: checked as on a GPU
+            experiment.check_config(cfg)
+        experiment.model_config(cfg)
+        experiment.scheduler_config(cfg)
+        experiment.workload_config(cfg, 1000)
+        for name in experiment.backend_names(cfg):
+            get_backend(name)
+
+
+def test_every_readme_command_parses_as_written():
+    """Each README command's arguments go through the program's own parser: `-m` Hydra apps compose
+    their config (a multirun's first job) and pass the checks their entry point makes before running;
+    other `-m` modules' parse_args take the arguments; `make` commands dry-run (`make -n`); a pip extra
+    exists in pyproject.toml. (`serving.paper --only fig12_yi_6b num_requests=128` was refused:
+    invalid choice.)"""
+    import importlib
+    import shlex
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    checked, failed = set(), []
+    for command in readme_commands():
+        words = shlex.split(command)
+        words = words[words.index(_program(command)):]
+        name = words[0].split("/")[-1]
+        for alt in _alternatives(words):
+            try:
+                if name == "make":
+                    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+                    p = subprocess.run(["make", "-n", "-o", ".venv/.installed", *alt[1:]], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, timeout=60)
+                    assert p.returncode == 0, p.stderr
+                elif name == "pip":
+                    for extra in re.findall(r"\.\[([\w,-]+)\]", " ".join(alt)):
+                        assert set(extra.split(",")) <= set(extras), f"no extra {extra}"
+                elif name == "jupyter":
+                    assert alt[1] in ("execute", "lab") and all((ROOT / a).is_file() for a in alt[2:]), alt
+                    checked.add("jupyter")
+                elif name.startswith("python") and alt[1] == "-m":
+                    module, args = alt[2], alt[3:]
+                    if module in HYDRA_APPS:
+                        _dry_run_hydra(module, args)
+                    elif module not in RESOLVED_ONLY:
+                        importlib.import_module(module).parse_args(args)
+                    checked.add(module)
+            except (Exception, SystemExit) as e:   # noqa: BLE001 - every failure is reported
+                failed.append(f"{' '.join(alt)}: {type(e).__name__}: {e}")
+    assert not failed, "README commands that do not run as written:\n" + "\n".join(failed)
+    assert {"experiments.attention", "experiments.serving", "experiments.serving.paper", "experiments.reproduce",
+            "analysis.figures", "analysis.serving_figures", "experiments.gpu_checks", "jupyter"} <= checked, checked
+
+
+# -- Ctrl-C while a command starts (its imports take seconds) ----------------------------------------
+INTERRUPT_AT_IMPORT = """
+import runpy, sys
+module, heavy = sys.argv[1], sys.argv[2]
+class CtrlC:                                   # the user hits Ctrl-C while `heavy` is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == heavy:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module, heavy, args", [
+    ("experiments.reproduce", "torch", ["--no-wandb"]),
+    ("experiments.attention", "hydra", []),
+    ("experiments.serving", "hydra", []),
+    ("experiments.serving", "torch", []),
+    ("experiments.serving.paper", "torch", ["--plan"]),
+])
+def test_ctrl_c_during_start_up_imports_ends_in_one_line(module, heavy, args):
+    p = subprocess.run([sys.executable, "-c", INTERRUPT_AT_IMPORT, module, heavy, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    name = module.split(".")[-1] if module != "experiments.serving.paper" else "serving"
+    assert p.returncode == 130, p.stdout + p.stderr
+    assert p.stderr.strip().splitlines() == [f"[{name}] interrupted (Ctrl-C)"], p.stderr

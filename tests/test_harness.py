@@ -1,6 +1,7 @@
 """The harness (experiments/harness/, experiments/attention.py, conf/)."""
 import json
 import math
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -13,11 +14,15 @@ from hydra import compose, initialize_config_dir
 
 from experiments.harness import sweep as harness
 from pod.batch import BatchSpec
-from experiments.harness.sweep import expand_points, point_id, run_sweep, shard
+from experiments import cli
+from experiments.harness import running, wandb_log
+from experiments.harness.points import expand_points, point_id, shard
+from experiments.harness.sweep import run_sweep
 from pod.reference import reference
 from baselines.registry import AttentionOutput, Backend, BackendUnavailable, always_available
 from analysis.load import load_results as load_tables
-from experiments.harness.results import ResultStore, WandbLogger
+from experiments.harness.results import ResultStore
+from experiments.harness.wandb_log import WandbLogger
 from experiments.harness.schema import ATTENTION_COLUMNS as COLUMNS, ATTENTION_SCHEMA, typed
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -229,14 +234,14 @@ def test_statuses_skipped_error_oom_and_layout_fallback(tmp_path, fake_registry,
     names = list(fake_registry)
     points = [POINTS[0], POINTS[2], POINTS[3]]   # hybrid paged, prefill-only paged, hybrid contiguous
     built = []
-    real_batch, real_make = harness._PointBatches.batch, harness.make_batch
+    real_batch, real_make = running.PointBatches.batch, running.make_batch
 
     def one_layout_at_a_time(self, spec):   # a point never holds two KV caches at once
         b = real_batch(self, spec)
         assert len(self._batches) == 1
         return b
-    monkeypatch.setattr(harness._PointBatches, "batch", one_layout_at_a_time)
-    monkeypatch.setattr(harness, "make_batch", lambda spec, *a, **k: built.append(spec) or real_make(spec, *a, **k))
+    monkeypatch.setattr(running.PointBatches, "batch", one_layout_at_a_time)
+    monkeypatch.setattr(running, "make_batch", lambda spec, *a, **k: built.append(spec) or real_make(spec, *a, **k))
     df = run_sweep(sweep_cfg(tmp_path, points, names))
     assert len(df) == len(points) * len(names)
     rows = lambda name: df[df.backend == name]          # noqa: E731
@@ -275,7 +280,7 @@ def test_sweep_stops_when_a_backend_breaks_the_cuda_context(tmp_path, fake_regis
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     fake_registry.update(a=backend("a"), crash=backend("crash", prepare=crash), b=backend("b"))
     cfg = sweep_cfg(tmp_path, POINTS[:2], ["a", "crash", "b"])
-    with pytest.raises(harness.CudaContextLost, match="illegal memory access"):
+    with pytest.raises(running.CudaContextLost, match="illegal memory access"):
         run_sweep(cfg)
     df = load_results(tmp_path)
     assert list(df.backend) == ["a", "crash"] and list(df.status) == ["ok", "error"]
@@ -378,6 +383,54 @@ def test_gpu_sized_point_on_a_cpu_is_refused_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("[harness] refused: sweep=single is GPU-only")
     assert "537,600 KV tokens" in err[0]
     assert not list(tmp_path.rglob("*.csv"))
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["batch.chunk_len=-5"], "BatchSpec.chunk_len=-5"),
+    (["model.head_dim=96"], "head_dim=96"),
+    (["model.num_kv_heads=3"], "num_kv_heads=3"),
+    (["batch.dtype=int8"], "dtype='int8'"),
+    (["batch.page_size=7"], "page_size=7"),
+    (["batch.page_size=0"], "page_size=0 is invalid"),                 # was: contiguous KV, silently
+    (["batch.num_prefill=0"], "num_prefill=0 with chunk_len=96"),      # was: the chunk dropped, silently
+    (["num_shards=0"], "num_shards=0 is invalid: a positive number"),
+    (["shard=2", "num_shards=2"], "shard=2 is invalid: one of 0..1"),
+    (["cpu_max_kv_tokens=-1"], "cpu_max_kv_tokens=-1 is invalid"),
+    (["device=tpu"], "device='tpu' is invalid"),
+])
+def test_a_bad_value_is_refused_in_one_line_naming_it(tmp_path, capsys, overrides, names):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("attention", overrides=["sweep=single", "model=tiny", "backend=reference",
+                                              f"results_dir={tmp_path}", "wandb.enabled=false",
+                                              "progress=false", *overrides])
+    with pytest.raises(harness.SweepRefused, match=re.escape(names)):
+        run_sweep(cfg)
+    assert harness.main(cfg, ["python", "-m", "experiments.attention"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[harness] refused: ") and names in err[0], err
+    assert not list(tmp_path.rglob("*.csv"))
+
+
+def test_device_cuda_without_a_gpu_is_refused_saying_what_runs_here(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = sweep_cfg(tmp_path, POINTS[:1], ["reference"], device="cuda")
+    with pytest.raises(harness.SweepRefused, match=r"device=cuda: there is no CUDA GPU here; device=auto"):
+        run_sweep(cfg)
+
+
+def test_a_refusal_on_a_cpu_never_suggests_the_command_it_refuses(tmp_path):
+    """A smoke point over a small cpu_max_kv_tokens: the way out is a bigger limit, not the same command."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("attention", overrides=["sweep=smoke", "backend=reference", "cpu_max_kv_tokens=10",
+                                              f"results_dir={tmp_path}", "wandb.enabled=false"])
+    with pytest.raises(harness.SweepRefused) as e:
+        run_sweep(cfg)
+    assert "cpu_max_kv_tokens=910 runs it" in str(e.value) and "sweep=smoke backend=cpu" not in str(e.value)
+    # Hints name the interpreter running now (the venv's), not a bare `python` from PATH.
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        gpu = compose("attention", overrides=["sweep=paper", "backend=all", "device=cpu"])
+    with pytest.raises(harness.SweepRefused, match=re.escape(f"{cli.interpreter()} -m experiments.attention")):
+        run_sweep(gpu)
 
 
 def test_unwritable_results_folder_is_reported_before_the_first_point(tmp_path, fake_registry):

@@ -172,3 +172,73 @@ def test_every_module_level_name_is_used_somewhere():
             unused += [f"{path.relative_to(REPO)}: {n}" for n in names
                        if not n.startswith("__") and words[n] <= 1]
     assert not unused, "defined and never used (remove, or use):\n" + "\n".join(unused)
+
+
+def test_the_harness_is_in_parts_that_each_say_what_they_are():
+    """experiments/harness/: no module is a catch-all. Each opens with a docstring saying what it is,
+    the package's docstring lists every module, and none runs past 300 lines (sweep.py was 577: points,
+    timing, running, paths, W&B and summary in one file)."""
+    harness = REPO / "experiments" / "harness"
+    listed = ast.get_docstring(ast.parse((harness / "__init__.py").read_text()))
+    for path in sorted(harness.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        text = path.read_text()
+        doc = ast.get_docstring(ast.parse(text))
+        assert doc and len(doc.splitlines()[0]) > 20, f"{path.name}: no docstring saying what it is"
+        assert f"{path.name} " in listed, f"experiments/harness/__init__.py does not list {path.name}"
+        assert len(text.splitlines()) <= 300, f"{path.name}: {len(text.splitlines())} lines"
+    for part in ("points", "timing", "running", "paths", "wandb_log", "summary"):
+        assert (harness / f"{part}.py").is_file(), part
+
+
+def test_a_model_name_means_one_shape_across_conf():
+    """conf/model/ (attention sweeps) and conf/serving/model/ (the serving engine) may both hold a model,
+    but one name means one set of heads: two different models were both called `tiny`."""
+    import yaml
+    shapes = {}
+    for path in [*sorted((REPO / "conf" / "model").glob("*.yaml")),
+                 *sorted((REPO / "conf" / "serving" / "model").glob("*.yaml"))]:
+        cfg = yaml.safe_load(path.read_text())
+        heads = (cfg["num_q_heads"], cfg["num_kv_heads"], cfg["head_dim"])
+        first = shapes.setdefault(cfg["name"], (heads, path))
+        assert first[0] == heads, (f"{path.relative_to(REPO)} and {first[1].relative_to(REPO)} are both "
+                                   f"called {cfg['name']!r}: heads {heads} vs {first[0]}")
+
+
+def test_hints_name_the_interpreter_that_has_the_packages():
+    """A message of experiments/ that tells the user what to run names the running interpreter
+    (experiments.cli.command: `.venv/bin/python -m ...` after `make`), not a bare `python -m` / `pip
+    install` from PATH that may lack the project's packages. Docstrings and comments may say `python -m`."""
+    offenders = []
+    for path in (REPO / "experiments").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docs |= {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call)   # command("pip install x")
+                 and getattr(n.func, "id", getattr(n.func, "attr", None)) == "command" for a in n.args}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                    and re.search(r"(?<![/\w])(python3?|pip) (-m |install)", node.value)):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:80]!r}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_code_and_configs_speak_of_the_code():
+    """No tracker references ("issue <number> item <n>") in Python files or sweep configs (a reader has the
+    code, not the tracker), and
+    no words of how the work was scheduled ("lent", "second reader", "next session") in the README,
+    docs/ or scripts/."""
+    offenders = []
+    code = [p for pkg in (*PACKAGES, "tests") for p in (REPO / pkg).rglob("*.py")]
+    for path in code + sorted((REPO / "conf" / "sweep").glob("*.yaml")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bissue \d+", line, re.I):
+                offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    prose = [REPO / "README.md", REPO / "Makefile", *(REPO / "docs").glob("*.md"), *(REPO / "scripts").iterdir()]
+    for path in prose:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\blent\b|second reader|next session", line, re.I):
+                offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

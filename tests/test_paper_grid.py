@@ -14,7 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from experiments.harness import paper_grid as pg
-from experiments.harness.sweep import SweepRefused, expand_points, refuse_on_cpu
+from experiments.harness.points import expand_points
+from experiments.harness.sweep import SweepRefused, refuse_on_cpu
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 H200_SMS = 132

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from experiments.serving.scheduler import Request, Scheduler, SchedulerConfig
 from experiments.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-TINY = ModelConfig("tiny", hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64,
+TINY = ModelConfig("tiny_llama", hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64,
                    intermediate_size=128, vocab_size=128, max_position=1024)
 
 
@@ -229,7 +230,7 @@ def test_model_configs_have_published_shapes(name, params):
 
 @pytest.mark.parametrize("mode", ["offline", "online"])
 def test_experiment_writes_a_row(tmp_path, mode):
-    cfg = compose_serving("serving/model=tiny", "serving/workload=tiny", "serving/scheduler=tiny",
+    cfg = compose_serving("serving/model=tiny_llama", "serving/workload=tiny", "serving/scheduler=tiny",
                           "device=cpu", "dtype=float32", "num_layers=2", "num_requests=4", "num_pages=64",
                           "backends=[reference]", f"mode={mode}", "qps=200", f"out_dir={tmp_path}",
                           "sweep_name=smoke")
@@ -240,7 +241,7 @@ def test_experiment_writes_a_row(tmp_path, mode):
     row, saved = rows[0], table[0]
     assert tuple(saved) == SERVING_COLUMNS
     assert row["status"] == "ok", row["reason"]
-    assert saved["backend"] == "reference" and saved["mode"] == mode and saved["model"] == "tiny"
+    assert saved["backend"] == "reference" and saved["mode"] == mode and saved["model"] == "tiny_llama"
     assert saved["sweep"] == "smoke"
     assert 0 < row["iteration_p50_ms"] <= row["iteration_max_ms"]
     assert row["num_requests"] == 4 and row["chunk_size"] == 32 and row["iterations"] > 0
@@ -286,3 +287,89 @@ def test_unknown_backend_and_a_missing_gpu_are_refused_before_anything_is_built(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(experiment.ServingRefused, match="GPU-only.*device=cpu"):
         serve(gpu)
+
+
+# -- what a first run meets: the KV pool sized to fit, bad values in one line ----------------------------
+SMOKE = ("serving/model=tiny_llama", "serving/workload=tiny", "serving/scheduler=tiny", "device=cpu",
+         "dtype=float32", "backends=[reference]", "num_layers=2", "num_requests=4", "out_dir=")
+
+
+@pytest.fixture
+def nothing_allocated(monkeypatch):
+    import experiments.serving.experiment as experiment
+    monkeypatch.setattr(experiment, "LlamaModel", lambda *a, **k: pytest.fail("no model may be built"))
+    monkeypatch.setattr(experiment, "PagedKVCache", type("NoCache", (experiment.PagedKVCache,), {
+        "__init__": lambda *a, **k: pytest.fail("no KV cache may be allocated")}))
+    return experiment
+
+
+def test_cpu_smoke_without_num_pages_sizes_the_kv_pool_from_the_workload(monkeypatch):
+    """The README's CPU smoke without num_pages allocated the 40 GB kv_cache_gb default on the CPU (the
+    process was killed, rc 137, no message): the pool now holds what the workload can use at once."""
+    import experiments.serving.experiment as experiment
+    from experiments.serving.kv_cache import pages_to_hold
+    sizes = []
+
+    class Recorded(experiment.PagedKVCache):
+        def __init__(self, layers, pages, *a, **k):
+            sizes.append(pages)
+            super().__init__(layers, pages, *a, **k)
+    monkeypatch.setattr(experiment, "PagedKVCache", Recorded)
+    cfg = compose_serving(*SMOKE)
+    assert cfg.num_pages is None
+    rows = serve(cfg)
+    assert rows[0]["status"] == "ok", rows[0]["reason"]
+    specs = generate(experiment.workload_config(cfg, 128))
+    need = pages_to_hold([len(r.prompt) + r.output_len for r in specs], 16, 0.0)
+    assert sizes == [need] and rows[0]["kv_pages"] == need < 64
+    # A budget bigger than the workload changes no schedule: it is capped the same way.
+    assert experiment.kv_pages(compose_serving(*SMOKE, "kv_cache_gb=40"), torch.float32, need_pages=need) == need
+    # Without a budget, free memory less the weights sets it (here: 1 MiB free, ~0.3 MiB of weights).
+    free = experiment.kv_pages(compose_serving(*SMOKE), torch.float32, free_bytes=2**20)
+    assert 0 < free < need * 100 and free == experiment.PagedKVCache.num_pages_for_bytes(
+        int(0.9 * 2**20) - experiment.weight_bytes(model_config(cfg), torch.float32), 2, 16, TINY.heads, torch.float32)
+
+
+@pytest.mark.parametrize("override, free_gib, says", [
+    ("kv_cache_gb=40", 2**-12, "kv_cache_gb=40: a KV pool of 19 pages"),        # the old default, 1 MiB free
+    ("kv_cache_gb=null", 2**-12, "kv_cache_gb=null: a KV pool of 1 pages"),     # the weights alone do not fit
+    ("num_pages=1000000", 8, "num_pages=1000000: a KV pool of 1,000,000 pages"),
+])
+def test_a_kv_pool_that_does_not_fit_is_refused_before_anything_is_allocated(nothing_allocated, monkeypatch,
+                                                                               override, free_gib, says):
+    monkeypatch.setattr(nothing_allocated, "free_memory_bytes", lambda device: (int(free_gib * 2**30), "available RAM"))
+    with pytest.raises(nothing_allocated.KVCacheTooLarge, match=re.escape(says)) as e:
+        serve(compose_serving(*SMOKE, override))
+    assert f"{free_gib:.1f} GiB available RAM on cpu" in str(e.value) and "kv_cache_gb=null" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_pool_smaller_than_the_longest_request_is_refused(nothing_allocated):
+    with pytest.raises(nothing_allocated.ServingRefused, match="fewer than the longest request"):
+        serve(compose_serving(*SMOKE, "num_pages=2"))
+
+
+@pytest.mark.parametrize("override, says", [
+    ("qps=-1", "qps=-1 is invalid"), ("dtype=int8", "dtype='int8' is invalid"),
+    ("page_size=7", "page_size=7 is invalid"), ("num_pages=0", "num_pages=0 is invalid"),
+    ("num_requests=0", "num_requests=0 is invalid"), ("mode=batch", "mode='batch' is invalid"),
+    ("serving.model.num_kv_heads=3", "num_kv_heads=3 must divide"), ("device=tpu", "device='tpu' is invalid"),
+    ("kv_memory_fraction=2", "kv_memory_fraction=2 is invalid"), ("num_layers=0", "num_layers=0 is invalid"),
+    ("serving.scheduler.watermark=1.5", "watermark=1.5"),
+])
+def test_a_bad_serving_value_is_refused_in_one_line_naming_it(nothing_allocated, override, says):
+    with pytest.raises(nothing_allocated.ServingRefused, match=re.escape(says)) as e:
+        serve(compose_serving(*SMOKE, override))
+    assert "\n" not in str(e.value)
+
+
+def test_the_serving_cli_says_a_refusal_in_one_line(tmp_path):
+    """`python -m experiments.serving ... qps=-1`: one line on stderr, exit status 2, no traceback."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "experiments.serving", *SMOKE, "mode=online", "qps=-1",
+                        f"hydra.run.dir={tmp_path}"], cwd=Path(CONF).parent, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == ["[serving] refused: qps=-1 is invalid: requests per second > 0 "
+                                             "(online mode; null offline)"]

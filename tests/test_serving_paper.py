@@ -47,7 +47,7 @@ def test_layer_cut_keeps_the_full_models_kv_capacity():
     assert model_config(cut).num_layers == 8 and model_config(full).num_layers == 32
     assert full.sweep_name == "fig12_llama2_7b_all_layers" and full.num_requests == cut.num_requests
     assert full.serving.workload.name == cut.serving.workload.name == "fig12_pd64"
-    pages = [kv_pages(c, model_config(c), 32, torch.bfloat16) for c in (cut, full)]
+    pages = [kv_pages(c, torch.bfloat16) for c in (cut, full)]
     assert pages[0] == pages[1] > 0                     # same tokens in the pool: the same schedule
     tokens, per_token = pages[0] * cut.page_size, 32 * 2 * 32 * 128 * 2    # Llama-2: 512 KiB a token
     assert tokens * per_token <= 90 * 2**30 < (tokens + cut.page_size) * per_token
@@ -272,3 +272,16 @@ def test_make_reproduce_on_a_gpu_runs_the_serving_experiments(tmp_path, monkeypa
     assert calls == [(tmp_path / "h200", {"fresh": False, "figures": False})]
     assert rp.main(["--results-root", str(tmp_path), "--no-wandb", "--sweeps", "paper"]) == 0
     assert len(calls) == 1
+
+
+def test_a_preset_too_big_for_this_device_is_skipped_with_a_line(tmp_path, monkeypatch, capsys):
+    """make reproduce on a smaller card: a preset whose KV pool does not fit is refused in one line and
+    the other presets still run (it used to give an "oom" row, after allocating)."""
+    import experiments.serving.experiment as experiment
+    monkeypatch.setattr(experiment, "free_memory_bytes", lambda device: (2**20, "free GPU memory"))
+    lines = paper.run_paper_serving(tmp_path, ["fig12_llama2_7b"], [*paper.CPU_OVERRIDES, "num_pages=null"],
+                                    figures=False)
+    assert lines == [l for l in lines if l.startswith("serving fig12_llama2_7b: refused, ")] and len(lines) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[serving] fig12_llama2_7b refused: kv_cache_gb=90: a KV pool")
+    assert not any(tmp_path.rglob("*.csv"))

@@ -1,7 +1,7 @@
-"""The paper's attention grid (POD-Attention, Fig. 11; issue 13 item 2) as sweep points, and its sample.
+"""The paper's attention grid (POD-Attention, Fig. 11) as sweep points, and its sample.
 
 A sweep config names this generator with a `generate:` block (conf/sweep/paper_grid.yaml);
-`experiments.harness.sweep.expand_points` calls `generate_points(block, models)` and adds the points
+`experiments.harness.points.expand_points` calls `generate_points(block, models)` and adds the points
 over the sweep's `base`, after its `grids` and before its `points`.
 
 Grid, per model and tensor parallelism (TP):
@@ -19,7 +19,7 @@ max_decode_batch: the largest decode batch whose KV cache fits in the memory lef
     weight bytes per GPU    = params * 2 (bf16) / TP
     KV bytes a token a GPU  = 2 (K and V) * layers * kv_heads per GPU * head_dim * 2 (bf16)
     max_decode_batch(L)     = floor(KV budget / (KV bytes a token * L))
-(issue 13 item 2, after the paper's §6.1: "decode batch at 90/95/100% of the largest that fits in memory";
+(after the paper's §6.1: "decode batch at 90/95/100% of the largest that fits in memory";
 kv_memory_share = 0.9 is "90% of the card's memory", the weights come out of it). Parameters: Llama-3-8B
 8.03e9 (Meta's model card), Yi-6B 6.06e9 (01-ai's model card), 32 layers each; card memory H200 141e9
 bytes (NVIDIA's data sheet) - all given in the sweep config, so another card is one override

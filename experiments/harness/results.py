@@ -1,4 +1,4 @@
-"""Where result rows go: an append-only CSV store with resume, and Weights & Biases logging.
+"""Where result rows go: an append-only CSV store with resume.
 
 Rows follow experiments.harness.schema (one schema for attention, kernel and serving rows). One CSV
 file per (sweep, device[, shard]), e.g. results/paper/h100.csv, appended one row at a time; tables
@@ -6,9 +6,7 @@ are read back for analysis by analysis.load.load_results.
 """
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -71,61 +69,3 @@ class ResultStore:
         df.to_csv(tmp, index=False)
         tmp.replace(self.path)
         return df
-
-
-# -- Weights & Biases ---------------------------------------------------------------------------
-class WandbLogger:
-    """Logs the run config, each row's metrics and the final table to W&B; a no-op when disabled.
-
-    Offline unless the user set WANDB_MODE; wandb missing -> one warning, then a no-op.
-    """
-
-    METRICS = ("median_ms", "p20_ms", "p80_ms", "prefill_err", "decode_err", "tflops", "gbps")
-
-    def __init__(self, enabled: bool, project: str = "pod-attention", config: dict | None = None,
-                 name: str | None = None, group: str | None = None, tags: Iterable[str] = (),
-                 dir: str | None = None, mode: str = "offline", quiet: bool = False):
-        self.run = None
-        self._wandb = None
-        if not enabled:
-            return
-        try:
-            import wandb
-        except ImportError:
-            warnings.warn("wandb is not installed: W&B logging is off (pip install wandb)", stacklevel=2)
-            return
-        os.environ.setdefault("WANDB_MODE", mode)
-        if quiet:                        # W&B's banner and sync hints would bury the harness's summary
-            os.environ.setdefault("WANDB_SILENT", "true")
-        self._wandb = wandb
-        # A previous run still open in this process (reproduce runs several sweeps) is finished first.
-        if getattr(wandb, "run", None) is not None:
-            wandb.run.finish()
-        kwargs = dict(project=project, config=config or {}, name=name, group=group, tags=list(tags))
-        if dir:
-            Path(dir).mkdir(parents=True, exist_ok=True)
-            kwargs["dir"] = dir
-        try:
-            self.run = wandb.init(**kwargs)
-        except Exception as e:  # a broken W&B setup must never cost a sweep
-            warnings.warn(f"wandb.init failed, W&B logging is off: {e}", stacklevel=2)
-            self.run = None
-
-    def log_row(self, row: Mapping[str, Any]) -> None:
-        if self.run is None:
-            return
-        data = {"point_id": row["point_id"], "backend": row["backend"], "status": row["status"]}
-        for k in self.METRICS:
-            v = row.get(k)
-            if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                data[f"{row['backend']}/{k}"] = v
-        self.run.log(data)
-
-    def finish(self, table: pd.DataFrame | None = None) -> None:
-        if self.run is None:
-            return
-        if table is not None and not table.empty:
-            df = table.astype(object).where(table.notna(), None)
-            self.run.log({"results": self._wandb.Table(dataframe=df)})
-        self.run.finish()
-        self.run = None

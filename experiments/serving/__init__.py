@@ -13,11 +13,18 @@ whose attention goes through the backend registry, to measure POD end to end.
                 python -m experiments.serving.paper; run_paper_serving() for make reproduce
   __main__.py   the Hydra entry point: python -m experiments.serving (conf/serving.yaml)
 """
-from experiments.serving.engine import Engine, EngineRun
-from experiments.serving.kv_cache import PageAllocator, PagedKVCache
-from experiments.serving.model import LlamaModel, ModelConfig
-from experiments.serving.scheduler import Request, Scheduler, SchedulerConfig
-from experiments.serving.workload import LengthDist, RequestSpec, WorkloadConfig, generate
+import importlib
 
-__all__ = ["Engine", "EngineRun", "PageAllocator", "PagedKVCache", "LlamaModel", "ModelConfig", "Request",
-           "Scheduler", "SchedulerConfig", "LengthDist", "RequestSpec", "WorkloadConfig", "generate"]
+# Names re-exported from their modules, imported on first use: `python -m experiments.serving[.paper]`
+# starts without torch, so a Ctrl-C during start-up ends in one line (experiments.cli.run).
+_HOMES = {"Engine": "engine", "EngineRun": "engine", "PageAllocator": "kv_cache", "PagedKVCache": "kv_cache",
+          "LlamaModel": "model", "ModelConfig": "model", "Request": "scheduler", "Scheduler": "scheduler",
+          "SchedulerConfig": "scheduler", "LengthDist": "workload", "RequestSpec": "workload",
+          "WorkloadConfig": "workload", "generate": "workload"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pod.batch import SUPPORTED_DTYPES
 from baselines.registry import BackendOptions, BackendUnavailable, get_backend
+from experiments import cli
 from experiments.harness.provenance import device_slug, provenance
 from experiments.harness.schema import SERVING_COLUMNS, SERVING_SCHEMA, append_row
 from experiments.serving.engine import Engine
-from experiments.serving.kv_cache import PagedKVCache
+from experiments.serving.kv_cache import PagedKVCache, free_memory_bytes, pages_to_hold
 from experiments.serving.metrics import summarize
 from experiments.serving.model import LlamaModel, ModelConfig
 from experiments.serving.scheduler import SchedulerConfig
@@ -33,6 +34,10 @@ from experiments.serving.workload import LengthDist, WorkloadConfig, generate
 
 log = logging.getLogger(__name__)
 DTYPES = {**SUPPORTED_DTYPES, "float32": torch.float32}
+
+
+class ServingRefused(RuntimeError):
+    """A serving run that cannot start as configured (said in one line before anything is built)."""
 
 
 def _container(x):
@@ -49,16 +54,70 @@ def model_config(cfg: DictConfig) -> ModelConfig:
     return full_model_config(cfg).with_layers(cfg.num_layers)
 
 
-def kv_pages(cfg: DictConfig, mcfg: ModelConfig, full_layers: int, dtype: torch.dtype) -> int:
-    """KV pages per layer: `num_pages`, else `kv_cache_gb` over the layers' pools. With
-    `kv_for_full_model` (default) the budget is that of the FULL model's layers, so a cut model holds
-    the tokens the full model would (same admission, same preemptions, same iterations: the cut
-    only shortens each iteration) and allocates num_layers/full_layers of the bytes."""
-    if cfg.num_pages:
+def kv_pages(cfg: DictConfig, dtype: torch.dtype, need_pages: int | None = None,
+             free_bytes: int | None = None) -> int:
+    """KV pages per layer: `num_pages` when set; else the budget `kv_cache_gb` over the layers' pools,
+    or, with `kv_cache_gb: null`, `kv_memory_fraction` of `free_bytes` less the weights; either capped
+    at `need_pages` (the workload all resident at once: a bigger pool changes no schedule).
+    With `kv_for_full_model` (default) the budget is that of the FULL model (its layers, its weights),
+    so a cut model holds the tokens the full model would (same admission, same preemptions, same
+    iterations: the cut only shortens each iteration) and allocates num_layers/full_layers of the bytes."""
+    if cfg.num_pages is not None:
         return int(cfg.num_pages)
-    layers = full_layers if cfg.get("kv_for_full_model", True) else mcfg.num_layers
-    return PagedKVCache.num_pages_for_bytes(int(float(cfg.kv_cache_gb) * 2**30), layers,
-                                            int(cfg.page_size), mcfg.heads, dtype)
+    mcfg = full_model_config(cfg) if cfg.get("kv_for_full_model", True) else model_config(cfg)
+    if cfg.kv_cache_gb is not None:
+        budget = float(cfg.kv_cache_gb) * 2**30
+    elif free_bytes is not None:
+        budget = float(cfg.kv_memory_fraction) * free_bytes - weight_bytes(mcfg, dtype)
+    else:
+        budget = None
+    pages = None if budget is None else PagedKVCache.num_pages_for_bytes(
+        int(max(budget, 0)), mcfg.num_layers, int(cfg.page_size), mcfg.heads, dtype)
+    if need_pages is not None:
+        pages = need_pages if pages is None else min(pages, need_pages)
+    if pages is None:
+        raise ValueError("kv_cache_gb=null sizes the KV pool from the device's free memory: give "
+                         "kv_cache_gb= or num_pages= where that is not known")
+    return pages
+
+
+def weight_bytes(mcfg: ModelConfig, dtype: torch.dtype) -> int:
+    return mcfg.num_parameters() * (torch.finfo(dtype).bits // 8)
+
+
+class KVCacheTooLarge(ServingRefused):
+    """The KV pool (and the weights) asked for do not fit in the device's free memory."""
+
+
+def size_kv_cache(cfg: DictConfig, dtype: torch.dtype, device: torch.device,
+                  workloads: list[list]) -> int:
+    """kv_pages for `workloads` (each a list of RequestSpecs the engine serves in turn: the warm-up, the
+    timed run) on `device`, or a one-line refusal (KVCacheTooLarge, ServingRefused) before anything is
+    allocated: when the built layers' pool and weights exceed `kv_memory_fraction` of the device's free
+    memory, or when the pool cannot hold the longest request."""
+    page, mcfg = int(cfg.page_size), model_config(cfg)
+    watermark = scheduler_config(cfg).watermark
+    lengths = [[len(r.prompt) + r.output_len for r in specs] for specs in workloads if specs]
+    free, source = free_memory_bytes(device)
+    pages = kv_pages(cfg, dtype, need_pages=max(pages_to_hold(n, page, watermark) for n in lengths),
+                     free_bytes=free)
+    kv = pages * PagedKVCache.page_bytes(mcfg.num_layers, page, mcfg.heads, dtype)
+    weights = weight_bytes(mcfg, dtype)
+    usable = float(cfg.kv_memory_fraction) * free
+    gib = 2.0**30
+    if kv + weights > usable:
+        asked = (f"num_pages={cfg.num_pages}" if cfg.num_pages is not None else
+                 f"kv_cache_gb={cfg.kv_cache_gb}" if cfg.kv_cache_gb is not None else "kv_cache_gb=null")
+        raise KVCacheTooLarge(
+            f"{asked}: a KV pool of {pages:,} pages x {page} tokens x {mcfg.num_layers} layers "
+            f"({kv / gib:.1f} GiB) and {mcfg.name}'s weights ({weights / gib:.1f} GiB) do not fit in "
+            f"kv_memory_fraction={cfg.kv_memory_fraction} of the {free / gib:.1f} GiB {source} on {device}; "
+            f"give a smaller kv_cache_gb= or num_pages= (kv_cache_gb=null: as much as fits)")
+    longest = max(max(n) for n in lengths)
+    if pages * page < longest:
+        raise ServingRefused(f"{pages:,} KV pages of {page} tokens hold {pages * page:,} tokens, fewer "
+                             f"than the longest request's {longest:,}: give more num_pages= or kv_cache_gb=")
+    return pages
 
 
 def workload_config(cfg: DictConfig, vocab_size: int) -> WorkloadConfig:
@@ -88,34 +147,80 @@ def backend_names(cfg: DictConfig) -> list[str]:
     return [b] if isinstance(b, str) else [str(x) for x in b]
 
 
-class ServingRefused(RuntimeError):
-    """A serving run that cannot start as configured (said in one line before anything is built)."""
+def cpu_smoke() -> str:
+    """The serving smoke on a CPU, as this interpreter runs it."""
+    return cli.command("experiments.serving serving/model=tiny_llama serving/workload=tiny serving/scheduler=tiny "
+                       "device=cpu dtype=float32 backends=[reference] num_layers=2")
 
 
-CPU_SMOKE = ("python -m experiments.serving serving/model=tiny serving/workload=tiny serving/scheduler=tiny "
-             "device=cpu dtype=float32 backends=[reference] num_layers=2 num_pages=64")
+def _is_count(v, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _is_positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every top-level value serve() reads, checked before anything is built: ServingRefused naming
+    the key and what it takes. (The model, workload and scheduler groups are checked by their own
+    dataclasses; serve() says their ValueError in one line too.)"""
+    def bad(key: str, allowed: str):
+        return ServingRefused(f"{key}={cfg.get(key)!r} is invalid: {allowed}")
+    if cfg.mode not in ("offline", "online"):
+        raise bad("mode", "offline or online")
+    if cfg.qps is not None and not _is_positive(cfg.qps):
+        raise bad("qps", "requests per second > 0 (online mode; null offline)")
+    if cfg.mode == "online" and cfg.qps is None:
+        raise ServingRefused(f"mode=online needs qps > 0; {cli.command('experiments.serving.paper')} "
+                             "derives it from an offline capacity run")
+    if cfg.dtype not in DTYPES:
+        raise bad("dtype", f"one of {', '.join(DTYPES)}")
+    p = cfg.page_size
+    if not _is_count(p, 1) or p & (p - 1):
+        raise bad("page_size", "a power of two (tokens a KV page)")
+    if cfg.num_pages is not None and not _is_count(cfg.num_pages, 1):
+        raise bad("num_pages", "a positive number of KV pages, or null to size the pool from "
+                               "kv_cache_gb or the device's free memory")
+    if cfg.kv_cache_gb is not None and not _is_positive(cfg.kv_cache_gb):
+        raise bad("kv_cache_gb", "GiB > 0, or null: as much as the workload uses and free memory holds")
+    if not (_is_positive(cfg.kv_memory_fraction) and cfg.kv_memory_fraction <= 1):
+        raise bad("kv_memory_fraction", "a fraction in (0, 1]")
+    if not _is_count(cfg.num_requests, 1):
+        raise bad("num_requests", "a positive number of requests")
+    if cfg.num_layers is not None and not _is_count(cfg.num_layers, 1):
+        raise bad("num_layers", "a positive number of layers, or null for all of the model's")
+    if not _is_count(cfg.warmup_requests, 0):
+        raise bad("warmup_requests", "a non-negative number of requests")
+    device = str(cfg.device)
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise bad("device", "cpu, cuda or cuda:<index>")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ServingRefused(f"device={cfg.device} is GPU-only and there is no CUDA GPU here; on a CPU: {cpu_smoke()}")
 
 
 def serve(cfg: DictConfig) -> list[dict[str, Any]]:
-    """One row per backend of cfg.backends: the same model weights and workload for each."""
-    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ServingRefused(f"device={cfg.device} is GPU-only and there is no CUDA GPU here; on a CPU: {CPU_SMOKE}")
-    if cfg.mode not in ("offline", "online"):
-        raise ValueError(f"mode={cfg.mode!r} is invalid: 'offline' or 'online'")
-    if cfg.mode == "online" and not (cfg.qps and float(cfg.qps) > 0):
-        raise ValueError(f"mode=online needs qps > 0 (got {cfg.qps!r}); python -m experiments.serving.paper "
-                         "derives it from an offline capacity run")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r} is invalid: one of {tuple(DTYPES)}")
+    """One row per backend of cfg.backends: the same model weights and workload for each. What cannot
+    run is refused before anything is built (ServingRefused, UnknownBackend), in one line."""
+    check_config(cfg)
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
-    mcfg = model_config(cfg)
-    full_layers = full_model_config(cfg).num_layers
-    sched = scheduler_config(cfg)
-    wl = workload_config(cfg, mcfg.vocab_size)
-    options = BackendOptions.from_config(_container(cfg.get("backend_options")))
+    try:
+        mcfg = model_config(cfg)
+        full_layers = full_model_config(cfg).num_layers
+        sched = scheduler_config(cfg)
+        wl = workload_config(cfg, mcfg.vocab_size)
+        options = BackendOptions.from_config(_container(cfg.get("backend_options")))
+    except (ValueError, TypeError) as e:
+        raise ServingRefused(str(e)) from None
     for name in backend_names(cfg):
         get_backend(name)            # an unknown name fails here (UnknownBackend), before anything runs
+    warm = generate(warmup_workload(sched.chunk_size, mcfg.vocab_size, int(cfg.seed))) if cfg.warmup else []
+    num_pages = size_kv_cache(cfg, dtype, device, [warm, generate(wl)])
     model = None
     rows = []
     for name in backend_names(cfg):
@@ -140,7 +245,7 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
             else:
                 if model is None:
                     model = LlamaModel(mcfg, dtype=dtype, device=device, seed=int(cfg.seed))
-                row.update(_serve(cfg, name, model, sched, wl, options, full_layers))
+                row.update(_serve(cfg, name, model, sched, wl, options, full_layers, num_pages))
                 row.update(status="ok", reason="")
         except BackendUnavailable as e:
             row.update(status="skipped", reason=str(e))
@@ -163,9 +268,8 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: WorkloadConfig,
-           options: BackendOptions, full_layers: int) -> dict:
+           options: BackendOptions, full_layers: int, num_pages: int) -> dict:
     mcfg, device, dtype = model.cfg, model.device, model.dtype
-    num_pages = kv_pages(cfg, mcfg, full_layers, dtype)
     cache = PagedKVCache(mcfg.num_layers, num_pages, int(cfg.page_size), mcfg.heads, dtype, device,
                          seed=int(cfg.seed))
     engine = Engine(model, cache, sched, backend=backend, plan_per_layer=bool(cfg.plan_per_layer), options=options)

@@ -13,6 +13,9 @@ are not accidentally contiguous (a kernel that assumes neighbouring pages fails 
 """
 from __future__ import annotations
 
+import os
+from typing import Iterable
+
 import torch
 
 from pod.batch import ModelHeads
@@ -20,6 +23,36 @@ from pod.batch import ModelHeads
 
 def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
+
+
+def pages_to_hold(token_counts: Iterable[int], page_size: int, watermark: float = 0.0) -> int:
+    """Pages a pool needs to hold sequences of these lengths all at once with `watermark` of it still
+    free: the scheduler never waits for pages, nor preempts, with this many (more change no schedule)."""
+    total = sum(pages_for(n, page_size) for n in token_counts)
+    return int(total / (1.0 - watermark)) + 1
+
+
+def free_memory_bytes(device: str | torch.device) -> tuple[int, str]:
+    """(bytes new tensors can take on `device` now, where that number comes from): a GPU's free memory
+    (torch.cuda.mem_get_info); on the CPU the memory the OS can give without swapping (psutil's
+    `available`, else MemAvailable of /proc/meminfo, else the free physical pages)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), "free GPU memory"
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available), "available RAM"
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
 
 
 class PageAllocator:
@@ -62,10 +95,15 @@ class PagedKVCache:
         self.allocator = PageAllocator(num_pages, seed)
 
     @staticmethod
+    def page_bytes(num_layers: int, page_size: int, heads: ModelHeads, dtype: torch.dtype) -> int:
+        """Bytes of one page id across the pools: K and V of `page_size` tokens in every layer."""
+        elt = torch.finfo(dtype).bits // 8
+        return 2 * num_layers * page_size * heads.num_kv_heads * heads.head_dim * elt
+
+    @staticmethod
     def num_pages_for_bytes(budget_bytes: int, num_layers: int, page_size: int, heads: ModelHeads,
                             dtype: torch.dtype) -> int:
-        elt = torch.finfo(dtype).bits // 8
-        per_page = 2 * num_layers * page_size * heads.num_kv_heads * heads.head_dim * elt
+        per_page = PagedKVCache.page_bytes(num_layers, page_size, heads, dtype)
         return max(1, int(budget_bytes // per_page))
 
     @property

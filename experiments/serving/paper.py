@@ -1,4 +1,4 @@
-"""The paper's serving experiments (issue 13 item 4), each one command, all of them resumable.
+"""The paper's serving experiments (its Fig. 12 and the online arXiv runs), each one command, all resumable.
 
     python -m experiments.serving.paper                       # every experiment below, in order
     python -m experiments.serving.paper --only fig12_llama3_8b arxiv_online_llama3_8b
@@ -22,11 +22,8 @@ make reproduce puts the GPU's figures (results/figures/h200/ for results/h200/).
 
 `run_paper_serving(results_dir)` is what `make reproduce` calls on a GPU.
 
-GPU time (H200, estimates before any run, 8 of 32 layers; iterations ~ N x P / (chunk - C) + D for
-N requests of P prompt and D output tokens with C decoding at once): ~60 s per backend for
-fig12_yi_6b (128 requests, chunk 512), ~40 s for fig12_llama3_8b (128), ~20 s for fig12_llama2_7b (64),
-~15-20 s per backend for the capacity and each online rate (128), ~4x fig12_llama2_7b for the
-all-layers check: ~12 minutes for all, plus JIT warm-ups. Time grows linearly with num_requests.
+GPU time grows linearly with num_requests and with the iterations `--plan` counts for each schedule
+(the README's serving section turns them into minutes).
 """
 from __future__ import annotations
 
@@ -36,10 +33,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import torch
+from experiments import cli
 
-from experiments.harness.schema import SERVING_SCHEMA, read_rows
-from experiments.serving.experiment import CPU_SMOKE, ServingRefused, serve
+# torch, the schema and the engine are imported where used: `python -m experiments.serving.paper` starts
+# without them, so a Ctrl-C during their import ends in one line (experiments.cli.run).
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
@@ -47,7 +44,7 @@ FIG12 = ("fig12_yi_6b", "fig12_llama3_8b", "fig12_llama2_7b")
 PAPER_EXPERIMENTS = (*FIG12, "arxiv_capacity_llama3_8b", "arxiv_online_llama3_8b", "fig12_llama2_7b_all_layers")
 # What a CPU run of the whole plan overrides (tests, smoke): the tiny model with 4 layers built 2
 # (so the scaled columns are exercised), the fp32 reference backend, a few requests.
-CPU_OVERRIDES = ("serving/model=tiny", "serving/workload=tiny", "serving/scheduler=tiny", "device=cpu",
+CPU_OVERRIDES = ("serving/model=tiny_llama", "serving/workload=tiny", "serving/scheduler=tiny", "device=cpu",
                  "dtype=float32", "backends=[reference]", "serving.model.num_layers=4", "num_layers=2",
                  "num_pages=64", "num_requests=6", "warmup_requests=0", "online.rate_backend=reference")
 
@@ -60,6 +57,8 @@ def compose_experiment(name: str, overrides: Sequence[str] = ()):
 
 
 def _device_slug(device: str) -> str:
+    import torch
+
     from experiments.harness.provenance import device_slug
     return device_slug(torch.device(device))
 
@@ -69,6 +68,7 @@ def rows_file(serving_dir: Path, experiment: str, device: str) -> Path:
 
 
 def _ok_rows(path: Path):
+    from experiments.harness.schema import SERVING_SCHEMA, read_rows
     if not path.exists():
         return None
     df = read_rows(path, SERVING_SCHEMA)
@@ -160,17 +160,22 @@ def _serve_missing(cfg, serving_dir: Path, load: float | None = None) -> list[di
     print(f"[serving] {where}: {', '.join(todo)} -> {path}", flush=True)
     cfg.backends = todo
     cfg.out_dir = str(serving_dir)
+    from experiments.serving.experiment import serve
     return serve(cfg)
 
 
 def run_experiment(name: str, serving_dir: str | Path, overrides: Sequence[str] = (),
                    fresh: bool = False) -> list[dict[str, Any]]:
     """One preset's missing rows (online: per load, the capacity experiment first if it has no rows)."""
+    import torch
+
+    from experiments.harness.schema import SERVING_SCHEMA, read_rows
+    from experiments.serving.experiment import ServingRefused, cpu_smoke
     serving_dir = Path(serving_dir)
     cfg = compose_experiment(name, overrides)
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ServingRefused(f"serving experiment {name} is GPU-sized (device={cfg.device}) and there is "
-                             f"no CUDA GPU here; on a CPU: {CPU_SMOKE}")
+                             f"no CUDA GPU here; on a CPU: {cpu_smoke()}")
     if fresh:
         _remove(rows_file(serving_dir, cfg.sweep_name, cfg.device))
     if cfg.mode != "online":
@@ -202,17 +207,22 @@ def schedule_plan(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     in the steady window (first finish .. last prefill; metrics.steady_rate_per_min). What the GPU run
     will do, in iterations: the number to budget GPU time with (time ~ iterations x iteration time)."""
     import dataclasses
-    from experiments.serving.experiment import (full_model_config, kv_pages, model_config, scheduler_config,
-                                                workload_config)
-    from experiments.serving.kv_cache import PageAllocator
+
+    import torch
+
+    from experiments.serving.experiment import kv_pages, model_config, scheduler_config, workload_config
+    from experiments.serving.kv_cache import PageAllocator, pages_to_hold
     from experiments.serving.scheduler import Request, Scheduler
     from experiments.serving.workload import generate
     cfg = compose_experiment(name, [*overrides, "qps=1.0"])
     mcfg = model_config(cfg)
-    pages = kv_pages(cfg, mcfg, full_model_config(cfg).num_layers, torch.bfloat16)
-    sched = Scheduler(scheduler_config(cfg), PageAllocator(pages, int(cfg.seed)), int(cfg.page_size))
+    scfg = scheduler_config(cfg)
     wl = dataclasses.replace(workload_config(cfg, 2), qps=None)
-    reqs = [Request.from_spec(r) for r in generate(wl)]
+    specs = generate(wl)
+    need = pages_to_hold([len(r.prompt) + r.output_len for r in specs], int(cfg.page_size), scfg.watermark)
+    pages = kv_pages(cfg, torch.bfloat16, need_pages=need)
+    sched = Scheduler(scfg, PageAllocator(pages, int(cfg.seed)), int(cfg.page_size))
+    reqs = [Request.from_spec(r) for r in specs]
     for r in reqs:
         sched.add(r)
     its = hybrid = decode_only = max_decodes = 0
@@ -236,12 +246,19 @@ def run_paper_serving(results_dir: str | Path, experiments: Sequence[str] | None
     """Run the paper's serving experiments into <results_dir>/serving/ (what is missing only) and build
     the serving figures into `figures_dir` (default make reproduce's, results/figures/<gpu>). Returns summary lines.
     On a machine without a GPU the GPU-sized presets are refused (ServingRefused) before anything runs;
-    pass CPU_OVERRIDES for a CPU run of the machinery."""
+    pass CPU_OVERRIDES for a CPU run of the machinery. A preset whose KV pool does not fit this GPU
+    (KVCacheTooLarge) is said in one line and skipped; the others run."""
+    from experiments.serving.experiment import KVCacheTooLarge
     results_dir = Path(results_dir)
     serving_dir = results_dir / "serving"
     done = []
     for name in experiments or PAPER_EXPERIMENTS:
-        rows = run_experiment(name, serving_dir, overrides, fresh)
+        try:
+            rows = run_experiment(name, serving_dir, overrides, fresh)
+        except KVCacheTooLarge as e:     # this card is smaller than the preset's: the others still run
+            print(f"[serving] {name} refused: {e}", file=sys.stderr, flush=True)
+            done.append(f"serving {name}: refused, {e}")
+            continue
         bad = [r for r in rows if r["status"] != "ok"]
         done.append(f"serving {name}: {len(rows)} new rows"
                     + (f" ({len(bad)} not ok: {', '.join(r['backend'] + ' ' + r['status'] for r in bad)})"
@@ -265,10 +282,14 @@ def build_figures(serving_dir: Path, out: Path) -> list[str]:
             else f"no timed serving rows under {serving_dir}/: no serving figures"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line: options, then `--only NAME ...`, then Hydra overrides (key=value) for every
+    experiment. argparse hands --only every word after it, so the words with an `=` are moved to the
+    overrides; a name that is no experiment is an error."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="+", default=None, choices=PAPER_EXPERIMENTS, metavar="NAME",
-                    help=f"experiments to run (default: all of {', '.join(PAPER_EXPERIMENTS)})")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help=f"experiments to run (default: all of {', '.join(PAPER_EXPERIMENTS)}); "
+                         "Hydra overrides may follow the names")
     ap.add_argument("--results", type=Path, default=None,
                     help="folder holding serving/ and figures/ (default results/<gpu>, e.g. results/h200)")
     ap.add_argument("--figures", type=Path, default=None,
@@ -281,6 +302,24 @@ def main(argv=None) -> int:
                     help="the whole plan on the CPU with the tiny model (the machinery, no timings)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every experiment (e.g. num_requests=32)")
     args = ap.parse_args(argv)
+    if args.only is not None:
+        args.overrides = [w for w in args.only if "=" in w] + args.overrides
+        args.only = [w for w in args.only if "=" not in w]
+        unknown = [w for w in args.only if w not in PAPER_EXPERIMENTS]
+        if unknown or not args.only:
+            ap.error(f"--only {' '.join(unknown) or '(no name)'}: not an experiment; one of "
+                     f"{', '.join(PAPER_EXPERIMENTS)}")
+    bad = [w for w in args.overrides if "=" not in w]
+    if bad:
+        ap.error(f"{' '.join(bad)}: not a Hydra override (key=value); experiment names go after --only")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from experiments.serving.experiment import ServingRefused
     overrides = [*(CPU_OVERRIDES if args.cpu else ()), *args.overrides]
     device = "cpu" if args.cpu else "cuda"
     if args.results is not None:
@@ -306,4 +345,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("serving", main))
