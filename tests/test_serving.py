@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from pod.reference import reference
 from baselines.registry import AttentionOutput, Backend, get_backend
-from experiments.serving.engine import Engine
+from experiments.serving.engine import Engine, _Marks
 from experiments.serving.experiment import model_config, serve
 from experiments.serving.kv_cache import PageAllocator, PagedKVCache, pages_for
 from experiments.harness.schema import SERVING_COLUMNS
@@ -130,6 +132,57 @@ def test_plan_reuse_rebinds_tensors_and_verify_catches_stale_plans():
     engine.backend = _backend(_copying_reference)
     run = engine.run(specs)
     assert run.attn_err == 0.0
+    assert_matches_full_forward(engine, run)
+
+
+class _FakeCudaStream:
+    """The completion rule of CUDA events on one stream, on the CPU: an event is complete once the host
+    has synchronized on it or on a later event of the stream (nothing completes on its own)."""
+
+    def __init__(self):
+        self.recorded, self.completed = 0, 0
+
+
+class _FakeCudaEvent:
+    stream: _FakeCudaStream
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing, "elapsed_time needs enable_timing=True"
+        self.seq, self.t = None, None
+
+    def record(self, stream=None):
+        self.stream.recorded += 1
+        self.seq, self.t = self.stream.recorded, time.perf_counter()
+
+    def synchronize(self):
+        self.stream.completed = max(self.stream.completed, self.seq)
+
+    def query(self) -> bool:
+        return self.seq is not None and self.seq <= self.stream.completed
+
+    def elapsed_time(self, end: "_FakeCudaEvent") -> float:
+        if self.seq is None or end.seq is None:
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        if not (self.query() and end.query()):
+            raise RuntimeError("Both events must be completed before calculating elapsed time.")
+        return (end.t - self.t) * 1e3
+
+
+def test_engine_reads_cuda_event_times_only_after_they_complete(monkeypatch):
+    """The GPU timing path on the CPU: events that complete only when the host syncs on them. An
+    iteration whose prefill chunk completes no prompt samples no token, so copying its (empty) sampled
+    tokens to the host is no sync; the engine must wait on its last event before reading times."""
+    seed = random.randrange(1 << 30)
+    monkeypatch.setattr(_FakeCudaEvent, "stream", _FakeCudaStream(), raising=False)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeCudaEvent)
+    engine = make_engine(seed, chunk_size=16)
+    engine.marks = _Marks(torch.device("cuda"))           # CUDA events; everything else stays on the CPU
+    specs = tiny_requests(2, seed, low=40, high=60)       # prompts of 3-4 chunks: iterations sample nothing
+    run = engine.run(specs)
+    assert any(i.num_decode == 0 and i.num_prefill_tokens == 16 for i in run.iterations)
+    for i in run.iterations:
+        assert 0.0 <= i.attention_ms <= i.forward_ms and 0.0 <= i.plan_ms <= i.forward_ms
+        assert math.isfinite(i.layer_ms) and i.layer_ms >= 0.0
     assert_matches_full_forward(engine, run)
 
 
