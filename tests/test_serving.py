@@ -339,3 +339,19 @@ def test_unknown_backend_and_a_missing_gpu_are_refused_before_anything_is_built(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(experiment.ServingRefused, match="GPU-only.*device=cpu"):
         serve(gpu)
+
+
+def test_gpu_checks_serving_step_runs_the_engine_and_refuses_without_a_gpu(monkeypatch):
+    """`python -m experiments.gpu_checks serving`: importable and refused in one line on a CPU; its logic
+    (engine iterations, the pass rule, skipped rows for missing packages) run here with the reference."""
+    from experiments import gpu_checks
+    rows = gpu_checks.check_serving(("reference", "fi_serial"), device=torch.device("cpu"), out=lambda s: None)
+    ref, fi = rows
+    assert ref["ok"] and ref["tokens_ok"] and ref["logits_finite"] and ref["times_finite"], ref
+    assert ref["attn_err"] < 2e-2 and ref["hybrid_iterations"] > 0
+    if get_backend("fi_serial").availability() is not None:
+        assert fi["ok"] and fi["skipped"]                    # optional: a skipped row, not a failure
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="GPU only"):
+        gpu_checks.main(["serving"])
+    assert "serving" in gpu_checks.__doc__
