@@ -18,7 +18,7 @@ import torch
 
 import baselines.flashinfer as fib
 import baselines.torch_fa as tfa
-from pod.batch import BatchSpec, make_batch
+from pod.batch import BatchSpec, ModelHeads, make_batch
 from pod.reference import max_rel_error, reference
 from baselines.registry import BackendOptions, BackendUnavailable, always_available, get_backend, list_backends
 
@@ -90,22 +90,60 @@ def _kv_lens(indptr, last_page_len, page_size):
             for b in range(len(last_page_len))]
 
 
+H200_SMS = 132
+
+
+def fa2_plan_float_bytes(qo_lens, kv_pages, hq, hkv, head_dim, page_size, num_sms=H200_SMS) -> int:
+    """Float workspace bytes FlashInfer 0.6.6's FA2 planner takes for one plan (PrefillPlan and
+    PrefillSplitQOKVIndptr in include/flashinfer/attention/scheduler.cuh, rewritten here): queries are
+    packed with their GQA group into cta_tile_q-row tiles; KV is split (binary search on the chunk, in
+    pages) only while the tiles fit 2 CTAs per SM / num_kv_heads; a split plan reserves tmp_v
+    [hq x tiles x cta_tile_q x head_dim] and tmp_s [hq x tiles x cta_tile_q] fp32, 16-byte aligned."""
+    packed = [q * (hq // hkv) for q in qo_lens]
+    avg = sum(packed) // len(packed)
+    cta = 128 if avg > 64 and head_dim < 256 else 64 if avg > 16 else 16
+    max_tiles = 2 * num_sms // hkv
+    kv = [max(k, 1) for k in kv_pages]
+
+    def tiles(chunk):
+        return sum(-(-p // cta) * -(-k // chunk) for p, k in zip(packed, kv))
+    lo, hi = max(128 // page_size, 1), max([1] + kv)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if tiles(mid) > max_tiles else (lo, mid)
+    if not lo < max([1] + kv):
+        return 0                                  # no split: nothing in the float workspace
+    n = tiles(lo)
+    return -(-hq * n * cta * head_dim * 4 // 16) * 16 + hq * n * cta * 4
+
+
 class _Wrapper:
     log: list
+    workspace_bytes: int = 0
 
     def _plan_common(self, kw, page_size):
         self.scale, self.page_size = kw["sm_scale"], page_size
         assert kw["q_data_type"] == kw["kv_data_type"] and kw["q_data_type"] in (torch.bfloat16, torch.float16)
+
+    def _fit(self, qo_indptr, indptr, hq, hkv, d, page_size):
+        """FlashInfer's plan-time check: the split-KV partials must fit the float workspace."""
+        need = fa2_plan_float_bytes(qo_indptr.diff().tolist(), indptr.diff().tolist(), hq, hkv, d, page_size)
+        if need > self.workspace_bytes:
+            raise RuntimeError(f"Buffer overflow when allocating memory for batch_prefill_tmp_s with size "
+                               f"{need} and alignment 16, but only {self.workspace_bytes} bytes available in "
+                               f"AlignedAllocator. Increase the workspace buffer size.")
 
 
 def make_fake_flashinfer(log):
     class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout, backend="auto"):
             assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            self.workspace_bytes = workspace.numel()
             log.append(("prefill", backend))
 
         def plan(self, qo_indptr, indptr, indices, last_page_len, hq, hkv, d, page_size, causal, **kw):
             self._plan_common(kw, page_size)
+            self._fit(qo_indptr, indptr, hq, hkv, d, page_size)
             self.csr = (qo_indptr, indptr, indices, _kv_lens(indptr, last_page_len, page_size))
             self.causal = causal
 
@@ -115,11 +153,14 @@ def make_fake_flashinfer(log):
 
     class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout, use_tensor_cores=False):
-            assert kv_layout == "NHD"
+            assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            self.workspace_bytes = workspace.numel()
             log.append(("decode", use_tensor_cores))
 
         def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
             self._plan_common(kw, page_size)
+            # The tensor-core decode plans with the FA2 prefill planner, one query row a request.
+            self._fit(torch.arange(indptr.numel(), dtype=torch.int32), indptr, hq, hkv, d, page_size)
             self.csr = (indptr, indices, _kv_lens(indptr, last_page_len, page_size))
 
         def run(self, q, kv):
@@ -144,10 +185,12 @@ def make_fake_flashinfer(log):
 
     class PODWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout):
+            self.workspace_bytes = workspace.numel()
             log.append(("pod",))
 
         def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
             self._plan_common(kw, page_size)
+            self._fit(torch.arange(indptr.numel(), dtype=torch.int32), indptr, hq, hkv, d, page_size)
             self.csr = (indptr, indices, _kv_lens(indptr, last_page_len, page_size))
 
         def run(self, q_p, k_p, v_p, q_d, kv, causal_p=False, sm_scale_p=None):
@@ -159,10 +202,13 @@ def make_fake_flashinfer(log):
 
     class BatchPODWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout):
+            self.workspace_bytes = workspace.numel() // 2      # torch.chunk(workspace, 2): a half a plan
             log.append(("batch_pod",))
 
         def plan(self, qo_p, ip_p, ix_p, last_p, qo_d, ip_d, ix_d, last_d, hq, hkv, d, page_size, **kw):
             self._plan_common(kw, page_size)
+            self._fit(qo_p, ip_p, hq, hkv, d, page_size)
+            self._fit(qo_d, ip_d, hq, hkv, d, page_size)
             self.p = (qo_p, ip_p, ix_p, _kv_lens(ip_p, last_p, page_size))
             self.d = (qo_d, ip_d, ix_d, _kv_lens(ip_d, last_d, page_size))
 
@@ -321,8 +367,10 @@ def fake_fi(monkeypatch):
     log = []
     fake = make_fake_flashinfer(log)
     monkeypatch.setattr(fib, "_fi", lambda: fake)
-    monkeypatch.setattr(fib, "WORKSPACE_BYTES", 1024)
     monkeypatch.setattr(fib, "_WORKSPACES", {})
+    monkeypatch.setattr(fib, "num_sms", lambda device: H200_SMS)
+    # Workspaces of hundreds of MB: sized, never touched by the stand-ins, so none is allocated.
+    monkeypatch.setattr(fib, "_allocate", lambda n, device: torch.empty(n, dtype=torch.uint8, device="meta"))
     return log
 
 
@@ -349,9 +397,46 @@ def test_flashinfer_wrappers_match_reference(name, shape, page_size, fake_fi, mo
         assert fake_fi == [("prefill", "fa2")]
 
 
-def test_flashinfer_workspace_is_shared_and_zeroed(fake_fi):
-    a = fib.workspace(torch.device("cpu"))
-    assert a is fib.workspace("cpu") and a.numel() == 1024 and not a.any()
+def test_flashinfer_workspace_is_shared_grown_and_zeroed(monkeypatch):
+    monkeypatch.setattr(fib, "_WORKSPACES", {})
+    a = fib.workspace(torch.device("cpu"), 1024)
+    assert a is fib.workspace("cpu", 512) and a.numel() == 1024 and a.dtype == torch.uint8 and not a.any()
+    b = fib.workspace("cpu", 4096)
+    assert b.numel() == 4096 and not b.any() and fib.workspace("cpu", 1024) is b
+
+
+# The MQA batch of issue 17 (32 q heads over 1 KV head, chunk 512 over 2048 + 64 decodes of 2048, 16-token
+# pages): its decodes alone took 270 MB of split-KV partials on the H200, past the fixed 256 MiB.
+MQA_ISSUE = BatchSpec.build(32, 1, 128, prefill=[(512, 2048)], decode=[2048] * 64, page_size=16)
+
+
+@pytest.mark.parametrize("name", ["fi_serial", "fi_batched", "fi_pod", "fi_batch_pod"])
+def test_flashinfer_workspace_fits_the_mqa_batch(name, fake_fi):
+    decode_pages = [2048 // 16] * 64
+    assert fa2_plan_float_bytes([1] * 64, decode_pages, 32, 1, 128, 16) > 256 * 2**20   # the old size
+    batch = make_batch(MQA_ISSUE, seed=0)
+    get_backend(name).setup(batch, BackendOptions(fi_prefill_backend="fa2"))   # the stand-ins' plans check
+
+
+def test_float_workspace_bound_covers_flashinfers_planner():
+    """float_workspace_bytes against the planner rewritten above, on ragged batches of every GQA ratio
+    (MHA to MQA), head_dim 64/128, page sizes 1 (ragged) to 64, for GPUs of 78 to 148 SMs."""
+    gen = torch.Generator().manual_seed(17)
+    for hq, hkv in ((32, 32), (32, 8), (32, 4), (32, 1), (64, 1), (8, 1)):
+        for d in (64, 128):
+            for sms in (78, 132, 148):
+                bound = fib.float_workspace_bytes(ModelHeads(hq, hkv, d), sms)
+                for page in (1, 16, 64):
+                    for _ in range(8):
+                        n = int(torch.randint(1, 300, (), generator=gen))
+                        qo = torch.randint(1, 3, (n,), generator=gen) ** torch.randint(0, 12, (n,), generator=gen)
+                        kv_tokens = qo + torch.randint(0, 20000, (n,), generator=gen)
+                        pages = (kv_tokens + page - 1) // page
+                        need = fa2_plan_float_bytes(qo.tolist(), pages.tolist(), hq, hkv, d, page, sms)
+                        assert need <= bound, (hq, hkv, d, sms, page, n)
+    assert fib.float_workspace_bytes(ModelHeads(32, 8, 128), 132) == fib.MIN_WORKSPACE_BYTES
+    two = fib.float_workspace_bytes(ModelHeads(32, 1, 128), 132, plans=2)
+    assert two % (2 * 2**20) == 0 and two > fib.float_workspace_bytes(ModelHeads(32, 1, 128), 132)  # halves aligned
 
 
 def test_prefill_backend_option_defaults_to_auto_and_is_checked():
@@ -370,14 +455,18 @@ def test_gpu_smoke_sweep_checks_every_baseline_and_skips_on_cpu(tmp_path):
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("attention", overrides=["sweep=gpu_smoke", "backend=baselines", f"results_dir={tmp_path}",
                                               "wandb.enabled=false", "progress=false"])
-    assert len(expand_points(cfg.sweep, {m: cfg.models[m] for m in cfg.models})) == 4
+    points = expand_points(cfg.sweep, {m: cfg.models[m] for m in cfg.models})
+    assert len(points) == 7
+    mqa = [p.spec for p in points if p.spec.heads.num_kv_heads == 1]
+    assert len(mqa) == 3 and MQA_ISSUE.kv_lens in [m.kv_lens for m in mqa]     # issue 17's batch is one
     if torch.cuda.is_available():
         return
     with pytest.raises(SweepRefused, match="sweep=gpu_smoke is GPU-only"):
         run_sweep(cfg)
     cfg.sweep.gpu_only = False                      # run anyway: every baseline says why it cannot
+    cfg.cpu_max_kv_tokens = 10**6                   # (no batch is built: unavailable backends skip first)
     df = run_sweep(cfg)
-    assert len(df) == 4 * 8 and (df.status == "skipped").all()
+    assert len(df) == 7 * len(cfg.backend.names) and (df.status == "skipped").all()
     assert df.reason.str.contains("GPU|CUDA|flashinfer").all()
 
 
