@@ -480,3 +480,224 @@ def test_prepare_warms_a_kernel_once_per_specialisation(monkeypatch):
     ours._warm_once(("k", 1), lambda: calls.append(2))
     ours._warm_once(("k", 2), lambda: calls.append(3))
     assert calls == [1, 3]
+
+
+# -- one-launch varlen baselines: FlashAttention-4 (fa_varlen) and vLLM's unified attention ------------
+import baselines.flash_attn4 as fa4b  # noqa: E402
+import baselines.vllm_triton as vub  # noqa: E402
+from baselines.common import hybrid_q_source, joined_rows, varlen_layout  # noqa: E402
+
+VARLEN_NAMES = ("fa_varlen", "vllm_unified")
+
+
+def _varlen_keys(k, v, b, page_table, seqused_k, cu_seqlens_k):
+    """Sequence b's keys and values as the varlen contract defines them (pages or cu_seqlens_k)."""
+    if page_table is not None:
+        n = int(seqused_k[b])
+        pages = page_table[b, :math.ceil(n / k.shape[1])].long()
+        return k[pages].flatten(0, 1)[:n], v[pages].flatten(0, 1)[:n]
+    a, e = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+    return k[a:e], v[a:e]
+
+
+def _varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, page_table, seqused_k,
+                      cu_seqlens_k, causal, scale):
+    _check_indptr(cu_seqlens_q, q.shape[0])
+    lq = cu_seqlens_q.diff().tolist()
+    assert max_seqlen_q == max(lq), "max_seqlen_q sizes the grid: the exact maximum"
+    for t in (cu_seqlens_q, seqused_k, page_table, cu_seqlens_k):
+        assert t is None or (t.dtype == torch.int32 and t.stride(-1) == 1)
+    out = torch.full_like(q, float("nan"))
+    lens = []
+    for b in range(len(lq)):
+        kb, vb = _varlen_keys(k, v, b, page_table, seqused_k, cu_seqlens_k)
+        lens.append(kb.shape[0])
+        a = int(cu_seqlens_q[b])
+        out[a:a + lq[b]] = _attend_rows(q[a:a + lq[b]], kb, vb, causal, scale)
+    assert max_seqlen_k == max(lens)
+    return out
+
+
+def fake_flash_attn_cute(calls):
+    """flash_attn.cute's flash_attn_varlen_func, from its docstring (paged: page_table + seqused_k, no
+    cu_seqlens_k; contiguous: cu_seqlens_k), returning (out, lse)."""
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                               max_seqlen_k=None, seqused_k=None, page_table=None, softmax_scale=None,
+                               causal=False, num_splits=1):
+        assert num_splits == 1, "sm_90 refuses num_splits > 1"
+        assert (page_table is None) != (cu_seqlens_k is None), "page_table is not supported with cu_seqlens_k"
+        assert q.is_contiguous() and q.dtype == k.dtype == v.dtype
+        out = _varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, page_table, seqused_k,
+                                cu_seqlens_k, causal, softmax_scale)
+        calls.append(dict(rows=q.shape[0], seqs=cu_seqlens_q.numel() - 1, causal=causal,
+                          paged=page_table is not None))
+        return out, None
+    return SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+
+
+def fake_unified_attention(calls):
+    """vLLM's unified_attention, from its signature and vLLM's TRITON_ATTN call: writes `out`."""
+    def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                          causal, window_size, block_table, softcap, q_descale, k_descale, v_descale,
+                          seq_threshold_3D=None, num_par_softmax_segments=None, softmax_segm_output=None,
+                          softmax_segm_max=None, softmax_segm_expsum=None):
+        assert window_size == (-1, -1) and softcap == 0 and q_descale is k_descale is v_descale is None
+        assert out.shape == q.shape and out.dtype == q.dtype and block_table.shape[0] == seqused_k.shape[0]
+        hq, hkv, d = q.shape[1], k.shape[2], q.shape[2]
+        assert seq_threshold_3D == 128 // hkv and num_par_softmax_segments == 16
+        rows = softmax_segm_max.shape[0]
+        assert softmax_segm_output.shape == (rows, hq, 16, triton_next_pow2(d)) and rows >= 1
+        assert softmax_segm_max.shape == softmax_segm_expsum.shape == (rows, hq, 16)
+        out.fill_(float("nan"))
+        out.copy_(_varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table, seqused_k,
+                                    None, causal, softmax_scale))
+        calls.append(dict(rows=q.shape[0], seqs=cu_seqlens_q.numel() - 1, causal=causal, paged=True))
+    return unified_attention
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@pytest.fixture
+def fake_varlen(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fa4b, "_fa4", lambda: fake_flash_attn_cute(calls))
+    monkeypatch.setattr(vub, "_unified_attention", lambda: fake_unified_attention(calls))
+    return calls
+
+
+def test_varlen_baselines_are_registered():
+    backends = list_backends()
+    assert backends["fa_varlen"].layouts == {"contiguous", "paged"}
+    assert backends["vllm_unified"].layouts == {"paged"}
+    for name in VARLEN_NAMES:
+        assert backends[name].computes == {"prefill", "decode"}
+
+
+def test_varlen_baselines_say_what_is_missing(monkeypatch, tmp_path):
+    if not torch.cuda.is_available():
+        for name, module in zip(VARLEN_NAMES, (fa4b, vub)):
+            why = get_backend(name).unavailable_reason()
+            assert why.startswith("GPU only") and "CUDA" in why, why
+            if module._installed(module.DISTRIBUTION) is None:
+                assert module.DISTRIBUTION in why and module.INSTALL_HINT in why
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(fa4b, "_installed", lambda d: None)
+    monkeypatch.setattr(vub, "_installed", lambda d: None)
+    for module, availability, seam in ((fa4b, fa4b.fa4_availability, fa4b._fa4),
+                                       (vub, vub.vllm_availability, vub._unified_attention)):
+        why = availability()
+        assert "GPU only" not in why and module.DISTRIBUTION in why and module.INSTALL_HINT in why
+        with pytest.raises(BackendUnavailable):
+            seam()
+    # Installed but not importable: the import error is the reason (FA4's missing cutlass: the PYTHONPATH hint).
+    monkeypatch.setattr(fa4b, "_installed", lambda d: "4.0.0b36")
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("import cutlass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute", "cutlass"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    fa4b._import_error.cache_clear()
+    try:
+        why = fa4b.fa4_availability()
+        assert "cutlass" in why and "dsl_packages" in why
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+        assert "sm_90" in fa4b.fa4_availability()
+    finally:
+        fa4b._import_error.cache_clear()
+        for name in ("flash_attn", "flash_attn.cute"):
+            sys.modules.pop(name, None)
+    monkeypatch.setattr(vub, "_installed", lambda d: "0.34.0")
+    monkeypatch.setattr(vub, "KERNEL_MODULES", ("no_such_vllm_for_test.ops",))
+    vub._kernel_module.cache_clear()
+    try:
+        assert "no_such_vllm_for_test" in vub.vllm_availability()
+    finally:
+        vub._kernel_module.cache_clear()
+
+
+@pytest.mark.parametrize("page_size", [16, 4, None])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}-{len(s[0]['prefill'])}p{len(s[0]['decode'])}d")
+def test_varlen_layout_maps_our_batch(shape, page_size):
+    """The index tensors fa_varlen and vllm_unified hand their kernels, checked without the packages."""
+    parts, heads, dtype = shape
+    batch = make_batch(_spec(**parts, heads=heads, dtype=dtype, page_size=page_size), seed=1)
+    lay = varlen_layout(batch)
+    spec, n_p = batch.spec, batch.q_prefill.shape[0]
+    chunk_ends = torch.tensor([0] + [c.chunk_len for c in spec.prefill_chunks]).cumsum(0).tolist()
+    assert lay.cu_seqlens_q.tolist() == chunk_ends + [n_p + i + 1 for i in range(spec.num_decode)]
+    assert lay.seqused_k.tolist() == list(spec.kv_lens) and lay.seqused_k.dtype == torch.int32
+    assert lay.max_seqlen_q == max([c.chunk_len for c in spec.prefill_chunks] + [1] * bool(spec.num_decode))
+    assert lay.max_seqlen_k == max(spec.kv_lens)
+    assert (lay.page_table is None) == (page_size is None) != (lay.cu_seqlens_k is None)
+    for s, n in enumerate(spec.kv_lens):       # every sequence's keys through the varlen indices
+        k, v = _varlen_keys(batch.k_cache, batch.v_cache, s, lay.page_table, lay.seqused_k, lay.cu_seqlens_k)
+        k_ref, v_ref = batch.sequence_kv(s)
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref) and k.shape[0] == n
+
+
+def test_hybrid_q_source_views_adjacent_queries_and_copies_others():
+    q = torch.randn(7, 4, 64)
+    batch = make_batch(_spec(**MIXED, page_size=16), seed=2)
+    separate = hybrid_q_source(batch)()                # make_batch's q tensors are separate: one copy
+    assert torch.equal(separate, torch.cat([batch.q_prefill, batch.q_decode]))
+    assert separate.data_ptr() not in (batch.q_prefill.data_ptr(), batch.q_decode.data_ptr())
+    # The serving engine's layout: both parts are slices of one q, re-pointed (Tensor.set_) every layer.
+    batch.q_prefill = torch.empty(0).set_(q[:4])
+    batch.q_decode = torch.empty(0).set_(q[4:])
+    source = hybrid_q_source(batch)
+    assert source().data_ptr() == q.data_ptr() and torch.equal(source(), q)
+    q2 = torch.randn(7, 4, 64)
+    batch.q_prefill.set_(q2[:4])
+    batch.q_decode.set_(q2[4:])
+    assert source().data_ptr() == q2.data_ptr() and torch.equal(source(), q2)
+    assert joined_rows(q[:0], q[3:]).data_ptr() == q[3:].data_ptr() and joined_rows(q[:2], q[3:]) is None
+
+
+@pytest.mark.parametrize("page_size", [16, 4, None])
+@pytest.mark.parametrize("shape", SHAPES + [(dict(prefill=[(23, 40)], decode=[33, 7, 90]), (32, 1, 64), "bfloat16")],
+                         ids=lambda s: f"{s[1]}-{len(s[0]['prefill'])}p{len(s[0]['decode'])}d")
+@pytest.mark.parametrize("name", VARLEN_NAMES)
+def test_varlen_baselines_match_reference(name, shape, page_size, fake_varlen):
+    parts, heads, dtype = shape
+    batch = make_batch(_spec(**parts, heads=heads, dtype=dtype, page_size=page_size),
+                       seed=torch.randint(0, 2**31, ()).item())
+    backend = get_backend(name)
+    if page_size is None and name == "vllm_unified":
+        assert "paged" in dataclasses.replace(backend, availability=always_available).unavailable_reason(batch)
+        with pytest.raises(BackendUnavailable, match="paged"):
+            backend.setup(batch)
+        return
+    run = backend.setup(batch)
+    assert fake_varlen == []                            # prepare launches nothing
+    _assert_matches_reference(batch, run())
+    n_p, n_d = batch.spec.num_prefill, batch.spec.num_decode
+    assert fake_varlen == [dict(rows=batch.q_prefill.shape[0] + n_d, seqs=n_p + n_d, causal=True,
+                                paged=page_size is not None)]      # ONE launch for the whole batch
+    assert run.backend_config["package"].startswith(("flash-attn-4", "vllm"))
+
+
+@pytest.mark.parametrize("name", VARLEN_NAMES)
+def test_varlen_baselines_serve_with_one_plan_per_iteration(name, fake_varlen):
+    """In the serving engine the plan is made once an iteration and q re-pointed at every layer: the
+    one-launch backends read a view of the engine's q (no stale prepare-time copy), so every layer's
+    attention matches the reference without plan_per_layer."""
+    from experiments.serving.engine import Engine
+    from experiments.serving.kv_cache import PagedKVCache
+    from experiments.serving.model import LlamaModel, ModelConfig
+    from experiments.serving.scheduler import SchedulerConfig
+    from experiments.serving.workload import LengthDist, WorkloadConfig, generate
+    cfg = ModelConfig("tiny", hidden_size=64, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=128, vocab_size=128, max_position=512)
+    model = LlamaModel(cfg, dtype=torch.float32, device="cpu", seed=3)
+    cache = PagedKVCache(cfg.num_layers, 32, 16, cfg.heads, torch.float32, "cpu", seed=3, fill=float("nan"))
+    engine = Engine(model, cache, SchedulerConfig(24, max_num_seqs=4, watermark=0.0), verify=True)
+    engine.backend = dataclasses.replace(get_backend(name), availability=always_available)
+    specs = generate(WorkloadConfig(3, LengthDist("uniform", low=20, high=60), LengthDist("uniform", low=2, high=4),
+                                    vocab_size=cfg.vocab_size, seed=3))
+    run = engine.run(specs)
+    assert any(i.num_prefill and i.num_decode for i in run.iterations)
+    assert run.attn_err < 1e-4       # a q copied at prepare time would be layer 0's from layer 1 on
+    assert len(fake_varlen) == cfg.num_layers * len(run.iterations)   # one launch a layer
