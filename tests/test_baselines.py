@@ -8,6 +8,8 @@ outputs: a row a wrapper forgets to send stays NaN and fails the comparison with
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
 import sys
 from pathlib import Path
@@ -216,9 +218,29 @@ def make_fake_flashinfer(log):
             return (_paged_attention(q_p, self.p[0], kv_p, *self.p[1:], causal_p, self.scale),
                     _paged_attention(q_d, self.d[0], kv_d, *self.d[1:], False, self.scale))
 
+    class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
+        def __init__(self, workspace, kv_layout, backend="auto"):
+            assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            self.workspace_bytes = workspace.numel()
+            log.append(("ragged", backend))
+
+        def plan(self, qo_indptr, kv_indptr, hq, hkv, d, causal=False, **kw):
+            self._plan_common(kw, 1)
+            self._fit(qo_indptr, kv_indptr, hq, hkv, d, 1)       # ragged KV: the planner's "pages" are tokens
+            self.indptr, self.causal = (qo_indptr, kv_indptr), causal
+
+        def run(self, q, k, v):
+            qo, kv = self.indptr
+            _check_indptr(qo, q.shape[0])
+            out = torch.full_like(q, float("nan"))
+            for b in range(qo.numel() - 1):
+                qa, qb, ka, kb = int(qo[b]), int(qo[b + 1]), int(kv[b]), int(kv[b + 1])
+                out[qa:qb] = _attend_rows(q[qa:qb], k[ka:kb], v[ka:kb], self.causal, self.scale)
+            return out
+
     return SimpleNamespace(**{c.__name__: c for c in (
         BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper, BatchAttention,
-        PODWithPagedKVCacheWrapper, BatchPODWithPagedKVCacheWrapper)})
+        PODWithPagedKVCacheWrapper, BatchPODWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper)})
 
 
 # -- batches: uneven lengths, none a multiple of the page size; mixed, prefill-only, decode-only ----
@@ -395,6 +417,61 @@ def test_flashinfer_wrappers_match_reference(name, shape, page_size, fake_fi, mo
         assert run.backend_config == {"prefill_backend": "fa2", "decode_tensor_cores": True}
     if name == "fi_batched":
         assert fake_fi == [("prefill", "fa2")]
+
+
+def test_flashinfer_prefill_ragged_matches_reference(fake_fi):
+    for parts, heads, dtype in SHAPES:
+        batch = make_batch(_spec(**parts, heads=heads, dtype=dtype), seed=torch.randint(0, 2**31, ()).item())
+        if not batch.spec.num_prefill:
+            with pytest.raises(BackendUnavailable, match="no prefill"):
+                get_backend("fi_prefill_ragged").setup(batch)
+            continue
+        out = get_backend("fi_prefill_ragged").setup(batch, BackendOptions(fi_prefill_backend="fa2"))()
+        assert out.decode is None
+        assert max_rel_error(out.prefill, reference(batch)[0]) < TOL
+
+
+# The parameter lists of FlashInfer's wrapper methods in each release we run (scripts/flashinfer_api_snapshot.py
+# reads them from the wheels' source): every call our backends make must bind to both.
+FI_API = json.loads((Path(__file__).parent / "data" / "flashinfer_api.json").read_text())
+
+
+def _signature(params: str) -> inspect.Signature:
+    scope: dict = {}
+    exec(f"def f{params}: pass", scope)     # noqa: S102 - a parameter list from the snapshot, defaults `...`
+    return inspect.signature(scope["f"])
+
+
+def _recording(fake, calls: list) -> SimpleNamespace:
+    """Subclasses of the stand-ins that log the arguments of every __init__ / plan / run call."""
+    def logged(cls_name, method):
+        def call(self, *args, **kwargs):
+            calls.append((cls_name, method.__name__, args, kwargs))
+            return method(self, *args, **kwargs)
+        return call
+    return SimpleNamespace(**{name: type(name, (cls,), {m: logged(name, getattr(cls, m)) for m in ("__init__", "plan", "run")})
+                              for name, cls in vars(fake).items()})
+
+
+@pytest.mark.parametrize("version", sorted(FI_API))
+def test_flashinfer_calls_bind_to_each_release(version, fake_fi, monkeypatch):
+    """FlashInfer 0.6.6 (the pin) and 0.7.2: the same calls, positional and keyword, fit both APIs (0.7.2's
+    decode plan() takes **kwargs and forwards them to _plan_impl: they are checked against that)."""
+    calls = []
+    monkeypatch.setattr(fib, "_fi", lambda: _recording(make_fake_flashinfer([]), calls))
+    for parts in (MIXED, dict(prefill=[(23, 40)], decode=[33, 7])):      # fi_pod takes one chunk only
+        for page_size in (16, None):
+            batch = make_batch(_spec(**parts, page_size=page_size), seed=4)
+            for name in FI_NAMES + ("fi_prefill_ragged",):
+                backend = get_backend(name)
+                if backend.unavailable_for(batch.spec) is None and not (name == "fi_pod" and parts is MIXED):
+                    backend.setup(batch, BackendOptions(fi_prefill_backend="fa2"))()
+    assert {c for c, *_ in calls} == set(FI_API[version]) and all(m in ("__init__", "plan", "run") for _, m, *_ in calls)
+    for cls, method, args, kwargs in calls:
+        api = FI_API[version][cls]
+        _signature(api[method]).bind(None, *args, **kwargs)
+        if method == "plan" and "_plan_impl" in api:
+            _signature(api["_plan_impl"]).bind(None, *args, **kwargs)
 
 
 def test_flashinfer_workspace_is_shared_grown_and_zeroed(monkeypatch):
