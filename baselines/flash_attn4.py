@@ -35,7 +35,9 @@ DSL_PATH_HINT = ("installed with pip --target DIR? put DIR/nvidia_cutlass_dsl/ds
                  "(the cutlass package lives there)")
 
 
+@functools.lru_cache(maxsize=None)
 def _installed(distribution: str) -> str | None:
+    """The installed version (read once: the serving engine prepares every iteration)."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:

@@ -14,7 +14,7 @@ The queries are a view of the batch's own q when they are adjacent (the serving 
 
 Import cost: only that module and what it imports (vllm.envs, vllm.logger, vllm.platforms,
 vllm.triton_utils, the kernel helpers, vllm.v1.kv_cache_interface: ~36 vllm modules, about 0.1 s after
-torch; beyond torch/triton/numpy it needs only `regex`), not vLLM's engine. But importing any vllm module
+torch, measured without CUDA; beyond torch/triton/numpy it needs only `regex`), not vLLM's engine. But importing any vllm module
 runs vllm/__init__ -> vllm.env_override, which sets TRITON_CACHE_AUTOTUNING=1 and a few torch/NCCL
 variables and patches torch inductor; the environment is restored after the import here so our own
 Triton autotuning is unchanged. On a CUDA machine vllm.platforms resolves to CudaPlatform, which loads
@@ -48,7 +48,9 @@ MIN_LAUNCH_GRID_SIZE_2D = 128
 NUM_PAR_SOFTMAX_SEGMENTS = 16
 
 
+@functools.lru_cache(maxsize=None)
 def _installed(distribution: str) -> str | None:
+    """The installed version (read once: the serving engine prepares every iteration)."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
