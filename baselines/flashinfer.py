@@ -19,7 +19,8 @@ to start at 0 (`page_csr`).
 FlashInfer is optional and imported lazily (`_fi`): without it, or without CUDA, every backend here
 reports unavailable with the reason. Everything that plan() needs (wrapper creation, plan(), the
 gathered K/V of fi_pod's prefill) happens in prepare, untimed; run() only launches. All wrappers share
-one zero-initialised workspace per device (`workspace`); runs are stream-ordered, so sharing is safe.
+one zero-initialised float workspace per device (`workspace`), grown to the largest size a batch's
+heads need (`float_workspace_bytes`); runs are stream-ordered, so sharing is safe.
 FlashInfer JIT-compiles each kernel module on first use into its cache (FLASHINFER_WORKSPACE_BASE,
 FlashInfer's own variable, is respected: nothing here overrides it); `python -m experiments.attention -m sweep=gpu_smoke backend=baselines
 backend_options.fi_prefill_backend=auto,fa2` builds them once and checks every baseline.
@@ -37,13 +38,24 @@ import importlib.util
 import torch
 
 from baselines.common import hybrid_q, hybrid_qo_indptr, split_rows
-from pod.batch import HybridBatch
+from pod.batch import HybridBatch, ModelHeads
 from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
 
 INSTALL_HINT = "pip install '.[flashinfer]'"
 PREFILL_BACKENDS = ("auto", "fa2", "fa3")
-WORKSPACE_BYTES = 256 * 1024 * 1024
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+# The float workspace holds split-KV partial outputs. FlashInfer's FA2 planner (PrefillPlan in
+# include/flashinfer/attention/scheduler.cuh, used by the prefill wrappers on their fa2 backend, the
+# tensor-core decode wrapper and the POD wrappers' parts) splits KV only into at most
+# 2 CTAs per SM / num_kv_heads work tiles, and reserves for each tile num_qo_heads x cta_tile_q
+# (<= 128) rows of fp32 output and LSE. 0.6.6 does not divide that by the GQA group (0.7.2 does), so
+# MQA needs far more than GQA: 32 q heads over 1 KV head with 64 decodes of 2048 (16-token pages)
+# takes 270 MB on an H200, past the fixed 256 MiB this module once used. The bound below holds on both.
+FA2_SPLIT_CTAS_PER_SM = 2
+FA2_MAX_CTA_TILE_Q = 128
+MIN_WORKSPACE_BYTES = 128 * 2**20          # FlashInfer's recommended size
+FALLBACK_NUM_SMS = 132                     # an H100/H200 SXM, where no CUDA device answers (CPU tests)
 
 
 # -- availability and the lazy import ----------------------------------------------------------
@@ -92,15 +104,42 @@ def prefill_backend(options: BackendOptions) -> str:
     return options.fi_prefill_backend
 
 
-def workspace(device: torch.device) -> torch.Tensor:
-    """One WORKSPACE_BYTES float workspace per device, shared by every wrapper (zeroed once: the
-    decode wrapper requires a zero-initialised buffer on first use)."""
+def float_workspace_bytes(heads: ModelHeads, num_sms: int, plans: int = 1) -> int:
+    """Float workspace that `plans` FA2 plans of these heads can take at once, at least FlashInfer's
+    recommended 128 MiB, in whole 2 MiB (BatchPOD halves its buffer: each half stays aligned):
+    plans x num_qo_heads x (2 x num_sms // num_kv_heads tiles) x 128 rows x (head_dim + 1) x 4 bytes."""
+    tiles = FA2_SPLIT_CTAS_PER_SM * num_sms // heads.num_kv_heads
+    per_plan = heads.num_q_heads * tiles * FA2_MAX_CTA_TILE_Q * (heads.head_dim + 1) * 4 + 2 * 16
+    step = 2 * 2**20
+    return max(MIN_WORKSPACE_BYTES, -(-plans * per_plan // step) * step)
+
+
+def num_sms(device: torch.device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return FALLBACK_NUM_SMS
+
+
+def _allocate(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+
+
+def workspace(device: torch.device, nbytes: int = MIN_WORKSPACE_BYTES) -> torch.Tensor:
+    """The float workspace of `device`, shared by every wrapper, at least `nbytes` (replaced by a
+    bigger one when a batch needs more; wrappers planned on the old one keep it alive). Zeroed when
+    made: the decode wrapper requires a zero-initialised buffer on first use."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _WORKSPACES:
-        _WORKSPACES[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    if device not in _WORKSPACES or _WORKSPACES[device].numel() < nbytes:
+        _WORKSPACES.pop(device, None)
+        _WORKSPACES[device] = _allocate(nbytes, device)
     return _WORKSPACES[device]
+
+
+def batch_workspace(batch: HybridBatch, plans: int = 1) -> torch.Tensor:
+    return workspace(batch.device, float_workspace_bytes(batch.spec.heads, num_sms(batch.device), plans))
 
 
 # -- index arithmetic (pure torch; unit-tested on the CPU) ------------------------------------------
@@ -134,7 +173,7 @@ def _with_config(run, **config):
 def _plan_prefill(batch: HybridBatch, qo_indptr, csr, backend: str):
     fi = _fi()
     h = batch.spec.heads
-    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(batch.device), "NHD", backend=backend)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(batch_workspace(batch), "NHD", backend=backend)
     w.plan(qo_indptr, *csr, h.num_q_heads, h.num_kv_heads, h.head_dim, batch.spec.page_size,
            causal=True, **_common_plan_kwargs(batch))
     return w
@@ -143,7 +182,7 @@ def _plan_prefill(batch: HybridBatch, qo_indptr, csr, backend: str):
 def _plan_decode(batch: HybridBatch, csr):
     fi = _fi()
     h = batch.spec.heads
-    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(batch.device), "NHD", use_tensor_cores=True)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(batch_workspace(batch), "NHD", use_tensor_cores=True)
     w.plan(*csr, h.num_q_heads, h.num_kv_heads, h.head_dim, batch.spec.page_size,
            **_common_plan_kwargs(batch))
     return w
@@ -223,7 +262,7 @@ def prepare_fi_pod(batch: HybridBatch):
             f"fi_pod runs exactly one prefill chunk with >= 1 decode; this batch has "
             f"{spec.num_prefill} prefill chunk(s) and {spec.num_decode} decode(s)")
     fi, h = _fi(), spec.heads
-    w = fi.PODWithPagedKVCacheWrapper(workspace(batch.device), "NHD")
+    w = fi.PODWithPagedKVCacheWrapper(batch_workspace(batch), "NHD")   # the prefill part's tmp is its own
     w.plan(*page_csr(batch, batch.decode_rows()), h.num_q_heads, h.num_kv_heads, h.head_dim,
            spec.page_size, **_common_plan_kwargs(batch))
     # The prefill part takes its K/V as ragged NHD tensors [kv_len, Hkv, D]: gathered here, untimed.
@@ -249,7 +288,7 @@ def prepare_fi_batch_pod(batch: HybridBatch):
             f"{spec.num_prefill} and {spec.num_decode}")
     fi, h = _fi(), spec.heads
     qo_indptr_d = torch.arange(spec.num_decode + 1, dtype=torch.int32, device=batch.device)
-    w = fi.BatchPODWithPagedKVCacheWrapper(workspace(batch.device), "NHD")
+    w = fi.BatchPODWithPagedKVCacheWrapper(batch_workspace(batch, plans=2), "NHD")   # halved: one plan each
     w.plan(batch.q_indptr, *page_csr(batch, batch.prefill_rows()),
            qo_indptr_d, *page_csr(batch, batch.decode_rows()),
            h.num_q_heads, h.num_kv_heads, h.head_dim, spec.page_size, **_common_plan_kwargs(batch))
@@ -271,7 +310,7 @@ def prepare_fi_prefill_ragged(batch: HybridBatch, options: BackendOptions = DEFA
         raise BackendUnavailable("the batch has no prefill chunk")
     fi = _fi()
     backend = prefill_backend(options)
-    w = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace(batch.device), "NHD", backend=backend)
+    w = fi.BatchPrefillWithRaggedKVCacheWrapper(batch_workspace(batch), "NHD", backend=backend)
     # Prefill sequences come first, so their K/V rows start at row 0: kv_indptr[:P+1] is their CSR.
     w.plan(batch.q_indptr, batch.kv_indptr[: spec.num_prefill + 1], h.num_q_heads, h.num_kv_heads,
            h.head_dim, causal=True, **_common_plan_kwargs(batch))

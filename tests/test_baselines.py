@@ -8,6 +8,8 @@ outputs: a row a wrapper forgets to send stays NaN and fails the comparison with
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 
 import baselines.flashinfer as fib
 import baselines.torch_fa as tfa
-from pod.batch import BatchSpec, make_batch
+from pod.batch import BatchSpec, ModelHeads, make_batch
 from pod.reference import max_rel_error, reference
 from baselines.registry import BackendOptions, BackendUnavailable, always_available, get_backend, list_backends
 
@@ -90,22 +92,60 @@ def _kv_lens(indptr, last_page_len, page_size):
             for b in range(len(last_page_len))]
 
 
+H200_SMS = 132
+
+
+def fa2_plan_float_bytes(qo_lens, kv_pages, hq, hkv, head_dim, page_size, num_sms=H200_SMS) -> int:
+    """Float workspace bytes FlashInfer 0.6.6's FA2 planner takes for one plan (PrefillPlan and
+    PrefillSplitQOKVIndptr in include/flashinfer/attention/scheduler.cuh, rewritten here): queries are
+    packed with their GQA group into cta_tile_q-row tiles; KV is split (binary search on the chunk, in
+    pages) only while the tiles fit 2 CTAs per SM / num_kv_heads; a split plan reserves tmp_v
+    [hq x tiles x cta_tile_q x head_dim] and tmp_s [hq x tiles x cta_tile_q] fp32, 16-byte aligned."""
+    packed = [q * (hq // hkv) for q in qo_lens]
+    avg = sum(packed) // len(packed)
+    cta = 128 if avg > 64 and head_dim < 256 else 64 if avg > 16 else 16
+    max_tiles = 2 * num_sms // hkv
+    kv = [max(k, 1) for k in kv_pages]
+
+    def tiles(chunk):
+        return sum(-(-p // cta) * -(-k // chunk) for p, k in zip(packed, kv))
+    lo, hi = max(128 // page_size, 1), max([1] + kv)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if tiles(mid) > max_tiles else (lo, mid)
+    if not lo < max([1] + kv):
+        return 0                                  # no split: nothing in the float workspace
+    n = tiles(lo)
+    return -(-hq * n * cta * head_dim * 4 // 16) * 16 + hq * n * cta * 4
+
+
 class _Wrapper:
     log: list
+    workspace_bytes: int = 0
 
     def _plan_common(self, kw, page_size):
         self.scale, self.page_size = kw["sm_scale"], page_size
         assert kw["q_data_type"] == kw["kv_data_type"] and kw["q_data_type"] in (torch.bfloat16, torch.float16)
+
+    def _fit(self, qo_indptr, indptr, hq, hkv, d, page_size):
+        """FlashInfer's plan-time check: the split-KV partials must fit the float workspace."""
+        need = fa2_plan_float_bytes(qo_indptr.diff().tolist(), indptr.diff().tolist(), hq, hkv, d, page_size)
+        if need > self.workspace_bytes:
+            raise RuntimeError(f"Buffer overflow when allocating memory for batch_prefill_tmp_s with size "
+                               f"{need} and alignment 16, but only {self.workspace_bytes} bytes available in "
+                               f"AlignedAllocator. Increase the workspace buffer size.")
 
 
 def make_fake_flashinfer(log):
     class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout, backend="auto"):
             assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            self.workspace_bytes = workspace.numel()
             log.append(("prefill", backend))
 
         def plan(self, qo_indptr, indptr, indices, last_page_len, hq, hkv, d, page_size, causal, **kw):
             self._plan_common(kw, page_size)
+            self._fit(qo_indptr, indptr, hq, hkv, d, page_size)
             self.csr = (qo_indptr, indptr, indices, _kv_lens(indptr, last_page_len, page_size))
             self.causal = causal
 
@@ -115,11 +155,14 @@ def make_fake_flashinfer(log):
 
     class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout, use_tensor_cores=False):
-            assert kv_layout == "NHD"
+            assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            self.workspace_bytes = workspace.numel()
             log.append(("decode", use_tensor_cores))
 
         def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
             self._plan_common(kw, page_size)
+            # The tensor-core decode plans with the FA2 prefill planner, one query row a request.
+            self._fit(torch.arange(indptr.numel(), dtype=torch.int32), indptr, hq, hkv, d, page_size)
             self.csr = (indptr, indices, _kv_lens(indptr, last_page_len, page_size))
 
         def run(self, q, kv):
@@ -144,10 +187,12 @@ def make_fake_flashinfer(log):
 
     class PODWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout):
+            self.workspace_bytes = workspace.numel()
             log.append(("pod",))
 
         def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
             self._plan_common(kw, page_size)
+            self._fit(torch.arange(indptr.numel(), dtype=torch.int32), indptr, hq, hkv, d, page_size)
             self.csr = (indptr, indices, _kv_lens(indptr, last_page_len, page_size))
 
         def run(self, q_p, k_p, v_p, q_d, kv, causal_p=False, sm_scale_p=None):
@@ -159,10 +204,13 @@ def make_fake_flashinfer(log):
 
     class BatchPODWithPagedKVCacheWrapper(_Wrapper):
         def __init__(self, workspace, kv_layout):
+            self.workspace_bytes = workspace.numel() // 2      # torch.chunk(workspace, 2): a half a plan
             log.append(("batch_pod",))
 
         def plan(self, qo_p, ip_p, ix_p, last_p, qo_d, ip_d, ix_d, last_d, hq, hkv, d, page_size, **kw):
             self._plan_common(kw, page_size)
+            self._fit(qo_p, ip_p, hq, hkv, d, page_size)
+            self._fit(qo_d, ip_d, hq, hkv, d, page_size)
             self.p = (qo_p, ip_p, ix_p, _kv_lens(ip_p, last_p, page_size))
             self.d = (qo_d, ip_d, ix_d, _kv_lens(ip_d, last_d, page_size))
 
@@ -170,9 +218,29 @@ def make_fake_flashinfer(log):
             return (_paged_attention(q_p, self.p[0], kv_p, *self.p[1:], causal_p, self.scale),
                     _paged_attention(q_d, self.d[0], kv_d, *self.d[1:], False, self.scale))
 
+    class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
+        def __init__(self, workspace, kv_layout, backend="auto"):
+            assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+            self.workspace_bytes = workspace.numel()
+            log.append(("ragged", backend))
+
+        def plan(self, qo_indptr, kv_indptr, hq, hkv, d, causal=False, **kw):
+            self._plan_common(kw, 1)
+            self._fit(qo_indptr, kv_indptr, hq, hkv, d, 1)       # ragged KV: the planner's "pages" are tokens
+            self.indptr, self.causal = (qo_indptr, kv_indptr), causal
+
+        def run(self, q, k, v):
+            qo, kv = self.indptr
+            _check_indptr(qo, q.shape[0])
+            out = torch.full_like(q, float("nan"))
+            for b in range(qo.numel() - 1):
+                qa, qb, ka, kb = int(qo[b]), int(qo[b + 1]), int(kv[b]), int(kv[b + 1])
+                out[qa:qb] = _attend_rows(q[qa:qb], k[ka:kb], v[ka:kb], self.causal, self.scale)
+            return out
+
     return SimpleNamespace(**{c.__name__: c for c in (
         BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper, BatchAttention,
-        PODWithPagedKVCacheWrapper, BatchPODWithPagedKVCacheWrapper)})
+        PODWithPagedKVCacheWrapper, BatchPODWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper)})
 
 
 # -- batches: uneven lengths, none a multiple of the page size; mixed, prefill-only, decode-only ----
@@ -321,8 +389,10 @@ def fake_fi(monkeypatch):
     log = []
     fake = make_fake_flashinfer(log)
     monkeypatch.setattr(fib, "_fi", lambda: fake)
-    monkeypatch.setattr(fib, "WORKSPACE_BYTES", 1024)
     monkeypatch.setattr(fib, "_WORKSPACES", {})
+    monkeypatch.setattr(fib, "num_sms", lambda device: H200_SMS)
+    # Workspaces of hundreds of MB: sized, never touched by the stand-ins, so none is allocated.
+    monkeypatch.setattr(fib, "_allocate", lambda n, device: torch.empty(n, dtype=torch.uint8, device="meta"))
     return log
 
 
@@ -349,9 +419,101 @@ def test_flashinfer_wrappers_match_reference(name, shape, page_size, fake_fi, mo
         assert fake_fi == [("prefill", "fa2")]
 
 
-def test_flashinfer_workspace_is_shared_and_zeroed(fake_fi):
-    a = fib.workspace(torch.device("cpu"))
-    assert a is fib.workspace("cpu") and a.numel() == 1024 and not a.any()
+def test_flashinfer_prefill_ragged_matches_reference(fake_fi):
+    for parts, heads, dtype in SHAPES:
+        batch = make_batch(_spec(**parts, heads=heads, dtype=dtype), seed=torch.randint(0, 2**31, ()).item())
+        if not batch.spec.num_prefill:
+            with pytest.raises(BackendUnavailable, match="no prefill"):
+                get_backend("fi_prefill_ragged").setup(batch)
+            continue
+        out = get_backend("fi_prefill_ragged").setup(batch, BackendOptions(fi_prefill_backend="fa2"))()
+        assert out.decode is None
+        assert max_rel_error(out.prefill, reference(batch)[0]) < TOL
+
+
+# The parameter lists of FlashInfer's wrapper methods in each release we run (scripts/flashinfer_api_snapshot.py
+# reads them from the wheels' source): every call our backends make must bind to both.
+FI_API = json.loads((Path(__file__).parent / "data" / "flashinfer_api.json").read_text())
+
+
+def _signature(params: str) -> inspect.Signature:
+    scope: dict = {}
+    exec(f"def f{params}: pass", scope)     # noqa: S102 - a parameter list from the snapshot, defaults `...`
+    return inspect.signature(scope["f"])
+
+
+def _recording(fake, calls: list) -> SimpleNamespace:
+    """Subclasses of the stand-ins that log the arguments of every __init__ / plan / run call."""
+    def logged(cls_name, method):
+        def call(self, *args, **kwargs):
+            calls.append((cls_name, method.__name__, args, kwargs))
+            return method(self, *args, **kwargs)
+        return call
+    return SimpleNamespace(**{name: type(name, (cls,), {m: logged(name, getattr(cls, m)) for m in ("__init__", "plan", "run")})
+                              for name, cls in vars(fake).items()})
+
+
+@pytest.mark.parametrize("version", sorted(FI_API))
+def test_flashinfer_calls_bind_to_each_release(version, fake_fi, monkeypatch):
+    """FlashInfer 0.6.6 (the pin) and 0.7.2: the same calls, positional and keyword, fit both APIs (0.7.2's
+    decode plan() takes **kwargs and forwards them to _plan_impl: they are checked against that)."""
+    calls = []
+    monkeypatch.setattr(fib, "_fi", lambda: _recording(make_fake_flashinfer([]), calls))
+    for parts in (MIXED, dict(prefill=[(23, 40)], decode=[33, 7])):      # fi_pod takes one chunk only
+        for page_size in (16, None):
+            batch = make_batch(_spec(**parts, page_size=page_size), seed=4)
+            for name in FI_NAMES + ("fi_prefill_ragged",):
+                backend = get_backend(name)
+                if backend.unavailable_for(batch.spec) is None and not (name == "fi_pod" and parts is MIXED):
+                    backend.setup(batch, BackendOptions(fi_prefill_backend="fa2"))()
+    assert {c for c, *_ in calls} == set(FI_API[version]) and all(m in ("__init__", "plan", "run") for _, m, *_ in calls)
+    for cls, method, args, kwargs in calls:
+        api = FI_API[version][cls]
+        _signature(api[method]).bind(None, *args, **kwargs)
+        if method == "plan" and "_plan_impl" in api:
+            _signature(api["_plan_impl"]).bind(None, *args, **kwargs)
+
+
+def test_flashinfer_workspace_is_shared_grown_and_zeroed(monkeypatch):
+    monkeypatch.setattr(fib, "_WORKSPACES", {})
+    a = fib.workspace(torch.device("cpu"), 1024)
+    assert a is fib.workspace("cpu", 512) and a.numel() == 1024 and a.dtype == torch.uint8 and not a.any()
+    b = fib.workspace("cpu", 4096)
+    assert b.numel() == 4096 and not b.any() and fib.workspace("cpu", 1024) is b
+
+
+# The MQA batch that overflowed FlashInfer's fixed workspace (32 q heads over 1 KV head, chunk 512 over 2048 + 64 decodes of 2048, 16-token
+# pages): its decodes alone took 270 MB of split-KV partials on the H200, past the fixed 256 MiB.
+MQA_ISSUE = BatchSpec.build(32, 1, 128, prefill=[(512, 2048)], decode=[2048] * 64, page_size=16)
+
+
+@pytest.mark.parametrize("name", ["fi_serial", "fi_batched", "fi_pod", "fi_batch_pod"])
+def test_flashinfer_workspace_fits_the_mqa_batch(name, fake_fi):
+    decode_pages = [2048 // 16] * 64
+    assert fa2_plan_float_bytes([1] * 64, decode_pages, 32, 1, 128, 16) > 256 * 2**20   # the old size
+    batch = make_batch(MQA_ISSUE, seed=0)
+    get_backend(name).setup(batch, BackendOptions(fi_prefill_backend="fa2"))   # the stand-ins' plans check
+
+
+def test_float_workspace_bound_covers_flashinfers_planner():
+    """float_workspace_bytes against the planner rewritten above, on ragged batches of every GQA ratio
+    (MHA to MQA), head_dim 64/128, page sizes 1 (ragged) to 64, for GPUs of 78 to 148 SMs."""
+    gen = torch.Generator().manual_seed(17)
+    for hq, hkv in ((32, 32), (32, 8), (32, 4), (32, 1), (64, 1), (8, 1)):
+        for d in (64, 128):
+            for sms in (78, 132, 148):
+                bound = fib.float_workspace_bytes(ModelHeads(hq, hkv, d), sms)
+                for page in (1, 16, 64):
+                    for _ in range(8):
+                        n = int(torch.randint(1, 300, (), generator=gen))
+                        qo = torch.randint(1, 3, (n,), generator=gen) ** torch.randint(0, 12, (n,), generator=gen)
+                        kv_tokens = qo + torch.randint(0, 20000, (n,), generator=gen)
+                        pages = (kv_tokens + page - 1) // page
+                        need = fa2_plan_float_bytes(qo.tolist(), pages.tolist(), hq, hkv, d, page, sms)
+                        assert need <= bound, (hq, hkv, d, sms, page, n)
+    assert fib.float_workspace_bytes(ModelHeads(32, 8, 128), 132) == fib.MIN_WORKSPACE_BYTES
+    two = fib.float_workspace_bytes(ModelHeads(32, 1, 128), 132, plans=2)
+    assert two % (2 * 2**20) == 0 and two > fib.float_workspace_bytes(ModelHeads(32, 1, 128), 132)  # halves aligned
 
 
 def test_prefill_backend_option_defaults_to_auto_and_is_checked():
@@ -371,14 +533,18 @@ def test_gpu_smoke_sweep_checks_every_baseline_and_skips_on_cpu(tmp_path):
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("attention", overrides=["sweep=gpu_smoke", "backend=baselines", f"results_dir={tmp_path}",
                                               "wandb.enabled=false", "progress=false"])
-    assert len(expand_points(cfg.sweep, {m: cfg.models[m] for m in cfg.models})) == 4
+    points = expand_points(cfg.sweep, {m: cfg.models[m] for m in cfg.models})
+    assert len(points) == 7
+    mqa = [p.spec for p in points if p.spec.heads.num_kv_heads == 1]
+    assert len(mqa) == 3 and MQA_ISSUE.kv_lens in [m.kv_lens for m in mqa]     # the overflowing batch is one
     if torch.cuda.is_available():
         return
     with pytest.raises(SweepRefused, match="sweep=gpu_smoke is GPU-only"):
         run_sweep(cfg)
     cfg.sweep.gpu_only = False                      # run anyway: every baseline says why it cannot
+    cfg.cpu_max_kv_tokens = 10**6                   # (no batch is built: unavailable backends skip first)
     df = run_sweep(cfg)
-    assert len(df) == 4 * 8 and (df.status == "skipped").all()
+    assert len(df) == 7 * len(cfg.backend.names) and (df.status == "skipped").all()
     assert df.reason.str.contains("GPU|CUDA|flashinfer").all()
 
 
@@ -392,3 +558,224 @@ def test_prepare_warms_a_kernel_once_per_specialisation(monkeypatch):
     ours._warm_once(("k", 1), lambda: calls.append(2))
     ours._warm_once(("k", 2), lambda: calls.append(3))
     assert calls == [1, 3]
+
+
+# -- one-launch varlen baselines: FlashAttention-4 (fa_varlen) and vLLM's unified attention ------------
+import baselines.flash_attn4 as fa4b  # noqa: E402
+import baselines.vllm_triton as vub  # noqa: E402
+from baselines.common import hybrid_q_source, joined_rows, varlen_layout  # noqa: E402
+
+VARLEN_NAMES = ("fa_varlen", "vllm_unified")
+
+
+def _varlen_keys(k, v, b, page_table, seqused_k, cu_seqlens_k):
+    """Sequence b's keys and values as the varlen contract defines them (pages or cu_seqlens_k)."""
+    if page_table is not None:
+        n = int(seqused_k[b])
+        pages = page_table[b, :math.ceil(n / k.shape[1])].long()
+        return k[pages].flatten(0, 1)[:n], v[pages].flatten(0, 1)[:n]
+    a, e = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+    return k[a:e], v[a:e]
+
+
+def _varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, page_table, seqused_k,
+                      cu_seqlens_k, causal, scale):
+    _check_indptr(cu_seqlens_q, q.shape[0])
+    lq = cu_seqlens_q.diff().tolist()
+    assert max_seqlen_q == max(lq), "max_seqlen_q sizes the grid: the exact maximum"
+    for t in (cu_seqlens_q, seqused_k, page_table, cu_seqlens_k):
+        assert t is None or (t.dtype == torch.int32 and t.stride(-1) == 1)
+    out = torch.full_like(q, float("nan"))
+    lens = []
+    for b in range(len(lq)):
+        kb, vb = _varlen_keys(k, v, b, page_table, seqused_k, cu_seqlens_k)
+        lens.append(kb.shape[0])
+        a = int(cu_seqlens_q[b])
+        out[a:a + lq[b]] = _attend_rows(q[a:a + lq[b]], kb, vb, causal, scale)
+    assert max_seqlen_k == max(lens)
+    return out
+
+
+def fake_flash_attn_cute(calls):
+    """flash_attn.cute's flash_attn_varlen_func, from its docstring (paged: page_table + seqused_k, no
+    cu_seqlens_k; contiguous: cu_seqlens_k), returning (out, lse)."""
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                               max_seqlen_k=None, seqused_k=None, page_table=None, softmax_scale=None,
+                               causal=False, num_splits=1):
+        assert num_splits == 1, "sm_90 refuses num_splits > 1"
+        assert (page_table is None) != (cu_seqlens_k is None), "page_table is not supported with cu_seqlens_k"
+        assert q.is_contiguous() and q.dtype == k.dtype == v.dtype
+        out = _varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, page_table, seqused_k,
+                                cu_seqlens_k, causal, softmax_scale)
+        calls.append(dict(rows=q.shape[0], seqs=cu_seqlens_q.numel() - 1, causal=causal,
+                          paged=page_table is not None))
+        return out, None
+    return SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+
+
+def fake_unified_attention(calls):
+    """vLLM's unified_attention, from its signature and vLLM's TRITON_ATTN call: writes `out`."""
+    def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                          causal, window_size, block_table, softcap, q_descale, k_descale, v_descale,
+                          seq_threshold_3D=None, num_par_softmax_segments=None, softmax_segm_output=None,
+                          softmax_segm_max=None, softmax_segm_expsum=None):
+        assert window_size == (-1, -1) and softcap == 0 and q_descale is k_descale is v_descale is None
+        assert out.shape == q.shape and out.dtype == q.dtype and block_table.shape[0] == seqused_k.shape[0]
+        hq, hkv, d = q.shape[1], k.shape[2], q.shape[2]
+        assert seq_threshold_3D == 128 // hkv and num_par_softmax_segments == 16
+        rows = softmax_segm_max.shape[0]
+        assert softmax_segm_output.shape == (rows, hq, 16, triton_next_pow2(d)) and rows >= 1
+        assert softmax_segm_max.shape == softmax_segm_expsum.shape == (rows, hq, 16)
+        out.fill_(float("nan"))
+        out.copy_(_varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table, seqused_k,
+                                    None, causal, softmax_scale))
+        calls.append(dict(rows=q.shape[0], seqs=cu_seqlens_q.numel() - 1, causal=causal, paged=True))
+    return unified_attention
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@pytest.fixture
+def fake_varlen(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fa4b, "_fa4", lambda: fake_flash_attn_cute(calls))
+    monkeypatch.setattr(vub, "_unified_attention", lambda: fake_unified_attention(calls))
+    return calls
+
+
+def test_varlen_baselines_are_registered():
+    backends = list_backends()
+    assert backends["fa_varlen"].layouts == {"contiguous", "paged"}
+    assert backends["vllm_unified"].layouts == {"paged"}
+    for name in VARLEN_NAMES:
+        assert backends[name].computes == {"prefill", "decode"}
+
+
+def test_varlen_baselines_say_what_is_missing(monkeypatch, tmp_path):
+    if not torch.cuda.is_available():
+        for name, module in zip(VARLEN_NAMES, (fa4b, vub)):
+            why = get_backend(name).unavailable_reason()
+            assert why.startswith("GPU only") and "CUDA" in why, why
+            if module._installed(module.DISTRIBUTION) is None:
+                assert module.DISTRIBUTION in why and module.INSTALL_HINT in why
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(fa4b, "_installed", lambda d: None)
+    monkeypatch.setattr(vub, "_installed", lambda d: None)
+    for module, availability, seam in ((fa4b, fa4b.fa4_availability, fa4b._fa4),
+                                       (vub, vub.vllm_availability, vub._unified_attention)):
+        why = availability()
+        assert "GPU only" not in why and module.DISTRIBUTION in why and module.INSTALL_HINT in why
+        with pytest.raises(BackendUnavailable):
+            seam()
+    # Installed but not importable: the import error is the reason (FA4's missing cutlass: the PYTHONPATH hint).
+    monkeypatch.setattr(fa4b, "_installed", lambda d: "4.0.0b36")
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("import cutlass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute", "cutlass"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    fa4b._import_error.cache_clear()
+    try:
+        why = fa4b.fa4_availability()
+        assert "cutlass" in why and "dsl_packages" in why
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+        assert "sm_90" in fa4b.fa4_availability()
+    finally:
+        fa4b._import_error.cache_clear()
+        for name in ("flash_attn", "flash_attn.cute"):
+            sys.modules.pop(name, None)
+    monkeypatch.setattr(vub, "_installed", lambda d: "0.34.0")
+    monkeypatch.setattr(vub, "KERNEL_MODULES", ("no_such_vllm_for_test.ops",))
+    vub._kernel_module.cache_clear()
+    try:
+        assert "no_such_vllm_for_test" in vub.vllm_availability()
+    finally:
+        vub._kernel_module.cache_clear()
+
+
+@pytest.mark.parametrize("page_size", [16, 4, None])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}-{len(s[0]['prefill'])}p{len(s[0]['decode'])}d")
+def test_varlen_layout_maps_our_batch(shape, page_size):
+    """The index tensors fa_varlen and vllm_unified hand their kernels, checked without the packages."""
+    parts, heads, dtype = shape
+    batch = make_batch(_spec(**parts, heads=heads, dtype=dtype, page_size=page_size), seed=1)
+    lay = varlen_layout(batch)
+    spec, n_p = batch.spec, batch.q_prefill.shape[0]
+    chunk_ends = torch.tensor([0] + [c.chunk_len for c in spec.prefill_chunks]).cumsum(0).tolist()
+    assert lay.cu_seqlens_q.tolist() == chunk_ends + [n_p + i + 1 for i in range(spec.num_decode)]
+    assert lay.seqused_k.tolist() == list(spec.kv_lens) and lay.seqused_k.dtype == torch.int32
+    assert lay.max_seqlen_q == max([c.chunk_len for c in spec.prefill_chunks] + [1] * bool(spec.num_decode))
+    assert lay.max_seqlen_k == max(spec.kv_lens)
+    assert (lay.page_table is None) == (page_size is None) != (lay.cu_seqlens_k is None)
+    for s, n in enumerate(spec.kv_lens):       # every sequence's keys through the varlen indices
+        k, v = _varlen_keys(batch.k_cache, batch.v_cache, s, lay.page_table, lay.seqused_k, lay.cu_seqlens_k)
+        k_ref, v_ref = batch.sequence_kv(s)
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref) and k.shape[0] == n
+
+
+def test_hybrid_q_source_views_adjacent_queries_and_copies_others():
+    q = torch.randn(7, 4, 64)
+    batch = make_batch(_spec(**MIXED, page_size=16), seed=2)
+    separate = hybrid_q_source(batch)()                # make_batch's q tensors are separate: one copy
+    assert torch.equal(separate, torch.cat([batch.q_prefill, batch.q_decode]))
+    assert separate.data_ptr() not in (batch.q_prefill.data_ptr(), batch.q_decode.data_ptr())
+    # The serving engine's layout: both parts are slices of one q, re-pointed (Tensor.set_) every layer.
+    batch.q_prefill = torch.empty(0).set_(q[:4])
+    batch.q_decode = torch.empty(0).set_(q[4:])
+    source = hybrid_q_source(batch)
+    assert source().data_ptr() == q.data_ptr() and torch.equal(source(), q)
+    q2 = torch.randn(7, 4, 64)
+    batch.q_prefill.set_(q2[:4])
+    batch.q_decode.set_(q2[4:])
+    assert source().data_ptr() == q2.data_ptr() and torch.equal(source(), q2)
+    assert joined_rows(q[:0], q[3:]).data_ptr() == q[3:].data_ptr() and joined_rows(q[:2], q[3:]) is None
+
+
+@pytest.mark.parametrize("page_size", [16, 4, None])
+@pytest.mark.parametrize("shape", SHAPES + [(dict(prefill=[(23, 40)], decode=[33, 7, 90]), (32, 1, 64), "bfloat16")],
+                         ids=lambda s: f"{s[1]}-{len(s[0]['prefill'])}p{len(s[0]['decode'])}d")
+@pytest.mark.parametrize("name", VARLEN_NAMES)
+def test_varlen_baselines_match_reference(name, shape, page_size, fake_varlen):
+    parts, heads, dtype = shape
+    batch = make_batch(_spec(**parts, heads=heads, dtype=dtype, page_size=page_size),
+                       seed=torch.randint(0, 2**31, ()).item())
+    backend = get_backend(name)
+    if page_size is None and name == "vllm_unified":
+        assert "paged" in dataclasses.replace(backend, availability=always_available).unavailable_reason(batch)
+        with pytest.raises(BackendUnavailable, match="paged"):
+            backend.setup(batch)
+        return
+    run = backend.setup(batch)
+    assert fake_varlen == []                            # prepare launches nothing
+    _assert_matches_reference(batch, run())
+    n_p, n_d = batch.spec.num_prefill, batch.spec.num_decode
+    assert fake_varlen == [dict(rows=batch.q_prefill.shape[0] + n_d, seqs=n_p + n_d, causal=True,
+                                paged=page_size is not None)]      # ONE launch for the whole batch
+    assert run.backend_config["package"].startswith(("flash-attn-4", "vllm"))
+
+
+@pytest.mark.parametrize("name", VARLEN_NAMES)
+def test_varlen_baselines_serve_with_one_plan_per_iteration(name, fake_varlen):
+    """In the serving engine the plan is made once an iteration and q re-pointed at every layer: the
+    one-launch backends read a view of the engine's q (no stale prepare-time copy), so every layer's
+    attention matches the reference without plan_per_layer."""
+    from experiments.serving.engine import Engine
+    from experiments.serving.kv_cache import PagedKVCache
+    from experiments.serving.model import LlamaModel, ModelConfig
+    from experiments.serving.scheduler import SchedulerConfig
+    from experiments.serving.workload import LengthDist, WorkloadConfig, generate
+    cfg = ModelConfig("tiny", hidden_size=64, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=128, vocab_size=128, max_position=512)
+    model = LlamaModel(cfg, dtype=torch.float32, device="cpu", seed=3)
+    cache = PagedKVCache(cfg.num_layers, 32, 16, cfg.heads, torch.float32, "cpu", seed=3, fill=float("nan"))
+    engine = Engine(model, cache, SchedulerConfig(24, max_num_seqs=4, watermark=0.0), verify=True)
+    engine.backend = dataclasses.replace(get_backend(name), availability=always_available)
+    specs = generate(WorkloadConfig(3, LengthDist("uniform", low=20, high=60), LengthDist("uniform", low=2, high=4),
+                                    vocab_size=cfg.vocab_size, seed=3))
+    run = engine.run(specs)
+    assert any(i.num_prefill and i.num_decode for i in run.iterations)
+    assert run.attn_err < 1e-4       # a q copied at prepare time would be layer 0's from layer 1 on
+    assert len(fake_varlen) == cfg.num_layers * len(run.iterations)   # one launch a layer

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from pod.reference import reference
 from baselines.registry import AttentionOutput, Backend, get_backend
-from experiments.serving.engine import Engine
+from experiments.serving.engine import Engine, _Marks
 from experiments.serving.experiment import model_config, serve
 from experiments.serving.kv_cache import PageAllocator, PagedKVCache, pages_for
 from experiments.harness.schema import SERVING_COLUMNS
@@ -131,6 +133,57 @@ def test_plan_reuse_rebinds_tensors_and_verify_catches_stale_plans():
     engine.backend = _backend(_copying_reference)
     run = engine.run(specs)
     assert run.attn_err == 0.0
+    assert_matches_full_forward(engine, run)
+
+
+class _FakeCudaStream:
+    """The completion rule of CUDA events on one stream, on the CPU: an event is complete once the host
+    has synchronized on it or on a later event of the stream (nothing completes on its own)."""
+
+    def __init__(self):
+        self.recorded, self.completed = 0, 0
+
+
+class _FakeCudaEvent:
+    stream: _FakeCudaStream
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing, "elapsed_time needs enable_timing=True"
+        self.seq, self.t = None, None
+
+    def record(self, stream=None):
+        self.stream.recorded += 1
+        self.seq, self.t = self.stream.recorded, time.perf_counter()
+
+    def synchronize(self):
+        self.stream.completed = max(self.stream.completed, self.seq)
+
+    def query(self) -> bool:
+        return self.seq is not None and self.seq <= self.stream.completed
+
+    def elapsed_time(self, end: "_FakeCudaEvent") -> float:
+        if self.seq is None or end.seq is None:
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        if not (self.query() and end.query()):
+            raise RuntimeError("Both events must be completed before calculating elapsed time.")
+        return (end.t - self.t) * 1e3
+
+
+def test_engine_reads_cuda_event_times_only_after_they_complete(monkeypatch):
+    """The GPU timing path on the CPU: events that complete only when the host syncs on them. An
+    iteration whose prefill chunk completes no prompt samples no token, so copying its (empty) sampled
+    tokens to the host is no sync; the engine must wait on its last event before reading times."""
+    seed = random.randrange(1 << 30)
+    monkeypatch.setattr(_FakeCudaEvent, "stream", _FakeCudaStream(), raising=False)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeCudaEvent)
+    engine = make_engine(seed, chunk_size=16)
+    engine.marks = _Marks(torch.device("cuda"))           # CUDA events; everything else stays on the CPU
+    specs = tiny_requests(2, seed, low=40, high=60)       # prompts of 3-4 chunks: iterations sample nothing
+    run = engine.run(specs)
+    assert any(i.num_decode == 0 and i.num_prefill_tokens == 16 for i in run.iterations)
+    for i in run.iterations:
+        assert 0.0 <= i.attention_ms <= i.forward_ms and 0.0 <= i.plan_ms <= i.forward_ms
+        assert math.isfinite(i.layer_ms) and i.layer_ms >= 0.0
     assert_matches_full_forward(engine, run)
 
 
@@ -373,3 +426,19 @@ def test_the_serving_cli_says_a_refusal_in_one_line(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().splitlines() == ["[serving] refused: qps=-1 is invalid: requests per second > 0 "
                                              "(online mode; null offline)"]
+
+
+def test_gpu_checks_serving_step_runs_the_engine_and_refuses_without_a_gpu(monkeypatch):
+    """`python -m experiments.gpu_checks serving`: importable and refused in one line on a CPU; its logic
+    (engine iterations, the pass rule, skipped rows for missing packages) run here with the reference."""
+    from experiments import gpu_checks
+    rows = gpu_checks.check_serving(("reference", "fi_serial"), device=torch.device("cpu"), out=lambda s: None)
+    ref, fi = rows
+    assert ref["ok"] and ref["tokens_ok"] and ref["logits_finite"] and ref["times_finite"], ref
+    assert ref["attn_err"] < 2e-2 and ref["hybrid_iterations"] > 0
+    if get_backend("fi_serial").availability() is not None:
+        assert fi["ok"] and fi["skipped"]                    # optional: a skipped row, not a failure
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="GPU only"):
+        gpu_checks.main(["serving"])
+    assert "serving" in gpu_checks.__doc__

@@ -21,9 +21,10 @@ Per layer, before attention, the new tokens' K/V are scattered into the layer's 
 model assumes the chunk's own K/V and the decode token's K/V are in the cache); a decode's
 context_len counts its new token.
 
-Timing: one host sync per iteration (the sampled tokens are copied to the host, which the
-scheduler needs); none inside the forward. On a GPU, CUDA events around each iteration's forward and
-each layer's attention run() give the device time spent, read after that sync (prepare/plan time
+Timing: one host sync per iteration, on the event marking the iteration's end (after it the sampled
+tokens, which the scheduler needs, are copied to the host without a further wait); none inside the
+forward. On a GPU, CUDA events around each iteration's forward and each layer's attention run() give
+the device time spent, read after that sync (prepare/plan time
 is inside the iteration's forward time, not in attention time). The span between the first and
 the last layer's attention start gives one layer's time (`layer_ms`): what cutting layers removes
 (metrics.py scales a cut run to the full model with it).
@@ -119,6 +120,9 @@ def build_iteration(plan: IterationPlan, page_size: int, model_dtype: torch.dtyp
     host = np.zeros(at, dtype=np.int32)
     for (a, b), p in zip(bounds, parts):
         host[a:b] = p
+    # `host` is pageable: the driver stages it before the copy call returns, so it may be freed
+    # right after. (A pinned buffer would make the copy truly asynchronous but would have to live
+    # until the copy ends: not worth it for a few KB an iteration.)
     buf = torch.from_numpy(host).to(device, non_blocking=True)
     (tok, pos, seq, qi, kl, bt, pi, pidx, lpl, srows) = (buf[a:b] for a, b in bounds)
     bt = bt.view(block_table.shape)
@@ -135,8 +139,12 @@ def build_iteration(plan: IterationPlan, page_size: int, model_dtype: torch.dtyp
 
 
 class _Marks:
-    """Points on the device timeline: CUDA events on a GPU (read after the iteration's host sync),
-    perf_counter on the CPU (where every op is synchronous)."""
+    """Points on the device timeline: CUDA events on a GPU, perf_counter on the CPU (where every op is
+    synchronous). A CUDA event's elapsed time can be read only once both events have completed
+    (cudaEventElapsedTime): `wait(last)` blocks the host until the stream has passed the last mark,
+    and with it every earlier one of the same stream. `ms` is valid after that wait. Nothing else
+    syncs reliably: the sampled tokens' copy to the host does not when no row is sampled (an
+    iteration of prefill chunks that completes no prompt copies nothing)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -155,6 +163,11 @@ class _Marks:
         self._used += 1
         ev.record()
         return ev
+
+    def wait(self, mark) -> None:
+        """Block the host until the device has passed `mark` (a no-op on the CPU)."""
+        if self.cuda:
+            mark.synchronize()
 
     def ms(self, a, b) -> float:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
@@ -287,7 +300,8 @@ class Engine:
         logits = self.model.logits(hidden[inputs.sample_rows])
         next_tokens = logits.argmax(dim=-1)
         t_end = self.marks.mark()
-        sampled = next_tokens.tolist()                 # the iteration's one host sync
+        self.marks.wait(t_end)                         # the iteration's one host sync
+        sampled = next_tokens.tolist()
         if self.record_logits:
             for (r, _), row in zip(plan.sampling(), logits.cpu()):
                 self.logits.setdefault(r.request_id, []).append(row)
