@@ -16,9 +16,9 @@ SM, persistent, and walks a list of work items planned on the host:
 
 The planner (`plan_pod_sm90`) gives the decode pairs to `decode_ctas` CTAs and the prefill tiles to the
 rest, heaviest first onto the least-loaded CTA (LPT), choosing `decode_ctas` so both roles are estimated to
-finish together: prefill runs compute-bound on its SMs while decode runs bandwidth-bound on its own. That
-is how one launch beats two: the decode bytes move at HBM rate from ~40% of the SMs while the other
-~60% keep the tensor cores busy (serial runs decode on all SMs, leaving their tensor cores idle).
+finish together: prefill runs compute-bound on its SMs while decode streams K/V on its own. One launch
+beats two only where a decode SM streams well above HBM / #SMs (serial runs decode on every SM, their
+tensor cores idle); docs/hopper_pod.md has the rates measured so far and where the time goes.
 
 Math (exp2 domain, as pod/kernels/common.py): s2 = (q . k) * qk_scale, qk_scale = sm_scale * log2(e);
 out = sum_j 2^(s2_j - lse2) v_j; lse2 = log2(sum_j 2^s2_j). A decode item covering only part of a
@@ -429,7 +429,7 @@ class PodSm90Config:
     consumer_regs: int = 232
     producer_regs: int = 48
     prefill_tflops_per_sm: float = 4.3   # the prefill tile's rate on one SM (572 TFLOP/s / 132 SMs)
-    decode_gbps_per_sm: float = 90.0     # a decode CTA's K/V stream
+    decode_gbps_per_sm: float = 52.0     # a decode CTA's K/V stream (16-token pages; docs/hopper_pod.md)
     hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
     item_us: float = 2.0                 # fixed cost of an item: Q load, ring fill, epilogue
     min_split_keys: int = 512            # a split decode item has at least this many keys
