@@ -252,21 +252,33 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
         print(bad[["point_id", "backend", "status", "reason"]].to_string(max_colwidth=80))
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["table"]:
-        table(argv[1])
-        return 0
-    if argv[:1] == ["sweep-table"]:
-        sweep_table(argv[1])
-        return 0
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("rates", "split", "compare"))
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m experiments.pod_sm90_diag", description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("rates", "split", "compare", "table", "sweep-table"))
+    ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132)")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
     a = ap.parse_args(argv)
+    if a.what in ("table", "sweep-table") and not a.file:
+        ap.error(f"{a.what} needs a FILE")
+    if a.points:
+        unknown = sorted(set(a.points.split(",")) - set(HYBRID))
+        if unknown:
+            ap.error(f"--points: unknown {unknown}; known: {sorted(HYBRID)}")
+    return a
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    if a.what == "table":
+        table(a.file)
+        return 0
+    if a.what == "sweep-table":
+        sweep_table(a.file)
+        return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("pod_sm90_diag: needs an sm_90 GPU (H100/H200)", file=sys.stderr)
         return 2
@@ -282,7 +294,8 @@ def main(argv: list[str]) -> int:
     points = a.points.split(",") if a.points else None
     ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
     page = None if a.page == "none" else int(a.page)
-    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page), split=lambda o: split(o, points), compare=lambda o: compare(o, points))[a.what]
+    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page), split=lambda o: split(o, points),
+              compare=lambda o: compare(o, points))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]
     print(f"{a.what}: {len(rows)} rows, {len(bad)} failed checks")
