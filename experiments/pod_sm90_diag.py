@@ -253,7 +253,8 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.pod_sm90_diag", description=__doc__.split("\n")[0])
+    from experiments.cli import command
+    ap = argparse.ArgumentParser(prog=command("experiments.pod_sm90_diag"), description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=("rates", "split", "compare", "table", "sweep-table"))
     ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
@@ -303,4 +304,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from experiments.cli import run
+    sys.exit(run("pod_sm90_diag", lambda: main(sys.argv[1:])))
