@@ -62,6 +62,7 @@ class Bench:
         self.ref = reference(self.batch)
 
     def measure(self, launch, outs, parts=("prefill", "decode"), tol: float = 2e-2) -> dict:
+        """Check the parts in `parts` (none: a diagnostic variant whose output is knowingly wrong), then time."""
         from experiments.harness.sweep import TimingConfig, time_run
         from pod.reference import max_rel_error
         for o in outs:
@@ -84,7 +85,10 @@ def _pod(bench: Bench, cfg, trace: bool = False) -> tuple[dict, object]:
     from pod.kernels.pod_sm90 import plan_pod_sm90
     work = plan_pod_sm90(bench.batch, cfg)
     outs = bench.batch.empty_outputs()
-    row = bench.measure(work.runner(bench.batch, *outs), outs)
+    parts = ("prefill", "decode") if cfg.decode_compute else ("prefill",)
+    row = bench.measure(work.runner(bench.batch, *outs), outs, parts)
+    if not cfg.decode_compute:
+        row["unchecked"] = "decode_compute=False: K/V streamed, not computed on"
     row.update(grid=work.grid, decode_ctas=work.decode_ctas, est_us=work.estimate_us,
                merge=work.needs_merge)
     if trace and row["ok"]:
@@ -111,7 +115,8 @@ def role_spans(tr: torch.Tensor) -> dict:
     return out
 
 
-def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16) -> list[dict]:
+def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16,
+          stream_only: bool = False) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
     prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU. `page`: the KV layout
     (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it."""
@@ -119,11 +124,13 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
     rows = []
     dec = Bench(_spec(L3, [], [8192] * 64, page))
     for k in ks:
-        r, _ = _pod(dec, PodSm90Config(num_ctas=k), trace=True)
-        if r.get("median_ms"):
-            gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
-            r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
-        rows.append(out(dict(what=f"decode 64x8192 on k CTAs, page {page}", k=k, **r)))
+        for compute in (True, False) if stream_only else (True,):
+            r, _ = _pod(dec, PodSm90Config(num_ctas=k, decode_compute=compute), trace=True)
+            if r.get("median_ms"):
+                gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
+                r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
+            what = "decode" if compute else "K/V stream only (no decode compute)"
+            rows.append(out(dict(what=f"{what} 64x8192 on k CTAs, page {page}", k=k, **r)))
     for name in ("triton_decode", "fi_serial"):
         rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
     if not prefill:
@@ -262,6 +269,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132)")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
+    ap.add_argument("--stream-only", action="store_true",
+                    help="rates: also time the decode role with its consumers only releasing stages (no compute)")
     a = ap.parse_args(argv)
     if a.what in ("table", "sweep-table") and not a.file:
         ap.error(f"{a.what} needs a FILE")
@@ -295,7 +304,7 @@ def main(argv: list[str]) -> int:
     points = a.points.split(",") if a.points else None
     ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
     page = None if a.page == "none" else int(a.page)
-    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page), split=lambda o: split(o, points),
+    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, a.stream_only), split=lambda o: split(o, points),
               compare=lambda o: compare(o, points))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]

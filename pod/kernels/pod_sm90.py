@@ -290,7 +290,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, r
               q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads, qk_scale,
               HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-              TRACE: gl.constexpr):
+              TRACE: gl.constexpr, DECODE_COMPUTE: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair."""
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -342,7 +342,12 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, r
             seq, req, g, ks, n_keys, part_row, n_mine = _decode_info(dec_items, pair, HALF, HALF_N)
             _, _, _, _, _, _, n_other = _decode_info(dec_items, pair, 1 - HALF, HALF_N)
             mbarrier.wait(q_ready, n & 1)
-            if n_mine > 0:
+            if not DECODE_COMPUTE:
+                # Diagnostics only (wrong decode output): stream the ring without computing on it, to split
+                # a decode SM's time between the K/V stream and the consumers' work.
+                mbarrier.arrive(q_empty, count=1)
+                _skip_stages(ready_k, ready_v, empty, it, gl.maximum(n_mine, n_other), STAGES)
+            elif n_mine > 0:
                 acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_mine, n_keys,
                                              qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N)
                 mbarrier.arrive(q_empty, count=1)
@@ -383,7 +388,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                    TRACE: gl.constexpr):
+                    TRACE: gl.constexpr, DECODE_COMPUTE: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -406,10 +411,12 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     gl.warp_specialize([
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
                      q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
-                     qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE)),
+                     qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE,
+                     DECODE_COMPUTE)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
                      q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
-                     qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE)),
+                     qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE,
+                     DECODE_COMPUTE)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
@@ -435,6 +442,7 @@ class PodSm90Config:
     min_split_keys: int = 512            # a split decode item has at least this many keys
     decode_ctas: int | None = None       # force the decode CTA count (diagnostics); None: the model's
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
+    decode_compute: bool = True          # False (diagnostics only, wrong decode output): stream K/V unread
 
     def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
         return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (3 * self.stages + 2)
@@ -670,7 +678,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
     const = dict(GROUP=h.group_size, HEAD_DIM=h.head_dim, NUM_KV_HEADS=h.num_kv_heads, BLOCK_M=128,
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-                 TRACE=trace is not None)
+                 TRACE=trace is not None, DECODE_COMPUTE=cfg.decode_compute)
     return args, const
 
 
