@@ -6,6 +6,8 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
     compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize   # (b) tiny batch, every
     compute-sanitizer --tool memcheck  python -m experiments.gpu_checks sanitize   #     variant, one launch
     compute-sanitizer --tool synccheck python -m experiments.gpu_checks sanitize
+    compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize_sm90  # (b') the same for the
+                                           #     Hopper kernels (prefill tile, POD on Hopper)
     python -m experiments.gpu_checks resources     # (c) registers / shared memory / spills of the compiled
                                            #     kernel and the CTAs per SM they allow, per config
     python -m experiments.gpu_checks offline [contig]   # (c') the same from ptxas, without a GPU (sm_90a)
@@ -106,6 +108,26 @@ def sanitize_smoke() -> None:
             run(p, batch)
             torch.cuda.synchronize()
     print("sanitize smoke: done")
+
+
+def sanitize_sm90() -> None:
+    """(b') One launch of each Hopper (Gluon, sm_90a) kernel on small ragged batches, paged and contiguous,
+    then a sync: the Hopper prefill tile, and the Hopper POD kernel on a hybrid batch (its planned grid
+    and a 4-CTA grid: many items a CTA). Small enough for compute-sanitizer:
+        compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize_sm90"""
+    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
+    from pod.kernels.prefill_sm90 import plan_prefill_sm90
+    dev = _cuda()
+    for page_size in (16, None):
+        spec = BatchSpec.build(8, 2, 128, prefill=[(70, 50), (130, 0)], decode=[200, 33, 129], page_size=page_size)
+        batch = make_batch(spec, dev, seed=1)
+        poison_stale_slots(batch)
+        o_p, o_d = batch.empty_outputs()
+        plan_prefill_sm90(batch).runner(batch, o_p)()
+        for cfg in (PodSm90Config(), PodSm90Config(num_ctas=4)):
+            plan_pod_sm90(batch, cfg).runner(batch, o_p, o_d)()
+        torch.cuda.synchronize()
+    print("sanitize sm90: done")
 
 
 def schedule_stats(spec: BatchSpec = ORIENTATION, config: PodConfig | None = None) -> dict:
@@ -306,7 +328,7 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     return rows
 
 
-COMMANDS = ("repeat", "sanitize", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90", "serving")
+COMMANDS = ("repeat", "sanitize", "sanitize_sm90", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90", "serving")
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -386,6 +408,9 @@ def main(argv: list[str]) -> int:
         return 0 if all(r["ok"] for r in rep.values()) else 1
     if cmd == "sanitize":
         sanitize_smoke()
+        return 0
+    if cmd == "sanitize_sm90":
+        sanitize_sm90()
         return 0
     if cmd == "resources":
         rep = resources()
