@@ -1,12 +1,36 @@
 """Index arithmetic shared by the baselines that run the hybrid batch as one ragged query."""
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from dataclasses import dataclass
 
 import torch
 
 from pod.batch import HybridBatch
 from baselines.registry import AttentionOutput
+
+
+@functools.lru_cache(maxsize=None)
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (read once: the serving engine prepares every iteration)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gpu_and_package(distribution: str, installed, install_hint: str) -> str | None:
+    """None when there is a CUDA GPU and `distribution` is installed (`installed(name)` is not None),
+    else one line saying what is missing (both, when both are)."""
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    if installed(distribution) is None:
+        missing.append(f"the {distribution} package (install: {install_hint})")
+    if missing:
+        return ("GPU only: " if not torch.cuda.is_available() else "") + "needs " + " and ".join(missing)
+    return None
 
 
 def hybrid_qo_indptr(batch: HybridBatch) -> torch.Tensor:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 
 import torch
 
-from baselines.common import hybrid_q_source, split_rows, varlen_layout
+from baselines.common import gpu_and_package, hybrid_q_source, installed_version, split_rows, varlen_layout
 from baselines.registry import AttentionOutput, BackendUnavailable, register_backend
 from pod.batch import HybridBatch
 
@@ -35,13 +34,7 @@ DSL_PATH_HINT = ("installed with pip --target DIR? put DIR/nvidia_cutlass_dsl/ds
                  "(the cutlass package lives there)")
 
 
-@functools.lru_cache(maxsize=None)
-def _installed(distribution: str) -> str | None:
-    """The installed version (read once: the serving engine prepares every iteration)."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+_installed = installed_version          # a module attribute: tests stand in for the installed package
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,13 +49,9 @@ def _import_error() -> str | None:
 
 def fa4_availability() -> str | None:
     """None when fa_varlen can run here, else what is missing."""
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-    if _installed(DISTRIBUTION) is None:
-        missing.append(f"the {DISTRIBUTION} package (install: {INSTALL_HINT})")
-    if missing:
-        return ("GPU only: " if not torch.cuda.is_available() else "") + "needs " + " and ".join(missing)
+    why = gpu_and_package(DISTRIBUTION, _installed, INSTALL_HINT)
+    if why is not None:
+        return why
     major, minor = torch.cuda.get_device_capability()
     if major < 9:
         return f"needs sm_90 or newer (this GPU is sm_{major}{minor}; FA4 has no paged KV before Hopper)"

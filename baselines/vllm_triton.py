@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 import os
 
 import torch
 
-from baselines.common import hybrid_q_source, split_rows, varlen_layout
+from baselines.common import gpu_and_package, hybrid_q_source, installed_version, split_rows, varlen_layout
 from baselines.registry import AttentionOutput, BackendUnavailable, register_backend
 from pod.batch import HybridBatch
 
@@ -48,13 +47,7 @@ MIN_LAUNCH_GRID_SIZE_2D = 128
 NUM_PAR_SOFTMAX_SEGMENTS = 16
 
 
-@functools.lru_cache(maxsize=None)
-def _installed(distribution: str) -> str | None:
-    """The installed version (read once: the serving engine prepares every iteration)."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+_installed = installed_version          # a module attribute: tests stand in for the installed package
 
 
 def _import_keeping_env(name: str):
@@ -81,13 +74,9 @@ def _kernel_module():
 
 def vllm_availability() -> str | None:
     """None when vllm_unified can run here, else what is missing."""
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-    if _installed(DISTRIBUTION) is None:
-        missing.append(f"the {DISTRIBUTION} package (install: {INSTALL_HINT})")
-    if missing:
-        return ("GPU only: " if not torch.cuda.is_available() else "") + "needs " + " and ".join(missing)
+    why = gpu_and_package(DISTRIBUTION, _installed, INSTALL_HINT)
+    if why is not None:
+        return why
     return _kernel_module()[1]
 
 

@@ -51,7 +51,7 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     """Short commit hash, "+dirty" if tracked files differ from HEAD; "" outside a git checkout.
 
     POD_GIT_COMMIT, when set, wins: a copy of the tree without .git (on a GPU machine it was copied to)
-    is told the commit it was copied from by scripts/h100_session.sh."""
+    is told the commit it was copied from (POD_GIT_COMMIT, as scripts/gpu_session.sh's callers set it)."""
     if os.environ.get("POD_GIT_COMMIT"):
         return os.environ["POD_GIT_COMMIT"]
     sha = _run(["git", "rev-parse", "--short", "HEAD"], cwd=repo)
