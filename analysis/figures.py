@@ -1,19 +1,25 @@
-"""Every figure and summary table, rebuilt from the result tables.
+"""Every figure and summary table, rebuilt from the result tables: the one entry point.
 
-    python -m analysis.figures [--results results] [--out results/figures]
+    python -m analysis.figures [--results results/h100] [--out results/figures]
+
+`make figures`, `make reproduce` (experiments/reproduce.py) and the notebook all draw through
+`build_all`, which runs every builder of FIGURE_BUILDERS (each draws only where its rows exist) and
+writes every table of `build_tables`, then summary.md.
 
 Figures (PNG + PDF each, the GPU name from the provenance columns in every title):
   speedup_serial_<sweep>   speed-up over the best serial baseline (faster of fa2_serial, fi_serial) per
                            batch composition (x), backend (hue), model (facets): the paper's attention figures
   speedup_fi_pod_<sweep>   the same against FlashInfer's POD kernel
+  speedup_heatmap_<sweep>  every backend x batch composition
   roofline                 prefill TFLOP/s and decode GB/s per backend against the measured ceilings, and
                            the utilisation plane of hybrid batches: a serial schedule cannot pass the
                            line compute share + bandwidth share = 1, overlap can
   kernels                  the kernel benchmark: prefill kernels in TFLOP/s, decode kernels in GB/s
-  serving_offline / serving_online   throughput, TTFT / TBT (only when serving results exist)
+  the paper's evaluation figures (analysis.paper_figures) and the serving figures
+  (analysis.serving_figures), where their rows exist
 Tables (Markdown + CSV): speedup_summary (per backend, per model, per sweep), speedups (per point),
 excluded (rows left out of speed-ups and why), status_counts, kernels_prefill_tflops,
-kernels_decode_gbps, serving; summary.md gathers them.
+kernels_decode_gbps, the paper figures' and the serving figures' tables; summary.md gathers them.
 """
 from __future__ import annotations
 
@@ -21,22 +27,23 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from analysis import paper_figures  # noqa: E402
-from analysis.load import Results, load_results  # noqa: E402
-from analysis.speedup import (POD_BASELINE, attention_speedups, kernel_rows, kernel_tables,  # noqa: E402
+from analysis import paper_figures, serving_figures
+from analysis.load import Results, load_results
+from analysis.output import gpu_title, save, slug, to_markdown, write_table
+from analysis.speedup import (POD_BASELINE, attention_speedups, kernel_rows, kernel_tables,
                               ordered_compositions, status_counts, summarize)
+
+__all__ = ["build_all", "build_tables", "FIGURE_BUILDERS", "save", "to_markdown", "write_table"]
 
 # Measured on our H100 SXM (bf16 dense matmul, large square GEMM; device-to-device copy), used when
 # the results carry no `ceilings` table of their own.
@@ -66,34 +73,10 @@ KERNEL_BACKENDS = {
 }
 COMPOSITION_AXIS = "batch composition: prefill chunk@context + decodes×context (tokens)"
 ROOT = Path(__file__).resolve().parents[1]
-# Figures rebuilt from the same rows are the same bytes (`make figures` on committed rows leaves the
-# tree clean): no creation date, no library versions in the files' metadata, seeded strip-plot jitter.
-PNG_METADATA = {"Software": None}
-PDF_METADATA = {"Creator": "analysis.figures", "Producer": None, "CreationDate": None}
-JITTER_SEED = 0
-
-sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+JITTER_SEED = 0   # the roofline's strip plots jitter points: seeded, so a rebuild is the same bytes
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def gpu_title(what: str, gpus) -> str:
-    gpus = [g for g in gpus if g]
-    return f"{what} — {', '.join(gpus) if gpus else 'GPU unknown'}"
-
-
-def slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", str(s)).strip("_").lower() or "unknown"
-
-
-def save(fig, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight", metadata=PNG_METADATA)
-    fig.savefig(paths[1], bbox_inches="tight", metadata=PDF_METADATA)
-    plt.close(fig)
-    return paths
-
-
 @contextlib.contextmanager
 def seeded_jitter(seed: int = JITTER_SEED):
     """seaborn's strip plots jitter points with numpy's global generator: seed it for the plot, and
@@ -115,28 +98,6 @@ def shown_path(path: Path, out: Path) -> str:
         return path.relative_to(ROOT).as_posix()
     except ValueError:
         return Path(os.path.relpath(path, Path(out).resolve())).as_posix()
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub Markdown table (no tabulate dependency); floats to 4 significant digits."""
-    def cell(v):
-        if isinstance(v, (float, np.floating)):
-            return "" if math.isnan(v) else f"{v:.4g}"
-        if v is None or v is pd.NA:
-            return ""
-        return str(v).replace("|", "\\|")
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def write_table(df: pd.DataFrame, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.csv", out / f"{name}.md"]
-    df.to_csv(paths[0], index=False, float_format="%.12g")   # 12 digits: no last-ulp churn between runs
-    paths[1].write_text(to_markdown(df))
-    return paths
 
 
 def ceilings_for(results: Results, gpu: str) -> dict:
@@ -421,57 +382,44 @@ def fig_kernels(sp: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-# -- serving ---------------------------------------------------------------------------------------------
-def fig_serving(serving: pd.DataFrame, out: Path) -> list[Path]:
-    """Offline: tokens/s and requests/s per backend and model. Online: TTFT, TBT, end-to-end latency
-    against the offered load (QPS). Nothing when there are no serving rows."""
-    paths = []
-    if serving.empty:
-        return paths
-    gpus = sorted(serving["gpu"].unique())
-    for gpu in gpus:
-        s = serving[serving["gpu"] == gpu]
-        backends = sorted(s["backend"].unique())
-        suffix = f"_{slug(gpu)}" if len(gpus) > 1 else ""
-        off = s[s["mode"] == "offline"]
-        if not off.empty:
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-            for ax, value, label in ((axes[0], "tokens_per_s", "throughput (tokens/s)"),
-                                     (axes[1], "requests_per_s", "throughput (requests/s)")):
-                sns.barplot(data=off, x="model", y=value, hue="backend", hue_order=backends,
-                            errorbar=None, ax=ax)
-                ax.set_xlabel("model")
-                ax.set_ylabel(label)
-            fig.suptitle(gpu_title("Offline serving throughput", [gpu]))
-            fig.tight_layout()
-            paths += save(fig, out, "serving_offline" + suffix)
-        on = s[(s["mode"] == "online") & s["qps"].notna()]
-        if not on.empty:
-            metrics = [("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"),
-                       ("tbt_p50_ms", "TBT p50 (ms)"), ("tbt_p99_ms", "TBT p99 (ms)"),
-                       ("e2e_p50_ms", "request latency p50 (ms)")]
-            metrics = [m for m in metrics if on[m[0]].notna().any()]
-            models = sorted(on["model"].unique())
-            fig, axes = plt.subplots(len(models), len(metrics), figsize=(3.6 * len(metrics), 3.3 * len(models)),
-                                     squeeze=False)
-            for i, model in enumerate(models):
-                for j, (value, label) in enumerate(metrics):
-                    ax = axes[i, j]
-                    sns.lineplot(data=on[on["model"] == model].sort_values("qps"), x="qps", y=value,
-                                 hue="backend", hue_order=backends, marker="o", ax=ax,
-                                 legend=(i == 0 and j == len(metrics) - 1))
-                    ax.set_xlabel("offered load (requests/s)")
-                    ax.set_ylabel(label)
-                    ax.set_title(model, fontsize=9)
-            fig.suptitle(gpu_title("Online serving latency vs load", [gpu]))
-            fig.tight_layout()
-            paths += save(fig, out, "serving_online" + suffix)
-    return paths
-
-
 # -- everything ----------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """What the figure builders draw from: the loaded results, their speed-up rows (None without
+    attention rows) and the output folder."""
+    results: Results
+    sp: pd.DataFrame | None
+    out: Path
+
+    @property
+    def bars(self) -> pd.DataFrame:
+        """Speed-up rows drawn per batch composition: hybrid sweeps but those with figures of their own."""
+        bars = hybrid_sweeps(self.sp)
+        return bars[~bars["sweep"].isin(OWN_FIGURE_SWEEPS)]
+
+
+def _attention(draw: Callable[[Inputs], dict[str, list[Path]]]) -> Callable[[Inputs], dict[str, list[Path]]]:
+    """A builder of attention figures: nothing without attention rows."""
+    return lambda i: {} if i.sp is None else draw(i)
+
+
+# The one list of figure builders, in drawing order: name -> builder(inputs) -> {figure: [PNG, PDF]}.
+# Each draws only where its rows exist (the paper's evaluation figures where their sweeps ran, the
+# serving figures where GPU-timed serving rows are).
+FIGURE_BUILDERS: dict[str, Callable[[Inputs], dict[str, list[Path]]]] = {
+    "speedup_serial": _attention(lambda i: {"speedup_serial": fig_speedups(i.bars, i.out, "serial")}),
+    "speedup_fi_pod": _attention(lambda i: {"speedup_fi_pod": fig_speedups(i.bars, i.out, POD_BASELINE)}),
+    "speedup_heatmap": _attention(lambda i: {"speedup_heatmap": fig_speedup_heatmap(i.bars, i.out)}),
+    "roofline": _attention(lambda i: {"roofline": fig_roofline(i.sp, i.results, i.out)}),
+    "kernels": _attention(lambda i: {"kernels": fig_kernels(i.sp, i.out)}),
+    "paper": _attention(lambda i: paper_figures.figures(i.sp, i.out)),
+    "serving": lambda i: serving_figures.figures(i.results.serving, i.out),
+}
+
+
 def build_tables(results: Results, sp: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """Summary tables from the results (no files written)."""
+    """Every summary table from the results (no files written): the attention speed-ups, the paper
+    figures' and the serving figures' tables."""
     tables: dict[str, pd.DataFrame] = {}
     if not results.attention.empty:
         sp = attention_speedups(results.attention) if sp is None else sp
@@ -489,49 +437,36 @@ def build_tables(results: Results, sp: pd.DataFrame | None = None) -> dict[str, 
         pre, dec = kernel_tables(sp)
         tables["kernels_prefill_tflops"] = pre
         tables["kernels_decode_gbps"] = dec
-    if not results.serving.empty:
-        cols = ["sweep", "gpu", "model", "mode", "backend", "qps", "requests_per_s", "tokens_per_s",
-                "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms", "e2e_p50_ms"]
-        tables["serving"] = results.serving[cols].sort_values(["model", "mode", "backend", "qps"])
+        tables.update(paper_figures.tables(sp))
+    tables.update(serving_figures.tables(results.serving))
     return tables
 
 
-_SECTION_TITLES = {
+SECTION_TITLES = {
     "speedup_summary": "Speed-up per backend (geomean / max / min over compared points)",
     "speedup_by_model": "Speed-up per model and backend",
     "speedup_by_sweep": "Speed-up per sweep and backend",
     "status_counts": "Rows per backend and status",
     "kernels_prefill_tflops": "Kernel benchmark: prefill TFLOP/s",
     "kernels_decode_gbps": "Kernel benchmark: decode GB/s",
-    "serving": "Serving",
+    **paper_figures.SECTION_TITLES,
+    **serving_figures.SECTION_TITLES,
 }
 
 
 def build_all(results_path: str | Path = "results", out: str | Path = "results/figures") -> dict[str, list[Path]]:
-    """Rebuild every figure and table from the results under `results_path` into `out`.
-    Returns {name: [paths written]}; empty when there are no results."""
+    """Rebuild every figure and table from the results under `results_path` into `out`: each builder
+    of FIGURE_BUILDERS, each table of build_tables, and summary.md. Returns {name: [paths written]}
+    (tables as "table:<name>"); empty when there are no results."""
     results = load_results(results_path)
     out = Path(out)
-    written: dict[str, list[Path]] = {}
     if results.empty:
-        return written
-    sp = attention_speedups(results.attention) if not results.attention.empty else None
-    if sp is not None:
-        bars = hybrid_sweeps(sp)
-        bars = bars[~bars["sweep"].isin(OWN_FIGURE_SWEEPS)]
-        written["speedup_serial"] = fig_speedups(bars, out, "serial")
-        written["speedup_fi_pod"] = fig_speedups(bars, out, "fi_pod")
-        written["speedup_heatmap"] = fig_speedup_heatmap(bars, out)
-        written["roofline"] = fig_roofline(sp, results, out)
-        written["kernels"] = fig_kernels(sp, out)
-    written["serving"] = fig_serving(results.serving, out)
-    tables = build_tables(results, sp)
-    paper_titles = {}
-    if sp is not None:   # the paper's evaluation figures: only where their sweeps have rows
-        figs, paper_tables = paper_figures.build(sp, out, save)
-        written.update(figs)
-        tables.update(paper_tables)
-        paper_titles = {k: v for k, v in paper_figures.SECTION_TITLES.items() if k in paper_tables}
+        return {}
+    inputs = Inputs(results, attention_speedups(results.attention) if not results.attention.empty else None, out)
+    written: dict[str, list[Path]] = {}
+    for build in FIGURE_BUILDERS.values():
+        written.update(build(inputs))
+    tables = build_tables(results, inputs.sp)
     for name, t in tables.items():
         written[f"table:{name}"] = write_table(t, out, name)
     gpus = results.gpus()
@@ -539,7 +474,7 @@ def build_all(results_path: str | Path = "results", out: str | Path = "results/f
              f"Built by `python -m analysis.figures` from `{shown_path(results.root, out)}`. Speed-ups compare rows of one run "
              "and point; rows not ok, not meaningfully timed, or with max relative error above the "
              "tolerance are excluded (see excluded.csv) but counted.\n"]
-    for name, title in {**_SECTION_TITLES, **paper_titles}.items():
+    for name, title in SECTION_TITLES.items():
         if name in tables and not tables[name].empty:
             lines += [f"## {title}\n", to_markdown(tables[name])]
     summary = out / "summary.md"
@@ -548,16 +483,11 @@ def build_all(results_path: str | Path = "results", out: str | Path = "results/f
     return {k: v for k, v in written.items() if v}
 
 
-def cli_args(doc: str, argv, rows: str = "result tables") -> argparse.Namespace:
-    """--results / --out of the figure builders' command lines (this module's and analysis.serving_figures')."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--results", default="results", help=f"folder (or file) of {rows}")
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default="results", help="folder (or file) of result tables")
     ap.add_argument("--out", default="results/figures", help="where figures and tables go")
     return ap.parse_args(argv)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    return cli_args(__doc__, argv)
 
 
 def main(argv=None) -> int:

@@ -101,16 +101,18 @@ def synthetic_results(root: Path, serving: bool = True) -> Path:
 
     if serving:
         srows = []
+        ok = dict(status="ok", timing_meaningful=True, time_scale=1.0)
         for backend, tput in (("fa2_serial", 1000.0), ("pod", 1200.0)):
             srows.append(dict(sweep="serving", backend=backend, model="llama-3-8b", mode="offline",
-                              requests_per_s=tput / 500, tokens_per_s=tput, qps=np.nan, ttft_p50_ms=np.nan,
-                              ttft_p99_ms=np.nan, tbt_p50_ms=np.nan, tbt_p99_ms=np.nan, e2e_p50_ms=np.nan,
-                              **PROV))
+                              requests_per_s=tput / 500, requests_per_min=tput * 60 / 500,
+                              steady_requests_per_min=tput * 60 / 500, tokens_per_s=tput, qps=np.nan,
+                              ttft_p50_ms=np.nan, ttft_p99_ms=np.nan, tbt_p50_ms=np.nan, tbt_p99_ms=np.nan,
+                              e2e_p50_ms=np.nan, **ok, **PROV))
             for qps in (0.5, 1.0, 2.0):
                 srows.append(dict(sweep="serving", backend=backend, model="llama-3-8b", mode="online",
-                                  requests_per_s=qps, tokens_per_s=qps * 500, qps=qps,
+                                  requests_per_s=qps, tokens_per_s=qps * 500, qps=qps, load=qps / 2,
                                   ttft_p50_ms=100 * qps, ttft_p99_ms=300 * qps, tbt_p50_ms=20 * qps,
-                                  tbt_p99_ms=50 * qps, e2e_p50_ms=5000 * qps, **PROV))
+                                  tbt_p99_ms=50 * qps, e2e_p50_ms=5000 * qps, **ok, **PROV))
         pd.DataFrame(srows).to_parquet(root / "serving.parquet")
     return root
 
@@ -227,11 +229,12 @@ def built(tmp_path_factory):
 def test_build_all_writes_figures_and_tables(built):
     out, written = built[0] / "figs", built[1]
     for name in ("speedup_serial_paper", "speedup_fi_pod_paper", "speedup_heatmap_paper", "roofline", "kernels",
-                 "serving_offline", "serving_online"):
+                 "serving_throughput", "serving_latency_llama_3_8b"):
         for ext in ("png", "pdf"):
             assert _nonempty(out / f"{name}.{ext}"), f"{name}.{ext} missing or empty"
     for name in ("speedup_summary", "speedup_by_model", "speedups", "excluded", "status_counts",
-                 "kernels_prefill_tflops", "kernels_decode_gbps", "serving"):
+                 "kernels_prefill_tflops", "kernels_decode_gbps", "serving_throughput", "serving_latency",
+                 "serving_speedups"):
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").read_text().startswith("|")
     assert "summary" in written and GPU in (out / "summary.md").read_text()
     summ = pd.read_csv(out / "speedup_summary.csv").set_index(["backend", "vs"])
@@ -243,6 +246,29 @@ def test_build_all_writes_figures_and_tables(built):
     assert kd.loc[0, "fi_serial"] < kd.loc[0, "triton_decode"]  # 1.2 ms vs 1.0 ms for the same bytes
     excluded = pd.read_csv(out / "excluded.csv")
     assert len(excluded) == 7  # p4 pod, p5 fa2 + fi_pod, p6 fi_serial + triton_prefill, cpu run x2
+
+
+def test_make_figures_and_make_reproduce_draw_through_one_list_of_builders(built, tmp_path, capsys):
+    """`make figures` (python -m analysis.figures) skipped the serving figures `make reproduce` drew, and
+    analysis.figures and analysis.serving_figures both drew serving figures (two sets): now one list of
+    builders (FIGURE_BUILDERS) behind one entry point (build_all) serves both, the serving figures
+    drawn wherever serving rows exist."""
+    import analysis.figures as figures
+    import analysis.serving_figures as serving_figures
+    import experiments.reproduce as rp
+    assert "serving" in figures.FIGURE_BUILDERS and not hasattr(serving_figures, "main")
+    assert not hasattr(figures, "fig_serving")
+    make_figures = built[0] / "figs"                            # what build_all (make figures) wrote
+    assert "$(PY) -m analysis.figures --results results/h100" in (ROOT / "Makefile").read_text()
+    rp.rebuild_figures(built[0] / "results", tmp_path / "reproduce")
+    names = sorted(p.name for p in make_figures.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "reproduce").iterdir())
+    assert {"serving_throughput.png", "serving_latency_llama_3_8b.pdf", "serving_speedups.csv"} <= set(names)
+    assert not {"serving_offline.png", "serving_online.png", "serving.csv"} & set(names)
+    assert "## Serving: offline throughput" in (make_figures / "summary.md").read_text()
+    ratio = pd.read_csv(make_figures / "serving_speedups.csv")
+    assert ratio[["backend", "vs"]].values.tolist() == [["pod", "fa2_serial"]]
+    assert ratio["speedup"].tolist() == pytest.approx([1.2])
 
 
 def _differing(a: Path, b: Path) -> list[str]:

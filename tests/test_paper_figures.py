@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis import paper_figures as pf
-from analysis.figures import build_all, save
+from analysis.figures import build_all
 from analysis.load import load_results
 from analysis.speedup import attention_speedups
 
@@ -149,13 +149,13 @@ def test_hopper_prefill_compares_each_point_on_its_own_layout(sp):
 
 
 def test_build_writes_every_figure_and_table_byte_stable(sp, tmp_path):
-    figs, tables = pf.build(sp, tmp_path / "a", save)
+    figs, tables = pf.build(sp, tmp_path / "a")
     assert set(figs) == {"paper_grid_violin", "per_chunk", "policy", "ctas_per_sm", "hopper_prefill"}
     for paths in figs.values():
         assert all(p.stat().st_size > 0 for p in paths)
     # Byte-stable: the violin and the heat map drawn again are the same bytes (PNG and PDF).
-    again = pf.fig_paper_violin(pf.paper_grid_speedups(sp), tmp_path / "b", save)
-    again += pf.fig_ctas_heatmap(pf.knob_rows(sp, "ctas_per_sm"), tmp_path / "b", save)[0]
+    again = pf.fig_paper_violin(pf.paper_grid_speedups(sp), tmp_path / "b")
+    again += pf.fig_ctas_heatmap(pf.knob_rows(sp, "ctas_per_sm"), tmp_path / "b")
     for q in again:
         assert (tmp_path / "a" / q.name).read_bytes() == q.read_bytes(), q.name
     noisy = tables["noisy_points"]
