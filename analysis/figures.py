@@ -7,8 +7,9 @@
 writes every table of `build_tables`, then summary.md.
 
 Figures (PNG + PDF each, the GPU name from the provenance columns in every title):
-  speedup_serial_<sweep>   speed-up over the best serial baseline (faster of fa2_serial, fi_serial) per
-                           batch composition (x), backend (hue), model (facets): the paper's attention figures
+  speedup_serial_<sweep>   speed-up over the fastest serial path (analysis.speedup: the fastest of
+                           triton_serial, fi_serial, fa2_serial at the point) per batch composition (x),
+                           backend (hue), model (panels): the paper's attention figures
   speedup_fi_pod_<sweep>   the same against FlashInfer's POD kernel
   speedup_heatmap_<sweep>  every backend x batch composition
   roofline                 prefill TFLOP/s and decode GB/s per backend against the measured ceilings, and
@@ -40,8 +41,8 @@ import seaborn as sns
 from analysis import paper_figures, serving_figures
 from analysis.load import Results, load_results
 from analysis.output import gpu_title, save, slug, to_markdown, write_table
-from analysis.speedup import (POD_BASELINE, attention_speedups, kernel_rows, kernel_tables,
-                              ordered_compositions, status_counts, summarize)
+from analysis.speedup import (OUR_FUSED_BACKENDS, POD_BASELINE, attention_speedups, kernel_rows,
+                              kernel_tables, ordered_compositions, serial_label, status_counts, summarize)
 
 __all__ = ["build_all", "build_tables", "FIGURE_BUILDERS", "save", "to_markdown", "write_table"]
 
@@ -61,8 +62,9 @@ OWN_FIGURE_SWEEPS = {"paper_grid", "per_chunk", "policy", "ctas_per_sm"}
 HIDDEN_BACKENDS = {"reference"}
 # The speed-up bar figures show these (those present), as the paper's figures show FA_Streams,
 # FI_Batched and POD against the serial baseline; the heat map beside them shows every backend.
-HEADLINE_BACKENDS = ("fa2_streams", "fi_batched", "fi_pod", "fi_batch_pod", "pod_paper", "pod",
-                     "pod_persistent")
+HEADLINE_BACKENDS = ("fa2_streams", "fi_batched", "fi_pod", "fi_batch_pod", *OUR_FUSED_BACKENDS)
+# The balanced-points table pools these sweeps' points that pass the paper's 20% filter.
+BALANCED_SWEEPS = ("paper", "paper_grid")
 # The kernel benchmark: on a pure prefill (decode) point the serial baselines run only their prefill
 # (decode) kernel, so fi_serial is FlashInfer's kernel and fa2_serial FA2's.
 KERNEL_BACKENDS = {
@@ -119,6 +121,18 @@ def hybrid_sweeps(sp: pd.DataFrame) -> pd.DataFrame:
     return sp[~sp["sweep"].isin(KERNEL_SWEEPS)]
 
 
+def balanced_rows(sp: pd.DataFrame) -> pd.DataFrame:
+    """The speed-up rows of the BALANCED_SWEEPS at the points that pass the paper's 20% filter
+    (analysis.paper_figures.balanced_points: our triton_prefill and triton_decode halves each >= 20%
+    of their sum), pooled."""
+    d = sp[sp["sweep"].isin(BALANCED_SWEEPS)]
+    if d.empty:
+        return d
+    key = ["run", "point_id"]
+    bal = paper_figures.balanced_points(d)
+    return d.merge(bal.loc[bal["balanced"], key], on=key)
+
+
 # -- speed-up figures (the paper's attention figures) ------------------------------------------------
 def _cell_labels(values: pd.DataFrame, noisy: pd.DataFrame) -> np.ndarray:
     """Heat-map cell texts: the value to 2 decimals, '?' after a noisy one, '' where there is none."""
@@ -141,7 +155,7 @@ def fig_speedups(sp: pd.DataFrame, out: Path, reference: str) -> list[Path]:
     """One figure per (sweep, gpu): bars of the speed-up per batch composition, hue backend, facet model
     (rows: KV layout when a sweep has both)."""
     col = "speedup_vs_serial" if reference == "serial" else "speedup_vs_fi_pod"
-    ylabel = ("speed-up over best serial (×)\n[faster of fa2_serial, fi_serial]" if reference == "serial"
+    ylabel = (f"speed-up over the fastest serial path (×)\n[{serial_label(sp['backend'])}]" if reference == "serial"
               else f"speed-up over {POD_BASELINE} (×)")
     data = sp[sp[col].notna() & ~sp["backend"].isin(HIDDEN_BACKENDS)]
     headline = [b for b in HEADLINE_BACKENDS if b in set(data["backend"])]
@@ -218,7 +232,8 @@ def fig_speedup_heatmap(sp: pd.DataFrame, out: Path) -> list[Path]:
             ax.tick_params(axis="y", rotation=0)
             for lab in ax.get_xticklabels():
                 lab.set_horizontalalignment("right")
-        fig.suptitle(gpu_title(f"Speed-up over best serial (×), every backend, sweep '{sweep}'", [gpu])
+        fig.suptitle(gpu_title(f"Speed-up over the fastest serial path ({serial_label(d['backend'])}), "
+                               f"every backend, sweep '{sweep}'", [gpu])
                      + f"\nblank: the best serial baseline itself; '?': noisy (p80/p20 > "
                        f"{paper_figures.NOISE_SPREAD_LIMIT:g}), not a clean number")
         fig.tight_layout(rect=(0, 0, 1, 0.98))
@@ -427,6 +442,9 @@ def build_tables(results: Results, sp: pd.DataFrame | None = None) -> dict[str, 
         tables["speedup_summary"] = summarize(hybrid, ["backend"])
         tables["speedup_by_model"] = summarize(hybrid, ["model", "backend"])
         tables["speedup_by_sweep"] = summarize(hybrid, ["sweep", "backend"])
+        balanced = balanced_rows(sp)
+        if not balanced.empty:
+            tables["speedup_balanced"] = summarize(balanced, ["backend"])
         tables["status_counts"] = status_counts(sp)
         cols = ["run", "sweep", "gpu", "model", "batch", "backend", "status", "median_ms",
                 "best_serial_backend", "best_serial_ms", "speedup_vs_serial", "fi_pod_ms",
@@ -446,6 +464,9 @@ SECTION_TITLES = {
     "speedup_summary": "Speed-up per backend (geomean / max / min over compared points)",
     "speedup_by_model": "Speed-up per model and backend",
     "speedup_by_sweep": "Speed-up per sweep and backend",
+    "speedup_balanced": (f"Speed-up on balanced points (sweeps {' + '.join(BALANCED_SWEEPS)} pooled; our "
+                         f"triton_prefill and triton_decode halves each >= "
+                         f"{paper_figures.BALANCE_MIN_SHARE:.0%} of their sum)"),
     "status_counts": "Rows per backend and status",
     "kernels_prefill_tflops": "Kernel benchmark: prefill TFLOP/s",
     "kernels_decode_gbps": "Kernel benchmark: decode GB/s",

@@ -2,8 +2,8 @@
 by analysis.figures.build_all (`make figures`, `make reproduce`) wherever serving rows exist:
 
   serving_throughput[_<gpu>]  offline (the paper's Fig 12): steady requests per minute per backend per
-                   model (left) and pod's throughput over each OTHER backend of the same model and run
-                   (right; never a backend against itself)
+                   model (left) and the throughput of each of ours (pod, pod_sm90) over each OTHER
+                   backend of the same model and run (right; never a backend against itself)
   serving_latency_<model>[_<gpu>]   online: TTFT p50/p99, TBT p50/p99 and the share of decode gaps
                    over 200 / 500 ms, per backend (hue) at each offered load (x)
   tables (CSV + Markdown) serving_throughput, serving_latency, serving_speedups (the figure's ratios),
@@ -24,8 +24,9 @@ import seaborn as sns
 
 from analysis.load import load_results
 from analysis.output import gpu_title, save, slug, write_table
+from analysis.speedup import OUR_FUSED_BACKENDS, SERIAL_BACKENDS
 
-BACKEND_ORDER = ("pod", "triton_serial", "fi_serial")
+BACKEND_ORDER = (*OUR_FUSED_BACKENDS, *SERIAL_BACKENDS)
 LATENCY_METRICS = (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"),
                    ("tbt_p50_ms", "TBT p50 (ms)"), ("tbt_p99_ms", "TBT p99 (ms)"),
                    ("stall_frac_200ms", "decode gaps > 200 ms (share)"),
@@ -34,6 +35,8 @@ LATENCY_METRICS = (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (
 
 def usable(serving: pd.DataFrame) -> pd.DataFrame:
     """ok, GPU-timed rows; the latest of each (gpu, sweep, model, mode, backend, load)."""
+    if serving.empty:
+        return serving
     s = serving[(serving["status"] == "ok") & serving["timing_meaningful"].astype(bool)].copy()
     if s.empty:
         return s
@@ -71,17 +74,19 @@ def throughput_table(s: pd.DataFrame) -> pd.DataFrame:
 
 
 def speedups(off: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Per (gpu, sweep, model): the first backend of BACKEND_ORDER present (pod when it ran) over each
-    OTHER backend: rate / other's rate. Never a backend over itself, no reciprocal pairs."""
+    """Per (gpu, sweep, model): each of our fused backends present (OUR_FUSED_BACKENDS: pod, pod_sm90, ...;
+    without any, the first backend of BACKEND_ORDER present) over each OTHER backend: rate / other's rate.
+    Never a backend over itself, no reciprocal pairs."""
     out = []
     for (gpu, sweep, model), d in off.groupby(["gpu", "sweep", "model"], sort=True):
         rate = dict(zip(d["backend"], d[value]))
         order = _backends(rate)
-        b = order[0]
-        for other in order[1:]:
-            if pd.notna(rate[b]) and pd.notna(rate[other]) and rate[other] > 0:
-                out.append(dict(gpu=gpu, sweep=sweep, model=model, backend=b, vs=other,
-                                speedup=rate[b] / rate[other]))
+        ours = [b for b in order if b in OUR_FUSED_BACKENDS] or order[:1]
+        for b in ours:
+            for other in (o for o in order if o not in ours):
+                if pd.notna(rate[b]) and pd.notna(rate[other]) and rate[other] > 0:
+                    out.append(dict(gpu=gpu, sweep=sweep, model=model, backend=b, vs=other,
+                                    speedup=rate[b] / rate[other]))
     return pd.DataFrame(out, columns=["gpu", "sweep", "model", "backend", "vs", "speedup"])
 
 

@@ -1,8 +1,13 @@
 """Speed-ups of every backend per hybrid-batch point, and the summary tables made from them.
 
 Speed-up of backend b at point p (both of one run):
-    vs best serial:  min(median_ms of fa2_serial, fi_serial at p) / median_ms of b at p
+    vs best serial:  the fastest serial path at p / median_ms of b at p, where the fastest serial path is
+                     the least median_ms of the SERIAL_BACKENDS usable at p (triton_serial, fi_serial,
+                     fa2_serial: prefill then decode, two launches, each family's kernels)
     vs fi_pod:       median_ms of fi_pod at p / median_ms of b at p
+This is the one place the fastest serial path is computed: every figure and table that compares
+against "serial" reads `best_serial_backend` / `best_serial_ms` / `speedup_vs_serial` from here (the
+paper-grid violin alone keeps the paper's fa2_serial, analysis.paper_figures.PAPER_GRID_REFERENCE).
 Only *usable* rows enter a speed-up, as candidate or as baseline. A row is excluded (and says why in
 `excluded`) when its status is not "ok", when its timing is not meaningful (CPU / interpreter runs), when
 it has no positive timing, or when its output was wrong: prefill_err / decode_err (max relative error
@@ -15,7 +20,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-SERIAL_BASELINES = ("fa2_serial", "fi_serial")
+# The serial paths a fused kernel must beat; the fastest of those usable at a point is its reference.
+SERIAL_BACKENDS = ("triton_serial", "fi_serial", "fa2_serial")
+# Our fused backends ("ours"): each is compared with the fastest serial path and with fi_pod.
+OUR_FUSED_BACKENDS = ("pod", "pod_sm90", "pod_paper", "pod_persistent")
 POD_BASELINE = "fi_pod"
 # Max relative error vs the fp32 reference above which an output counts as wrong.
 ERROR_TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2}
@@ -64,16 +72,18 @@ def flag_rows(df: pd.DataFrame, tolerance: dict[str, float] | None = None) -> pd
 
 # -- speed-ups -----------------------------------------------------------------------------------------
 def attention_speedups(df: pd.DataFrame, tolerance: dict[str, float] | None = None) -> pd.DataFrame:
-    """One row per input row, with `best_serial_backend`, `best_serial_ms`, `speedup_vs_serial`,
-    `fi_pod_ms`, `speedup_vs_fi_pod` (NaN where the row or its baseline is not usable)."""
+    """One row per input row, with `best_serial_backend`, `best_serial_ms` (the fastest serial path of
+    the row's run and point), `speedup_vs_serial`, `fi_pod_ms`, `speedup_vs_fi_pod` (NaN where the row
+    or its baseline is not usable)."""
     df = flag_rows(df, tolerance)
     if "run" not in df:
         df["run"] = "run"
     key = ["run", "point_id"]
     ok = df[df["usable"]]
 
-    serial = ok[ok["backend"].isin(SERIAL_BASELINES)]
-    best = (serial.sort_values("median_ms").groupby(key, sort=False).head(1)
+    serial = ok[ok["backend"].isin(SERIAL_BACKENDS)]
+    serial = serial.assign(_rank=serial["backend"].map(SERIAL_BACKENDS.index))   # ties: the list's order
+    best = (serial.sort_values(["median_ms", "_rank"], kind="stable").groupby(key, sort=False).head(1)
             [key + ["backend", "median_ms"]]
             .rename(columns={"backend": "best_serial_backend", "median_ms": "best_serial_ms"}))
     pod = (ok[ok["backend"] == POD_BASELINE].groupby(key)["median_ms"].min()
@@ -90,6 +100,13 @@ def attention_speedups(df: pd.DataFrame, tolerance: dict[str, float] | None = No
     out["speedup_vs_serial"] = out["best_serial_ms"] / own
     out["speedup_vs_fi_pod"] = out["fi_pod_ms"] / own
     return add_composition(out)
+
+
+def serial_label(backends) -> str:
+    """How a figure names its serial reference: 'fastest of triton_serial, fi_serial' (the
+    SERIAL_BACKENDS among `backends`, in the list's order)."""
+    present = [b for b in SERIAL_BACKENDS if b in set(backends)] or list(SERIAL_BACKENDS)
+    return f"fastest of {', '.join(present)}" if len(present) > 1 else present[0]
 
 
 def geomean(x) -> float:

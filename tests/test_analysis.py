@@ -207,6 +207,98 @@ def test_summary_geomean_max_min_share(results_dir):
     assert by_model.loc[("llama-3-8b", "pod", "best serial"), "compared"] == 7
 
 
+H200 = "NVIDIA H200"
+
+
+def h200_paper_rows() -> pd.DataFrame:
+    """The H200 `paper` sweep as it will come, and one paper-grid point: our Hopper fused kernel pod_sm90
+    beside pod, triton_serial, its halves triton_prefill / triton_decode, fi_serial and fi_pod (no
+    fa2_serial on the paper sweep). Times (ms):
+        point  triton_serial fi_serial fa2_serial  halves (prefill, decode)  pod_sm90  pod
+        q1     1.0           1.2       -           0.4, 0.6  balanced       0.8       0.9
+        q2     1.5           1.0       -           0.1, 1.4  unbalanced     2.0       0.95
+        q3     2.0           1.8       -           1.0, 1.0  balanced       1.2       1.7
+        q4*    2.2           2.4       3.0         0.8, 1.2  balanced       2.0       2.1     (*paper_grid)
+    The fastest serial path: q1 triton_serial, q2 q3 fi_serial, q4 triton_serial; pod_sm90 over it
+    1.25, 0.5, 1.5, 1.1."""
+    rows: list[dict] = []
+    kw = dict(gpu=H200, run_id="h200-run")
+    for point, sweep, serial, halves, ours in (
+            ("q1", "paper", dict(triton_serial=1.0, fi_serial=1.2), (0.4, 0.6), dict(pod_sm90=0.8, pod=0.9)),
+            ("q2", "paper", dict(triton_serial=1.5, fi_serial=1.0), (0.1, 1.4), dict(pod_sm90=2.0, pod=0.95)),
+            ("q3", "paper", dict(triton_serial=2.0, fi_serial=1.8), (1.0, 1.0), dict(pod_sm90=1.2, pod=1.7)),
+            ("q4", "paper_grid", dict(triton_serial=2.2, fi_serial=2.4, fa2_serial=3.0), (0.8, 1.2),
+             dict(pod_sm90=2.0, pod=2.1))):
+        chunk = dict(q1=512, q2=1024, q3=2048, q4=1024)[point]
+        _points(rows, point, {**serial, **ours, "fi_pod": 1.1}, sweep=sweep, chunk=chunk, **kw)
+        rows.append(_row(point, "triton_prefill", halves[0], sweep=sweep, chunk=chunk, decode_err=float("nan"), **kw))
+        rows.append(_row(point, "triton_decode", halves[1], sweep=sweep, chunk=chunk, prefill_err=float("nan"), **kw))
+    from analysis.load import normalise_attention
+    return normalise_attention(pd.DataFrame(rows)).assign(run="h200-run")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure the figure modules would save, kept open instead: {file name: matplotlib figure}."""
+    import matplotlib.pyplot as plt
+
+    import analysis.figures
+    import analysis.paper_figures
+    figs = {}
+
+    def keep(fig, out, name):
+        figs[name] = fig
+        return [Path(out) / f"{name}.png", Path(out) / f"{name}.pdf"]
+    for module in (analysis.figures, analysis.paper_figures):
+        monkeypatch.setattr(module, "save", keep)
+    yield figs
+    for fig in figs.values():
+        plt.close(fig)
+
+
+def legend_texts(fig) -> list[str]:
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    return [t.get_text() for leg in legends for t in leg.get_texts()]
+
+
+def test_pod_sm90_is_ours_against_the_fastest_serial_path(drawn, tmp_path):
+    """The fastest serial path is the fastest of triton_serial, fi_serial, fa2_serial present at a point
+    (it was fa2_serial / fi_serial only: q1 would have read 1.5x over fi_serial, not 1.25x over
+    triton_serial); pod_sm90 is one of ours in the tables, the bars and the heat map; the balanced-points
+    table pools the paper sweep and the paper grid's points that pass the 20% filter; the paper-grid
+    violin keeps the paper's fa2_serial."""
+    from analysis import figures, paper_figures
+    from analysis.load import Results
+    from analysis.speedup import SERIAL_BACKENDS
+    assert SERIAL_BACKENDS == ("triton_serial", "fi_serial", "fa2_serial")
+    sp = attention_speedups(h200_paper_rows())
+    ours = sp[sp["backend"] == "pod_sm90"].set_index("batch")
+    assert ours["best_serial_backend"].to_dict() == {"llama-3-8b q1": "triton_serial", "llama-3-8b q2": "fi_serial",
+                                                    "llama-3-8b q3": "fi_serial", "llama-3-8b q4": "triton_serial"}
+    assert ours["speedup_vs_serial"].tolist() == pytest.approx([1.25, 0.5, 1.5, 1.1])
+
+    bal = paper_figures.balanced_points(sp[sp["sweep"] == "paper"]).set_index("point_id")
+    assert bal["balanced"].tolist() == [True, False, True]
+    tables = figures.build_tables(Results(sp, pd.DataFrame(), pd.DataFrame(), tmp_path), sp)
+    summary = tables["speedup_summary"].set_index(["backend", "vs"])
+    assert summary.loc[("pod_sm90", "best serial"), "compared"] == 4
+    balanced = tables["speedup_balanced"].set_index(["backend", "vs"]).loc[("pod_sm90", "best serial")]
+    assert balanced["compared"] == 3 and balanced["geomean"] == pytest.approx((1.25 * 1.5 * 1.1) ** (1 / 3))
+    assert (balanced["min"], balanced["max"]) == pytest.approx((1.1, 1.5))
+    grid = tables["paper_grid_speedup"].set_index(["points", "backend"])
+    assert grid.loc[("all points", "pod_sm90"), "mean"] == pytest.approx(3.0 / 2.0)   # vs fa2_serial, the paper's
+
+    bars = sp[sp["sweep"] == "paper"]
+    figures.fig_speedups(bars, tmp_path, "serial")
+    figures.fig_speedup_heatmap(bars, tmp_path)
+    assert {"pod_sm90", "pod"} <= set(legend_texts(drawn["speedup_serial_paper"]))
+    heat = drawn["speedup_heatmap_paper"]
+    assert "pod_sm90" in [t.get_text() for t in heat.axes[0].get_yticklabels()]
+    assert "fastest of triton_serial, fi_serial" in heat._suptitle.get_text()
+    paper_figures.fig_paper_violin(paper_figures.paper_grid_speedups(sp), tmp_path)
+    assert "fa2_serial is the paper's baseline" in drawn["paper_grid_violin"]._suptitle.get_text()
+
+
 def test_composition_label():
     assert composition_label(1, 1024, 12288, 64, 4096) == "1K@12K + 64×4K"
     assert composition_label(2, 512, 0, 0, 0) == "2×512@0"
