@@ -1,7 +1,8 @@
 """Writing figures and tables, shared by every figure module (figures, paper_figures, serving_figures).
 
 Figures rebuilt from the same rows are the same bytes (`make figures` on committed rows leaves the tree
-clean): no creation date and no library versions in the files' metadata.
+clean): no creation date and no library versions in the files' metadata, and nothing random is
+drawn (no jitter).
 """
 from __future__ import annotations
 

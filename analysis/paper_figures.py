@@ -28,7 +28,6 @@ Trust rules, in every figure here:
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 

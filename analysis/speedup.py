@@ -187,14 +187,28 @@ def ordered_compositions(df: pd.DataFrame) -> list[str]:
 # serial baselines run only that part's kernel).
 KERNEL_COLUMNS = {"tflops": ("triton_prefill", "fi_serial", "fa2_serial"),
                   "gbps": ("triton_decode", "fi_serial", "fa2_serial")}
+# Sweeps of pure prefill / pure decode points: the kernel benchmark `kernels` first, then the sweeps
+# that measure one part's kernels on some of its points (hopper_prefill: the prefill tiles).
+KERNEL_SWEEPS = ("kernels", "hopper_prefill")
 
 
 def kernel_rows(sp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Usable rows of pure prefill points and of pure decode points (from the `kernels` sweep when
-    the results have one): the kernel benchmark compares prefill kernels in TFLOP/s, decode in GB/s."""
+    """Usable rows of pure prefill points and of pure decode points: the kernel benchmark compares
+    prefill kernels in TFLOP/s, decode kernels in GB/s. With a `kernels` sweep, its points: each
+    backend's rows from that sweep, and a backend it did not run at a point (e.g. the H200's kernels run
+    had no triton_prefill) from another kernel sweep at the same point, GPU and backend options (the
+    Hopper prefill sweep's default-config rows, not its autotuned portable-tile run). Without one, every
+    pure point of every sweep."""
     ok = sp[sp["usable"]]
     if (ok["sweep"] == "kernels").any():
-        ok = ok[ok["sweep"] == "kernels"]
+        ok = ok.assign(options=ok["options"].astype("string").fillna(""))
+        own = ok[ok["sweep"] == "kernels"]
+        others = ok[ok["sweep"].isin(KERNEL_SWEEPS[1:])]
+        ran = set(zip(own["gpu"], own["point_id"], own["backend"]))
+        options = own.groupby(["gpu", "point_id"])["options"].agg(set).to_dict()
+        borrowed = [(g, p, b) not in ran and o in options.get((g, p), ())
+                    for g, p, b, o in zip(others["gpu"], others["point_id"], others["backend"], others["options"])]
+        ok = pd.concat([own, others[borrowed]], ignore_index=True)
     pre = ok[(ok["num_decode"].fillna(0) == 0) & (ok["num_prefill"].fillna(0) > 0)]
     dec = ok[(ok["num_prefill"].fillna(0) == 0) & (ok["num_decode"].fillna(0) > 0)]
     return pre, dec

@@ -184,15 +184,16 @@ def test_build_all_adds_the_paper_figures_only_where_their_sweeps_are(tmp_path):
 
 
 def test_existing_figures_flag_noisy_rows_and_never_compare_a_baseline_with_itself(sp, tmp_path, monkeypatch):
-    """The heat map of every backend leaves the best serial baseline's own cells out and marks noisy
-    cells with '?'; the kernel bars draw a noisy row hollow and hatched."""
+    """The heat map of every backend never fills the fastest serial path's own cells with a number (they
+    read 'ref') and marks noisy cells with '?'; the kernel bars draw a noisy row hollow and hatched."""
     import analysis.figures as figs
     drawn = []
     real = figs.sns.heatmap
     monkeypatch.setattr(figs.sns, "heatmap", lambda data, **kw: drawn.append((data, kw["annot"])) or real(data, **kw))
     figs.fig_speedup_heatmap(sp[sp["sweep"] == "paper_grid"], tmp_path)
     (data, annot), = drawn
-    assert "fa2_serial" not in data.index                        # the best serial everywhere: no row
+    assert data.loc["fa2_serial"].isna().all()                   # the fastest serial everywhere: 'ref', no number
+    assert set(annot[list(data.index).index("fa2_serial")]) == {""}
     labels = dict(zip(data.columns, annot[list(data.index).index("pod")]))
     # One composition: the median of pod's four speed-ups (2.0, 1.25, 1.6, 1.0), '?' as point c is noisy.
     assert labels == {"512@0 + 64×4K": "1.43?"}
