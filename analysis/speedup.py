@@ -117,7 +117,9 @@ def geomean(x) -> float:
 def summarize(sp: pd.DataFrame, by: list[str] | tuple[str, ...] = ("backend",)) -> pd.DataFrame:
     """Per group of `by` and per reference ("best serial", "fi_pod"): row counts (all, ok, excluded for
     a wrong output, compared), and over the compared points the geomean / max / min speed-up and the
-    share of points where the backend is faster (speed-up > 1)."""
+    share of points where the backend is faster (speed-up > 1). A backend is never compared with itself:
+    a serial backend's points where it is the fastest serial path are not compared, and fi_pod has no
+    row against fi_pod."""
     by = list(by)
     rows = []
     for keys, g in sp.groupby(by, sort=True, dropna=False):
@@ -126,7 +128,10 @@ def summarize(sp: pd.DataFrame, by: list[str] | tuple[str, ...] = ("backend",)) 
                   "not_ok": int((g["status"] != "ok").sum()), "err_flagged": int(g["err_flagged"].sum()),
                   "usable": int(g["usable"].sum())}
         for ref, col in REFERENCES.items():
-            s = g[col].dropna()
+            itself = g["backend"] == (g["best_serial_backend"] if col == "speedup_vs_serial" else ref)
+            if itself.fillna(False).all():
+                continue
+            s = g.loc[~itself.fillna(False).astype(bool), col].dropna()
             rows.append({**dict(zip(by, keys)), "vs": ref, **counts, "compared": len(s),
                          "geomean": geomean(s), "max": s.max() if len(s) else np.nan,
                          "min": s.min() if len(s) else np.nan,

@@ -202,6 +202,11 @@ def test_summary_geomean_max_min_share(results_dir):
     assert fp["share_faster"] == pytest.approx(0.8)
     fa2 = s.loc[("fa2_serial", "best serial")]
     assert fa2["not_ok"] == 1 and fa2["max"] == pytest.approx(1.0)
+    # No row compares a backend with itself: fi_pod has none against fi_pod, and fi_serial is compared
+    # only where another serial backend was faster (run1 p2 p3 p7 p8, run2 p1; p4's tie goes to fi_serial).
+    assert ("fi_pod", "fi_pod") not in s.index
+    fi = s.loc[("fi_serial", "best serial")]
+    assert fi["compared"] == 5 and fi["max"] == pytest.approx(1.0 / 1.1) and fi["share_faster"] == 0
     by_model = summarize(sp, ["model", "backend"]).set_index(["model", "backend", "vs"])
     assert by_model.loc[("llama-2-7b", "pod", "best serial"), "geomean"] == pytest.approx(1.25)
     assert by_model.loc[("llama-3-8b", "pod", "best serial"), "compared"] == 7
