@@ -220,14 +220,18 @@ def kernel_rows(sp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def kernel_tables(sp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(prefill TFLOP/s table, decode GB/s table): one row per (gpu, model, batch), one column per
-    backend, the median over runs."""
+    """(prefill TFLOP/s table, decode GB/s table): one row per point (gpu, model, batch), one column per
+    backend, the median over runs. `batch` names the point as its own rows ran it: a backend that ran
+    the other KV layout there (FA2 contiguous on a paged point) is in the point's row, not in a row of
+    its own."""
     pre, dec = kernel_rows(sp)
 
     def pivot(rows, value):
         if rows.empty:
             return pd.DataFrame(columns=["gpu", "model", "batch"])
-        rows = rows.sort_values("composition_order")
+        rows = rows.sort_values("composition_order", kind="stable")
+        own = rows[rows["kv_layout"] == rows["point_layout"]].groupby(["gpu", "point_id"])["batch"].first()
+        rows = rows.assign(batch=[own.get((g, p), b) for g, p, b in zip(rows["gpu"], rows["point_id"], rows["batch"])])
         index = ["gpu", "model", "batch"]
         order = list(dict.fromkeys(zip(*(rows[c] for c in index))))
         t = rows.pivot_table(index=index, columns="backend", values=value, aggfunc="median")

@@ -420,7 +420,8 @@ def test_kernel_figure_takes_a_kernel_the_kernels_sweep_lacks_from_another_kerne
     """The H200's kernels run had no triton_prefill: its prefill panel showed FlashInfer alone, though the
     hopper_prefill sweep measured ours (and FA2) at the same points. Now a kernel the kernels sweep did
     not run at a point comes from another kernel sweep at the same point and backend options (the
-    default-config run, not the autotuned portable tile)."""
+    default-config run, not the autotuned portable tile). The table has one row a point (FA2, which ran
+    the point contiguous, had a row of its own)."""
     from analysis import figures
     from analysis.speedup import kernel_tables
     default, autotune = '{"prefill_config": "auto"}', '{"prefill_config": "autotune"}'
@@ -432,8 +433,9 @@ def test_kernel_figure_takes_a_kernel_the_kernels_sweep_lacks_from_another_kerne
                          status="skipped", **kw))
         for backend, ms, options in (("triton_prefill", 0.8, default), ("fi_serial", 5.0, default),
                                      ("fa2_serial", 1.6, default), ("triton_prefill", 3.0, autotune)):
+            ran = dict(batch=f"llama-3-8b {point} contig") if backend == "fa2_serial" else {}   # as it ran
             rows.append(_row(point, backend, ms, sweep="hopper_prefill", options=options,
-                             run_id="hp" + options[-10:-2], **kw))
+                             run_id="hp" + options[-10:-2], **kw, **ran))
     rows.append(_row("only_hp", "triton_prefill", 0.5, sweep="hopper_prefill", options=default, run_id="hpauto",
                      chunk=512, ctx=0, nd=0, gpu=H200))
     from analysis.load import normalise_attention
@@ -441,7 +443,8 @@ def test_kernel_figure_takes_a_kernel_the_kernels_sweep_lacks_from_another_kerne
     sp = attention_speedups(df.assign(run=df["run_id"]))
     pre, _ = kernel_tables(sp)
     assert list(pre.columns[:6]) == ["gpu", "model", "batch", "triton_prefill", "fi_serial", "fa2_serial"]
-    assert len(pre) == 2                                                  # the kernels sweep's points only
+    assert len(pre) == 2 and pre["fa2_serial"].notna().all()   # one row a point (FA2 ran it contiguous)
+    assert pre["batch"].tolist() == ["llama-3-8b k1", "llama-3-8b k2"]   # the kernels sweep's points only
     flops = sp.loc[(sp["backend"] == "fi_serial") & (sp["sweep"] == "kernels"), "prefill_flops"].to_numpy()
     assert pre["fi_serial"].to_numpy() == pytest.approx(flops / 1.0e-3 / 1e12)      # the kernels sweep's own
     assert pre["triton_prefill"].to_numpy() == pytest.approx(flops / 0.8e-3 / 1e12)  # not the autotuned run
