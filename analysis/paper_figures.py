@@ -3,7 +3,8 @@ prefill per KV layout) and the rules that make a figure trustworthy.
 
 Figures (PNG + PDF), each drawn only when its sweep's rows exist (so a results folder without them, e.g.
 the committed H100 one, gets nothing new):
-  paper_grid_violin     speed-up over fa2_serial per backend on the paper grid (sweep `paper_grid`), as the
+  paper_grid_violin     speed-up over fa2_serial (the paper's baseline, not the fastest serial path the
+                        other figures use) per backend on the paper grid (sweep `paper_grid`), as the
                         paper's Fig. 11 violins, max and mean written on the figure; two panels: every
                         point, and the points that pass the 20% filter (`balanced_points`)
   per_chunk             attention time of each chunk of a 16K prompt (sweep `per_chunk`), per backend,
@@ -27,7 +28,6 @@ Trust rules, in every figure here:
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from analysis.output import save
 from analysis.speedup import fmt_tokens
 
 # A row whose p80 / p20 time exceeds this is noisy (flagged, never plotted as a clean number).
@@ -43,6 +44,8 @@ NOISE_SPREAD_LIMIT = 1.25
 # The paper's filter: keep a point when prefill and decode each take at least this share of the serial
 # time (our triton_prefill time + our triton_decode time at the point).
 BALANCE_MIN_SHARE = 0.20
+# The paper grid's violins compare with the paper's own baseline, FA2 serial, not with the fastest serial
+# path every other figure and table uses (analysis.speedup.SERIAL_BACKENDS), so they read as the paper's.
 PAPER_GRID_REFERENCE = "fa2_serial"
 # Backends left out of the violins: the reference itself, the checker, and the halves (one part each).
 PAPER_GRID_HIDDEN = {PAPER_GRID_REFERENCE, "reference", "triton_prefill", "triton_decode"}
@@ -211,7 +214,7 @@ def paper_grid_table(d: pd.DataFrame) -> pd.DataFrame:
                                        "geomean"])
 
 
-def fig_paper_violin(d: pd.DataFrame, out: Path, save) -> list[Path]:
+def fig_paper_violin(d: pd.DataFrame, out: Path) -> list[Path]:
     s = d[d["speedup_vs_fa2"].notna() & ~d["backend"].isin(PAPER_GRID_HIDDEN)]
     if s.empty:
         return []
@@ -247,7 +250,9 @@ def fig_paper_violin(d: pd.DataFrame, out: Path, save) -> list[Path]:
     axes[0].legend(handles=[plt.Line2D([], [], color="crimson", marker="o", mfc="none", ls="none",
                                        label=f"noisy, not in the violin (p80/p20 > {NOISE_SPREAD_LIMIT:g})")],
                    loc="lower right", fontsize=7)
-    fig.suptitle(f"Paper grid: attention speed-up over {PAPER_GRID_REFERENCE} — {', '.join(gpus) or 'GPU unknown'}")
+    fig.suptitle(f"Paper grid: attention speed-up over {PAPER_GRID_REFERENCE} — {', '.join(gpus) or 'GPU unknown'}\n"
+                 f"{PAPER_GRID_REFERENCE} is the paper's baseline, kept here as the paper drew it; the other "
+                 f"figures and tables compare with the fastest serial path", fontsize=10)
     fig.tight_layout()
     return save(fig, out, "paper_grid_violin")
 
@@ -273,7 +278,7 @@ def per_chunk_rows(sp: pd.DataFrame) -> pd.DataFrame:
     return d
 
 
-def fig_per_chunk(d: pd.DataFrame, out: Path, save) -> list[Path]:
+def fig_per_chunk(d: pd.DataFrame, out: Path) -> list[Path]:
     if d.empty:
         return []
     batches = sorted(d["num_decode"].unique())
@@ -303,7 +308,7 @@ def knob_rows(sp: pd.DataFrame, sweep: str) -> pd.DataFrame:
     return d
 
 
-def fig_policy(d: pd.DataFrame, out: Path, save) -> list[Path]:
+def fig_policy(d: pd.DataFrame, out: Path) -> list[Path]:
     if d.empty:
         return []
     models = sorted(d["model"].unique())
@@ -338,15 +343,16 @@ def knob_table(d: pd.DataFrame, index: list[str]) -> pd.DataFrame:
     return t
 
 
-def fig_ctas_heatmap(d: pd.DataFrame, out: Path, save) -> tuple[list[Path], pd.DataFrame]:
-    """Cell = time with ctas_2 / time with ctas_4 (> 1: 4 CTAs per SM is faster), per (context, batch)."""
+def ctas_table(d: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, context, decode batch): time with 2 and with 4 CTAs per SM, `ratio_2_over_4`
+    (> 1: 4 CTAs per SM is faster) and `noisy` (either time noisy). Empty without both configs."""
     if d.empty:
-        return [], pd.DataFrame()
+        return pd.DataFrame()
     labels = sorted(d["label"].unique())
     two = next((lab for lab in labels if lab.endswith("ctas_2]")), None)
     four = next((lab for lab in labels if lab.endswith("ctas_4]")), None)
     if two is None or four is None:
-        return [], pd.DataFrame()
+        return pd.DataFrame()
     index = ["model", "decode_context_len", "num_decode"]
     a = d[d["label"] == two].groupby(index).agg(ms_2=("median_ms", "min"), noisy_2=("noisy", "any"))
     b = d[d["label"] == four].groupby(index).agg(ms_4=("median_ms", "min"), noisy_4=("noisy", "any"))
@@ -354,7 +360,16 @@ def fig_ctas_heatmap(d: pd.DataFrame, out: Path, save) -> tuple[list[Path], pd.D
     t[["decode_context_len", "num_decode"]] = t[["decode_context_len", "num_decode"]].astype(int)
     t["ratio_2_over_4"] = t["ms_2"] / t["ms_4"]
     t["noisy"] = t["noisy_2"] | t["noisy_4"]
-    paths = []
+    return t
+
+
+def fig_ctas_heatmap(d: pd.DataFrame, out: Path) -> list[Path]:
+    """Cell = time with ctas_2 / time with ctas_4 (> 1: 4 CTAs per SM is faster), per (context, batch)."""
+    t = ctas_table(d)
+    if t.empty:
+        return []
+    two = next(lab for lab in sorted(d["label"].unique()) if lab.endswith("ctas_2]"))
+    four = next(lab for lab in sorted(d["label"].unique()) if lab.endswith("ctas_4]"))
     models = sorted(t["model"].unique())
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -379,8 +394,7 @@ def fig_ctas_heatmap(d: pd.DataFrame, out: Path, save) -> tuple[list[Path], pd.D
                      f"'?': noisy cell (p80/p20 > {NOISE_SPREAD_LIMIT:g}), not a clean number", fontsize=9)
     fig.suptitle(f"CTAs per SM, 2 vs 4 — {_gpu(d)}")
     fig.tight_layout()
-    paths += save(fig, out, "ctas_per_sm")
-    return paths, t
+    return save(fig, out, "ctas_per_sm")
 
 
 # -- item 5: the Hopper prefill figure ------------------------------------------------------------------
@@ -424,7 +438,7 @@ def hopper_prefill_rows(sp: pd.DataFrame) -> pd.DataFrame:
     return d
 
 
-def fig_hopper_prefill(d: pd.DataFrame, out: Path, save) -> list[Path]:
+def fig_hopper_prefill(d: pd.DataFrame, out: Path) -> list[Path]:
     if d.empty:
         return []
     layouts = sorted(d["layout"].unique(), key=lambda s: (s == "contiguous", len(s), s))
@@ -460,48 +474,67 @@ def hopper_prefill_table(d: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- everything here -----------------------------------------------------------------------------------
-def build(sp: pd.DataFrame, out: Path, save) -> tuple[dict[str, list[Path]], dict[str, pd.DataFrame]]:
-    """({figure: paths}, {table: DataFrame}) of every figure above whose sweep has rows in `sp`
-    (attention_speedups' output). `save(fig, out, name)` writes a figure (analysis.figures.save)."""
+def figures(sp: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
+    """{figure: paths} of every figure above whose sweep has rows in `sp` (attention_speedups' output)."""
     figs: dict[str, list[Path]] = {}
-    tables: dict[str, pd.DataFrame] = {}
     grid = paper_grid_speedups(sp)
     if not grid.empty:
-        figs["paper_grid_violin"] = fig_paper_violin(grid, out, save)
-        tables["paper_grid_speedup"] = paper_grid_table(grid)
-        bal = balanced_points(grid)
-        info = grid.drop_duplicates(["run", "point_id"])[["run", "point_id", "model", "batch"]]
-        tables["paper_grid_balance"] = info.merge(bal, on=["run", "point_id"]).drop(columns=["run"])
+        figs["paper_grid_violin"] = fig_paper_violin(grid, out)
     chunk = per_chunk_rows(sp)
     if not chunk.empty:
-        figs["per_chunk"] = fig_per_chunk(chunk, out, save)
-        tables["per_chunk"] = knob_table(chunk, ["model", "num_decode", "chunk_index"])
+        figs["per_chunk"] = fig_per_chunk(chunk, out)
     pol = knob_rows(sp, "policy")
     if not pol.empty:
-        figs["policy"] = fig_policy(pol, out, save)
+        figs["policy"] = fig_policy(pol, out)
+    ctas = knob_rows(sp, "ctas_per_sm")
+    if not ctas.empty:
+        figs["ctas_per_sm"] = fig_ctas_heatmap(ctas, out)
+    pre = hopper_prefill_rows(sp)
+    if not pre.empty:
+        figs["hopper_prefill"] = fig_hopper_prefill(pre, out)
+    return {k: v for k, v in figs.items() if v}
+
+
+def tables(sp: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{table: DataFrame} of the figures above whose sweep has rows in `sp`, and noisy_points (every
+    noisy row of any sweep)."""
+    out: dict[str, pd.DataFrame] = {}
+    grid = paper_grid_speedups(sp)
+    if not grid.empty:
+        out["paper_grid_speedup"] = paper_grid_table(grid)
+        bal = balanced_points(grid)
+        info = grid.drop_duplicates(["run", "point_id"])[["run", "point_id", "model", "batch"]]
+        out["paper_grid_balance"] = info.merge(bal, on=["run", "point_id"]).drop(columns=["run"])
+    chunk = per_chunk_rows(sp)
+    if not chunk.empty:
+        out["per_chunk"] = knob_table(chunk, ["model", "num_decode", "chunk_index"])
+    pol = knob_rows(sp, "policy")
+    if not pol.empty:
         t = knob_table(pol, ["model", "num_decode"])
         a, b = "pod[policy_5050]", "pod[policy_proportional]"
         if a in t and b in t:   # > 1: the proportional policy is faster
             t["proportional_speedup"] = t[a] / t[b]
-        tables["policy"] = t
-    ctas = knob_rows(sp, "ctas_per_sm")
+        out["policy"] = t
+    ctas = ctas_table(knob_rows(sp, "ctas_per_sm"))
     if not ctas.empty:
-        paths, t = fig_ctas_heatmap(ctas, out, save)
-        if paths:
-            figs["ctas_per_sm"] = paths
-            tables["ctas_per_sm"] = t
+        out["ctas_per_sm"] = ctas
     pre = hopper_prefill_rows(sp)
     if not pre.empty:
-        figs["hopper_prefill"] = fig_hopper_prefill(pre, out, save)
-        tables["hopper_prefill_tflops"] = hopper_prefill_table(pre)
+        out["hopper_prefill_tflops"] = hopper_prefill_table(pre)
     noisy = noisy_table(sp)
     if not noisy.empty:
-        tables["noisy_points"] = noisy
-    return {k: v for k, v in figs.items() if v}, tables
+        out["noisy_points"] = noisy
+    return out
+
+
+def build(sp: pd.DataFrame, out: Path) -> tuple[dict[str, list[Path]], dict[str, pd.DataFrame]]:
+    """(figures(sp, out), tables(sp))."""
+    return figures(sp, out), tables(sp)
 
 
 SECTION_TITLES = {
-    "paper_grid_speedup": f"Paper grid: speed-up over {PAPER_GRID_REFERENCE} per backend (all / filtered points)",
+    "paper_grid_speedup": (f"Paper grid: speed-up over {PAPER_GRID_REFERENCE} (the paper's baseline) per backend "
+                           "(all / filtered points)"),
     "policy": "Role policy: time (ms) per config",
     "ctas_per_sm": "CTAs per SM: time with 2 / time with 4",
     "hopper_prefill_tflops": "Prefill kernels per KV layout (TFLOP/s)",

@@ -1,10 +1,9 @@
-"""Serving figures and tables from serving rows (experiments/serving; schema SERVING_SCHEMA).
-
-    python -m analysis.serving_figures --results results/h200/serving --out results/h200/figures
+"""Serving figures and tables from serving rows (experiments/serving; schema SERVING_SCHEMA), drawn
+by analysis.figures.build_all (`make figures`, `make reproduce`) wherever serving rows exist:
 
   serving_throughput[_<gpu>]  offline (the paper's Fig 12): steady requests per minute per backend per
-                   model (left) and pod's throughput over each OTHER backend of the same model and run
-                   (right; never a backend against itself)
+                   model (left) and the throughput of each of ours (pod, pod_sm90) over each OTHER
+                   backend of the same model and run (right; never a backend against itself)
   serving_latency_<model>[_<gpu>]   online: TTFT p50/p99, TBT p50/p99 and the share of decode gaps
                    over 200 / 500 ms, per backend (hue) at each offered load (x)
   tables (CSV + Markdown) serving_throughput, serving_latency, serving_speedups (the figure's ratios),
@@ -13,23 +12,21 @@
 Only rows with status ok and timing_meaningful (a GPU run) are drawn; of repeated rows of one
 (experiment, backend, load) the latest (timestamp) wins. Rows of a layer-cut run (time_scale != 1)
 are drawn with their scaled_* columns, ESTIMATES of the full model, and the figure says so; the
-measured values stay in the tables. Files are byte-stable (analysis.figures.save: no dates, no versions).
+measured values stay in the tables. Files are byte-stable (analysis.output.save: no dates, no versions).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from analysis.load import load_results
+from analysis.output import gpu_title, save, slug, write_table
+from analysis.speedup import OUR_FUSED_BACKENDS, SERIAL_BACKENDS
 
-from analysis.figures import cli_args, gpu_title, save, slug, write_table  # noqa: E402
-from analysis.load import load_results  # noqa: E402
-
-BACKEND_ORDER = ("pod", "triton_serial", "fi_serial")
+BACKEND_ORDER = (*OUR_FUSED_BACKENDS, *SERIAL_BACKENDS)
 LATENCY_METRICS = (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"),
                    ("tbt_p50_ms", "TBT p50 (ms)"), ("tbt_p99_ms", "TBT p99 (ms)"),
                    ("stall_frac_200ms", "decode gaps > 200 ms (share)"),
@@ -38,6 +35,8 @@ LATENCY_METRICS = (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (
 
 def usable(serving: pd.DataFrame) -> pd.DataFrame:
     """ok, GPU-timed rows; the latest of each (gpu, sweep, model, mode, backend, load)."""
+    if serving.empty:
+        return serving
     s = serving[(serving["status"] == "ok") & serving["timing_meaningful"].astype(bool)].copy()
     if s.empty:
         return s
@@ -75,17 +74,19 @@ def throughput_table(s: pd.DataFrame) -> pd.DataFrame:
 
 
 def speedups(off: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Per (gpu, sweep, model): the first backend of BACKEND_ORDER present (pod when it ran) over each
-    OTHER backend: rate / other's rate. Never a backend over itself, no reciprocal pairs."""
+    """Per (gpu, sweep, model): each of our fused backends present (OUR_FUSED_BACKENDS: pod, pod_sm90, ...;
+    without any, the first backend of BACKEND_ORDER present) over each OTHER backend: rate / other's rate.
+    Never a backend over itself, no reciprocal pairs."""
     out = []
     for (gpu, sweep, model), d in off.groupby(["gpu", "sweep", "model"], sort=True):
         rate = dict(zip(d["backend"], d[value]))
         order = _backends(rate)
-        b = order[0]
-        for other in order[1:]:
-            if pd.notna(rate[b]) and pd.notna(rate[other]) and rate[other] > 0:
-                out.append(dict(gpu=gpu, sweep=sweep, model=model, backend=b, vs=other,
-                                speedup=rate[b] / rate[other]))
+        ours = [b for b in order if b in OUR_FUSED_BACKENDS] or order[:1]
+        for b in ours:
+            for other in (o for o in order if o not in ours):
+                if pd.notna(rate[b]) and pd.notna(rate[other]) and rate[other] > 0:
+                    out.append(dict(gpu=gpu, sweep=sweep, model=model, backend=b, vs=other,
+                                    speedup=rate[b] / rate[other]))
     return pd.DataFrame(out, columns=["gpu", "sweep", "model", "backend", "vs", "speedup"])
 
 
@@ -201,37 +202,41 @@ def layer_cut_check(s: pd.DataFrame) -> pd.DataFrame:
                                       "estimate_error"])
 
 
-def build_serving_figures(results: str | Path, out: str | Path) -> dict[str, list[Path]]:
-    """Every serving figure and table from the serving rows under `results`; {} when none are timed."""
-    s = usable(load_results(results).serving)
-    out = Path(out)
+def figures(serving: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
+    """{figure: paths} from the serving rows (analysis.load's `serving` table); {} when none is timed."""
+    s = usable(serving)
     if s.empty:
         return {}
-    written = {"serving_throughput": fig_throughput(s, out), "serving_latency": fig_latency(s, out)}
-    off = s[s["mode"] == "offline"]
-    ratio = speedups(off.assign(rate=_value(off, "steady_requests_per_min").fillna(_value(off, "requests_per_min"))),
-                     "rate")
-    for name, t in (("serving_throughput", throughput_table(s)), ("serving_latency", latency_table(s)),
-                    ("serving_speedups", ratio),
-                    ("serving_layer_cut_check", layer_cut_check(s))):
-        if not t.empty:
-            written[f"table:{name}"] = write_table(t, out, name)
+    written = {"serving_throughput": fig_throughput(s, Path(out)), "serving_latency": fig_latency(s, Path(out))}
     return {k: v for k, v in written.items() if v}
 
 
-def parse_args(argv=None):
-    return cli_args(__doc__, argv, "serving rows")
+def tables(serving: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{table: DataFrame} from the serving rows; {} when none is timed."""
+    s = usable(serving)
+    if s.empty:
+        return {}
+    off = s[s["mode"] == "offline"]
+    ratio = speedups(off.assign(rate=_value(off, "steady_requests_per_min").fillna(_value(off, "requests_per_min"))),
+                     "rate")
+    out = {"serving_throughput": throughput_table(s), "serving_latency": latency_table(s),
+           "serving_speedups": ratio, "serving_layer_cut_check": layer_cut_check(s)}
+    return {k: t for k, t in out.items() if not t.empty}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    written = build_serving_figures(args.results, args.out)
-    if not written:
-        print(f"No GPU-timed ok serving rows under {args.results!r}: nothing to plot.")
-    for name, paths in written.items():
-        print(f"  {name}: {', '.join(p.name for p in paths)}")
-    return 0
+SECTION_TITLES = {
+    "serving_throughput": "Serving: offline throughput",
+    "serving_speedups": "Serving: throughput ratio (same model and run)",
+    "serving_latency": "Serving: online latency per load",
+    "serving_layer_cut_check": "Serving: layer-cut estimate vs all layers measured",
+}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def build_serving_figures(results: str | Path, out: str | Path) -> dict[str, list[Path]]:
+    """The serving figures and tables alone, from the serving rows under `results` (for
+    experiments.serving.paper; `make figures` draws them with every other figure); {} when none is timed."""
+    serving = load_results(results).serving
+    written = figures(serving, Path(out))
+    for name, t in tables(serving).items():
+        written[f"table:{name}"] = write_table(t, Path(out), name)
+    return written

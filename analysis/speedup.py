@@ -1,8 +1,13 @@
 """Speed-ups of every backend per hybrid-batch point, and the summary tables made from them.
 
 Speed-up of backend b at point p (both of one run):
-    vs best serial:  min(median_ms of fa2_serial, fi_serial at p) / median_ms of b at p
+    vs best serial:  the fastest serial path at p / median_ms of b at p, where the fastest serial path is
+                     the least median_ms of the SERIAL_BACKENDS usable at p (triton_serial, fi_serial,
+                     fa2_serial: prefill then decode, two launches, each family's kernels)
     vs fi_pod:       median_ms of fi_pod at p / median_ms of b at p
+This is the one place the fastest serial path is computed: every figure and table that compares
+against "serial" reads `best_serial_backend` / `best_serial_ms` / `speedup_vs_serial` from here (the
+paper-grid violin alone keeps the paper's fa2_serial, analysis.paper_figures.PAPER_GRID_REFERENCE).
 Only *usable* rows enter a speed-up, as candidate or as baseline. A row is excluded (and says why in
 `excluded`) when its status is not "ok", when its timing is not meaningful (CPU / interpreter runs), when
 it has no positive timing, or when its output was wrong: prefill_err / decode_err (max relative error
@@ -15,7 +20,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-SERIAL_BASELINES = ("fa2_serial", "fi_serial")
+# The serial paths a fused kernel must beat; the fastest of those usable at a point is its reference.
+SERIAL_BACKENDS = ("triton_serial", "fi_serial", "fa2_serial")
+# Our fused backends ("ours"): each is compared with the fastest serial path and with fi_pod.
+OUR_FUSED_BACKENDS = ("pod", "pod_sm90", "pod_paper", "pod_persistent")
 POD_BASELINE = "fi_pod"
 # Max relative error vs the fp32 reference above which an output counts as wrong.
 ERROR_TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2}
@@ -64,16 +72,18 @@ def flag_rows(df: pd.DataFrame, tolerance: dict[str, float] | None = None) -> pd
 
 # -- speed-ups -----------------------------------------------------------------------------------------
 def attention_speedups(df: pd.DataFrame, tolerance: dict[str, float] | None = None) -> pd.DataFrame:
-    """One row per input row, with `best_serial_backend`, `best_serial_ms`, `speedup_vs_serial`,
-    `fi_pod_ms`, `speedup_vs_fi_pod` (NaN where the row or its baseline is not usable)."""
+    """One row per input row, with `best_serial_backend`, `best_serial_ms` (the fastest serial path of
+    the row's run and point), `speedup_vs_serial`, `fi_pod_ms`, `speedup_vs_fi_pod` (NaN where the row
+    or its baseline is not usable)."""
     df = flag_rows(df, tolerance)
     if "run" not in df:
         df["run"] = "run"
     key = ["run", "point_id"]
     ok = df[df["usable"]]
 
-    serial = ok[ok["backend"].isin(SERIAL_BASELINES)]
-    best = (serial.sort_values("median_ms").groupby(key, sort=False).head(1)
+    serial = ok[ok["backend"].isin(SERIAL_BACKENDS)]
+    serial = serial.assign(_rank=serial["backend"].map(SERIAL_BACKENDS.index))   # ties: the list's order
+    best = (serial.sort_values(["median_ms", "_rank"], kind="stable").groupby(key, sort=False).head(1)
             [key + ["backend", "median_ms"]]
             .rename(columns={"backend": "best_serial_backend", "median_ms": "best_serial_ms"}))
     pod = (ok[ok["backend"] == POD_BASELINE].groupby(key)["median_ms"].min()
@@ -92,6 +102,13 @@ def attention_speedups(df: pd.DataFrame, tolerance: dict[str, float] | None = No
     return add_composition(out)
 
 
+def serial_label(backends) -> str:
+    """How a figure names its serial reference: 'fastest of triton_serial, fi_serial' (the
+    SERIAL_BACKENDS among `backends`, in the list's order)."""
+    present = [b for b in SERIAL_BACKENDS if b in set(backends)] or list(SERIAL_BACKENDS)
+    return f"fastest of {', '.join(present)}" if len(present) > 1 else present[0]
+
+
 def geomean(x) -> float:
     x = np.asarray(pd.Series(x).dropna(), dtype=float)
     return float(np.exp(np.log(x).mean())) if len(x) else float("nan")
@@ -100,7 +117,9 @@ def geomean(x) -> float:
 def summarize(sp: pd.DataFrame, by: list[str] | tuple[str, ...] = ("backend",)) -> pd.DataFrame:
     """Per group of `by` and per reference ("best serial", "fi_pod"): row counts (all, ok, excluded for
     a wrong output, compared), and over the compared points the geomean / max / min speed-up and the
-    share of points where the backend is faster (speed-up > 1)."""
+    share of points where the backend is faster (speed-up > 1). A backend is never compared with itself:
+    a serial backend's points where it is the fastest serial path are not compared, and fi_pod has no
+    row against fi_pod."""
     by = list(by)
     rows = []
     for keys, g in sp.groupby(by, sort=True, dropna=False):
@@ -109,7 +128,10 @@ def summarize(sp: pd.DataFrame, by: list[str] | tuple[str, ...] = ("backend",)) 
                   "not_ok": int((g["status"] != "ok").sum()), "err_flagged": int(g["err_flagged"].sum()),
                   "usable": int(g["usable"].sum())}
         for ref, col in REFERENCES.items():
-            s = g[col].dropna()
+            itself = g["backend"] == (g["best_serial_backend"] if col == "speedup_vs_serial" else ref)
+            if itself.fillna(False).all():
+                continue
+            s = g.loc[~itself.fillna(False).astype(bool), col].dropna()
             rows.append({**dict(zip(by, keys)), "vs": ref, **counts, "compared": len(s),
                          "geomean": geomean(s), "max": s.max() if len(s) else np.nan,
                          "min": s.min() if len(s) else np.nan,
@@ -170,28 +192,46 @@ def ordered_compositions(df: pd.DataFrame) -> list[str]:
 # serial baselines run only that part's kernel).
 KERNEL_COLUMNS = {"tflops": ("triton_prefill", "fi_serial", "fa2_serial"),
                   "gbps": ("triton_decode", "fi_serial", "fa2_serial")}
+# Sweeps of pure prefill / pure decode points: the kernel benchmark `kernels` first, then the sweeps
+# that measure one part's kernels on some of its points (hopper_prefill: the prefill tiles).
+KERNEL_SWEEPS = ("kernels", "hopper_prefill")
 
 
 def kernel_rows(sp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Usable rows of pure prefill points and of pure decode points (from the `kernels` sweep when
-    the results have one): the kernel benchmark compares prefill kernels in TFLOP/s, decode in GB/s."""
+    """Usable rows of pure prefill points and of pure decode points: the kernel benchmark compares
+    prefill kernels in TFLOP/s, decode kernels in GB/s. With a `kernels` sweep, its points: each
+    backend's rows from that sweep, and a backend it did not run at a point (e.g. the H200's kernels run
+    had no triton_prefill) from another kernel sweep at the same point, GPU and backend options (the
+    Hopper prefill sweep's default-config rows, not its autotuned portable-tile run). Without one, every
+    pure point of every sweep."""
     ok = sp[sp["usable"]]
     if (ok["sweep"] == "kernels").any():
-        ok = ok[ok["sweep"] == "kernels"]
+        ok = ok.assign(options=ok["options"].astype("string").fillna(""))
+        own = ok[ok["sweep"] == "kernels"]
+        others = ok[ok["sweep"].isin(KERNEL_SWEEPS[1:])]
+        ran = set(zip(own["gpu"], own["point_id"], own["backend"]))
+        options = own.groupby(["gpu", "point_id"])["options"].agg(set).to_dict()
+        borrowed = [(g, p, b) not in ran and o in options.get((g, p), ())
+                    for g, p, b, o in zip(others["gpu"], others["point_id"], others["backend"], others["options"])]
+        ok = pd.concat([own, others[borrowed]], ignore_index=True)
     pre = ok[(ok["num_decode"].fillna(0) == 0) & (ok["num_prefill"].fillna(0) > 0)]
     dec = ok[(ok["num_prefill"].fillna(0) == 0) & (ok["num_decode"].fillna(0) > 0)]
     return pre, dec
 
 
 def kernel_tables(sp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(prefill TFLOP/s table, decode GB/s table): one row per (gpu, model, batch), one column per
-    backend, the median over runs."""
+    """(prefill TFLOP/s table, decode GB/s table): one row per point (gpu, model, batch), one column per
+    backend, the median over runs. `batch` names the point as its own rows ran it: a backend that ran
+    the other KV layout there (FA2 contiguous on a paged point) is in the point's row, not in a row of
+    its own."""
     pre, dec = kernel_rows(sp)
 
     def pivot(rows, value):
         if rows.empty:
             return pd.DataFrame(columns=["gpu", "model", "batch"])
-        rows = rows.sort_values("composition_order")
+        rows = rows.sort_values("composition_order", kind="stable")
+        own = rows[rows["kv_layout"] == rows["point_layout"]].groupby(["gpu", "point_id"])["batch"].first()
+        rows = rows.assign(batch=[own.get((g, p), b) for g, p, b in zip(rows["gpu"], rows["point_id"], rows["batch"])])
         index = ["gpu", "model", "batch"]
         order = list(dict.fromkeys(zip(*(rows[c] for c in index))))
         t = rows.pivot_table(index=index, columns="backend", values=value, aggfunc="median")

@@ -152,11 +152,11 @@ class FiguresInterrupted(KeyboardInterrupt):
 
 
 def rebuild_figures(results_dir: Path, out: Path) -> dict[str, list[Path]]:
+    """Every figure and table (attention, the paper's, serving) from `results_dir`: analysis.figures'
+    build_all, the one entry point `make figures` uses too."""
     from analysis.figures import build_all
-    from analysis.serving_figures import build_serving_figures   # the paper's serving figures (experiments/serving/paper.py)
     try:
         written = build_all(results_dir, out)
-        written.update(build_serving_figures(results_dir, out))
     except KeyboardInterrupt:
         raise FiguresInterrupted(out) from None
     n = sum(len(v) for v in written.values())

@@ -101,16 +101,18 @@ def synthetic_results(root: Path, serving: bool = True) -> Path:
 
     if serving:
         srows = []
+        ok = dict(status="ok", timing_meaningful=True, time_scale=1.0)
         for backend, tput in (("fa2_serial", 1000.0), ("pod", 1200.0)):
             srows.append(dict(sweep="serving", backend=backend, model="llama-3-8b", mode="offline",
-                              requests_per_s=tput / 500, tokens_per_s=tput, qps=np.nan, ttft_p50_ms=np.nan,
-                              ttft_p99_ms=np.nan, tbt_p50_ms=np.nan, tbt_p99_ms=np.nan, e2e_p50_ms=np.nan,
-                              **PROV))
+                              requests_per_s=tput / 500, requests_per_min=tput * 60 / 500,
+                              steady_requests_per_min=tput * 60 / 500, tokens_per_s=tput, qps=np.nan,
+                              ttft_p50_ms=np.nan, ttft_p99_ms=np.nan, tbt_p50_ms=np.nan, tbt_p99_ms=np.nan,
+                              e2e_p50_ms=np.nan, **ok, **PROV))
             for qps in (0.5, 1.0, 2.0):
                 srows.append(dict(sweep="serving", backend=backend, model="llama-3-8b", mode="online",
-                                  requests_per_s=qps, tokens_per_s=qps * 500, qps=qps,
+                                  requests_per_s=qps, tokens_per_s=qps * 500, qps=qps, load=qps / 2,
                                   ttft_p50_ms=100 * qps, ttft_p99_ms=300 * qps, tbt_p50_ms=20 * qps,
-                                  tbt_p99_ms=50 * qps, e2e_p50_ms=5000 * qps, **PROV))
+                                  tbt_p99_ms=50 * qps, e2e_p50_ms=5000 * qps, **ok, **PROV))
         pd.DataFrame(srows).to_parquet(root / "serving.parquet")
     return root
 
@@ -200,9 +202,256 @@ def test_summary_geomean_max_min_share(results_dir):
     assert fp["share_faster"] == pytest.approx(0.8)
     fa2 = s.loc[("fa2_serial", "best serial")]
     assert fa2["not_ok"] == 1 and fa2["max"] == pytest.approx(1.0)
+    # No row compares a backend with itself: fi_pod has none against fi_pod, and fi_serial is compared
+    # only where another serial backend was faster (run1 p2 p3 p7 p8, run2 p1; p4's tie goes to fi_serial).
+    assert ("fi_pod", "fi_pod") not in s.index
+    fi = s.loc[("fi_serial", "best serial")]
+    assert fi["compared"] == 5 and fi["max"] == pytest.approx(1.0 / 1.1) and fi["share_faster"] == 0
     by_model = summarize(sp, ["model", "backend"]).set_index(["model", "backend", "vs"])
     assert by_model.loc[("llama-2-7b", "pod", "best serial"), "geomean"] == pytest.approx(1.25)
     assert by_model.loc[("llama-3-8b", "pod", "best serial"), "compared"] == 7
+
+
+H200 = "NVIDIA H200"
+
+
+def h200_paper_rows() -> pd.DataFrame:
+    """The H200 `paper` sweep as it will come, and one paper-grid point: our Hopper fused kernel pod_sm90
+    beside pod, triton_serial, its halves triton_prefill / triton_decode, fi_serial and fi_pod (no
+    fa2_serial on the paper sweep). Times (ms):
+        point  triton_serial fi_serial fa2_serial  halves (prefill, decode)  pod_sm90  pod
+        q1     1.0           1.2       -           0.4, 0.6  balanced       0.8       0.9
+        q2     1.5           1.0       -           0.1, 1.4  unbalanced     2.0       0.95
+        q3     2.0           1.8       -           1.0, 1.0  balanced       1.2       1.7
+        q4*    2.2           2.4       3.0         0.8, 1.2  balanced       2.0       2.1     (*paper_grid)
+    The fastest serial path: q1 triton_serial, q2 q3 fi_serial, q4 triton_serial; pod_sm90 over it
+    1.25, 0.5, 1.5, 1.1."""
+    rows: list[dict] = []
+    kw = dict(gpu=H200, run_id="h200-run")
+    for point, sweep, serial, halves, ours in (
+            ("q1", "paper", dict(triton_serial=1.0, fi_serial=1.2), (0.4, 0.6), dict(pod_sm90=0.8, pod=0.9)),
+            ("q2", "paper", dict(triton_serial=1.5, fi_serial=1.0), (0.1, 1.4), dict(pod_sm90=2.0, pod=0.95)),
+            ("q3", "paper", dict(triton_serial=2.0, fi_serial=1.8), (1.0, 1.0), dict(pod_sm90=1.2, pod=1.7)),
+            ("q4", "paper_grid", dict(triton_serial=2.2, fi_serial=2.4, fa2_serial=3.0), (0.8, 1.2),
+             dict(pod_sm90=2.0, pod=2.1))):
+        chunk = dict(q1=512, q2=1024, q3=2048, q4=1024)[point]
+        _points(rows, point, {**serial, **ours, "fi_pod": 1.1}, sweep=sweep, chunk=chunk, **kw)
+        rows.append(_row(point, "triton_prefill", halves[0], sweep=sweep, chunk=chunk, decode_err=float("nan"), **kw))
+        rows.append(_row(point, "triton_decode", halves[1], sweep=sweep, chunk=chunk, prefill_err=float("nan"), **kw))
+    from analysis.load import normalise_attention
+    return normalise_attention(pd.DataFrame(rows)).assign(run="h200-run")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure the figure modules would save, kept open instead: {file name: matplotlib figure}."""
+    import matplotlib.pyplot as plt
+
+    import analysis.figures
+    import analysis.paper_figures
+    figs = {}
+
+    def keep(fig, out, name):
+        figs[name] = fig
+        return [Path(out) / f"{name}.png", Path(out) / f"{name}.pdf"]
+    for module in (analysis.figures, analysis.paper_figures):
+        monkeypatch.setattr(module, "save", keep, raising=False)
+    yield figs
+    for fig in figs.values():
+        plt.close(fig)
+
+
+def legend_texts(fig) -> list[str]:
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    return [t.get_text() for leg in legends for t in leg.get_texts()]
+
+
+def test_pod_sm90_is_ours_against_the_fastest_serial_path(drawn, tmp_path):
+    """The fastest serial path is the fastest of triton_serial, fi_serial, fa2_serial present at a point
+    (it was fa2_serial / fi_serial only: q1 would have read 1.5x over fi_serial, not 1.25x over
+    triton_serial); pod_sm90 is one of ours in the tables, the bars and the heat map; the balanced-points
+    table pools the paper sweep and the paper grid's points that pass the 20% filter; the paper-grid
+    violin keeps the paper's fa2_serial."""
+    from analysis import figures, paper_figures
+    from analysis.load import Results
+    from analysis.speedup import SERIAL_BACKENDS
+    assert SERIAL_BACKENDS == ("triton_serial", "fi_serial", "fa2_serial")
+    sp = attention_speedups(h200_paper_rows())
+    ours = sp[sp["backend"] == "pod_sm90"].set_index("batch")
+    assert ours["best_serial_backend"].to_dict() == {"llama-3-8b q1": "triton_serial", "llama-3-8b q2": "fi_serial",
+                                                    "llama-3-8b q3": "fi_serial", "llama-3-8b q4": "triton_serial"}
+    assert ours["speedup_vs_serial"].tolist() == pytest.approx([1.25, 0.5, 1.5, 1.1])
+
+    bal = paper_figures.balanced_points(sp[sp["sweep"] == "paper"]).set_index("point_id")
+    assert bal["balanced"].tolist() == [True, False, True]
+    tables = figures.build_tables(Results(sp, pd.DataFrame(), pd.DataFrame(), tmp_path), sp)
+    summary = tables["speedup_summary"].set_index(["backend", "vs"])
+    assert summary.loc[("pod_sm90", "best serial"), "compared"] == 4
+    balanced = tables["speedup_balanced"].set_index(["backend", "vs"]).loc[("pod_sm90", "best serial")]
+    assert balanced["compared"] == 3 and balanced["geomean"] == pytest.approx((1.25 * 1.5 * 1.1) ** (1 / 3))
+    assert (balanced["min"], balanced["max"]) == pytest.approx((1.1, 1.5))
+    grid = tables["paper_grid_speedup"].set_index(["points", "backend"])
+    assert grid.loc[("all points", "pod_sm90"), "mean"] == pytest.approx(3.0 / 2.0)   # vs fa2_serial, the paper's
+
+    bars = sp[sp["sweep"] == "paper"]
+    figures.fig_speedups(bars, tmp_path, "serial")
+    figures.fig_speedup_heatmap(bars, tmp_path)
+    assert {"pod_sm90", "pod"} <= set(legend_texts(drawn["speedup_serial_paper"]))
+    heat = drawn["speedup_heatmap_paper"]
+    assert "pod_sm90" in [t.get_text() for t in heat.axes[0].get_yticklabels()]
+    assert "fastest of triton_serial, fi_serial" in heat._suptitle.get_text()
+    paper_figures.fig_paper_violin(paper_figures.paper_grid_speedups(sp), tmp_path)
+    assert "fa2_serial is the paper's baseline" in drawn["paper_grid_violin"]._suptitle.get_text()
+
+
+def _speedups(rows: list[dict]) -> pd.DataFrame:
+    from analysis.load import normalise_attention
+    return attention_speedups(normalise_attention(pd.DataFrame(rows)).assign(run="r"))
+
+
+def _bars(ax) -> list:
+    from matplotlib.container import BarContainer
+    return [bar for c in ax.containers if isinstance(c, BarContainer) for bar in c]
+
+
+def test_speedup_bars_never_draw_the_reference_and_give_each_model_its_own_axis(results_dir, drawn, tmp_path):
+    """speedup_fi_pod drew fi_pod over itself (1.0 everywhere); the models shared one x axis (a panel of
+    one point spread over every composition of the sweep); no p20-p80 bars, no noisy marks. Now: never
+    the reference, each panel its own compositions, error bars on every bar, a noisy row hatched hollow."""
+    from matplotlib.container import ErrorbarContainer
+
+    from analysis import figures
+    sp = attention_speedups(load_results(results_dir).attention)
+    sp = sp[sp["run"] == "run1.parquet"]
+    p3 = (sp["batch"] == "llama-3-8b p3") & (sp["backend"] == "pod")
+    sp.loc[p3, "p80_ms"] = sp.loc[p3, "p20_ms"] * 1.5                      # pod's row at p3 is noisy
+    figures.fig_speedups(sp, tmp_path, "fi_pod")
+    figures.fig_speedups(sp, tmp_path, "serial")
+    fig = drawn["speedup_fi_pod_paper"]
+    assert "fi_pod" not in legend_texts(fig)
+    assert not [bar for ax in fig.axes for bar in _bars(ax) if bar.get_label() == "fi_pod"]
+    assert not [c for ax in fig.axes for c in ax.containers if c.get_label() == "fi_pod"]
+    for fig in (drawn["speedup_fi_pod_paper"], drawn["speedup_serial_paper"]):
+        panels = {ax.get_title(): ax for ax in fig.axes}
+        assert set(panels) == {"llama-2-7b, paged KV", "llama-3-8b, paged KV", "llama-3-8b, contiguous KV"}
+        for title, ax in panels.items():
+            model, layout = title.split(", ")[0], title.split(", ")[1].split()[0]
+            rows = sp[(sp["model"] == model) & (sp["point_layout"] == layout)]
+            ticks = [t.get_text() for t in ax.get_xticklabels()]
+            assert set(ticks) <= set(rows["composition"]), title      # its own compositions only
+            assert any(isinstance(c, ErrorbarContainer) for c in ax.containers), title
+        assert [t.get_text() for t in panels["llama-2-7b, paged KV"].get_xticklabels()] == ["1K@4K + 32×8K"]
+    hatched = [bar for ax in drawn["speedup_serial_paper"].axes for bar in _bars(ax) if bar.get_hatch()]
+    assert len(hatched) == 1 and hatched[0].get_facecolor()[3] == 0      # pod at p3: hollow, hatched
+    assert any("noisy" in t for t in legend_texts(drawn["speedup_serial_paper"]))
+
+
+def test_heatmap_subtitle_explains_only_the_marks_it_has(drawn, tmp_path):
+    """The subtitle promised blank cells ('the best serial baseline itself') where none was blank. Now
+    the fastest serial path's own cell reads 'ref', a cell without a usable row is blank, and the
+    subtitle explains only the marks the figure has."""
+    from analysis import figures
+    rows = h200_paper_rows()
+    sp = attention_speedups(rows[rows["sweep"] == "paper"])
+    figures.fig_speedup_heatmap(sp, tmp_path)
+    fig = drawn.pop("speedup_heatmap_paper")
+    title = fig._suptitle.get_text()
+    assert "'ref'" in title and "blank" not in title and "'?'" not in title and "noisy" not in title
+    ax = fig.axes[0]
+    ys = [t.get_text() for t in ax.get_yticklabels()]
+    xs = [t.get_text() for t in ax.get_xticklabels()]
+    refs = {(ys[int(t.get_position()[1])], xs[int(t.get_position()[0])]) for t in ax.texts if t.get_text() == "ref"}
+    assert refs == {("triton_serial", "512@4K + 32×8K"), ("fi_serial", "1K@4K + 32×8K"), ("fi_serial", "2K@4K + 32×8K")}
+
+    failed = rows[rows["sweep"] == "paper"].copy()                        # pod failed at q2; pod_sm90 noisy at q3
+    failed.loc[(failed["batch"] == "llama-3-8b q2") & (failed["backend"] == "pod"), "status"] = "error"
+    q3 = (failed["batch"] == "llama-3-8b q3") & (failed["backend"] == "pod_sm90")
+    failed.loc[q3, "p80_ms"] = failed.loc[q3, "p20_ms"] * 1.5
+    figures.fig_speedup_heatmap(attention_speedups(failed), tmp_path)
+    title = drawn["speedup_heatmap_paper"]._suptitle.get_text()
+    assert "'ref'" in title and "blank: no usable row" in title and "'?': noisy" in title
+
+
+def roofline_rows() -> list[dict]:
+    """Six pure prefill points (kernels sweep: triton_prefill, fi_serial, fa2_serial; triton_prefill's
+    last two rows noisy), one pure decode point (fi_serial only), three hybrid points (pod, pod_paper,
+    triton_serial, with close times)."""
+    rows: list[dict] = []
+    for i, (chunk, ctx) in enumerate(((512, 0), (512, 4096), (1024, 0), (1024, 4096), (2048, 0), (2048, 4096))):
+        for backend, ms in (("triton_prefill", 1.0 + 0.1 * i), ("fi_serial", 0.8 + 0.1 * i), ("fa2_serial", 1.5)):
+            noisy = dict(p80_ms=(1.0 + 0.1 * i) * 2) if backend == "triton_prefill" and i >= 4 else {}
+            rows.append(_row(f"k{i}", backend, ms, sweep="kernels", chunk=chunk, ctx=ctx, nd=0, **noisy))
+    rows.append(_row("d0", "fi_serial", 0.5, sweep="kernels", chunk=0, nd=64))
+    for i in range(3):
+        for backend, ms in (("pod", 1.0), ("pod_paper", 1.01), ("triton_serial", 1.02), ("fi_serial", 1.1)):
+            rows.append(_row(f"h{i}", backend, ms + 0.1 * i, chunk=1024, ctx=4096 * i))
+    return rows
+
+
+def test_roofline_boxes_only_many_points_noisy_marks_in_their_category_backends_apart(drawn, tmp_path):
+    """The decode panel was a box plot of one point; noisy markers sat between two categories (one under
+    the panel's legend); pod / pod_paper / triton_serial looked alike. Now: a box only over 5+ clean
+    points, a noisy point hollow inside its own backend's category, one legend outside the panels, and a
+    colour and a marker of its own for every backend."""
+    from matplotlib.lines import Line2D
+
+    from analysis import figures
+    from analysis.load import Results
+    sp = _speedups(roofline_rows())
+    figures.fig_roofline(sp, Results(sp, pd.DataFrame(), pd.DataFrame(), tmp_path), tmp_path)
+    fig = drawn["roofline"]
+    prefill, decode, hybrid = fig.axes[:3]
+    assert len(decode.patches) == 0                                        # one point: no box
+    assert len(prefill.patches) == 2      # fa2_serial and fi_serial: 6 clean points; triton_prefill: 4 + 2 noisy
+    ticks = [t.get_text() for t in prefill.get_xticklabels()]
+    hollow = [(x, line) for line in prefill.lines if isinstance(line, Line2D) and line.get_marker() not in (None, "None", "")
+              and str(line.get_markerfacecolor()) == "none" for x in line.get_xdata()]
+    assert len(hollow) == 2
+    for x, _ in hollow:
+        assert abs(x - round(x)) <= 0.3 and ticks[round(x)] == "triton_prefill"
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    styles = {h.get_label(): (h.get_color(), h.get_marker()) for h in fig.legends[0].legend_handles}
+    ours = [styles[b] for b in ("pod", "pod_paper", "triton_serial")]
+    assert len({c for c, _ in ours}) == 3 and len({m for _, m in ours}) == 3
+    assert len(hybrid.collections) == 4                                     # one per hybrid backend
+
+
+def test_kernel_figure_takes_a_kernel_the_kernels_sweep_lacks_from_another_kernel_sweep(drawn, tmp_path):
+    """The H200's kernels run had no triton_prefill: its prefill panel showed FlashInfer alone, though the
+    hopper_prefill sweep measured ours (and FA2) at the same points. Now a kernel the kernels sweep did
+    not run at a point comes from another kernel sweep at the same point and backend options (the
+    default-config run, not the autotuned portable tile). The table has one row a point (FA2, which ran
+    the point contiguous, had a row of its own)."""
+    from analysis import figures
+    from analysis.speedup import kernel_tables
+    default, autotune = '{"prefill_config": "auto"}', '{"prefill_config": "autotune"}'
+    rows = []
+    for point, chunk in (("k1", 1024), ("k2", 2048)):
+        kw = dict(chunk=chunk, ctx=4096, nd=0, gpu=H200)
+        rows.append(_row(point, "fi_serial", 1.0, sweep="kernels", options=default, run_id="kern", **kw))
+        rows.append(_row(point, "triton_decode", 1.0, sweep="kernels", options=default, run_id="kern",
+                         status="skipped", **kw))
+        for backend, ms, options in (("triton_prefill", 0.8, default), ("fi_serial", 5.0, default),
+                                     ("fa2_serial", 1.6, default), ("triton_prefill", 3.0, autotune)):
+            ran = dict(batch=f"llama-3-8b {point} contig") if backend == "fa2_serial" else {}   # as it ran
+            rows.append(_row(point, backend, ms, sweep="hopper_prefill", options=options,
+                             run_id="hp" + options[-10:-2], **kw, **ran))
+    rows.append(_row("only_hp", "triton_prefill", 0.5, sweep="hopper_prefill", options=default, run_id="hpauto",
+                     chunk=512, ctx=0, nd=0, gpu=H200))
+    from analysis.load import normalise_attention
+    df = normalise_attention(pd.DataFrame(rows))
+    sp = attention_speedups(df.assign(run=df["run_id"]))
+    pre, _ = kernel_tables(sp)
+    assert list(pre.columns[:6]) == ["gpu", "model", "batch", "triton_prefill", "fi_serial", "fa2_serial"]
+    assert len(pre) == 2 and pre["fa2_serial"].notna().all()   # one row a point (FA2 ran it contiguous)
+    assert pre["batch"].tolist() == ["llama-3-8b k1", "llama-3-8b k2"]   # the kernels sweep's points only
+    flops = sp.loc[(sp["backend"] == "fi_serial") & (sp["sweep"] == "kernels"), "prefill_flops"].to_numpy()
+    assert pre["fi_serial"].to_numpy() == pytest.approx(flops / 1.0e-3 / 1e12)      # the kernels sweep's own
+    assert pre["triton_prefill"].to_numpy() == pytest.approx(flops / 0.8e-3 / 1e12)  # not the autotuned run
+    figures.fig_kernels(sp, tmp_path)
+    legend = drawn["kernels"].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["ours (triton_prefill)", "FlashInfer (fi_serial)",
+                                                          "FA2 (fa2_serial)"]
 
 
 def test_composition_label():
@@ -227,11 +476,12 @@ def built(tmp_path_factory):
 def test_build_all_writes_figures_and_tables(built):
     out, written = built[0] / "figs", built[1]
     for name in ("speedup_serial_paper", "speedup_fi_pod_paper", "speedup_heatmap_paper", "roofline", "kernels",
-                 "serving_offline", "serving_online"):
+                 "serving_throughput", "serving_latency_llama_3_8b"):
         for ext in ("png", "pdf"):
             assert _nonempty(out / f"{name}.{ext}"), f"{name}.{ext} missing or empty"
     for name in ("speedup_summary", "speedup_by_model", "speedups", "excluded", "status_counts",
-                 "kernels_prefill_tflops", "kernels_decode_gbps", "serving"):
+                 "kernels_prefill_tflops", "kernels_decode_gbps", "serving_throughput", "serving_latency",
+                 "serving_speedups"):
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").read_text().startswith("|")
     assert "summary" in written and GPU in (out / "summary.md").read_text()
     summ = pd.read_csv(out / "speedup_summary.csv").set_index(["backend", "vs"])
@@ -245,6 +495,29 @@ def test_build_all_writes_figures_and_tables(built):
     assert len(excluded) == 7  # p4 pod, p5 fa2 + fi_pod, p6 fi_serial + triton_prefill, cpu run x2
 
 
+def test_make_figures_and_make_reproduce_draw_through_one_list_of_builders(built, tmp_path, capsys):
+    """`make figures` (python -m analysis.figures) skipped the serving figures `make reproduce` drew, and
+    analysis.figures and analysis.serving_figures both drew serving figures (two sets): now one list of
+    builders (FIGURE_BUILDERS) behind one entry point (build_all) serves both, the serving figures
+    drawn wherever serving rows exist."""
+    import analysis.figures as figures
+    import analysis.serving_figures as serving_figures
+    import experiments.reproduce as rp
+    assert "serving" in figures.FIGURE_BUILDERS and not hasattr(serving_figures, "main")
+    assert not hasattr(figures, "fig_serving")
+    make_figures = built[0] / "figs"                            # what build_all (make figures) wrote
+    assert "$(PY) -m analysis.figures --results results/h100" in (ROOT / "Makefile").read_text()
+    rp.rebuild_figures(built[0] / "results", tmp_path / "reproduce")
+    names = sorted(p.name for p in make_figures.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "reproduce").iterdir())
+    assert {"serving_throughput.png", "serving_latency_llama_3_8b.pdf", "serving_speedups.csv"} <= set(names)
+    assert not {"serving_offline.png", "serving_online.png", "serving.csv"} & set(names)
+    assert "## Serving: offline throughput" in (make_figures / "summary.md").read_text()
+    ratio = pd.read_csv(make_figures / "serving_speedups.csv")
+    assert ratio[["backend", "vs"]].values.tolist() == [["pod", "fa2_serial"]]
+    assert ratio["speedup"].tolist() == pytest.approx([1.2])
+
+
 def _differing(a: Path, b: Path) -> list[str]:
     """Names of the files that differ between two figure folders (or exist in one only)."""
     names = {p.name for p in a.iterdir()} | {p.name for p in b.iterdir()}
@@ -254,7 +527,7 @@ def _differing(a: Path, b: Path) -> list[str]:
 
 def test_figures_from_committed_rows_are_byte_stable(tmp_path):
     """`make figures` / `make reproduce` on the committed rows leave the tree unchanged: two builds, in
-    two processes from two working directories, give the same bytes (seeded jitter, no dates or
+    two processes from two working directories, give the same bytes (nothing random drawn, no dates or
     versions in PNG/PDF metadata), and no table holds an absolute path."""
     import subprocess
     committed = ROOT / "results" / "h100"

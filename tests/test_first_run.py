@@ -439,7 +439,7 @@ def test_every_readme_command_parses_as_written():
                 failed.append(f"{' '.join(alt)}: {type(e).__name__}: {e}")
     assert not failed, "README commands that do not run as written:\n" + "\n".join(failed)
     assert {"experiments.attention", "experiments.serving", "experiments.serving.paper", "experiments.reproduce",
-            "analysis.figures", "analysis.serving_figures", "experiments.gpu_checks", "jupyter"} <= checked, checked
+            "analysis.figures", "experiments.gpu_checks", "jupyter"} <= checked, checked
 
 
 # -- Ctrl-C while a command starts (its imports take seconds) ----------------------------------------

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis import paper_figures as pf
-from analysis.figures import build_all, save
+from analysis.figures import build_all
 from analysis.load import load_results
 from analysis.speedup import attention_speedups
 
@@ -149,13 +149,13 @@ def test_hopper_prefill_compares_each_point_on_its_own_layout(sp):
 
 
 def test_build_writes_every_figure_and_table_byte_stable(sp, tmp_path):
-    figs, tables = pf.build(sp, tmp_path / "a", save)
+    figs, tables = pf.build(sp, tmp_path / "a")
     assert set(figs) == {"paper_grid_violin", "per_chunk", "policy", "ctas_per_sm", "hopper_prefill"}
     for paths in figs.values():
         assert all(p.stat().st_size > 0 for p in paths)
     # Byte-stable: the violin and the heat map drawn again are the same bytes (PNG and PDF).
-    again = pf.fig_paper_violin(pf.paper_grid_speedups(sp), tmp_path / "b", save)
-    again += pf.fig_ctas_heatmap(pf.knob_rows(sp, "ctas_per_sm"), tmp_path / "b", save)[0]
+    again = pf.fig_paper_violin(pf.paper_grid_speedups(sp), tmp_path / "b")
+    again += pf.fig_ctas_heatmap(pf.knob_rows(sp, "ctas_per_sm"), tmp_path / "b")
     for q in again:
         assert (tmp_path / "a" / q.name).read_bytes() == q.read_bytes(), q.name
     noisy = tables["noisy_points"]
@@ -184,15 +184,16 @@ def test_build_all_adds_the_paper_figures_only_where_their_sweeps_are(tmp_path):
 
 
 def test_existing_figures_flag_noisy_rows_and_never_compare_a_baseline_with_itself(sp, tmp_path, monkeypatch):
-    """The heat map of every backend leaves the best serial baseline's own cells out and marks noisy
-    cells with '?'; the kernel bars draw a noisy row hollow and hatched."""
+    """The heat map of every backend never fills the fastest serial path's own cells with a number (they
+    read 'ref') and marks noisy cells with '?'; the kernel bars draw a noisy row hollow and hatched."""
     import analysis.figures as figs
     drawn = []
     real = figs.sns.heatmap
     monkeypatch.setattr(figs.sns, "heatmap", lambda data, **kw: drawn.append((data, kw["annot"])) or real(data, **kw))
     figs.fig_speedup_heatmap(sp[sp["sweep"] == "paper_grid"], tmp_path)
     (data, annot), = drawn
-    assert "fa2_serial" not in data.index                        # the best serial everywhere: no row
+    assert data.loc["fa2_serial"].isna().all()                   # the fastest serial everywhere: 'ref', no number
+    assert set(annot[list(data.index).index("fa2_serial")]) == {""}
     labels = dict(zip(data.columns, annot[list(data.index).index("pod")]))
     # One composition: the median of pod's four speed-ups (2.0, 1.25, 1.6, 1.0), '?' as point c is noisy.
     assert labels == {"512@0 + 64×4K": "1.43?"}
