@@ -55,7 +55,6 @@ _WORKSPACES: dict[torch.device, torch.Tensor] = {}
 FA2_SPLIT_CTAS_PER_SM = 2
 FA2_MAX_CTA_TILE_Q = 128
 MIN_WORKSPACE_BYTES = 128 * 2**20          # FlashInfer's recommended size
-FALLBACK_NUM_SMS = 132                     # an H100/H200 SXM, where no CUDA device answers (CPU tests)
 
 
 # -- availability and the lazy import ----------------------------------------------------------
@@ -115,10 +114,9 @@ def float_workspace_bytes(heads: ModelHeads, num_sms: int, plans: int = 1) -> in
 
 
 def num_sms(device: torch.device) -> int:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return FALLBACK_NUM_SMS
+    """The SMs FlashInfer's planner splits over (pod.env's count: the simulated one off a GPU)."""
+    from pod.env import device_num_sms
+    return device_num_sms(device)
 
 
 def _allocate(nbytes: int, device: torch.device) -> torch.Tensor:
