@@ -24,11 +24,14 @@ Serving rows, one per (run config, backend): `SERVING_COLUMNS` (metrics: experim
 Ceiling rows, one per measurement: `CEILING_SCHEMA` (experiments/ceilings.py).
 
 Storage: CSV, appended one row at a time and flushed (`append_row`), so a run that dies half-way loses
-at most the row in flight; `read_rows` reads one file back with the column types below.
+at most the row in flight; `read_rows` reads one file back with the column types below, up to its last
+complete row (a row cut by a kill, or one another process is writing, is not read; `drop_cut_row` drops
+it from the file before rows are appended after it).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -122,6 +125,34 @@ def append_row(path: str | os.PathLike, row: Mapping[str, Any], schema: Mapping[
         os.fsync(f.fileno())
 
 
+def complete_length(data: bytes) -> int:
+    """Bytes of CSV `data` up to the end of its last complete row: a row ends at a newline outside quotes.
+    CSV doubles a quote inside a quoted field, so a byte lies outside quotes exactly when the quotes
+    before it are even."""
+    end = len(data)
+    while (newline := data.rfind(b"\n", 0, end)) >= 0:
+        if data.count(b'"', 0, newline) % 2 == 0:
+            return newline + 1
+        end = newline
+    return 0
+
+
+def drop_cut_row(path: str | os.PathLike) -> int:
+    """Truncate a CSV file to its last complete row (a kill can cut the row being written; rows appended
+    after a fragment would be glued to it). Returns the bytes dropped (0: the file was whole or absent)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = complete_length(data)
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return len(data) - keep
+
+
 _BOOL_CELLS = {"True": True, "False": False, "true": True, "false": False, "1": True, "0": False,
                True: True, False: False}
 
@@ -145,11 +176,15 @@ def typed(df: pd.DataFrame, schema: Mapping[str, str]) -> pd.DataFrame:
 
 
 def read_rows(path: str | os.PathLike, schema: Mapping[str, str] = ATTENTION_SCHEMA) -> pd.DataFrame:
-    """One CSV or Parquet file of rows, typed by `schema`."""
+    """One CSV or Parquet file of rows, typed by `schema` (a CSV up to its last complete row)."""
     path = Path(path)
     if path.suffix == ".parquet":
         return typed(pd.read_parquet(path), schema)
-    return typed(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]), schema)
+    data = path.read_bytes()
+    data = data[:complete_length(data)]
+    if not data:
+        return empty_rows(schema)
+    return typed(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[""]), schema)
 
 
 def empty_rows(schema: Mapping[str, str] = ATTENTION_SCHEMA) -> pd.DataFrame:

@@ -154,6 +154,8 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     path, siblings = results_path(c, device)
     store = ResultStore(path, siblings)
     store.check_writable()
+    if store.drop_cut_row():
+        print(f"[harness] {path}: its last row was cut (a killed run); dropped, it runs again", file=sys.stderr)
     done = store.done(rerun_errors=bool(c.get("rerun_errors", False)))
     timing = TimingConfig(**(c.get("timing") or {}))
     seed = int(c.get("seed", 0))
