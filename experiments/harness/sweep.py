@@ -28,10 +28,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
+from hydra.errors import CompactHydraException
 
 from baselines.registry import Backend, BackendOptions, UnknownBackend, list_backends
 from experiments.cli import command
-from experiments.harness.paths import resolve_device, results_path
+from experiments.harness.paths import resolve_device, results_path, shard_count
 from experiments.harness.points import Point, expand_points, kv_tokens, shard, to_container
 from experiments.harness.provenance import device_slug, provenance
 from experiments.harness.results import ResultStore
@@ -55,6 +56,12 @@ def backends_by_name(names: Iterable[str]) -> list[Backend]:
 class SweepRefused(ValueError):
     """A sweep that cannot run as configured (said in one line before the first point): an invalid
     value (the message names the key), a GPU sweep on a CPU, a device this machine lacks."""
+
+
+class ShardFailed(CompactHydraException):
+    """A job of a multirun (one shard) that ended with a non-zero status. Raised, not sys.exit: Hydra
+    records it as that job's failure and the launcher lets the other shards finish (a SystemExit in a
+    joblib worker would abort them mid-row); the multirun then ends with its message, one line."""
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -98,7 +105,10 @@ def _count(c: Mapping[str, Any], key: str, default: int, least: int, what: str) 
 
 def _run_settings(c: Mapping[str, Any]) -> tuple[int, int, int, torch.device]:
     """(shard, num_shards, cpu_max_kv_tokens, device) of a config, each checked with a message naming it."""
-    num_shards = _count(c, "num_shards", 1, 1, "a positive number of shards (1: no sharding)")
+    try:
+        num_shards = shard_count(c.get("num_shards", 1))
+    except ValueError as e:
+        raise SweepRefused(str(e)) from None
     shard_index = _count(c, "shard", 0, 0, f"one of 0..{num_shards - 1} (num_shards={num_shards})")
     if shard_index >= num_shards:
         raise SweepRefused(f"shard={shard_index} is invalid: one of 0..{num_shards - 1} (num_shards={num_shards})")
@@ -136,6 +146,7 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     full_cfg = to_container(cfg)
     c = dict(full_cfg)
     shard_index, num_shards, cpu_limit, device = _run_settings(c)
+    c["num_shards"] = num_shards          # `gpus` as the count it stands for (the results file's name)
     sweep_name = str(c["sweep"]["name"])
     models = dict(c.get("models") or {})
     if c.get("model"):   # the `model` group's choice is always known by its name
