@@ -50,12 +50,14 @@ def shard_count(value: Any) -> int:
 def results_path(cfg: Mapping[str, Any], device: torch.device) -> tuple[Path, list[Path]]:
     """(file this run appends to, sibling files whose rows also count for resume).
 
-    Default: <results_dir>/<sweep>/<device>.csv, or <device>.shard<i>of<n>.csv under multirun.
+    Default: <results_dir>/<sweep>/<device>.csv, or <device>.shard<i>of<n>.csv under multirun; timed
+    through CUDA graphs (timing.cuda_graph), <device>.cuda_graph[.shard<i>of<n>].csv: the same (point,
+    backend) pairs as the eager rows, so a file of their own (resume counts only its own mode's rows).
     """
     if cfg.get("results_file"):
         path = Path(cfg["results_file"])
         return path, []
-    slug = device_slug(device)
+    slug = device_slug(device) + (".cuda_graph" if (cfg.get("timing") or {}).get("cuda_graph") else "")
     n = int(cfg.get("num_shards", 1))
     name = f"{slug}.csv" if n == 1 else f"{slug}.shard{int(cfg.get('shard', 0))}of{n}.csv"
     folder = Path(cfg.get("results_dir", "results")) / str(cfg["sweep"]["name"])

@@ -13,6 +13,8 @@ Attention (and kernel) rows, one per (point, backend), columns in this order (`A
   batch               BatchSpec.describe() of the spec that ran
   status              "ok" | "skipped" | "error" | "oom";  reason: why, for anything but ok
   median_ms, p20_ms, p80_ms, timing_meaningful  (timing_meaningful is False on CPU/interpreter)
+  cuda_graph          True: timed as replays of one CUDA graph of run(), whose first replay is checked
+                      too (timing.cuda_graph); False: eager calls
   prefill_err, decode_err   max relative error vs the fp32 reference (NaN: part not computed/absent)
   prefill_flops, decode_bytes, tflops, gbps     tflops = prefill_flops / median time and
                       gbps = decode_bytes / median time, both over the WHOLE run() time
@@ -52,7 +54,7 @@ ATTENTION_SCHEMA: dict[str, str] = {
     "num_prefill": INT, "chunk_len": INT, "prefill_context_len": INT,
     "num_decode": INT, "decode_context_len": INT,
     "batch": STR, "status": STR, "reason": STR,
-    "median_ms": FLOAT, "p20_ms": FLOAT, "p80_ms": FLOAT, "timing_meaningful": BOOL,
+    "median_ms": FLOAT, "p20_ms": FLOAT, "p80_ms": FLOAT, "timing_meaningful": BOOL, "cuda_graph": BOOL,
     "prefill_err": FLOAT, "decode_err": FLOAT,
     "prefill_flops": INT, "decode_bytes": INT, "tflops": FLOAT, "gbps": FLOAT,
     "backend_config": STR, "options": STR,
@@ -108,7 +110,9 @@ def _cell(v: Any) -> Any:
 
 def append_row(path: str | os.PathLike, row: Mapping[str, Any], schema: Mapping[str, str]) -> None:
     """Append one row to a CSV with the schema's columns (header written with the first row), flushed
-    to disk. A column outside the schema is a KeyError."""
+    to disk. A file written under an older schema (its header lacks a column added since) is rewritten
+    under this one first: its rows keep their values, the new columns stay empty, and the new row's cells
+    land under their own names. A column outside the schema is a KeyError."""
     columns = tuple(schema)
     unknown = set(row) - set(columns)
     if unknown:
@@ -116,6 +120,13 @@ def append_row(path: str | os.PathLike, row: Mapping[str, Any], schema: Mapping[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = tuple(next(csv.reader(f), ()))
+        if header[:len(columns)] != columns:
+            tmp = path.with_suffix(".schema.tmp")
+            read_rows(path, schema).to_csv(tmp, index=False)
+            tmp.replace(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         if new:

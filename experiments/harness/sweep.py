@@ -9,14 +9,15 @@ Library code behind `experiments/attention.py` (the Hydra entry point) and `expe
 The parts it is made of, each its own module:
   points.py    sweep config -> Points (validated BatchSpecs), shards
   running.py   one point on each backend: the batch in its layout, prepare, checked run, timed
-  timing.py    do_bench on a GPU, one wall-clock call on a CPU
+  timing.py    do_bench on a GPU, eager or through a CUDA graph; one wall-clock call on a CPU
   paths.py     the device of a run and the results file its rows go to
   results.py   the append-only row store (resume)
   wandb_log.py W&B logging
   summary.py   rows over the error threshold, status counts
 Before the first point, `run_sweep` refuses in one line what cannot run: an invalid value (a point's
-field, num_shards, shard, cpu_max_kv_tokens, a device this machine lacks), an unknown backend name (the
-registered names listed), a GPU sweep or a GPU-sized point on a CPU, an unwritable results file. Ctrl-C stops with
+field, num_shards, shard, cpu_max_kv_tokens, timing, a device this machine lacks), an unknown backend name
+(the registered names listed), a GPU sweep, a GPU-sized point or CUDA-graph timing on a CPU, an unwritable
+results file. Ctrl-C stops with
 `SweepInterrupted` (rows already appended stay, a restart resumes after them).
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
 
     Keys: sweep {name, base, grids, points}, models {name: {num_q_heads, num_kv_heads, head_dim}},
     model (optional, added to models under its `name`), backend {names}, backend_options, device,
-    seed, timing {warmup_ms, rep_ms}, fallback_page_size, results_dir, results_file, shard, num_shards,
+    seed, timing {warmup_ms, rep_ms, cuda_graph}, fallback_page_size, results_dir, results_file, shard, num_shards,
     rerun_errors, error_threshold, progress, interpret, cpu_max_kv_tokens,
     wandb {enabled, project, mode, dir, tags} (conf/attention.yaml documents each). Returns every row
     of this run's results file (earlier runs' rows included).
@@ -154,8 +155,12 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     try:   # a value BatchSpec (or the harness) refuses: one line naming the field, not a traceback
         points = shard(expand_points(c["sweep"], models), shard_index, num_shards)
         options = BackendOptions.from_config(c.get("backend_options"))
+        timing = TimingConfig.from_config(c.get("timing"))
     except ValueError as e:
         raise SweepRefused(f"sweep={sweep_name}: {e}") from None
+    if timing.cuda_graph and device.type != "cuda":
+        raise SweepRefused(f"timing.cuda_graph=true times replays of CUDA graphs, which need a CUDA GPU "
+                           f"(device={device} here); on this CPU leave it false")
     refuse_on_cpu(c["sweep"], points, device, cpu_limit)
     _setup_interpreter(c, device)
     if device.type == "cuda":
@@ -168,7 +173,6 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     if store.drop_cut_row():
         print(f"[harness] {path}: its last row was cut (a killed run); dropped, it runs again", file=sys.stderr)
     done = store.done(rerun_errors=bool(c.get("rerun_errors", False)))
-    timing = TimingConfig(**(c.get("timing") or {}))
     seed = int(c.get("seed", 0))
     fallback_page = int(c.get("fallback_page_size", 16))
 
