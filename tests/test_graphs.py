@@ -188,3 +188,35 @@ def test_a_file_under_an_older_schema_takes_the_new_column_before_a_row_is_appen
     assert list(df.options) == ['{"x": 1}', "{}"]
     assert pd.isna(df.cuda_graph[0]) and df.cuda_graph[1] == True  # noqa: E712 - a nullable boolean
     assert path.read_text().splitlines()[0].split(",") == list(ATTENTION_SCHEMA)
+
+
+# -- the GPU check ------------------------------------------------------------------------------------
+def test_the_graphs_check_is_registered_and_refused_on_a_cpu_in_one_line(monkeypatch):
+    assert gpu_checks.parse_args(["graphs"]) == ("graphs", [])
+    assert gpu_checks.parse_args(["graphs", "pod", "triton_serial"]) == ("graphs", ["pod", "triton_serial"])
+    assert "gpu_checks graphs" in gpu_checks.__doc__
+    assert set(gpu_checks.our_gpu_backends()) == {"pod", "pod_paper", "pod_persistent", "pod_sm90",
+                                                 "triton_prefill", "triton_decode", "triton_serial"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        gpu_checks.main(["graphs"])
+    assert str(e.value) == "GPU only: capturing CUDA graphs needs a CUDA GPU"
+
+
+def test_the_graphs_check_passes_a_replay_on_fresh_inputs_and_fails_stale_or_unwritten_ones(monkeypatch):
+    for name, kw in (("static", {}), ("stale", dict(stale=True)), ("writes_once", dict(writes_once=True))):
+        monkeypatch.setitem(registry._REGISTRY, name, static_backend(name, **kw))
+    specs = {"paged16": SPEC, "contiguous": BatchSpec.build(4, 2, 64, prefill=[(5, 3)], decode=[6, 17])}
+    lines = []
+    rows = gpu_checks.check_graphs(("static", "stale", "writes_once"), out=lines.append,
+                                   device=torch.device("cpu"), specs=specs, capture=stand_in_capture)
+    assert [(r["backend"], r["layout"]) for r in rows] == [(b, s) for s in specs for b in ("static", "stale",
+                                                                                           "writes_once")]
+    ok = {(r["backend"], r["layout"]): r["ok"] for r in rows}
+    assert ok == {(b, s): b == "static" for b, s in ok}, rows
+    static = rows[0]
+    assert static["prefill_err"] < 1e-2 and static["decode_err"] < 1e-2 and static["repeat_equal"]
+    stale = rows[1]
+    assert stale["eager_prefill_err"] < 1e-2 and stale["prefill_err"] > 1e-1    # right once, wrong on new inputs
+    assert rows[2]["prefill_err"] == math.inf                        # the replay wrote nothing: NaN stayed
+    assert [json.loads(line)["backend"] for line in lines] == [r["backend"] for r in rows]
