@@ -23,6 +23,11 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
     python -m experiments.gpu_checks serving [BACKEND ...]  # (g) a few serving-engine iterations of a
                                            #     small model with pod, triton_serial (and fi_serial when
                                            #     FlashInfer imports): tokens, finite logits, attention error
+    python -m experiments.gpu_checks graphs [BACKEND ...]   # (h) each of our GPU backends' run() captured
+                                           #     in a CUDA graph on a small hybrid batch (paged, contiguous),
+                                           #     replayed on fresh inputs copied into the same buffers
+                                           #     (NaN-poisoned outputs, NaN in stale page slots): vs the fp32
+                                           #     reference, and a second replay bitwise equal
 
 Timing (and the output check that comes with it) is the harness's: the fused kernel's configurations
 on the orientation and small points are `python -m experiments.attention -m sweep=pod_configs
@@ -52,10 +57,10 @@ SMALL = BatchSpec.build(**LLAMA3_8B, prefill=[(300, 700), (77, 0)], decode=[1000
 CANDIDATES = {name: POD_CONFIGS[name] for name in POD_RESOURCE_CANDIDATES}
 
 
-def _cuda():
+def _cuda(what: str = "this check", offline: bool = True):
     if not torch.cuda.is_available():
-        offline = command("experiments.gpu_checks offline")
-        raise SystemExit(f"GPU only: this check needs a CUDA GPU (without one: {offline})")
+        instead = f" (without one: {command('experiments.gpu_checks offline')})" if offline else ""
+        raise SystemExit(f"GPU only: {what} needs a CUDA GPU{instead}")
     return torch.device("cuda")
 
 
@@ -328,7 +333,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     return rows
 
 
-COMMANDS = ("repeat", "sanitize", "sanitize_sm90", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90", "serving")
+COMMANDS = ("repeat", "sanitize", "sanitize_sm90", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90",
+            "serving", "graphs")
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -337,10 +343,11 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     cmd, rest = (argv[0], list(argv[1:])) if argv else ("repeat", [])
     shard_ok = cmd == "pod_sm90" and len(rest) == 1 and re.fullmatch(r"\d+/[1-9]\d*", rest[0]) \
         and int(rest[0].split("/")[0]) < int(rest[0].split("/")[1])
-    if cmd not in COMMANDS or (rest and cmd != "serving" and not shard_ok
+    if cmd not in COMMANDS or (rest and cmd not in ("serving", "graphs") and not shard_ok
                                and (rest != ["contig"] or cmd != "offline")):
         print(f"gpu_checks: {' '.join(argv)!r} is not a check; one of {', '.join(COMMANDS)} "
-              f"(offline takes `contig`, pod_sm90 a shard `i/n`, serving backend names)", file=sys.stderr)
+              f"(offline takes `contig`, pod_sm90 a shard `i/n`, serving and graphs backend names)",
+              file=sys.stderr)
         raise SystemExit(2)
     return cmd, rest
 # (g) The serving engine: a small Llama shape (GQA 4, head_dim 128, bf16, 16-token pages) whose prompts
@@ -400,6 +407,72 @@ def check_serving(backends=SERVING_CHECK_BACKENDS, device=None, tol: float = 2e-
     return rows
 
 
+# (h) CUDA graphs: engines capture attention in graphs, so every run() of ours must replay right. Two small
+# hybrid batches (Llama-3-8B heads, ragged chunks and decodes), paged and contiguous.
+GRAPH_CHECK_SPECS = {"paged16": SMALL, "contiguous": replace(SMALL, page_size=None)}
+
+
+def our_gpu_backends() -> list[str]:
+    """Our kernel backends, from the registry: those baselines/ours.py registers, less the fp32 reference
+    (a backend whose GPU cannot run it, or that refuses the batch, gives a skipped row)."""
+    from baselines.registry import list_backends
+    return [name for name, b in list_backends().items()
+            if b.prepare.__module__ == "baselines.ours" and name != "reference"]
+
+
+def check_graphs(backends=None, tol: float = 2e-2, out=print, device=None, specs=None, capture=None) -> list[dict]:
+    """(h) For each backend (default: our_gpu_backends()) and batch of `specs` (GRAPH_CHECK_SPECS):
+    prepare, one eager run, its run() captured in a CUDA graph (`capture`: the harness's capture_graph,
+    as timing.cuda_graph does), then fresh random inputs (another seed) copied into the batch's own
+    tensors with NaN in stale page slots, and two replays into NaN-poisoned outputs. A run passes when the
+    eager outputs and the first replay's (against the fp32 reference of the fresh inputs) are within `tol`
+    and the second replay is bitwise equal to the first."""
+    import math
+
+    from baselines.registry import BackendUnavailable, get_backend
+    from experiments.harness.running import check_outputs
+    from experiments.harness.timing import capture_graph, replay_poisoned
+    from pod.reference import reference
+    dev = device or _cuda("capturing CUDA graphs", offline=False)
+    capture = capture or capture_graph
+    rows = []
+    for layout, spec in (specs or GRAPH_CHECK_SPECS).items():
+        for name in backends or our_gpu_backends():
+            backend = get_backend(name)
+            row = dict(backend=name, layout=layout)
+            why = backend.availability() or backend.unavailable_for(spec)
+            batch = make_batch(spec, dev, seed=0)
+            try:
+                run = None if why else backend.setup(batch)
+            except BackendUnavailable as e:
+                why = str(e)
+            if why:
+                rows.append(dict(row, ok=True, skipped=why))
+                out(json.dumps(rows[-1]))
+                continue
+            try:
+                eager = check_outputs(run(), reference(batch), batch, backend)
+                graph, outs = capture(run, dev)
+                fresh = make_batch(spec, dev, seed=1)
+                for t in ("q_prefill", "q_decode", "k_cache", "v_cache"):
+                    getattr(batch, t).copy_(getattr(fresh, t))
+                poison_stale_slots(batch)
+                first = [None if t is None else t.clone() for t in replay_poisoned(graph, outs, dev)]
+                replay = check_outputs(outs, reference(batch), batch, backend)
+                second = replay_poisoned(graph, outs, dev)
+                same = all((a is None) == (b is None) and (a is None or torch.equal(a, b))
+                           for a, b in zip(first, second))
+                del graph
+                errs = [e for e in (*eager, *replay) if not math.isnan(e)]
+                row.update(eager_prefill_err=eager[0], eager_decode_err=eager[1], prefill_err=replay[0],
+                           decode_err=replay[1], repeat_equal=same, ok=bool(errs) and max(errs) < tol and same)
+            except Exception as e:  # noqa: BLE001 - a failing backend is a failed row; the others still run
+                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
+            rows.append(row)
+            out(json.dumps(row))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     cmd, rest = parse_args(argv)
     if cmd == "repeat":
@@ -424,6 +497,13 @@ def main(argv: list[str]) -> int:
     if cmd == "schedule":
         print(json.dumps(schedule_stats(), indent=1))
         return 0
+    if cmd == "graphs":
+        rows = check_graphs(tuple(rest) or None)
+        bad = [r for r in rows if not r["ok"]]
+        ran = sum("skipped" not in r for r in rows)
+        print(f"graphs: {ran} runs captured and replayed, {len(bad)} failed"
+              + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
+        return 1 if bad else 0
     if cmd == "serving":
         rows = check_serving(tuple(rest) or SERVING_CHECK_BACKENDS)
         bad = [r for r in rows if not r["ok"]]

@@ -211,6 +211,93 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_rows(tmp_path, fa
     assert len(run_sweep(cfg)) == 2 * len(POINTS) and len(seen) == len(POINTS) - 3
 
 
+def _rows_per_pair_of(*files):
+    pairs = [pair for f in files for pair in zip(*[ResultStore(f).read()[c] for c in ("point_id", "backend")])]
+    return pd.Series(pairs, dtype=object).value_counts().to_dict(), files
+
+
+def _rows_per_pair(tmp_path):
+    """(point_id, backend) -> how many rows hold it, over every shard file of sweep `t`, as read from disk."""
+    files = sorted((tmp_path / "t").glob("cpu.shard*of3.csv"))
+    pairs = [pair for f in files for pair in zip(*[ResultStore(f).read()[c] for c in ("point_id", "backend")])]
+    return pd.Series(pairs, dtype=object).value_counts().to_dict(), files
+
+
+def test_a_killed_shard_resumes_with_nothing_lost_or_doubled(tmp_path, fake_registry):
+    """Three shards; shard 1 dies after 3 of its rows (a KeyboardInterrupt from inside a backend: a kill
+    between rows). Rerunning shard 1 runs exactly what it lacked: every (point, backend) of the sweep is
+    in exactly one shard file once, and the loader's merge of the shard files sees each once."""
+    points = POINTS + [dict(chunk_len=9, prefill_context_len=4, num_decode=2, decode_context_len=8),
+                       dict(chunk_len=0, num_decode=4, decode_context_len=11)]      # 7 points: 3/2/2
+    ran = []
+
+    def counted(batch):
+        ran.append(batch.spec)
+        return _correct(batch)
+
+    def dies_after(k):
+        def prepare(batch):
+            if len(ran) == k:
+                raise KeyboardInterrupt          # the shard's process is killed here
+            return counted(batch)
+        return prepare
+
+    fake_registry["a"], fake_registry["b"] = backend("a", prepare=counted), backend("b", prepare=counted)
+    for i in (0, 2):
+        run_sweep(sweep_cfg(tmp_path, points, ["a", "b"], shard=i, num_shards=3))
+    assert len(ran) == 2 * (3 + 2)
+    ran.clear()
+    fake_registry["b"] = backend("b", prepare=dies_after(3))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep_cfg(tmp_path, points, ["a", "b"], shard=1, num_shards=3))
+    assert len(ran) == 3
+    counts, _ = _rows_per_pair(tmp_path)
+    assert sum(counts.values()) == 10 + 3 and set(counts.values()) == {1}
+    before = load_results(tmp_path)
+
+    ran.clear()
+    fake_registry["b"] = backend("b", prepare=counted)
+    run_sweep(sweep_cfg(tmp_path, points, ["a", "b"], shard=1, num_shards=3))
+    assert len(ran) == 1                  # shard 1 holds 2 points: 4 rows, 3 kept, 1 run now
+    every = {(p.point_id, b) for p in expand_points(sweep_cfg(tmp_path, points, [])["sweep"], MODELS)
+             for b in ("a", "b")}
+    counts, files = _rows_per_pair(tmp_path)
+    assert len(files) == 3 and counts == {pair: 1 for pair in every}
+    merged = load_results(tmp_path)
+    assert len(merged) == len(every) and set(zip(merged.point_id, merged.backend)) == every
+    assert (merged.status == "ok").all()
+    kept = merged.merge(before, on=["point_id", "backend"], suffixes=("", "_before"))
+    assert len(kept) == len(before) and (kept.timestamp == kept.timestamp_before).all()   # not re-measured
+
+
+def test_a_shard_killed_inside_a_row_resumes_with_it_rerun(tmp_path, fake_registry):
+    """A shard killed while it wrote a row (SIGKILL, a lost node: the file ends inside the row) resumes:
+    the cut row runs again, not counted as done from its fragment, the next row is not glued to the
+    fragment, and another shard, which reads this file for resume, reads it. Cut anywhere: in a field,
+    inside a quoted field that holds a newline, between the row's \\r and \\n."""
+    reason = 'refused, "said"\nover two lines (test)'
+
+    def refuses(batch):
+        raise BackendUnavailable(reason)
+    fake_registry["a"], fake_registry["s"] = backend("a"), backend("s", prepare=refuses)
+    cfg = sweep_cfg(tmp_path, POINTS[:4], ["a", "s"], num_shards=2, shard=1)
+    run_sweep(cfg)
+    path = tmp_path / "t" / "cpu.shard1of2.csv"
+    whole = path.read_bytes()
+    start = whole.rfind(b"\n", 0, whole.rfind(b"refused")) + 1     # the last row: `s` on the last point
+    row = whole[start:]
+    assert row.endswith(b"\n") and reason.encode() in row.replace(b'""', b'"')
+    cuts = sorted({1, row.find(b",") + 1, row.find(b'"refused') + 4, row.find(b"\n") + 1,
+                   row.find(b"over") + 2, len(row) - 20, len(row) - 1})
+    for cut in cuts:
+        path.write_bytes(whole[:start + cut])
+        run_sweep({**cfg, "shard": 0})                  # a sibling shard reads the cut file for resume
+        df = run_sweep(cfg)
+        assert len(df) == 4 and not df.duplicated(["point_id", "backend"]).any(), (cut, df)
+        assert (df[df.backend == "s"].reason == reason).all() and (df.status != "").all(), cut
+        assert path.read_bytes().endswith(b"\n"), cut
+
+
 def test_statuses_skipped_error_oom_and_layout_fallback(tmp_path, fake_registry, monkeypatch):
     def boom(batch):
         raise RuntimeError("kernel exploded")

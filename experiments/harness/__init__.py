@@ -3,7 +3,7 @@
   sweep.py       the experiment: run_sweep(cfg) expands, shards, refuses, resumes, runs, appends, logs
   points.py      a sweep config's points (validated BatchSpecs), shards, point ids
   running.py     one point on each backend: checked against the fp32 reference, timed, one tidy row
-  timing.py      do_bench on a GPU, one wall-clock call on a CPU
+  timing.py      do_bench on a GPU, eager or through a CUDA graph; one wall-clock call on a CPU
   paths.py       the device of a run and the results file its rows go to
   results.py     the append-only row store with resume
   wandb_log.py   W&B logging

@@ -35,15 +35,29 @@ def resolve_device(name: str, shard_index: int = 0) -> torch.device:
     return device
 
 
+def shard_count(value: Any) -> int:
+    """`num_shards` as a count: a positive int as is; "gpus": one shard a CUDA GPU this process sees
+    (CUDA_VISIBLE_DEVICES applies), 1 on a machine without one. ValueError naming what it takes else.
+    Also the `shard_count` resolver of conf/attention.yaml: a multirun's shards are range(0, count)."""
+    if str(value).strip().lower() == "gpus":
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"num_shards={value!r} is invalid: a positive number of shards (1: no sharding) "
+                         "or gpus (one a CUDA GPU of this machine)")
+    return value
+
+
 def results_path(cfg: Mapping[str, Any], device: torch.device) -> tuple[Path, list[Path]]:
     """(file this run appends to, sibling files whose rows also count for resume).
 
-    Default: <results_dir>/<sweep>/<device>.csv, or <device>.shard<i>of<n>.csv under multirun.
+    Default: <results_dir>/<sweep>/<device>.csv, or <device>.shard<i>of<n>.csv under multirun; timed
+    through CUDA graphs (timing.cuda_graph), <device>.cuda_graph[.shard<i>of<n>].csv: the same (point,
+    backend) pairs as the eager rows, so a file of their own (resume counts only its own mode's rows).
     """
     if cfg.get("results_file"):
         path = Path(cfg["results_file"])
         return path, []
-    slug = device_slug(device)
+    slug = device_slug(device) + (".cuda_graph" if (cfg.get("timing") or {}).get("cuda_graph") else "")
     n = int(cfg.get("num_shards", 1))
     name = f"{slug}.csv" if n == 1 else f"{slug}.shard{int(cfg.get('shard', 0))}of{n}.csv"
     folder = Path(cfg.get("results_dir", "results")) / str(cfg["sweep"]["name"])

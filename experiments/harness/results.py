@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from experiments.harness.schema import ATTENTION_SCHEMA, append_row, empty_rows, read_rows, typed
+from experiments.harness.schema import ATTENTION_SCHEMA, append_row, drop_cut_row, empty_rows, read_rows, typed
 
 DONE_STATUSES = frozenset({"ok", "skipped"})
 
@@ -57,6 +57,11 @@ class ResultStore:
         except OSError as e:
             raise OSError(f"results file {self.path} is not writable ({e.strerror or e}); "
                           f"choose another folder with results_dir=<folder>") from None
+
+    def drop_cut_row(self) -> int:
+        """Before appending: drop a row a killed run left cut at the end of this file (it was not done;
+        the sweep runs it again). Returns the bytes dropped."""
+        return drop_cut_row(self.path)
 
     def compact(self) -> pd.DataFrame:
         """Rewrite the file keeping the last row of each (point_id, backend) (errors re-run later

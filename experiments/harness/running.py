@@ -9,8 +9,9 @@ Per (point, backend), `run_backend`:
      their fp32 references are built once per (point, layout) and shared by the backends;
   3. prepare (untimed plan work), one run, BOTH outputs checked against the fp32 reference
      (max_rel_error) on every timed point; a part the backend does not compute gets NaN;
-  4. timing of `run` only (experiments.harness.timing); on a CPU the checked call itself is the
-     (not meaningful) time;
+  4. timing of `run` only (experiments.harness.timing), eager or (timing.cuda_graph) replays of its
+     CUDA graph, whose first replay is checked too (the row keeps the worse error); on a CPU the
+     checked call itself is the (not meaningful) time;
   5. exceptions -> an "error" row with the exception text; torch.cuda.OutOfMemoryError -> "oom".
 `run_point` runs a point's backends grouped by layout and stops the sweep (CudaContextLost) when a
 backend left the CUDA context broken.
@@ -114,12 +115,12 @@ def base_row(point: Point, sweep: str, backend: str, spec: BatchSpec | None = No
         median_ms=math.nan, p20_ms=math.nan, p80_ms=math.nan, timing_meaningful=False,
         prefill_err=math.nan, decode_err=math.nan,
         prefill_flops=spec.prefill_flops(), decode_bytes=spec.decode_bytes(),
-        tflops=math.nan, gbps=math.nan, backend_config="{}", options="{}",
+        tflops=math.nan, gbps=math.nan, backend_config="{}", options="{}", cuda_graph=False,
     )
 
 
-def _check(out: AttentionOutput, ref: tuple[torch.Tensor, torch.Tensor], batch: HybridBatch,
-           backend: Backend) -> tuple[float, float]:
+def check_outputs(out: AttentionOutput, ref: tuple[torch.Tensor, torch.Tensor], batch: HybridBatch,
+                  backend: Backend) -> tuple[float, float]:
     """(prefill_err, decode_err): max rel error of each part the backend computes and the batch has."""
     errs = []
     for part, got, want in (("prefill", out.prefill, ref[0]), ("decode", out.decode, ref[1])):
@@ -135,16 +136,34 @@ def _check(out: AttentionOutput, ref: tuple[torch.Tensor, torch.Tensor], batch: 
     return errs[0], errs[1]
 
 
+def _worse(a: float, b: float) -> float:
+    """The larger error (inf: a non-finite output); NaN (the part is not computed) only when both are."""
+    if math.isnan(a) or math.isnan(b):
+        return b if math.isnan(a) else a
+    return max(a, b)
+
+
+def replay_check(row: dict[str, Any], ref: tuple[torch.Tensor, torch.Tensor], batch: HybridBatch,
+                 backend: Backend) -> Callable[[AttentionOutput], None]:
+    """check(out) for time_run under timing.cuda_graph: a graph replay's outputs against the reference,
+    the worse of its errors and the eager call's kept in `row`."""
+    def check(out: AttentionOutput) -> None:
+        errs = check_outputs(out, ref, batch, backend)
+        row["prefill_err"], row["decode_err"] = _worse(row["prefill_err"], errs[0]), _worse(row["decode_err"], errs[1])
+    return check
+
+
 def run_backend(point: Point, backend: Backend, batches: PointBatches, sweep: str,
                 timing: TimingConfig, fallback_page_size: int = 16,
                 options: BackendOptions = BackendOptions()) -> dict[str, Any]:
     """The result row of one backend on one point (never raises except KeyboardInterrupt/SystemExit)."""
-    row = {**base_row(point, sweep, backend.name), "options": _options_json(options)}
+    recorded = {"options": _options_json(options), "cuda_graph": timing.cuda_graph}
+    row = {**base_row(point, sweep, backend.name), **recorded}
     why = backend.availability()
     if why is not None:
         return {**row, "status": "skipped", "reason": why}
     spec = spec_for_backend(point.spec, backend, fallback_page_size)
-    row = {**base_row(point, sweep, backend.name, spec), "options": _options_json(options)}
+    row = {**base_row(point, sweep, backend.name, spec), **recorded}
     why = backend.unavailable_for(spec)
     if why is not None:
         return {**row, "status": "skipped", "reason": why}
@@ -161,10 +180,11 @@ def run_backend(point: Point, backend: Backend, batches: PointBatches, sweep: st
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
         first_ms = (time.perf_counter() - t0) * 1e3
-        row["prefill_err"], row["decode_err"] = _check(out, batches.reference(spec), batch, backend)
+        row["prefill_err"], row["decode_err"] = check_outputs(out, batches.reference(spec), batch, backend)
         del out
         if batch.device.type == "cuda":
-            med, p20, p80, meaningful = time_run(run, batch.device, timing)
+            check = replay_check(row, batches.reference(spec), batch, backend)
+            med, p20, p80, meaningful = time_run(run, batch.device, timing, check=check)
         else:  # CPU/interpreter: the checked call is the (not meaningful) timing; no second call
             med = p20 = p80 = first_ms
             meaningful = False

@@ -13,6 +13,8 @@ Attention (and kernel) rows, one per (point, backend), columns in this order (`A
   batch               BatchSpec.describe() of the spec that ran
   status              "ok" | "skipped" | "error" | "oom";  reason: why, for anything but ok
   median_ms, p20_ms, p80_ms, timing_meaningful  (timing_meaningful is False on CPU/interpreter)
+  cuda_graph          True: timed as replays of one CUDA graph of run(), whose first replay is checked
+                      too (timing.cuda_graph); False: eager calls
   prefill_err, decode_err   max relative error vs the fp32 reference (NaN: part not computed/absent)
   prefill_flops, decode_bytes, tflops, gbps     tflops = prefill_flops / median time and
                       gbps = decode_bytes / median time, both over the WHOLE run() time
@@ -24,11 +26,14 @@ Serving rows, one per (run config, backend): `SERVING_COLUMNS` (metrics: experim
 Ceiling rows, one per measurement: `CEILING_SCHEMA` (experiments/ceilings.py).
 
 Storage: CSV, appended one row at a time and flushed (`append_row`), so a run that dies half-way loses
-at most the row in flight; `read_rows` reads one file back with the column types below.
+at most the row in flight; `read_rows` reads one file back with the column types below, up to its last
+complete row (a row cut by a kill, or one another process is writing, is not read; `drop_cut_row` drops
+it from the file before rows are appended after it).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -49,7 +54,7 @@ ATTENTION_SCHEMA: dict[str, str] = {
     "num_prefill": INT, "chunk_len": INT, "prefill_context_len": INT,
     "num_decode": INT, "decode_context_len": INT,
     "batch": STR, "status": STR, "reason": STR,
-    "median_ms": FLOAT, "p20_ms": FLOAT, "p80_ms": FLOAT, "timing_meaningful": BOOL,
+    "median_ms": FLOAT, "p20_ms": FLOAT, "p80_ms": FLOAT, "timing_meaningful": BOOL, "cuda_graph": BOOL,
     "prefill_err": FLOAT, "decode_err": FLOAT,
     "prefill_flops": INT, "decode_bytes": INT, "tflops": FLOAT, "gbps": FLOAT,
     "backend_config": STR, "options": STR,
@@ -105,7 +110,9 @@ def _cell(v: Any) -> Any:
 
 def append_row(path: str | os.PathLike, row: Mapping[str, Any], schema: Mapping[str, str]) -> None:
     """Append one row to a CSV with the schema's columns (header written with the first row), flushed
-    to disk. A column outside the schema is a KeyError."""
+    to disk. A file written under an older schema (its header lacks a column added since) is rewritten
+    under this one first: its rows keep their values, the new columns stay empty, and the new row's cells
+    land under their own names. A column outside the schema is a KeyError."""
     columns = tuple(schema)
     unknown = set(row) - set(columns)
     if unknown:
@@ -113,6 +120,13 @@ def append_row(path: str | os.PathLike, row: Mapping[str, Any], schema: Mapping[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = tuple(next(csv.reader(f), ()))
+        if header[:len(columns)] != columns:
+            tmp = path.with_suffix(".schema.tmp")
+            read_rows(path, schema).to_csv(tmp, index=False)
+            tmp.replace(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         if new:
@@ -120,6 +134,34 @@ def append_row(path: str | os.PathLike, row: Mapping[str, Any], schema: Mapping[
         w.writerow({c: _cell(row.get(c)) for c in columns})
         f.flush()
         os.fsync(f.fileno())
+
+
+def complete_length(data: bytes) -> int:
+    """Bytes of CSV `data` up to the end of its last complete row: a row ends at a newline outside quotes.
+    CSV doubles a quote inside a quoted field, so a byte lies outside quotes exactly when the quotes
+    before it are even."""
+    end = len(data)
+    while (newline := data.rfind(b"\n", 0, end)) >= 0:
+        if data.count(b'"', 0, newline) % 2 == 0:
+            return newline + 1
+        end = newline
+    return 0
+
+
+def drop_cut_row(path: str | os.PathLike) -> int:
+    """Truncate a CSV file to its last complete row (a kill can cut the row being written; rows appended
+    after a fragment would be glued to it). Returns the bytes dropped (0: the file was whole or absent)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = complete_length(data)
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return len(data) - keep
 
 
 _BOOL_CELLS = {"True": True, "False": False, "true": True, "false": False, "1": True, "0": False,
@@ -145,11 +187,15 @@ def typed(df: pd.DataFrame, schema: Mapping[str, str]) -> pd.DataFrame:
 
 
 def read_rows(path: str | os.PathLike, schema: Mapping[str, str] = ATTENTION_SCHEMA) -> pd.DataFrame:
-    """One CSV or Parquet file of rows, typed by `schema`."""
+    """One CSV or Parquet file of rows, typed by `schema` (a CSV up to its last complete row)."""
     path = Path(path)
     if path.suffix == ".parquet":
         return typed(pd.read_parquet(path), schema)
-    return typed(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]), schema)
+    data = path.read_bytes()
+    data = data[:complete_length(data)]
+    if not data:
+        return empty_rows(schema)
+    return typed(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[""]), schema)
 
 
 def empty_rows(schema: Mapping[str, str] = ATTENTION_SCHEMA) -> pd.DataFrame:

@@ -9,14 +9,15 @@ Library code behind `experiments/attention.py` (the Hydra entry point) and `expe
 The parts it is made of, each its own module:
   points.py    sweep config -> Points (validated BatchSpecs), shards
   running.py   one point on each backend: the batch in its layout, prepare, checked run, timed
-  timing.py    do_bench on a GPU, one wall-clock call on a CPU
+  timing.py    do_bench on a GPU, eager or through a CUDA graph; one wall-clock call on a CPU
   paths.py     the device of a run and the results file its rows go to
   results.py   the append-only row store (resume)
   wandb_log.py W&B logging
   summary.py   rows over the error threshold, status counts
 Before the first point, `run_sweep` refuses in one line what cannot run: an invalid value (a point's
-field, num_shards, shard, cpu_max_kv_tokens, a device this machine lacks), an unknown backend name (the
-registered names listed), a GPU sweep or a GPU-sized point on a CPU, an unwritable results file. Ctrl-C stops with
+field, num_shards, shard, cpu_max_kv_tokens, timing, a device this machine lacks), an unknown backend name
+(the registered names listed), a GPU sweep, a GPU-sized point or CUDA-graph timing on a CPU, an unwritable
+results file. Ctrl-C stops with
 `SweepInterrupted` (rows already appended stay, a restart resumes after them).
 """
 from __future__ import annotations
@@ -28,10 +29,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
+from hydra.errors import CompactHydraException
 
 from baselines.registry import Backend, BackendOptions, UnknownBackend, list_backends
 from experiments.cli import command
-from experiments.harness.paths import resolve_device, results_path
+from experiments.harness.paths import resolve_device, results_path, shard_count
 from experiments.harness.points import Point, expand_points, kv_tokens, shard, to_container
 from experiments.harness.provenance import device_slug, provenance
 from experiments.harness.results import ResultStore
@@ -55,6 +57,12 @@ def backends_by_name(names: Iterable[str]) -> list[Backend]:
 class SweepRefused(ValueError):
     """A sweep that cannot run as configured (said in one line before the first point): an invalid
     value (the message names the key), a GPU sweep on a CPU, a device this machine lacks."""
+
+
+class ShardFailed(CompactHydraException):
+    """A job of a multirun (one shard) that ended with a non-zero status. Raised, not sys.exit: Hydra
+    records it as that job's failure and the launcher lets the other shards finish (a SystemExit in a
+    joblib worker would abort them mid-row); the multirun then ends with its message, one line."""
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -98,7 +106,10 @@ def _count(c: Mapping[str, Any], key: str, default: int, least: int, what: str) 
 
 def _run_settings(c: Mapping[str, Any]) -> tuple[int, int, int, torch.device]:
     """(shard, num_shards, cpu_max_kv_tokens, device) of a config, each checked with a message naming it."""
-    num_shards = _count(c, "num_shards", 1, 1, "a positive number of shards (1: no sharding)")
+    try:
+        num_shards = shard_count(c.get("num_shards", 1))
+    except ValueError as e:
+        raise SweepRefused(str(e)) from None
     shard_index = _count(c, "shard", 0, 0, f"one of 0..{num_shards - 1} (num_shards={num_shards})")
     if shard_index >= num_shards:
         raise SweepRefused(f"shard={shard_index} is invalid: one of 0..{num_shards - 1} (num_shards={num_shards})")
@@ -123,7 +134,7 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
 
     Keys: sweep {name, base, grids, points}, models {name: {num_q_heads, num_kv_heads, head_dim}},
     model (optional, added to models under its `name`), backend {names}, backend_options, device,
-    seed, timing {warmup_ms, rep_ms}, fallback_page_size, results_dir, results_file, shard, num_shards,
+    seed, timing {warmup_ms, rep_ms, cuda_graph}, fallback_page_size, results_dir, results_file, shard, num_shards,
     rerun_errors, error_threshold, progress, interpret, cpu_max_kv_tokens,
     wandb {enabled, project, mode, dir, tags} (conf/attention.yaml documents each). Returns every row
     of this run's results file (earlier runs' rows included).
@@ -136,6 +147,7 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     full_cfg = to_container(cfg)
     c = dict(full_cfg)
     shard_index, num_shards, cpu_limit, device = _run_settings(c)
+    c["num_shards"] = num_shards          # `gpus` as the count it stands for (the results file's name)
     sweep_name = str(c["sweep"]["name"])
     models = dict(c.get("models") or {})
     if c.get("model"):   # the `model` group's choice is always known by its name
@@ -143,8 +155,12 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     try:   # a value BatchSpec (or the harness) refuses: one line naming the field, not a traceback
         points = shard(expand_points(c["sweep"], models), shard_index, num_shards)
         options = BackendOptions.from_config(c.get("backend_options"))
+        timing = TimingConfig.from_config(c.get("timing"))
     except ValueError as e:
         raise SweepRefused(f"sweep={sweep_name}: {e}") from None
+    if timing.cuda_graph and device.type != "cuda":
+        raise SweepRefused(f"timing.cuda_graph=true times replays of CUDA graphs, which need a CUDA GPU "
+                           f"(device={device} here); on this CPU leave it false")
     refuse_on_cpu(c["sweep"], points, device, cpu_limit)
     _setup_interpreter(c, device)
     if device.type == "cuda":
@@ -154,8 +170,9 @@ def run_sweep(cfg: Any) -> pd.DataFrame:
     path, siblings = results_path(c, device)
     store = ResultStore(path, siblings)
     store.check_writable()
+    if store.drop_cut_row():
+        print(f"[harness] {path}: its last row was cut (a killed run); dropped, it runs again", file=sys.stderr)
     done = store.done(rerun_errors=bool(c.get("rerun_errors", False)))
-    timing = TimingConfig(**(c.get("timing") or {}))
     seed = int(c.get("seed", 0))
     fallback_page = int(c.get("fallback_page_size", 16))
 
