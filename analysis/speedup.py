@@ -23,7 +23,7 @@ import pandas as pd
 # The serial paths a fused kernel must beat; the fastest of those usable at a point is its reference.
 SERIAL_BACKENDS = ("triton_serial", "fi_serial", "fa2_serial")
 # Our fused backends ("ours"): each is compared with the fastest serial path and with fi_pod.
-OUR_FUSED_BACKENDS = ("pod", "pod_sm90", "pod_paper", "pod_persistent")
+OUR_FUSED_BACKENDS = ("pod", "pod_sm90", "pod_paper")
 POD_BASELINE = "fi_pod"
 # Max relative error vs the fp32 reference above which an output counts as wrong.
 ERROR_TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2}

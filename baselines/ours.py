@@ -3,8 +3,8 @@
   reference                         fp32 PyTorch (ground truth)
   triton_prefill, triton_decode     the standalone Triton kernels (pod.kernels.prefill / decode)
   triton_serial                     the two back to back (two launches)
-  pod, pod_paper, pod_persistent    the fused kernel (pod.api): the dispatcher's config (or a named
-                                    pod_config), the paper's scheme, the persistent workers
+  pod, pod_paper                    the fused kernel (pod.api): the dispatcher's config (or a named
+                                    pod_config), the paper's scheme
 
 Every prepare does the plan (shape-only, untimed) and binds the launch arguments once; the returned
 `run` only launches. Off the GPU they run in Triton's interpreter (TRITON_INTERPRET=1).
@@ -18,7 +18,7 @@ import torch
 from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
 from pod.api import Plan, plan
 from pod.batch import HybridBatch
-from pod.dispatch import PodConfig, decode_kv_splits
+from pod.dispatch import PodConfig
 from pod.env import device_num_sms, interpreting
 from pod.kernels.configs import DECODE_CONFIGS, POD_CONFIGS, pod_autotune_candidates
 from pod.kernels.contract import KernelWork
@@ -170,12 +170,9 @@ def prepare_pod(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
         raise ValueError(f"backend_options.pod_config={options.pod_config!r} unknown; "
                          f"named configs: {sorted(POD_CONFIGS)}")
     config = POD_CONFIGS[options.pod_config]
-    if config is not None and config.variant == "persistent":
-        _refuse_persistent_on_gpu(options)
     cands = None
     if options.pod_autotune and config is None:
-        cands = pod_autotune_candidates(batch.spec, device_num_sms(batch.device),
-                                        allow_persistent=options.allow_persistent)
+        cands = pod_autotune_candidates(batch.spec, device_num_sms(batch.device))
     return _prepare_pod(batch, config, cands)
 
 
@@ -183,25 +180,6 @@ def prepare_pod(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
                   description="POD fused, the paper's scheme: one tile per CTA, 2 CTAs/SM, 1:1 roles")
 def prepare_pod_paper(batch: HybridBatch):
     return _prepare_pod(batch, POD_CONFIGS["paper"])
-
-
-def _refuse_persistent_on_gpu(options: BackendOptions) -> None:
-    """The persistent variant is right in the interpreter but not yet on the GPU: on the H100 it left
-    output rows unwritten on a small batch and did not finish within 45 s on a large one
-    (docs/h100_notes.md). It refuses a GPU (a skipped row, not a hang) unless allow_persistent."""
-    if not interpreting() and not options.allow_persistent:
-        raise BackendUnavailable("the persistent POD variant is disabled on GPUs: wrong output and a hang "
-                                 "on the H100 (docs/h100_notes.md); backend_options.allow_persistent=true "
-                                 "to debug it")
-
-
-@register_backend("pod_persistent", availability=triton_available,
-                  description="POD fused, persistent work-stealing workers (ctas_per_sm x SMs)")
-def prepare_pod_persistent(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
-    _refuse_persistent_on_gpu(options)
-    cfg = POD_CONFIGS["persistent"]
-    cfg = replace(cfg, kv_splits=decode_kv_splits(batch.spec, device_num_sms(batch.device), cfg.block_n_decode))
-    return _prepare_pod(batch, cfg)
 
 
 # -- the Hopper POD kernel (pod/kernels/pod_sm90.py) ------------------------------------------------------

@@ -195,7 +195,7 @@ def test_the_graphs_check_is_registered_and_refused_on_a_cpu_in_one_line(monkeyp
     assert gpu_checks.parse_args(["graphs"]) == ("graphs", [])
     assert gpu_checks.parse_args(["graphs", "pod", "triton_serial"]) == ("graphs", ["pod", "triton_serial"])
     assert "gpu_checks graphs" in gpu_checks.__doc__
-    assert set(gpu_checks.our_gpu_backends()) == {"pod", "pod_paper", "pod_persistent", "pod_sm90",
+    assert set(gpu_checks.our_gpu_backends()) == {"pod", "pod_paper", "pod_sm90",
                                                  "triton_prefill", "triton_decode", "triton_serial"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:

@@ -122,7 +122,7 @@ def test_our_kernels_on_a_cpu_say_how_to_run_them(monkeypatch):
     from baselines.registry import get_backend
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("triton_prefill", "triton_decode", "triton_serial", "pod", "pod_paper", "pod_persistent"):
+    for name in ("triton_prefill", "triton_decode", "triton_serial", "pod", "pod_paper"):
         why = get_backend(name).availability()
         assert why is not None and "TRITON_INTERPRET=1" in why and "needs a CUDA GPU" not in why, (name, why)
     assert "GPU only" in get_backend("fa2_serial").availability()

@@ -174,11 +174,11 @@ def test_plan():
 def test_backends_registered_and_correct():
     from baselines.registry import get_backend, list_backends
     names = list_backends()
-    assert {"pod", "pod_paper", "pod_persistent"} <= set(names)
+    assert {"pod", "pod_paper"} <= set(names)
     spec = BatchSpec.build(2, 1, 64, prefill=[(20, 5)], decode=[40, 9], page_size=16)
     batch = make_batch(spec, "cpu", seed=5)
     ref_p, ref_d = reference(batch)
-    for name in ("pod", "pod_paper", "pod_persistent"):
+    for name in ("pod", "pod_paper"):
         fn = get_backend(name).prepare(batch)
         json.dumps(fn.backend_config)
         o = fn()
@@ -204,15 +204,15 @@ def test_autotune_picks_the_fastest_candidate():
     from baselines.ours import autotune_config
     from pod.kernels.configs import pod_autotune_candidates as autotune_candidates
     spec = BatchSpec.build(2, 1, 64, prefill=[(20, 5)], decode=[40, 9])
-    assert "persistent" not in autotune_candidates(spec, num_sms=3, allow_persistent=False)
     cands = autotune_candidates(spec, num_sms=3)
-    assert {"dispatcher", "serial", "persistent", "fused_4w_m64"} <= set(cands)
+    assert {"dispatcher", "serial", "fused_4w_m64", "fused_flip_occupancy"} <= set(cands)
     small = {k: replace(v, **{f: SMALL[f] for f in ("block_m", "block_n", "block_n_decode", "num_sms")})
-             for k, v in cands.items() if k in ("fused", "persistent", "serial")}
+             for k, v in cands.items() if k in ("fused", "fused_flip_occupancy", "serial")}
     batch = make_batch(spec, "cpu", seed=8)
     fake_ms = iter([3.0, 1.0, 2.0])
     cfg, timings = autotune_config(batch, small, timer=lambda fn: (fn(), next(fake_ms))[1])
-    assert timings == {"fused": 3.0, "persistent": 1.0, "serial": 2.0} and cfg.variant == "persistent"
+    assert timings == {"fused": 3.0, "fused_flip_occupancy": 1.0, "serial": 2.0}
+    assert cfg == small["fused_flip_occupancy"] and cfg.occupancy_roles != small["fused"].occupancy_roles
     only_decode = autotune_candidates(BatchSpec.build(2, 1, 64, decode=[40]), num_sms=3)
     assert set(only_decode) == {"dispatcher", "serial"}
 

@@ -143,7 +143,6 @@ POD_CONFIGS: dict[str, PodConfig | None] = {
     # The paper's scheme: one tile per CTA, 2 CTAs per SM, 1:1 alternating roles, no KV split.
     "paper": PodConfig(variant="fused", ctas_per_sm=2, policy="alternating", kv_splits=1,
                        occupancy_roles=False),
-    "persistent": PodConfig(variant="persistent"),
     "serial": PodConfig(variant="serial"),
     "fused_plain": PodConfig(variant="fused", kv_splits=1, occupancy_roles=False, num_stages=2),
     "fused_occupancy": PodConfig(variant="fused", kv_splits=1, occupancy_roles=True),
@@ -170,10 +169,9 @@ POD_RESOURCE_CANDIDATES = ("8w_m128_n32", "8w_m128_n32_s3", "8w_m128_n64", "8w_m
                            "4w_m64_n64", "4w_m64_n64_s3")
 
 
-def pod_autotune_candidates(spec: BatchSpec, num_sms: int, allow_persistent: bool = True
-                            ) -> dict[str, PodConfig]:
+def pod_autotune_candidates(spec: BatchSpec, num_sms: int) -> dict[str, PodConfig]:
     """What the `pod` backend times with backend_options.pod_autotune=true: the dispatcher's choice, its
-    neighbours in the knobs measured least (tile shape, variant, occupancy roles), and serial. Few on
+    neighbours in the knobs measured least (tile shape, occupancy roles), and serial. Few on
     purpose: each distinct set of tile constexprs is one more compile (cached across batches)."""
     chosen = choose_config(spec, num_sms)
     fused = chosen if chosen.variant != "serial" else replace(
@@ -181,11 +179,8 @@ def pod_autotune_candidates(spec: BatchSpec, num_sms: int, allow_persistent: boo
     cands = {"dispatcher": chosen,
              "fused": fused,
              "fused_4w_m64": replace(fused, num_warps=4, block_m=64, block_n=64),
-             "persistent": replace(fused, variant="persistent"),
              "fused_flip_occupancy": replace(fused, occupancy_roles=not fused.occupancy_roles),
              "serial": replace(chosen, variant="serial")}
     if not (spec.num_prefill and spec.num_decode):
         cands = {k: v for k, v in cands.items() if k in ("dispatcher", "serial")}
-    if not allow_persistent:
-        cands.pop("persistent", None)
     return cands
