@@ -1,10 +1,10 @@
 """Checks of the fused POD kernel that need (or are about) the real GPU, beyond what the harness
 checks per point (output vs the fp32 reference, timing). Entry points for the H100:
 
-    python -m experiments.gpu_checks repeat        # (a) 50 launches of each variant: bit-identical outputs,
+    python -m experiments.gpu_checks repeat        # (a) 50 launches of each config: bit-identical outputs,
                                            #     right vs the fp32 reference, counters zero after each
-    compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize   # (b) tiny batch, every
-    compute-sanitizer --tool memcheck  python -m experiments.gpu_checks sanitize   #     variant, one launch
+    compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize   # (b) tiny batch, the
+    compute-sanitizer --tool memcheck  python -m experiments.gpu_checks sanitize   #     fused kernel, one launch
     compute-sanitizer --tool synccheck python -m experiments.gpu_checks sanitize
     compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize_sm90  # (b') the same for the
                                            #     Hopper kernels (prefill tile, POD on Hopper)
@@ -65,7 +65,7 @@ def _cuda(what: str = "this check", offline: bool = True):
 
 
 def check_repeatable(spec: BatchSpec = SMALL, launches: int = 50, configs: dict | None = None) -> dict:
-    """(a) Every variant: `launches` runs of one plan on one batch give bit-identical outputs (a
+    """(a) Every config: `launches` runs of one plan on one batch give bit-identical outputs (a
     scheduling race, a stale counter or a lost merge would show as a difference or NaN), the first is
     right against the fp32 reference, and the counter workspace is all zeros after the runs."""
     from pod.api import plan
@@ -73,9 +73,7 @@ def check_repeatable(spec: BatchSpec = SMALL, launches: int = 50, configs: dict 
     dev = _cuda()
     batch = make_batch(spec, dev, seed=0)
     ref_p, ref_d = reference(batch)
-    configs = configs or {"fused": PodConfig(variant="fused", kv_splits=4),
-                          "persistent": PodConfig(variant="persistent", kv_splits=4),
-                          "dispatcher": None}
+    configs = configs or {"fused": PodConfig(variant="fused", kv_splits=4), "dispatcher": None}
     report = {}
     for name, cfg in configs.items():
         p = plan(batch, cfg)
@@ -100,7 +98,7 @@ def check_repeatable(spec: BatchSpec = SMALL, launches: int = 50, configs: dict 
 
 
 def sanitize_smoke() -> None:
-    """(b) One launch of each variant on a tiny batch (split decodes, paged and contiguous), then a
+    """(b) One launch of the fused kernel on a tiny batch (split decodes, paged and contiguous), then a
     sync: small enough for compute-sanitizer's racecheck / memcheck / synccheck."""
     from pod.api import run, plan
     dev = _cuda()
@@ -108,10 +106,8 @@ def sanitize_smoke() -> None:
         spec = BatchSpec.build(8, 2, 128, prefill=[(70, 50)], decode=[200, 33, 129],
                                page_size=page_size)
         batch = make_batch(spec, dev, seed=1)
-        for variant in ("fused", "persistent"):
-            p = plan(batch, PodConfig(variant=variant, kv_splits=3, num_sms=4, ctas_per_sm=2))
-            run(p, batch)
-            torch.cuda.synchronize()
+        run(plan(batch, PodConfig(variant="fused", kv_splits=3, num_sms=4, ctas_per_sm=2)), batch)
+        torch.cuda.synchronize()
     print("sanitize smoke: done")
 
 
@@ -168,16 +164,14 @@ def resources(spec: BatchSpec = ORIENTATION, configs: dict | None = None) -> dic
     batch = make_batch(spec, dev, seed=0)
     out = {}
     for name, cfg in (configs or CANDIDATES).items():
-        for variant in ("fused", "persistent"):
-            p = plan(batch, replace(cfg, variant=variant))
-            o = batch.empty_outputs()
-            k = fused_launcher(p, batch, *o, p.launches[0])()
-            k._init_handles()
-            nw = k.metadata.num_warps
-            out[f"{name}/{variant}"] = dict(
-                n_regs=k.n_regs, n_spills=k.n_spills, shared=k.metadata.shared, num_warps=nw,
-                maxnreg=p.config.resolved_maxnreg(),
-                max_ctas_per_sm=max_ctas_per_sm(k.n_regs, k.metadata.shared, nw))
+        p = plan(batch, cfg)
+        o = batch.empty_outputs()
+        k = fused_launcher(p, batch, *o, p.launches[0])()
+        k._init_handles()
+        nw = k.metadata.num_warps
+        out[name] = dict(n_regs=k.n_regs, n_spills=k.n_spills, shared=k.metadata.shared, num_warps=nw,
+                         maxnreg=p.config.resolved_maxnreg(),
+                         max_ctas_per_sm=max_ctas_per_sm(k.n_regs, k.metadata.shared, nw))
     torch.cuda.synchronize()
     return out
 
@@ -186,15 +180,12 @@ def offline_resources(configs: dict | None = None, page_size: int | None = 16,
                       head_dim: int = 128) -> dict:
     """(c') Without a GPU: compile the fused kernel for sm_90 as a launch on a Llama-3-8B-shaped batch
     would specialise it (pod.api.sm90_report: Triton's compiler, then the bundled ptxas -v)
-    and report registers, spills, shared memory and the CTAs per SM they allow, per candidate config
-    and variant. Run in a process without TRITON_INTERPRET (the kernel must be a compiled JITFunction)."""
+    and report registers, spills, shared memory and the CTAs per SM they allow, per candidate config.
+    Run in a process without TRITON_INTERPRET (the kernel must be a compiled JITFunction)."""
     from pod.api import sm90_report
     spec = BatchSpec.build(32, 8, head_dim, prefill=[(300, 700)], decode=[1000, 513], page_size=page_size)
     out = {}
-    for name, cfg in (configs or CANDIDATES).items():
-        for variant in ("fused", "persistent"):
-            out[f"{name}/{variant}"] = sm90_report(replace(cfg, variant=variant), spec)
-    return out
+    return {name: sm90_report(cfg, spec) for name, cfg in (configs or CANDIDATES).items()}
 
 
 # Ragged chunk sets (chunk_len, context_len), none a multiple of a tile or a page: one of 1 row, GQA 4 and 8,

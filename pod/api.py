@@ -11,7 +11,7 @@ workspace, the role policy, the grid, and the int32 counter workspace (zeros; th
 zeroed after every launch). `run` only launches: no host sync, no allocation but the outputs.
 A Plan is a KernelWork (pod/kernels/contract.py), as the standalone kernels' plans it holds are.
 
-The backends `pod`, `pod_paper` and `pod_persistent` (baselines/ours.py) are thin adapters over this API.
+The backends `pod` and `pod_paper` (baselines/ours.py) are thin adapters over this API.
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ class Launch:
     n_prefill_tiles: int
     n_decode_tiles: int
     grid: int
-    persistent: bool
 
 
 @dataclass
@@ -59,7 +58,7 @@ class Plan:
     counters: torch.Tensor             # int32 [COUNTER_WORDS] scheduling counters (zeros between runs)
     prefill_share: int                 # role policy: prefill_share of every policy_period SM arrival slots
     policy_period: int
-    launches: tuple[Launch, ...]       # fused/persistent: one; serial: none (standalone kernels)
+    launches: tuple[Launch, ...]       # fused: one; serial: none (standalone kernels)
 
     @property
     def n_prefill_tiles(self) -> int:
@@ -71,7 +70,7 @@ class Plan:
 
     @property
     def num_tiles(self) -> int:
-        """Work tiles of both roles (fused: one CTA each; persistent: claimed by the grid's workers)."""
+        """Work tiles of both roles (fused: one CTA each)."""
         return self.n_prefill_tiles + self.n_decode_tiles
 
     def describe(self) -> dict:
@@ -113,7 +112,7 @@ class Plan:
 def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None, *,
          device: str | torch.device | None = None, **overrides) -> Plan:
     """Shape-only work for a batch. `config=None` lets the dispatcher choose; keyword overrides
-    (e.g. kv_splits=4, variant="persistent") apply on top of the chosen or given config."""
+    (e.g. kv_splits=4, variant="serial") apply on top of the chosen or given config."""
     spec, device = unpack_batch_or_spec(batch_or_spec, device)
     base = config or PodConfig()
     num_sms = base.num_sms or device_num_sms(device)
@@ -138,9 +137,7 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
                           num_warps=config.num_warps, num_stages=stages, fuse_merge=True,
                           device=device)
         n_p, n_d = pre.num_tiles, dec.num_tiles
-        persistent = config.variant == "persistent"
-        grid = min(config.ctas_per_sm * num_sms, n_p + n_d) if persistent else n_p + n_d
-        launches = (Launch(n_p > 0, n_d > 0, n_p, n_d, grid, persistent),)
+        launches = (Launch(n_p > 0, n_d > 0, n_p, n_d, n_p + n_d),)
     share, period = role_policy(spec, config)
     return Plan(spec=spec, config=config, device=device, num_sms=num_sms,
                 simulate_smid=_simulate_smid(device), prefill=pre, decode=dec,
@@ -172,9 +169,8 @@ def fused_launch_args(p: Plan, batch: HybridBatch, o_prefill: torch.Tensor, o_de
             p.config.ctas_per_sm, p.num_sms, trace if trace is not None else p.counters)
     kwargs = dict(P_CONST=tuple(p_const[k] for k in PREFILL_TILE_CONSTEXPRS),
                   D_CONST=tuple(d_const[k] for k in DECODE_TILE_CONSTEXPRS),
-                  HAS_PREFILL=l.has_prefill, HAS_DECODE=l.has_decode, PERSISTENT=l.persistent,
-                  OCCUPANCY_ROLES=p.config.occupancy_roles and not l.persistent
-                  and l.has_prefill and l.has_decode,
+                  HAS_PREFILL=l.has_prefill, HAS_DECODE=l.has_decode,
+                  OCCUPANCY_ROLES=p.config.occupancy_roles and l.has_prefill and l.has_decode,
                   SIMULATE_SMID=p.simulate_smid, TRACE=trace is not None,
                   **_launch_kwargs(p.config, p.spec.paged))
     return args, kwargs

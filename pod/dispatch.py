@@ -1,7 +1,7 @@
 """The dispatcher: from a batch's shape, pick how POD runs it (see docs/dispatcher.md).
 
 `choose_config(spec, num_sms, prefill_kernel=...)` returns a `PodConfig`: the variant (fused
-one-tile-per-CTA, persistent, or serial = prefill launch then decode launch), CTAs per SM, the
+one-tile-per-CTA, or serial = prefill launch then decode launch), CTAs per SM, the
 prefill:decode role policy, tile sizes and the decode KV-split count. It is a pure function of the shape
 and of the facts it is handed by name (the SM count, which prefill kernel pod.prefill would run): no
 device query, no timing, so `plan()` can call it and tests can check it.
@@ -32,7 +32,7 @@ POLICY_PERIOD = 8             # proportional shares are k/POLICY_PERIOD, k in 1.
 OCCUPANCY_ROLES = True        # after the first ctas_per_sm arrivals, role by what runs on the SM (not
                               # the paper: pod_paper turns it off)
 # ---- occupancy -------------------------------------------------------------------------------------------
-CTAS_PER_SM = 2               # scheduling slots per SM (persistent grid = CTAS_PER_SM x #SMs)
+CTAS_PER_SM = 2               # scheduling slots per SM (the arrivals that take their role from the slot)
 RESIDENT_CTAS_PER_SM = 2      # a prefill and a decode CTA must be co-resident: cap registers for this many
 REGISTERS_PER_SM = 65536      # sm_80 / sm_90
 CONTIGUOUS_NUM_STAGES = 3     # software-pipeline depth of both roles' KV loops (64 KB smem at D=128)
@@ -41,11 +41,8 @@ PAGED_NUM_STAGES = 5          # (82 KB smem at D=128: still 2 CTAs per SM)
 DECODE_CTAS_PER_SM_TARGET = 2 # split decode KV until #decode tiles >= this x #SMs ...
 MIN_SPLIT_TOKENS = 512        # ... but never below this many keys per split ...
 MAX_KV_SPLITS = 16            # ... nor more splits than this per request
-# ---- variant ---------------------------------------------------------------------------------------------
-PERSISTENT_ABOVE_WAVES = 1e9  # use the persistent variant when #tiles > this x (ctas_per_sm x #SMs)
-                              # (off until measured: the paper's one-tile-per-CTA scheme is the default)
 
-VARIANTS = ("fused", "persistent", "serial")
+VARIANTS = ("fused", "serial")
 POLICIES = ("alternating", "proportional")
 PREFILL_KERNELS = ("portable", "sm90")   # pod.prefill.resolve_prefill_kernel's answers
 
@@ -54,8 +51,8 @@ PREFILL_KERNELS = ("portable", "sm90")   # pod.prefill.resolve_prefill_kernel's 
 class PodConfig:
     """Knobs of one POD launch. `plan()` fills the `None`s from the batch shape via `choose_config`."""
 
-    variant: str = "fused"               # fused | persistent | serial
-    ctas_per_sm: int = CTAS_PER_SM       # scheduling slots per SM (persistent grid = ctas_per_sm x SMs)
+    variant: str = "fused"               # fused | serial
+    ctas_per_sm: int = CTAS_PER_SM       # scheduling slots per SM (occupancy roles: the first arrivals)
     policy: str = "alternating"          # alternating (1:1) | proportional (share of estimated time)
     prefill_share: int | None = None     # explicit policy: prefill gets prefill_share of policy_period
     policy_period: int | None = None     #   arrival slots on every SM (overrides `policy`)
@@ -178,9 +175,4 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     # 3. both roles matter: fuse. Policy by imbalance of the estimated times.
     ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
     policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"
-    n_prefill_tiles = sum(math.ceil(c.chunk_len / base.block_m) for c in spec.prefill_chunks) \
-        * spec.heads.num_q_heads
-    n_decode_tiles = spec.num_decode * spec.heads.num_kv_heads * splits
-    waves = (n_prefill_tiles + n_decode_tiles) / (CTAS_PER_SM * num_sms)
-    variant = "persistent" if waves > PERSISTENT_ABOVE_WAVES else "fused"
-    return replace(base, variant=variant, ctas_per_sm=CTAS_PER_SM, policy=policy, kv_splits=splits)
+    return replace(base, variant="fused", ctas_per_sm=CTAS_PER_SM, policy=policy, kv_splits=splits)

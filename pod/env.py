@@ -14,7 +14,7 @@ import torch
 from pod.batch import BatchSpec, HybridBatch
 
 # SMs the interpreter (or a CPU device) pretends to have: CTA i "runs" on SM i % SIMULATED_NUM_SMS, and
-# the plans size their grids (decode splits, persistent workers) for this many SMs.
+# the plans size their grids (decode splits, the Hopper POD kernel's one CTA an SM) for this many SMs.
 SIMULATED_NUM_SMS = 4
 
 

@@ -42,14 +42,14 @@ CASES = [
     ("mixed-paged1-gqa1",
      dict(num_q_heads=2, num_kv_heads=2, head_dim=64, prefill=[(18, 7)], decode=[9, 23], page_size=1),
      dict(kv_splits=2)),
-    ("mixed-paged4-persistent-4ctas-proportional",
+    ("mixed-paged4-4ctas-proportional",
      dict(num_q_heads=4, num_kv_heads=1, head_dim=64, prefill=[(33, 15), (3, 50)], decode=[40, 17, 90],
           page_size=4),
-     dict(variant="persistent", ctas_per_sm=4, policy="proportional", kv_splits=4)),
-    ("mixed-paged64-persistent-fp16-d128",
+     dict(ctas_per_sm=4, policy="proportional", kv_splits=4)),
+    ("mixed-paged64-fp16-d128",
      dict(num_q_heads=4, num_kv_heads=2, head_dim=128, prefill=[(21, 80)], decode=[100, 3],
           dtype="float16", page_size=64),
-     dict(variant="persistent", ctas_per_sm=2, kv_splits=3)),
+     dict(ctas_per_sm=2, kv_splits=3)),
     ("only-prefill-paged8",
      dict(num_q_heads=4, num_kv_heads=2, head_dim=64, prefill=[(45, 19), (16, 0)], page_size=8),
      dict()),
@@ -134,38 +134,17 @@ def test_sm_aware_schedule_trace(occupancy_roles):
     assert torch.count_nonzero(p.counters) == 0
 
 
-def test_persistent_grid_is_workers_and_steals():
-    spec = BatchSpec.build(4, 1, 64, prefill=[(48, 0)], decode=[20, 20])
-    cfg = PodConfig(**SMALL, variant="persistent", ctas_per_sm=2)
-    batch = make_batch(spec, "cpu", seed=4)
-    p = plan(batch, cfg)
-    (l,) = p.launches
-    assert l.grid == 2 * cfg.num_sms < p.n_prefill_tiles + p.n_decode_tiles
-    trace = torch.full((l.grid, 5), -7, dtype=torch.int32)
-    out = batch.empty_outputs()
-    fused_launcher(p, batch, *out, l, trace=trace)()
-    # The interpreter runs CTAs one after another: the first (a decode slot) does its role's tiles,
-    # then steals every prefill tile; later workers find nothing left.
-    assert trace[0, 2] == 0 and trace[0, 3] == 0 and trace[0, 4] == 0
-    assert (trace[1:, 4] == -1).all()
-    ref_p, ref_d = reference(batch)
-    assert max_rel_error(out[0], ref_p) <= TOL and max_rel_error(out[1], ref_d) <= TOL
-    assert torch.count_nonzero(p.counters) == 0
-
-
 def test_plan():
     spec = BatchSpec.build(4, 2, 64, prefill=[(40, 100), (10, 0)], decode=[100, 10, 33])
     p = plan(spec, PodConfig(block_m=16, block_n_decode=16, kv_splits=4, num_sms=2), device="cpu")
     (l,) = p.launches
-    assert not l.persistent and l.has_prefill and l.has_decode
+    assert l.has_prefill and l.has_decode
     # prefill units: ceil(40/16) + ceil(10/16) = 4, x 4 q heads; decode: 4 + 1 + 3 splits x 2 kv heads
     assert p.n_prefill_tiles == 4 * 4 and p.n_decode_tiles == (4 + 1 + 3) * 2
     assert l.grid == p.n_prefill_tiles + p.n_decode_tiles
     assert p.decode.fuse_merge and p.decode.splits == (4, 1, 3)
     assert p.counters.numel() == COUNTER_WORDS and not p.counters.any()
     assert (p.prefill_share, p.policy_period) == (1, 2)
-    pp = plan(spec, PodConfig(variant="persistent", ctas_per_sm=3, num_sms=2), device="cpu")
-    assert pp.launches[0].grid == 6 and pp.launches[0].persistent
     ps = plan(spec, PodConfig(variant="serial", num_sms=2), device="cpu")
     assert ps.launches == () and not ps.decode.fuse_merge
     json.dumps(p.describe())
@@ -241,7 +220,7 @@ def test_dispatch_negligible_role_is_serial_and_balanced_is_fused():
     t_p, t_d = estimated_ms(balanced)
     assert min(t_p, t_d) >= MIN_OVERLAP_SHARE * max(t_p, t_d)
     cfg = choose_config(balanced, 132)
-    assert cfg.variant in ("fused", "persistent") and cfg.kv_splits == 1   # 512 decode items
+    assert cfg.variant == "fused" and cfg.kv_splits == 1   # 512 decode items
     # one short decode beside a huge prefill: nothing to hide -> serial
     lopsided = BatchSpec.build(**LLAMA3, prefill=[(2048, 16384)], decode=[64])
     t_p, t_d = estimated_ms(lopsided)
@@ -295,20 +274,19 @@ def test_config_validation_names_the_field():
 def test_sm90_compile_default_config_fits_two_ctas_per_sm():
     """Compile the fused kernel for sm_90 with the bundled ptxas, through Triton's real launch binder
     (so an argument the GPU launch would reject fails here). No GPU needed, but the interpreter must
-    be off, hence the subprocess. Both variants: a prefill and a decode CTA fit one SM together, the
-    K/V loads are pipelined (cp.async) and the prefill runs on wgmma."""
+    be off, hence the subprocess. A prefill and a decode CTA fit one SM together, the K/V loads are
+    pipelined (cp.async) and the prefill runs on wgmma."""
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from pod.api import sm90_report; from pod.dispatch import PodConfig;"
-            "print(json.dumps([sm90_report(PodConfig(variant=v)) for v in ('fused', 'persistent')]))")
+            "print(json.dumps(sm90_report(PodConfig(variant='fused'))))")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    fused, persistent = json.loads(res.stdout.strip().splitlines()[-1])
-    for r in (fused, persistent):
-        assert r["max_ctas_per_sm"] >= 2 and r["registers"] <= 128, r
-        assert r["wgmma"] > 0 and r["cp_async"] > 0, r
+    fused = json.loads(res.stdout.strip().splitlines()[-1])
+    assert fused["max_ctas_per_sm"] >= 2 and fused["registers"] <= 128, fused
+    assert fused["wgmma"] > 0 and fused["cp_async"] > 0, fused
     assert fused["spill_bytes"] <= 64, fused        # a few bytes under the 128-register cap
 
 
@@ -386,20 +364,19 @@ $L__BB0_2:
     assert _ptx_irreducible_edges(two_entry.replace("@%p1 bra $L__BB0_2;", "")) == []
 
 
-def test_sm90_persistent_worker_loop_is_reducible():
-    """The persistent worker loop must compile to a single-entry (reducible) loop. With a claim before
-    the loop and one at its end, LLVM merged the two copies of the steal claim into one block entered
-    from both (a two-entry loop) and ptxas then gave the first claim's thread-0 atomic no
-    reconvergence point (BSSY/BSYNC) before the tiles' warp-synchronous instructions: NaN rows and a
-    hang on the H100 (docs/dispatcher.md, "Persistent variant on the GPU: diagnosis"). Same sm_90
-    specialisation as test_sm90_compile_default_config_fits_two_ctas_per_sm (Triton's cache hits)."""
+def test_sm90_fused_kernel_control_flow_is_reducible():
+    """The fused kernel must compile to reducible control flow (every loop single-entry). A two-entry
+    loop (LLVM jump-threading a claim into a block entered from two places) let ptxas leave a thread-0
+    atomic without a reconvergence point (BSSY/BSYNC) before the tiles' warp-synchronous instructions:
+    NaN rows and a hang on the H100, in the work-stealing variant since removed (docs/h100_notes.md,
+    call 5). Same sm_90 specialisation as test_sm90_compile_default_config_fits_two_ctas_per_sm
+    (Triton's cache hits)."""
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = """
 import json
-from dataclasses import replace
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend, compile as triton_compile
 from triton.runtime.jit import create_function_from_signature
@@ -411,23 +388,19 @@ spec = BatchSpec.build(32, 8, 128, prefill=[(300, 700)], decode=[1000, 513], pag
 batch = make_batch(spec, "cpu", seed=0)
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-out = {}
-for v in ("fused", "persistent"):
-    p = plan(batch, PodConfig(variant=v, num_sms=132))
-    p.simulate_smid = False
-    args, kwargs = fused_launch_args(p, batch, *batch.empty_outputs(), p.launches[0])
-    bound, spec_, opts = create_function_from_signature(k.signature, k.params, backend)(*args, **kwargs)
-    opts, sig, consts, attrs = k._pack_args(backend, kwargs, bound, spec_, opts)
-    out[v] = triton_compile(ASTSource(k, sig, consts, attrs), target=target,
-                            options=opts.__dict__).asm["ptx"]
-print(json.dumps(out))
+p = plan(batch, PodConfig(variant="fused", num_sms=132))
+p.simulate_smid = False
+args, kwargs = fused_launch_args(p, batch, *batch.empty_outputs(), p.launches[0])
+bound, spec_, opts = create_function_from_signature(k.signature, k.params, backend)(*args, **kwargs)
+opts, sig, consts, attrs = k._pack_args(backend, kwargs, bound, spec_, opts)
+print(json.dumps(triton_compile(ASTSource(k, sig, consts, attrs), target=target,
+                                options=opts.__dict__).asm["ptx"]))
 """
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ptx = json.loads(res.stdout.strip().splitlines()[-1])
-    assert "atom.global" in ptx["persistent"] and "wgmma" in ptx["persistent"]
-    for variant, text in ptx.items():
-        assert _ptx_irreducible_edges(text) == [], variant
+    assert "atom.global" in ptx and "wgmma" in ptx
+    assert _ptx_irreducible_edges(ptx) == []
 
 
 def test_dispatch_on_hopper_runs_the_hopper_prefill_serially(monkeypatch):

@@ -20,12 +20,9 @@ its role *after* it has landed on an SM:
   5. run the tile;  6. atomic_add(done_counter, 1): the CTA that brings it to grid-1 resets every counter
      to zero, so the workspace is ready for the next launch without a memset launch.
 
-Variants (constexpr PERSISTENT):
-  * one tile per CTA (the paper's scheme): grid = #prefill tiles + #decode tiles. Every CTA claims exactly
-    one tile: a CTA whose own role is exhausted finds a free tile of the other role, because the number of
-    successful claims equals the number of CTAs.
-  * persistent work-stealing: grid = ctas_per_sm x num_SMs workers; each keeps claiming tiles of its role
-    and steals the other role's tiles once its own run out, until both counters are exhausted.
+One tile per CTA (the paper's scheme): grid = #prefill tiles + #decode tiles. Every CTA claims exactly
+one tile: a CTA whose own role is exhausted finds a free tile of the other role, because the number of
+successful claims equals the number of CTAs.
 
 Tile bodies are the standalone kernels' own (one source of truth for the math):
   prefill tile t = pod.kernels.prefill.prefill_tile: BLOCK_M query rows of one chunk x one q head, work
@@ -146,7 +143,7 @@ def _run_tile(is_prefill, tile, p_args, d_args, P_CONST: tl.constexpr, D_CONST: 
 def pod_fused_kernel(p_args, d_args, n_prefill_tiles, n_decode_tiles, counters, prefill_share, policy_period,
                      ctas_per_sm, num_sim_sms, trace,
                      P_CONST: tl.constexpr, D_CONST: tl.constexpr,
-                     HAS_PREFILL: tl.constexpr, HAS_DECODE: tl.constexpr, PERSISTENT: tl.constexpr,
+                     HAS_PREFILL: tl.constexpr, HAS_DECODE: tl.constexpr,
                      OCCUPANCY_ROLES: tl.constexpr, SIMULATE_SMID: tl.constexpr, TRACE: tl.constexpr):
     smid = _sm_id(num_sim_sms, SIMULATE_SMID) % SM_SLOTS
     slot = tl.atomic_add(counters + smid, 1, sem="relaxed")
@@ -159,39 +156,17 @@ def pod_fused_kernel(p_args, d_args, n_prefill_tiles, n_decode_tiles, counters, 
             n_dec = tl.atomic_add(running, 0, sem="relaxed")
             n_pre = tl.atomic_add(running + 1, 0, sem="relaxed")
             want_prefill = (n_pre * policy_period < (n_pre + n_dec + 1) * prefill_share).to(tl.int32)
-    if PERSISTENT:
-        # Work-stealing workers: claim tiles (own role first, then steal) until both roles are
-        # exhausted. ONE claim site, at the top of the loop, on purpose: with a claim before the loop
-        # and another at its end (the one-tile-per-CTA variant's shape), LLVM jump-threaded the two
-        # copies of the steal claim into one block entered from both, an irreducible loop, and ptxas
-        # then left the thread-0 atomic of the first claim without a reconvergence point (BSSY/BSYNC)
-        # until after the loop: warp 0 could run the tiles' wgmma/ldmatrix/mma/shfl partially
-        # converged (NaN rows, hangs on the H100). docs/dispatcher.md, "Persistent variant on the GPU".
-        # The explicit barriers: every warp has finished the previous tile (its shared memory reads
-        # and cp.async waits) before thread 0 publishes the next claim in shared memory.
-        tile = 0
-        n_claims = 0
-        while tile >= 0:
-            tl.debug_barrier()
-            is_prefill, tile = _claim(counters, want_prefill, n_prefill_tiles, n_decode_tiles)
-            if TRACE:
-                if n_claims == 0:
-                    _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile)
-            if tile >= 0:
-                _run_tile(is_prefill, tile, p_args, d_args, P_CONST, D_CONST, HAS_PREFILL, HAS_DECODE)
-            n_claims += 1
-    else:
-        # One tile per CTA: the grid has exactly one CTA per tile, so the claim always succeeds.
-        is_prefill, tile = _claim(counters, want_prefill, n_prefill_tiles, n_decode_tiles)
+    # One tile per CTA: the grid has exactly one CTA per tile, so the claim always succeeds.
+    is_prefill, tile = _claim(counters, want_prefill, n_prefill_tiles, n_decode_tiles)
+    if OCCUPANCY_ROLES:
+        tl.atomic_add(running + is_prefill, 1, sem="relaxed")
+    if TRACE:
+        _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile)
+    while tile >= 0:
+        _run_tile(is_prefill, tile, p_args, d_args, P_CONST, D_CONST, HAS_PREFILL, HAS_DECODE)
         if OCCUPANCY_ROLES:
-            tl.atomic_add(running + is_prefill, 1, sem="relaxed")
-        if TRACE:
-            _trace_first_claim(trace, smid, slot, want_prefill, is_prefill, tile)
-        while tile >= 0:
-            _run_tile(is_prefill, tile, p_args, d_args, P_CONST, D_CONST, HAS_PREFILL, HAS_DECODE)
-            if OCCUPANCY_ROLES:
-                tl.atomic_add(running + is_prefill, -1, sem="relaxed")
-            tile = -1
+            tl.atomic_add(running + is_prefill, -1, sem="relaxed")
+        tile = -1
     # Last CTA out resets the scheduling counters (merge counters reset themselves) for the next launch.
     tl.debug_barrier()
     done = tl.atomic_add(counters + SM_SLOTS + CTR_DONE, 1, sem="acq_rel", scope="gpu")
