@@ -63,7 +63,7 @@ class Bench:
 
     def measure(self, launch, outs, parts=("prefill", "decode"), tol: float = 2e-2) -> dict:
         """Check the parts in `parts` (none: a diagnostic variant whose output is knowingly wrong), then time."""
-        from experiments.harness.sweep import TimingConfig, time_run
+        from experiments.harness.timing import TimingConfig, time_run
         from pod.reference import max_rel_error
         for o in outs:
             o.fill_(float("nan"))
@@ -160,7 +160,7 @@ def _backend(bench: Bench, name: str) -> dict:
 
     def launch():
         holder["o"] = run()
-    from experiments.harness.sweep import TimingConfig, time_run
+    from experiments.harness.timing import TimingConfig, time_run
     from pod.reference import max_rel_error
     launch()
     torch.cuda.synchronize()

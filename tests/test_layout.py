@@ -144,6 +144,27 @@ def test_readme_layout_and_backend_table_match_the_tree():
     assert in_table == set(list_backends()), (in_table ^ set(list_backends()))
 
 
+def test_every_import_of_the_repository_resolves():
+    """Every `from <our package> import name` resolves, those inside functions too: a lazy import of a
+    name that moved (experiments.harness.sweep's timing, split into timing.py) fails only where that
+    function runs, often on a GPU, never on the CPU tests' paths."""
+    import importlib
+    broken = []
+    for path in repo_modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    and node.module.split(".")[0] in PACKAGES):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        broken.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{alias.name}")
+    assert not broken, "imports that do not resolve:\n" + "\n".join(broken)
+
+
 def test_every_module_level_name_is_used_somewhere():
     """No parked code: every function, class and constant defined at a module's top level in the
     repository's packages is named somewhere besides its definition (code, tests, docs, configs, the
