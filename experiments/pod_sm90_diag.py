@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -63,19 +64,20 @@ class Bench:
 
     def measure(self, launch, outs, parts=("prefill", "decode"), tol: float = 2e-2) -> dict:
         """Check the parts in `parts` (none: a diagnostic variant whose output is knowingly wrong), then time."""
-        from experiments.harness.timing import TimingConfig, time_run
         from pod.reference import max_rel_error
         for o in outs:
             o.fill_(float("nan"))
         launch()
         torch.cuda.synchronize()
-        errs = {}
-        for part, o, r in zip(("prefill", "decode"), outs, self.ref):
-            if part in parts and r.shape[0]:
-                errs[f"{part}_err"] = max_rel_error(o, r)
-        ok = all(e < tol for e in errs.values())
-        row = dict(errs, ok=ok)
-        if ok:
+        errs = {f"{part}_err": max_rel_error(o, r) for part, o, r in zip(("prefill", "decode"), outs, self.ref)
+                if part in parts and r.shape[0]}
+        return self.timed_if_ok(launch, errs, tol)
+
+    def timed_if_ok(self, launch, errs: dict, tol: float = 2e-2) -> dict:
+        """A row: the errors, ok, and (only when every error is under `tol`) the harness's timing of `launch`."""
+        from experiments.harness.timing import TimingConfig, time_run
+        row = dict(errs, ok=all(e < tol for e in errs.values()))
+        if row["ok"]:
             med, p20, p80, _ = time_run(launch, self.batch.device, TimingConfig(warmup_ms=10, rep_ms=60))
             row.update(median_ms=med, p20_ms=p20, p80_ms=p80)
         return row
@@ -156,25 +158,12 @@ def _backend(bench: Bench, name: str) -> dict:
         run = b.setup(bench.batch)
     except Exception as e:  # noqa: BLE001 - a diagnostic reports, it does not stop
         return dict(ok=False, skipped=f"{type(e).__name__}: {e}"[:200])
-    holder = {}
-
-    def launch():
-        holder["o"] = run()
-    from experiments.harness.timing import TimingConfig, time_run
-    from pod.reference import max_rel_error
-    launch()
+    from experiments.harness.running import check_outputs
+    out = run()
     torch.cuda.synchronize()
-    o = holder["o"]
-    errs = {}
-    for part, got, ref in (("prefill", o.prefill, bench.ref[0]), ("decode", o.decode, bench.ref[1])):
-        if part in b.computes and ref.shape[0] and got is not None:
-            errs[f"{part}_err"] = max_rel_error(got, ref)
-    ok = all(e < 2e-2 for e in errs.values())
-    row = dict(errs, ok=ok)
-    if ok:
-        med, p20, p80, _ = time_run(launch, bench.batch.device, TimingConfig(warmup_ms=10, rep_ms=60))
-        row.update(median_ms=med, p20_ms=p20, p80_ms=p80)
-    return row
+    errs = {f"{part}_err": e for part, e in zip(("prefill", "decode"), check_outputs(out, bench.ref, bench.batch, b))
+            if not math.isnan(e)}                # NaN: a part the backend does not compute or the batch lacks
+    return bench.timed_if_ok(run, errs)
 
 
 def split(out, points=None) -> list[dict]:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from triton.experimental import gluon
@@ -61,6 +62,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
+
+if TYPE_CHECKING:
+    from pod.kernels.decode import DecodeWork
 
 SM90_SHARED_LIMIT = 227 * 1024
 
@@ -523,7 +527,7 @@ class PodSm90Work:
     dec_items: torch.Tensor         # [pairs * 2, 6] int32 (seq or -1, request, kv head, kv_start, kv_end, part_row)
     cta_ptr: torch.Tensor           # [grid + 1] int32
     cta_items: torch.Tensor         # [items] int32: >= 0 prefill tile, < 0 decode pair -(p + 1)
-    decode: object                  # pod.kernels.decode.DecodeWork: the splits, partial workspace, merge list
+    decode: DecodeWork | None       # the decode plan: splits, partial workspace, merge list (None: no decodes)
     estimate_us: dict
 
     @property
