@@ -135,5 +135,9 @@ def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
     for r in json.loads(res.stdout.strip().splitlines()[-1]):
         assert r["num_warps_total"] == 12 and r["setmaxnreg"] > 0, r
         assert r["wgmma"] > 0 and r["tma_loads"] > 0, r
+        # prefill: 64 query rows x 128 keys; decode swap-AB: 64 keys (or D) x the item's 16 q-head columns
+        # (not 64 padded rows: 4x the tensor-core work, docs/hopper_pod.md)
+        assert r["wgmma_shapes"].get("m64n128k16", 0) > 0 and r["wgmma_shapes"].get("m64n16k16", 0) > 0, r
+        assert r["wgmma_shapes"].get("m64n64k16", 0) == 0, r
         # ptxas spills 8 B (two registers) in the paged build; anything more means a partition lost its budget.
         assert r["spill_bytes"] <= 8 and r["shared_bytes"] <= S.SM90_SHARED_LIMIT, r

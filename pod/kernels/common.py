@@ -30,6 +30,8 @@ machine and read shared memory, registers, spills, wgmma/cp.async/TMA counts), `
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 
 import triton
 import triton.language as tl
@@ -172,7 +174,9 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
     report = dict(shared_bytes=compiled.metadata.shared, num_warps_total=compiled.metadata.num_warps,
                   wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
                   cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                  tma_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"))
+                  tma_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"),
+                  wgmma_shapes=dict(sorted(Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)",
+                                                              ptx)).items())))
     report.update(ptxas_report(ptx, arch))
     return report
 
@@ -180,7 +184,6 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
 def ptxas_report(ptx: str, arch: int = 90) -> dict:
     """Assemble PTX with Triton's bundled ptxas for sm_<arch>a: registers per thread, spill bytes, and
     whether it assembled (the error text when not). No GPU needed."""
-    import re
     import subprocess
     import tempfile
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
