@@ -8,6 +8,8 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
     compute-sanitizer --tool synccheck python -m experiments.gpu_checks sanitize
     compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize_sm90  # (b') the same for the
                                            #     Hopper kernels (prefill tile, POD on Hopper)
+    compute-sanitizer --tool racecheck python -m experiments.gpu_checks sanitize_ws    # (b'') the control: the
+                                           #     smallest warp-specialized Gluon kernel (experiments/ws_probe.py)
     python -m experiments.gpu_checks resources     # (c) registers / shared memory / spills of the compiled
                                            #     kernel and the CTAs per SM they allow, per config
     python -m experiments.gpu_checks offline [contig]   # (c') the same from ptxas, without a GPU (sm_90a)
@@ -324,7 +326,7 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     return rows
 
 
-COMMANDS = ("repeat", "sanitize", "sanitize_sm90", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90",
+COMMANDS = ("repeat", "sanitize", "sanitize_sm90", "sanitize_ws", "resources", "offline", "schedule", "prefill_sm90", "pod_sm90",
             "serving", "graphs")
 
 
@@ -476,6 +478,11 @@ def main(argv: list[str]) -> int:
     if cmd == "sanitize_sm90":
         sanitize_sm90()
         return 0
+    if cmd == "sanitize_ws":
+        from experiments.ws_probe import run_minimal
+        ok = run_minimal(_cuda())
+        print(f"sanitize ws: minimal warp-specialized kernel {'ran' if ok else 'WROTE WRONG VALUES'}")
+        return 0 if ok else 1
     if cmd == "resources":
         rep = resources()
         print(json.dumps(rep, indent=1))

@@ -5,6 +5,8 @@
     python -m experiments.pod_sm90_diag split     # hybrid points: time vs decode CTAs around the planner's
                                                   # choice, each role's span inside the launch (%globaltimer)
     python -m experiments.pod_sm90_diag compare   # the planned launch vs triton_serial and each part alone
+    python -m experiments.pod_sm90_diag launch    # three untimed launches of the decode role alone (64 x 8192
+                                                  # on --ks[0] CTAs): a target for ncu / compute-sanitizer
     python -m experiments.pod_sm90_diag table FILE  # a short table of the JSON lines (no GPU needed)
     python -m experiments.pod_sm90_diag sweep-table CSV  # pod_sm90 over the serial backends, per point
 
@@ -87,10 +89,10 @@ def _pod(bench: Bench, cfg, trace: bool = False) -> tuple[dict, object]:
     from pod.kernels.pod_sm90 import plan_pod_sm90
     work = plan_pod_sm90(bench.batch, cfg)
     outs = bench.batch.empty_outputs()
-    parts = ("prefill", "decode") if cfg.decode_compute else ("prefill",)
+    parts = ("prefill", "decode") if not cfg.decode_skip else ("prefill",)
     row = bench.measure(work.runner(bench.batch, *outs), outs, parts)
-    if not cfg.decode_compute:
-        row["unchecked"] = "decode_compute=False: K/V streamed, not computed on"
+    if cfg.decode_skip:
+        row["unchecked"] = f"decode_skip={cfg.decode_skip}: decode output knowingly wrong"
     row.update(grid=work.grid, decode_ctas=work.decode_ctas, est_us=work.estimate_us,
                merge=work.needs_merge)
     if trace and row["ok"]:
@@ -118,21 +120,23 @@ def role_spans(tr: torch.Tensor) -> dict:
 
 
 def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16,
-          stream_only: bool = False) -> list[dict]:
+          skips=(0,)) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
     prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU. `page`: the KV layout
-    (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it."""
+    (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it. `skips`:
+    PodSm90Config.decode_skip masks to time besides the real decode (16: consumers only release stages;
+    1/2/4/8: one link of the consumers' chain left out) - the differences say where a decode SM's time goes."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
     dec = Bench(_spec(L3, [], [8192] * 64, page))
     for k in ks:
-        for compute in (True, False) if stream_only else (True,):
-            r, _ = _pod(dec, PodSm90Config(num_ctas=k, decode_compute=compute), trace=True)
+        for skip in skips:
+            r, _ = _pod(dec, PodSm90Config(num_ctas=k, decode_skip=skip), trace=True)
             if r.get("median_ms"):
                 gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
                 r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
-            what = "decode" if compute else "K/V stream only (no decode compute)"
-            rows.append(out(dict(what=f"{what} 64x8192 on k CTAs, page {page}", k=k, **r)))
+            what = "decode" if not skip else "K/V stream only" if skip >= 16 else f"decode, skip {skip}"
+            rows.append(out(dict(what=f"{what} 64x8192 on k CTAs, page {page}", k=k, skip=skip, **r)))
     for name in ("triton_decode", "fi_serial"):
         rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
     if not prefill:
@@ -146,6 +150,23 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
     for name in ("triton_prefill", "fi_serial"):
         rows.append(out(dict(what=f"{name} prefill 1024@12288 (whole GPU)", **_backend(pre, name))))
     return rows
+
+
+def launch(out, k: int = 16, page: int | None = 16, skip: int = 0) -> list[dict]:
+    """Three launches of the decode role alone (64 x 8192 Llama-3-8B on k CTAs), checked, untimed: what a
+    profiler attaches to (`ncu -k regex:pod_sm90 --launch-skip 2 --launch-count 1 ...`)."""
+    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
+    from pod.reference import max_rel_error
+    dec = Bench(_spec(L3, [], [8192] * 64, page))
+    work = plan_pod_sm90(dec.batch, PodSm90Config(num_ctas=k, decode_skip=skip))
+    outs = dec.batch.empty_outputs()
+    run = work.runner(dec.batch, *outs)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    err = max_rel_error(outs[1], dec.ref[1])
+    return [out(dict(what=f"launch: decode 64x8192 on {k} CTAs, page {page}, skip {skip}", k=k,
+                     decode_err=err, ok=bool(skip or err < 2e-2)))]
 
 
 def _backend(bench: Bench, name: str) -> dict:
@@ -251,15 +272,16 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from experiments.cli import command
     ap = argparse.ArgumentParser(prog=command("experiments.pod_sm90_diag"), description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("rates", "split", "compare", "table", "sweep-table"))
+    ap.add_argument("what", choices=("rates", "split", "compare", "launch", "table", "sweep-table"))
     ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
-    ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132)")
+    ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
-    ap.add_argument("--stream-only", action="store_true",
-                    help="rates: also time the decode role with its consumers only releasing stages (no compute)")
+    ap.add_argument("--skip", default="0",
+                    help="rates: comma-separated decode_skip masks to time (0: the real decode; 16: consumers only "
+                         "release stages; 1/2/4/8: one link of the consumers' chain left out)")
     a = ap.parse_args(argv)
     if a.what in ("table", "sweep-table") and not a.file:
         ap.error(f"{a.what} needs a FILE")
@@ -293,8 +315,9 @@ def main(argv: list[str]) -> int:
     points = a.points.split(",") if a.points else None
     ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
     page = None if a.page == "none" else int(a.page)
-    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, a.stream_only), split=lambda o: split(o, points),
-              compare=lambda o: compare(o, points))[a.what]
+    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(","))), split=lambda o: split(o, points),
+              compare=lambda o: compare(o, points),
+              launch=lambda o: launch(o, ks[0] if a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]
     print(f"{a.what}: {len(rows)} rows, {len(bad)} failed checks")

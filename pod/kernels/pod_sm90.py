@@ -227,7 +227,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
 @gluon.jit
 def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_keys, qk_scale,
                  HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr,
-                 DEC_N: gl.constexpr):
+                 DEC_N: gl.constexpr, SKIP: gl.constexpr):
     """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...), swap-AB: the
     item's q heads are the wgmma's N (DEC_N = 16 or 32 columns), its 64 keys and D its M, so a GQA group
     of 4 costs 16 columns of tensor-core work instead of 64 padded rows:
@@ -235,7 +235,10 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
         softmax down each column (per q head, over keys; exp2 domain)
         O^T += V^T P^T         [D, DEC_N]         A = V half^T (smem), B = P^T (staged in spare Q rows)
     Keys past n_keys (the last half-tile only) get -inf scores and zeroed V rows. Releases each stage.
-    Returns O^T (un-normalised), and the per-head sums and maxima."""
+    Returns O^T (un-normalised), and the per-head sums and maxima.
+    SKIP (diagnostics only, wrong output; 0 ships): a bit mask of links of the chain left out, to time each
+    by difference - 1 the two reductions over keys, 2 the P^T store + fence + barrier, 4 the O^T wgmma,
+    8 the S^T wgmma."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, DEC_N, 16])
@@ -255,15 +258,23 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
         valid = n_keys - t * HALF_N                      # keys of this half-tile that belong to the item
         mbarrier.wait(ready_k.index(s), ph)
         k_half = k_smem.index(s).slice(HALF * HALF_N, HALF_N)
-        st = warpgroup_mma(k_half, q_t, zero_s, use_acc=False)
+        if (SKIP & 8) == 0:
+            st = warpgroup_mma(k_half, q_t, zero_s, use_acc=False)
+        else:
+            st = zero_s
         if valid < HALF_N:
             st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
-        m_new = gl.maximum(m_i, gl.max(st, 0) * qk_scale)
-        p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 0)
-        m_i = m_new
-        p_buf.store(gl.permute(p.to(dtype), (1, 0)))
+        if (SKIP & 1) == 0:
+            m_new = gl.maximum(m_i, gl.max(st, 0) * qk_scale)
+            p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 0)
+            m_i = m_new
+        else:
+            p = gl.exp2(st * qk_scale)
+            alpha = gl.full([DEC_N], 1.0, gl.float32, gl.SliceLayout(0, s_layout))
+        if (SKIP & 2) == 0:
+            p_buf.store(gl.permute(p.to(dtype), (1, 0)))
         mbarrier.wait(ready_v.index(s), ph)
         v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
         if valid < HALF_N:
@@ -271,9 +282,13 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
             # consumer is the half's only reader, and the producer refills it only after the release below.
             v = v_half.load(z_layout)
             v_half.store(gl.where(gl.expand_dims(v_rows < valid, 1), v, gl.zeros_like(v)))
-        fence_async_shared()                             # P (and zeroed V rows) before the tensor cores read
-        gl.thread_barrier()
-        acc = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
+        if (SKIP & 2) == 0:
+            fence_async_shared()                         # P (and zeroed V rows) before the tensor cores read
+            gl.thread_barrier()
+        if (SKIP & 4) == 0:
+            acc = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
+        else:
+            acc = acc * gl.expand_dims(alpha, 0)
         mbarrier.arrive(empty.index(s), count=1)
     return acc, l_i, m_i
 
@@ -294,7 +309,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, r
               q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads, qk_scale,
               HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-              TRACE: gl.constexpr, DECODE_COMPUTE: gl.constexpr):
+              TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair."""
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -346,14 +361,14 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, r
             seq, req, g, ks, n_keys, part_row, n_mine = _decode_info(dec_items, pair, HALF, HALF_N)
             _, _, _, _, _, _, n_other = _decode_info(dec_items, pair, 1 - HALF, HALF_N)
             mbarrier.wait(q_ready, n & 1)
-            if not DECODE_COMPUTE:
+            if DECODE_SKIP >= 16:
                 # Diagnostics only (wrong decode output): stream the ring without computing on it, to split
                 # a decode SM's time between the K/V stream and the consumers' work.
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, it, gl.maximum(n_mine, n_other), STAGES)
             elif n_mine > 0:
                 acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_mine, n_keys,
-                                             qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N)
+                                             qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N, DECODE_SKIP)
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
                 # O^T [D, DEC_N] / l: column h is q head g*GROUP + h; columns >= GROUP are padding.
@@ -392,7 +407,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                    TRACE: gl.constexpr, DECODE_COMPUTE: gl.constexpr):
+                    TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -416,11 +431,11 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
                      q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
                      qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE,
-                     DECODE_COMPUTE)),
+                     DECODE_SKIP)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
                      q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
                      qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE,
-                     DECODE_COMPUTE)),
+                     DECODE_SKIP)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
@@ -446,7 +461,8 @@ class PodSm90Config:
     min_split_keys: int = 512            # a split decode item has at least this many keys
     decode_ctas: int | None = None       # force the decode CTA count (diagnostics); None: the model's
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
-    decode_compute: bool = True          # False (diagnostics only, wrong decode output): stream K/V unread
+    decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
+                                         # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
     def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
         return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (3 * self.stages + 2)
@@ -682,7 +698,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
     const = dict(GROUP=h.group_size, HEAD_DIM=h.head_dim, NUM_KV_HEADS=h.num_kv_heads, BLOCK_M=128,
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-                 TRACE=trace is not None, DECODE_COMPUTE=cfg.decode_compute)
+                 TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip)
     return args, const
 
 
