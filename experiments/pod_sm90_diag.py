@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -120,23 +121,25 @@ def role_spans(tr: torch.Tensor) -> dict:
 
 
 def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16,
-          skips=(0,)) -> list[dict]:
+          skips=(0,), old_softmax: bool = False) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
     prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU. `page`: the KV layout
     (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it. `skips`:
     PodSm90Config.decode_skip masks to time besides the real decode (16: consumers only release stages;
-    1/2/4/8: one link of the consumers' chain left out) - the differences say where a decode SM's time goes."""
+    1/2/4/8: one link of the consumers' chain left out) - the differences say where a decode SM's time goes;
+    `old_softmax`: also the decode with decode_xchg=False (gl.max / gl.sum down the columns)."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
     dec = Bench(_spec(L3, [], [8192] * 64, page))
     for k in ks:
-        for skip in skips:
-            r, _ = _pod(dec, PodSm90Config(num_ctas=k, decode_skip=skip), trace=True)
+        for skip, xchg in [(x, True) for x in skips] + ([(0, False)] if old_softmax else []):
+            r, _ = _pod(dec, PodSm90Config(num_ctas=k, decode_skip=skip, decode_xchg=xchg), trace=True)
             if r.get("median_ms"):
                 gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
                 r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
             what = "decode" if not skip else "K/V stream only" if skip >= 16 else f"decode, skip {skip}"
-            rows.append(out(dict(what=f"{what} 64x8192 on k CTAs, page {page}", k=k, skip=skip, **r)))
+            what += "" if xchg else " (gl.max/gl.sum softmax)"
+            rows.append(out(dict(what=f"{what} 64x8192 on k CTAs, page {page}", k=k, skip=skip, xchg=xchg, **r)))
     for name in ("triton_decode", "fi_serial"):
         rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
     if not prefill:
@@ -187,33 +190,34 @@ def _backend(bench: Bench, name: str) -> dict:
     return bench.timed_if_ok(run, errs)
 
 
-def split(out, points=None) -> list[dict]:
+def split(out, points=None, base=None) -> list[dict]:
     """Hybrid points: the planned launch (traced: each role's span), then decode_ctas around the plan's."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
     for name in points or HYBRID:
         bench = Bench(_spec(*HYBRID[name]))
-        r, work = _pod(bench, PodSm90Config(), trace=True)
+        base = base or PodSm90Config()
+        r, work = _pod(bench, base, trace=True)
         rows.append(out(dict(what="planned", point=name, **r)))
         k0 = work.decode_ctas
         for f in (0.6, 0.8, 0.9, 1.1, 1.25, 1.5):
             k = max(1, min(work.grid - 1, round(k0 * f)))
             if k == k0:
                 continue
-            r, _ = _pod(bench, PodSm90Config(decode_ctas=k), trace=True)
+            r, _ = _pod(bench, replace(base, decode_ctas=k), trace=True)
             rows.append(out(dict(what="decode_ctas", point=name, **r)))
         del bench
         torch.cuda.empty_cache()
     return rows
 
 
-def compare(out, points=None) -> list[dict]:
+def compare(out, points=None, base=None) -> list[dict]:
     """The planned launch against triton_serial, fi_serial and each of our parts alone (same batch)."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
     for name in points or HYBRID:
         bench = Bench(_spec(*HYBRID[name]))
-        r, _ = _pod(bench, PodSm90Config())
+        r, _ = _pod(bench, base or PodSm90Config())
         row = dict(what="compare", point=name, pod_sm90_ms=r.get("median_ms"), pod_sm90_ok=r["ok"],
                    pod_sm90_err=max(r.get("prefill_err", 0), r.get("decode_err", 0)))
         for b in ("triton_serial", "triton_prefill", "triton_decode", "fi_serial", "pod"):
@@ -279,6 +283,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
+    ap.add_argument("--decode-gbps", type=float,
+                    help="split/compare: the planner's decode GB/s a SM (PodSm90Config.decode_gbps_per_sm)")
+    ap.add_argument("--old-softmax", action="store_true",
+                    help="rates: also the decode with decode_xchg=False (gl.max / gl.sum down the columns)")
     ap.add_argument("--skip", default="0",
                     help="rates: comma-separated decode_skip masks to time (0: the real decode; 16: consumers only "
                          "release stages; 1/2/4/8: one link of the consumers' chain left out)")
@@ -315,8 +323,11 @@ def main(argv: list[str]) -> int:
     points = a.points.split(",") if a.points else None
     ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
     page = None if a.page == "none" else int(a.page)
-    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(","))), split=lambda o: split(o, points),
-              compare=lambda o: compare(o, points),
+    from pod.kernels.pod_sm90 import PodSm90Config
+    base = PodSm90Config(decode_gbps_per_sm=a.decode_gbps) if a.decode_gbps else None
+    fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
+                                    a.old_softmax),
+              split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               launch=lambda o: launch(o, ks[0] if a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]

@@ -225,9 +225,9 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
 
 
 @gluon.jit
-def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_keys, qk_scale,
+def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, it, n_half, n_keys, qk_scale,
                  HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr,
-                 DEC_N: gl.constexpr, SKIP: gl.constexpr):
+                 DEC_N: gl.constexpr, SKIP: gl.constexpr, XCHG: gl.constexpr):
     """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...), swap-AB: the
     item's q heads are the wgmma's N (DEC_N = 16 or 32 columns), its 64 keys and D its M, so a GQA group
     of 4 costs 16 columns of tensor-core work instead of 64 padded rows:
@@ -236,20 +236,28 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
         O^T += V^T P^T         [D, DEC_N]         A = V half^T (smem), B = P^T (staged in spare Q rows)
     Keys past n_keys (the last half-tile only) get -inf scores and zeroed V rows. Releases each stage.
     Returns O^T (un-normalised), and the per-head sums and maxima.
+
+    The keys (S^T's rows) lie across the warpgroup's 4 warps, 16 each, so a column maximum crosses warps.
+    XCHG: each warp reduces its 16 keys with shuffles and the 4 warp maxima meet in `red` (4 x DEC_N fp32)
+    behind one barrier; the sums stay per thread ([64, DEC_N] partials, rescaled like O) and are reduced
+    once after the last stage. That leaves two barriers a stage (this one and P^T's); gl.max / gl.sum down
+    the columns (XCHG off) cost ~9, and half of a decode SM's time (docs/hopper_pod.md).
     SKIP (diagnostics only, wrong output; 0 ships): a bit mask of links of the chain left out, to time each
-    by difference - 1 the two reductions over keys, 2 the P^T store + fence + barrier, 4 the O^T wgmma,
-    8 the S^T wgmma."""
+    by difference - 1 the softmax's reductions / exchange, 2 the P^T store + fence + barrier, 4 the O^T
+    wgmma, 8 the S^T wgmma."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, DEC_N, 16])
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     q_t = q_smem.slice(0, DEC_N).permute((1, 0))                  # B of S^T: [D, DEC_N]
     p_buf = q_smem.slice(DEC_N, DEC_N).slice(0, HALF_N, dim=1)    # P [DEC_N, 64] in Q rows no head uses
     keys = gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
     v_rows = gl.arange(0, HALF_N, layout=gl.SliceLayout(1, z_layout))
     zero_s = gl.zeros([HALF_N, DEC_N], gl.float32, s_layout)
-    m_i = gl.full([DEC_N], -float("inf"), gl.float32, gl.SliceLayout(0, s_layout))
-    l_i = gl.zeros([DEC_N], gl.float32, gl.SliceLayout(0, s_layout))
+    m_i = gl.full([DEC_N], -float("inf"), gl.float32, col_layout)
+    l_i = gl.zeros([DEC_N], gl.float32, col_layout)
+    l_part = gl.zeros([HALF_N, DEC_N], gl.float32, s_layout)     # XCHG: per-thread partial sums
     acc = gl.zeros([HEAD_DIM, DEC_N], gl.float32, s_layout)
     for t in range(n_half):
         slot = it + t
@@ -264,15 +272,27 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
             st = zero_s
         if valid < HALF_N:
             st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
-        if (SKIP & 1) == 0:
+        if (SKIP & 1) != 0:
+            p = gl.exp2(st * qk_scale)
+            alpha = gl.full([DEC_N], 1.0, gl.float32, col_layout)
+        elif XCHG:
+            # Row w of the [4, 16, DEC_N] view is warp w's keys: its maxima need shuffles only.
+            red.reshape([4, DEC_N]).store(gl.max(gl.reshape(st, [4, HALF_N // 4, DEC_N]), 1))
+            gl.thread_barrier()
+            col_max = gl.maximum(
+                gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
+                gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
+            m_new = gl.maximum(m_i, col_max * qk_scale)
+            p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
+            alpha = gl.exp2(m_i - m_new)
+            l_part = l_part * gl.expand_dims(alpha, 0) + p
+            m_i = m_new
+        else:
             m_new = gl.maximum(m_i, gl.max(st, 0) * qk_scale)
             p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, 0)
             m_i = m_new
-        else:
-            p = gl.exp2(st * qk_scale)
-            alpha = gl.full([DEC_N], 1.0, gl.float32, gl.SliceLayout(0, s_layout))
         if (SKIP & 2) == 0:
             p_buf.store(gl.permute(p.to(dtype), (1, 0)))
         mbarrier.wait(ready_v.index(s), ph)
@@ -283,13 +303,17 @@ def _decode_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_half, n_
             v = v_half.load(z_layout)
             v_half.store(gl.where(gl.expand_dims(v_rows < valid, 1), v, gl.zeros_like(v)))
         if (SKIP & 2) == 0:
-            fence_async_shared()                         # P (and zeroed V rows) before the tensor cores read
+            # P (and zeroed V rows) before the tensor cores read them; also every warp's reads of `red`
+            # before the next stage overwrites it.
+            fence_async_shared()
             gl.thread_barrier()
         if (SKIP & 4) == 0:
             acc = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
         else:
             acc = acc * gl.expand_dims(alpha, 0)
         mbarrier.arrive(empty.index(s), count=1)
+    if XCHG:
+        l_i = gl.sum(l_part, 0)
     return acc, l_i, m_i
 
 
@@ -305,11 +329,11 @@ def _skip_stages(ready_k, ready_v, empty, it, n, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty,
               q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads, qk_scale,
               HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-              TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr):
+              TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair."""
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -367,8 +391,9 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, r
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, it, gl.maximum(n_mine, n_other), STAGES)
             elif n_mine > 0:
-                acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_mine, n_keys,
-                                             qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N, DECODE_SKIP)
+                acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, red, ready_k, ready_v, empty, it,
+                                             n_mine, n_keys, qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N,
+                                             DECODE_SKIP, DECODE_XCHG)
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
                 # O^T [D, DEC_N] / l: column h is q head g*GROUP + h; columns >= GROUP are padding.
@@ -407,7 +432,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                    TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr):
+                    TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -415,6 +440,10 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    # Each decode consumer's warp maxima a stage (fp32 [4, DEC_N], one buffer a consumer; _decode_rows)
+    red_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    red0 = gl.allocate_shared_memory(gl.float32, [4 * (16 if GROUP <= 16 else 32)], red_layout)
+    red1 = gl.allocate_shared_memory(gl.float32, [4 * (16 if GROUP <= 16 else 32)], red_layout)
     ready_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ready_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -428,14 +457,14 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     mbarrier.init(q_empty, count=2)
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
-        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
-                     q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
-                     qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE,
-                     DECODE_SKIP)),
-        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
-                     q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads,
-                     qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES, TRACE,
-                     DECODE_SKIP)),
+        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
+                     empty, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
+                     num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
+                     TRACE, DECODE_SKIP, DECODE_XCHG)),
+        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
+                     empty, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
+                     num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
+                     TRACE, DECODE_SKIP, DECODE_XCHG)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
@@ -461,11 +490,13 @@ class PodSm90Config:
     min_split_keys: int = 512            # a split decode item has at least this many keys
     decode_ctas: int | None = None       # force the decode CTA count (diagnostics); None: the model's
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
+    decode_xchg: bool = True             # decode softmax: warp maxima through shared memory, sums per thread
+                                         # (False: gl.max / gl.sum down the columns; _decode_rows)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
     def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
-        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (3 * self.stages + 2)
+        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (3 * self.stages + 2) + 2 * 4 * 32 * 4
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -698,7 +729,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
     const = dict(GROUP=h.group_size, HEAD_DIM=h.head_dim, NUM_KV_HEADS=h.num_kv_heads, BLOCK_M=128,
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-                 TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip)
+                 TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg)
     return args, const
 
 
