@@ -122,7 +122,7 @@ def _pair_rows(block_table, seq_a, seq_b, st_a, st_b, tile_a, tile_b, last_a, la
 
 @gluon.jit
 def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items,
-              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty,
+              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
               num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
@@ -206,36 +206,43 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                                            ks_b // HALF_N + t + 1, last_a, last_b, stride_bt, NCOPY, D_COPY_ROWS,
                                            PAGE_SIZE, PAGED, HALF_N)
                 s = it % STAGES
-                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 both = t < gl.minimum(n_a, n_b)          # else exactly one half lands (t < max(n_a, n_b))
                 single = t >= gl.minimum(n_a, n_b)
+                # A decode stage's K and V are released apart (K once S^T is computed): refill each alone.
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready_k.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
                 mbarrier.expect(ready_k.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
-                mbarrier.expect(ready_v.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
-                mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
                 for c in gl.static_range(2 * NCOPY):
                     row = gl.sum(gl.where(ci == c, rows, 0), 0)
                     use = (t < n_a) if c < NCOPY else (t < n_b)
                     col = (g_a if c < NCOPY else g_b) * HEAD_DIM
                     tma.async_copy_global_to_shared(kd, [row, col], ready_k.index(s),
                                                     k_smem.index(s).slice(c * D_COPY_ROWS, D_COPY_ROWS), pred=use)
+                mbarrier.wait(empty_v.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready_v.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
+                mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
+                for c in gl.static_range(2 * NCOPY):
+                    row = gl.sum(gl.where(ci == c, rows, 0), 0)
+                    use = (t < n_a) if c < NCOPY else (t < n_b)
+                    col = (g_a if c < NCOPY else g_b) * HEAD_DIM
                     tma.async_copy_global_to_shared(vd, [row, col], ready_v.index(s),
                                                     v_smem.index(s).slice(c * D_COPY_ROWS, D_COPY_ROWS), pred=use)
                 it += 1
 
 
 @gluon.jit
-def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, it, n_half, n_keys, qk_scale,
+def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half, n_keys, qk_scale,
                  HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr,
-                 DEC_N: gl.constexpr, SKIP: gl.constexpr, XCHG: gl.constexpr):
+                 DEC_N: gl.constexpr, SKIP: gl.constexpr, XCHG: gl.constexpr, EARLY_K: gl.constexpr):
     """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...), swap-AB: the
     item's q heads are the wgmma's N (DEC_N = 16 or 32 columns), its 64 keys and D its M, so a GQA group
     of 4 costs 16 columns of tensor-core work instead of 64 padded rows:
         S^T = K Q^T            [64 keys, DEC_N]   A = K half (smem), B = Q^T (this consumer's Q buffer)
         softmax down each column (per q head, over keys; exp2 domain)
         O^T += V^T P^T         [D, DEC_N]         A = V half^T (smem), B = P^T (staged in spare Q rows)
-    Keys past n_keys (the last half-tile only) get -inf scores and zeroed V rows. Releases each stage.
-    Returns O^T (un-normalised), and the per-head sums and maxima.
+    Keys past n_keys (the last half-tile only) get -inf scores and zeroed V rows. Releases each stage's K
+    half once S^T is computed (`empty`; EARLY_K, else with V) and its V half after O^T (`empty_v`): the
+    producer refills K while this consumer is still on the softmax. Returns O^T (un-normalised), and the per-head sums and maxima.
 
     The keys (S^T's rows) lie across the warpgroup's 4 warps, 16 each, so a column maximum crosses warps.
     XCHG: each warp reduces its 16 keys with shuffles and the 4 warp maxima meet in `red` (4 x DEC_N fp32)
@@ -270,6 +277,8 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, it, n_hal
             st = warpgroup_mma(k_half, q_t, zero_s, use_acc=False)
         else:
             st = zero_s
+        if EARLY_K:
+            mbarrier.arrive(empty.index(s), count=1)     # K read (the wgmma has completed)
         if valid < HALF_N:
             st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
         if (SKIP & 1) != 0:
@@ -311,14 +320,16 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, it, n_hal
             acc = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
         else:
             acc = acc * gl.expand_dims(alpha, 0)
-        mbarrier.arrive(empty.index(s), count=1)
+        if not EARLY_K:
+            mbarrier.arrive(empty.index(s), count=1)
+        mbarrier.arrive(empty_v.index(s), count=1)
     if XCHG:
         l_i = gl.sum(l_part, 0)
     return acc, l_i, m_i
 
 
 @gluon.jit
-def _skip_stages(ready_k, ready_v, empty, it, n, STAGES: gl.constexpr):
+def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
     """Release n ring slots this consumer does not read (its pair partner's longer item): wait until each
     has landed first, so a release never runs a ring round ahead of the other consumer's."""
     for t in range(n):
@@ -326,14 +337,16 @@ def _skip_stages(ready_k, ready_v, empty, it, n, STAGES: gl.constexpr):
         mbarrier.wait(ready_k.index(slot % STAGES), (slot // STAGES) & 1)
         mbarrier.wait(ready_v.index(slot % STAGES), (slot // STAGES) & 1)
         mbarrier.arrive(empty.index(slot % STAGES), count=1)
+        mbarrier.arrive(empty_v.index(slot % STAGES), count=1)
 
 
 @gluon.jit
-def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty,
+def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
               q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads, qk_scale,
               HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-              TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr):
+              TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
+              DECODE_EARLY_K: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair."""
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -389,13 +402,13 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
                 # Diagnostics only (wrong decode output): stream the ring without computing on it, to split
                 # a decode SM's time between the K/V stream and the consumers' work.
                 mbarrier.arrive(q_empty, count=1)
-                _skip_stages(ready_k, ready_v, empty, it, gl.maximum(n_mine, n_other), STAGES)
+                _skip_stages(ready_k, ready_v, empty, empty_v, it, gl.maximum(n_mine, n_other), STAGES)
             elif n_mine > 0:
-                acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, red, ready_k, ready_v, empty, it,
+                acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it,
                                              n_mine, n_keys, qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N,
-                                             DECODE_SKIP, DECODE_XCHG)
+                                             DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)
                 mbarrier.arrive(q_empty, count=1)
-                _skip_stages(ready_k, ready_v, empty, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
+                _skip_stages(ready_k, ready_v, empty, empty_v, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
                 # O^T [D, DEC_N] / l: column h is q head g*GROUP + h; columns >= GROUP are padding.
                 out = acc / gl.expand_dims(l_i, 0)
                 heads = g * GROUP + d_cols
@@ -411,7 +424,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
                     gl.store(PartLse + prow, m_i + gl.log2(l_i), mask=d_cols < GROUP)
             else:
                 mbarrier.arrive(q_empty, count=1)
-                _skip_stages(ready_k, ready_v, empty, it, n_other, STAGES)
+                _skip_stages(ready_k, ready_v, empty, empty_v, it, n_other, STAGES)
             it += gl.maximum(n_mine, n_other)
     if TRACE:
         if HALF == 0:
@@ -432,7 +445,8 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                    TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr):
+                    TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
+              DECODE_EARLY_K: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -447,26 +461,28 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     ready_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ready_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready_k.index(i), count=1)
         mbarrier.init(ready_v.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)           # both consumers release every stage
+        mbarrier.init(empty.index(i), count=2)           # both consumers release every stage (decode CTAs:
+        mbarrier.init(empty_v.index(i), count=2)         # its K half here, its V half in empty_v)
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
-                     empty, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
+                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
                      num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
-                     empty, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
+                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
                      num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
-                     cta_items, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, num_q_heads,
+                     cta_items, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
                      BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -492,11 +508,12 @@ class PodSm90Config:
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
     decode_xchg: bool = True             # decode softmax: warp maxima through shared memory, sums per thread
                                          # (False: gl.max / gl.sum down the columns; _decode_rows)
+    decode_early_k: bool = True          # decode: release a stage's K half once S^T is computed (else with V)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
     def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
-        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (3 * self.stages + 2) + 2 * 4 * 32 * 4
+        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (4 * self.stages + 2) + 2 * 4 * 32 * 4
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -729,7 +746,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
     const = dict(GROUP=h.group_size, HEAD_DIM=h.head_dim, NUM_KV_HEADS=h.num_kv_heads, BLOCK_M=128,
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-                 TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg)
+                 TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
+                 DECODE_EARLY_K=cfg.decode_early_k)
     return args, const
 
 
