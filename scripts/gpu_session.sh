@@ -53,7 +53,7 @@ for stage in "$@"; do
     fi_pack)
       mkdir -p /tmp/fi_so; find .fi_cache -name "*.so" -exec cp {} /tmp/fi_so/ \;
       ls -la /tmp/fi_so | log
-      tar -C /tmp -cJf - fi_so | split -b 15m -d - "$OUT/fi_so.tar.xz." && ls -la "$OUT"/fi_so.tar.xz.* | log ;;
+      XZ_OPT=${XZ_OPT:--T0} tar -C /tmp -cJf - fi_so | split -b 15m -d - "$OUT/fi_so.tar.xz." && ls -la "$OUT"/fi_so.tar.xz.* | log ;;
     pod_check:*)
       n=${stage#pod_check:}; pids=()
       for i in $(seq 0 $((n - 1))); do
