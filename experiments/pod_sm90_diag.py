@@ -291,6 +291,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="split/compare: the planner's decode GB/s a SM (PodSm90Config.decode_gbps_per_sm)")
     ap.add_argument("--hbm-gbps", type=float,
                     help="split/compare: what all decode CTAs together can draw (PodSm90Config.hbm_gbps)")
+    ap.add_argument("--steal", choices=("auto", "always", "never"),
+                    help="split/compare: PodSm90Config.steal (decode CTAs take prefill tiles after their pairs)")
     ap.add_argument("--old-softmax", action="store_true",
                     help="rates: also the decode with decode_xchg=False (gl.max / gl.sum down the columns)")
     ap.add_argument("--late-k", action="store_true",
@@ -332,7 +334,7 @@ def main(argv: list[str]) -> int:
     ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
     page = None if a.page == "none" else int(a.page)
     from pod.kernels.pod_sm90 import PodSm90Config
-    model = dict(decode_gbps_per_sm=a.decode_gbps, hbm_gbps=a.hbm_gbps)
+    model = dict(decode_gbps_per_sm=a.decode_gbps, hbm_gbps=a.hbm_gbps, steal=a.steal)
     model = {k: v for k, v in model.items() if v}
     base = PodSm90Config(**model) if model else None
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),

@@ -139,5 +139,6 @@ def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
         # (not 64 padded rows: 4x the tensor-core work, docs/hopper_pod.md)
         assert r["wgmma_shapes"].get("m64n128k16", 0) > 0 and r["wgmma_shapes"].get("m64n16k16", 0) > 0, r
         assert r["wgmma_shapes"].get("m64n64k16", 0) == 0, r
-        # ptxas spills 8 B (two registers) in the paged build; anything more means a partition lost its budget.
-        assert r["spill_bytes"] <= 8 and r["shared_bytes"] <= S.SM90_SHARED_LIMIT, r
+        # ptxas spills 44 B in the paged build (the decode producer's K and V refills, each after its own
+        # release); anything more means a partition lost its budget.
+        assert r["spill_bytes"] <= 48 and r["shared_bytes"] <= S.SM90_SHARED_LIMIT, r

@@ -151,16 +151,20 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     j0 = gl.load(cta_ptr + cta)
     j1 = gl.load(cta_ptr + cta + 1)
     it = j0 * 0                                          # ring slots used so far
+    it_dec = j0 * 0                                      # ... by decode pairs (a CTA runs those first)
     for j in range(j0, j1):
         n = j - j0                                       # items so far: the Q handshake's phase
         item = gl.load(cta_items + j)
         if item >= 0:
             chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
-            # Drain the ring before rewriting the tail descriptors: no copy in flight reads them.
+            # Drain the ring before rewriting the tail descriptors: no copy in flight reads them. A slot a
+            # decode pair used last is free once its V half is released too (empty_v; decode came first).
             for jj in gl.static_range(STAGES):
                 prev = it - STAGES + jj
                 mbarrier.wait(empty.index((prev + STAGES) % STAGES), (prev // STAGES) & 1, pred=prev >= 0)
+                mbarrier.wait(empty_v.index((prev + STAGES) % STAGES), (prev // STAGES) & 1,
+                              pred=(prev >= 0) & (prev < it_dec))
             tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
             k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
             v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
@@ -228,6 +232,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                     tma.async_copy_global_to_shared(vd, [row, col], ready_v.index(s),
                                                     v_smem.index(s).slice(c * D_COPY_ROWS, D_COPY_ROWS), pred=use)
                 it += 1
+            it_dec = it
 
 
 @gluon.jit
@@ -500,7 +505,7 @@ class PodSm90Config:
     consumer_regs: int = 232
     producer_regs: int = 48
     prefill_tflops_per_sm: float = 4.3   # the prefill tile's rate on one SM (572 TFLOP/s / 132 SMs)
-    decode_gbps_per_sm: float = 52.0     # a decode CTA's K/V stream (16-token pages; docs/hopper_pod.md)
+    decode_gbps_per_sm: float = 70.0     # a decode CTA's K/V stream, ~48 decode CTAs (16-token pages; docs/hopper_pod.md)
     hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
     item_us: float = 2.0                 # fixed cost of an item: Q load, ring fill, epilogue
     min_split_keys: int = 512            # a split decode item has at least this many keys
@@ -508,6 +513,8 @@ class PodSm90Config:
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
     decode_xchg: bool = True             # decode softmax: warp maxima through shared memory, sums per thread
                                          # (False: gl.max / gl.sum down the columns; _decode_rows)
+    steal: str = "auto"                  # decode CTAs take prefill tiles after their pairs: "auto" where the
+                                         # cost model says it pays, "always" (checks), "never"
     decode_early_k: bool = True          # decode: release a stage's K half once S^T is computed (else with V)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
@@ -539,13 +546,14 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
     return None
 
 
-def lpt(costs: list[float], bins: int) -> tuple[list[list[int]], float]:
+def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tuple[list[list[int]], float]:
     """Longest processing time first: items (by index, heaviest first, ties in index order) onto the
-    least-loaded of `bins` bins. Returns each bin's items in the order it runs them, and the makespan."""
+    least-loaded of `bins` bins (`start`: each bin's load before these items). Returns each bin's items in
+    the order it runs them, and the makespan."""
     if bins <= 0 or not costs:
-        return [[] for _ in range(max(bins, 0))], 0.0
+        return [[] for _ in range(max(bins, 0))], max(start or [0.0])
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-    heap = [(0.0, b) for b in range(bins)]
+    heap = [(start[b] if start else 0.0, b) for b in range(bins)]
     lists: list[list[int]] = [[] for _ in range(bins)]
     for i in order:
         load, b = heapq.heappop(heap)
@@ -576,6 +584,17 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
     best = min({max(1, lo - 1), lo}, key=lambda k: (max(times(k)), k))
     tp, td = times(best)
     return best, tp, td
+
+
+def lpt_with_stealing(prefill_costs: list[float], decode_costs: list[float], grid: int, k: int,
+                      decode_slowdown) -> tuple[list[list[int]], list[list[int]], float, float]:
+    """Decode pairs LPT onto CTAs 0..k-1 (their loads stretched by decode_slowdown(k)); then prefill tiles LPT
+    onto all `grid` CTAs, a decode CTA starting from its decode load: the decode SMs take prefill tiles once
+    their K/V stream is done. Returns (decode lists, prefill lists [grid], decode makespan, makespan)."""
+    dec_lists, _ = lpt(decode_costs, k)
+    loads = [sum(decode_costs[i] for i in lst) * decode_slowdown(k) for lst in dec_lists] + [0.0] * (grid - k)
+    pre_lists, span = lpt(prefill_costs, grid, loads)
+    return dec_lists, pre_lists, max(loads[:k] or [0.0]), span
 
 
 @dataclass
@@ -689,9 +708,27 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     else:
         k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown)
     k = min(k, len(pairs)) if pairs else 0
-    dec_lists, _ = lpt(decode_costs, k)
-    pre_lists, _ = lpt(prefill_costs, grid - k)
-    cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
+    steal = None
+    if cfg.steal not in ("auto", "always", "never"):
+        raise ValueError(f"PodSm90Config.steal: 'auto', 'always' or 'never', not {cfg.steal!r}")
+    if cfg.steal != "never" and prefill_costs and 0 < k < grid:
+        # Decode CTAs may take prefill tiles after their pairs (LPT from their decode loads): where that
+        # beats the split's makespan (for some k around it), plan it.
+        cands = [k] if cfg.decode_ctas is not None else \
+            sorted({max(1, min(len(pairs), grid - 1, round(k * f))) for f in (0.8, 0.9, 1.0, 1.1, 1.25, 1.4)})
+        best = min(((lpt_with_stealing(prefill_costs, decode_costs, grid, c, slowdown), c) for c in cands),
+                   key=lambda x: (x[0][3], x[1]))
+        if cfg.steal == "always" or best[0][3] < max(t_p, t_d):
+            steal, k = best
+    if steal is not None:
+        dec_lists, pre_all, t_d, t_p = steal
+        # A CTA runs its decode pairs first (the producer's drain relies on that order), then its tiles.
+        cta_lists = [[-(p + 1) for p in dl] + list(pl) for dl, pl in zip(dec_lists, pre_all[:k])] \
+            + [list(pl) for pl in pre_all[k:]]
+    else:
+        dec_lists, _ = lpt(decode_costs, k)
+        pre_lists, _ = lpt(prefill_costs, grid - k)
+        cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
     cta_ptr = [0]
     for lst in cta_lists:
         cta_ptr.append(cta_ptr[-1] + len(lst))
