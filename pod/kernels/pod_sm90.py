@@ -513,8 +513,9 @@ class PodSm90Config:
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
     decode_xchg: bool = True             # decode softmax: warp maxima through shared memory, sums per thread
                                          # (False: gl.max / gl.sum down the columns; _decode_rows)
-    steal: str = "auto"                  # decode CTAs take prefill tiles after their pairs: "auto" where the
-                                         # cost model says it pays, "always" (checks), "never"
+    steal: str = "never"                 # decode CTAs take prefill tiles after their pairs: "auto" where the
+                                         # cost model says it pays (not yet swept with a correct LPT; see
+                                         # docs/hopper_pod.md), "always" (GPU checks), "never"
     decode_early_k: bool = True          # decode: release a stage's K half once S^T is computed (else with V)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
@@ -554,6 +555,7 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
         return [[] for _ in range(max(bins, 0))], max(start or [0.0])
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
     heap = [(start[b] if start else 0.0, b) for b in range(bins)]
+    heapq.heapify(heap)
     lists: list[list[int]] = [[] for _ in range(bins)]
     for i in order:
         load, b = heapq.heappop(heap)
