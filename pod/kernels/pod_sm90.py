@@ -11,12 +11,14 @@ SM, persistent, and walks a list of work items planned on the host:
     of one chunk for one q head, 128-key stages, the tile's own partition code looped;
   * a decode item pair is two decode items, (request, kv head, key range) each, one for each consumer
     warpgroup: stage t carries keys [64t, 64t+64) of item A in rows 0-63 and of item B in rows 64-127, so
-    the ring protocol is the prefill's (both consumers read every stage and release it), and a decode SM
-    streams K/V through the same 3 x 64 KB TMA ring at up to HBM rate from a fraction of the SMs.
+    both consumers read every stage (each releases its K half once S^T is computed, `empty`, and its V
+    half after O^T, `empty_v`), and a decode SM streams K/V through the same 3 x 64 KB TMA ring at up to
+    HBM rate from a fraction of the SMs. The softmax's column maxima cross the warpgroup's 4 warps once a
+    stage through 256 B of shared memory; the sums stay per thread until the item ends (_decode_rows).
 
 The planner (`plan_pod_sm90`) gives the decode pairs to `decode_ctas` CTAs and the prefill tiles to the
-rest, heaviest first onto the least-loaded CTA (LPT), choosing `decode_ctas` so both roles are estimated to
-finish together: prefill runs compute-bound on its SMs while decode streams K/V on its own. One launch
+rest (optionally to the decode CTAs too, after their pairs: `steal`), heaviest first onto the
+least-loaded CTA (LPT), choosing `decode_ctas` so both roles are estimated to finish together: prefill runs compute-bound on its SMs while decode streams K/V on its own. One launch
 beats two only where a decode SM streams well above HBM / #SMs (serial runs decode on every SM, their
 tensor cores idle); docs/hopper_pod.md has the rates measured so far and where the time goes.
 
