@@ -123,6 +123,22 @@ def _pair_rows(block_table, seq_a, seq_b, st_a, st_b, tile_a, tile_b, last_a, la
 
 
 @gluon.jit
+def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, g_a, g_b,
+                     NCOPY: gl.constexpr, COPY_ROWS: gl.constexpr, HALF_N: gl.constexpr, BLOCK_N: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, ELT: gl.constexpr):
+    """K (or V) of one decode-pair stage into `dst` [BLOCK_N, D]: the expected bytes on `bar` (one half-tile
+    or both), then copy c of _pair_rows' 2 * NCOPY rows into rows c * COPY_ROWS.. (item A's, then B's,
+    each from its kv head's columns; a copy of an item with no keys left is predicated off)."""
+    mbarrier.expect(bar, HALF_N * HEAD_DIM * ELT, pred=single)
+    mbarrier.expect(bar, BLOCK_N * HEAD_DIM * ELT, pred=both)
+    for c in gl.static_range(2 * NCOPY):
+        row = gl.sum(gl.where(ci == c, rows, 0), 0)
+        use = use_a if c < NCOPY else use_b
+        col = (g_a if c < NCOPY else g_b) * HEAD_DIM
+        tma.async_copy_global_to_shared(desc, [row, col], bar, dst.slice(c * COPY_ROWS, COPY_ROWS), pred=use)
+
+
+@gluon.jit
 def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items,
               q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
               num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
@@ -216,23 +232,11 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 single = t >= gl.minimum(n_a, n_b)
                 # A decode stage's K and V are released apart (K once S^T is computed): refill each alone.
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready_k.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
-                mbarrier.expect(ready_k.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
-                for c in gl.static_range(2 * NCOPY):
-                    row = gl.sum(gl.where(ci == c, rows, 0), 0)
-                    use = (t < n_a) if c < NCOPY else (t < n_b)
-                    col = (g_a if c < NCOPY else g_b) * HEAD_DIM
-                    tma.async_copy_global_to_shared(kd, [row, col], ready_k.index(s),
-                                                    k_smem.index(s).slice(c * D_COPY_ROWS, D_COPY_ROWS), pred=use)
+                _issue_pair_half(kd, ready_k.index(s), k_smem.index(s), rows, ci, single, both, t < n_a, t < n_b,
+                                 g_a, g_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
                 mbarrier.wait(empty_v.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready_v.index(s), HALF_N * HEAD_DIM * ELT, pred=single)
-                mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT, pred=both)
-                for c in gl.static_range(2 * NCOPY):
-                    row = gl.sum(gl.where(ci == c, rows, 0), 0)
-                    use = (t < n_a) if c < NCOPY else (t < n_b)
-                    col = (g_a if c < NCOPY else g_b) * HEAD_DIM
-                    tma.async_copy_global_to_shared(vd, [row, col], ready_v.index(s),
-                                                    v_smem.index(s).slice(c * D_COPY_ROWS, D_COPY_ROWS), pred=use)
+                _issue_pair_half(vd, ready_v.index(s), v_smem.index(s), rows, ci, single, both, t < n_a, t < n_b,
+                                 g_a, g_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
                 it += 1
             it_dec = it
 
@@ -453,7 +457,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
-              DECODE_EARLY_K: gl.constexpr):
+                    DECODE_EARLY_K: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
