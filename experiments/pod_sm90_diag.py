@@ -5,6 +5,8 @@
     python -m experiments.pod_sm90_diag split     # hybrid points: time vs decode CTAs around the planner's
                                                   # choice, each role's span inside the launch (%globaltimer)
     python -m experiments.pod_sm90_diag compare   # the planned launch vs triton_serial and each part alone
+    python -m experiments.pod_sm90_diag curve     # every point of a sweep (--sweep, default paper): time vs
+                                                  # forced decode CTAs, the planned launch, triton_serial
     python -m experiments.pod_sm90_diag launch    # three untimed launches of the decode role alone (64 x 8192
                                                   # on --ks[0] CTAs): a target for ncu / compute-sanitizer
     python -m experiments.pod_sm90_diag table FILE  # a short table of the JSON lines (no GPU needed)
@@ -218,6 +220,49 @@ def split(out, points=None, base=None) -> list[dict]:
     return rows
 
 
+CURVE_KS = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 124)
+
+
+def sweep_points(sweep: str = "paper"):
+    """The points of conf/sweep/<sweep>.yaml (models from conf/model/), as the harness expands them."""
+    from pathlib import Path
+    from omegaconf import OmegaConf
+    from experiments.harness.points import expand_points
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    models = {f.stem: OmegaConf.to_container(OmegaConf.load(f)) for f in (conf / "model").glob("*.yaml")}
+    return expand_points(OmegaConf.to_container(OmegaConf.load(conf / "sweep" / f"{sweep}.yaml")), models)
+
+
+def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1), base=None) -> list[dict]:
+    """Per point of a sweep: triton_serial, the planned launch (stealing off and "auto"), and the launch
+    with decode_ctas forced to each k in `ks` (the planner's estimate recorded beside each): the measured
+    time-vs-split curve a planner rule is fitted to (offline, from these rows)."""
+    from pod.kernels.pod_sm90 import PodSm90Config
+    from experiments.harness.points import shard as shard_points
+    rows = []
+    base = base or PodSm90Config()
+    for p in shard_points(sweep_points(sweep), *shard):
+        s = p.spec
+        c = s.prefill_chunks[0] if s.prefill_chunks else None
+        tag = dict(point_id=p.point_id, model=p.model, chunk=c.chunk_len if c else 0, ctx=c.context_len if c else 0,
+                   num_decode=s.num_decode, decode_len=max(s.decode_context_lens or [0]),
+                   prefill_flops=s.prefill_flops(), decode_bytes=s.decode_bytes())
+        bench = Bench(s)
+        rows.append(out(dict(what="triton_serial", **tag, **_backend(bench, "triton_serial"))))
+        r, work = _pod(bench, base, trace=True)
+        rows.append(out(dict(what="planned", **tag, **r)))
+        if s.num_prefill and s.num_decode:
+            r, _ = _pod(bench, replace(base, steal="auto"), trace=True)
+            rows.append(out(dict(what="planned steal=auto", **tag, **r)))
+            for k in ks:
+                if k < work.grid and k != work.decode_ctas:
+                    r, _ = _pod(bench, replace(base, decode_ctas=k), trace=True)
+                    rows.append(out(dict(what="decode_ctas", **tag, **r)))
+        del bench
+        torch.cuda.empty_cache()
+    return rows
+
+
 def compare(out, points=None, base=None) -> list[dict]:
     """The planned launch against triton_serial, fi_serial and each of our parts alone (same batch)."""
     from pod.kernels.pod_sm90 import PodSm90Config
@@ -283,11 +328,13 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from experiments.cli import command
     ap = argparse.ArgumentParser(prog=command("experiments.pod_sm90_diag"), description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("rates", "split", "compare", "launch", "table", "sweep-table"))
+    ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "table", "sweep-table"))
     ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first")
+    ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
+    ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
     ap.add_argument("--decode-gbps", type=float,
@@ -343,6 +390,7 @@ def main(argv: list[str]) -> int:
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
                                     a.old_softmax, a.late_k),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
+              curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base),
               launch=lambda o: launch(o, ks[0] if a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]

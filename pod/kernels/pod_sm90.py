@@ -515,6 +515,8 @@ class PodSm90Config:
     hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
     item_us: float = 2.0                 # fixed cost of an item: Q load, ring fill, epilogue
     min_split_keys: int = 512            # a split decode item has at least this many keys
+    plateau_tol: float | None = 0.02     # decode CTAs past HBM saturation: the fewest within this fraction of
+                                         # the balanced split's makespan (None: the balanced split; split_sms)
     decode_ctas: int | None = None       # force the decode CTA count (diagnostics); None: the model's
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
     decode_xchg: bool = True             # decode softmax: warp maxima through shared memory, sums per thread
@@ -570,9 +572,11 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
     return lists, max(load for load, _ in heap)
 
 
-def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, decode_slowdown) -> tuple[int, float, float]:
-    """(decode CTAs k, estimated prefill ms-us, estimated decode us): the k in [1, grid-1] that minimises
-    max(LPT(decode on k) * decode_slowdown(k), LPT(prefill on grid - k)); k = 0 or grid for one role."""
+def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, decode_slowdown,
+              plateau_tol: float | None = None) -> tuple[int, float, float]:
+    """(decode CTAs k, estimated prefill us, estimated decode us): the k in [1, grid-1] that minimises
+    max(LPT(decode on k) * decode_slowdown(k), LPT(prefill on grid - k)); k = 0 or grid for one role.
+    `plateau_tol`: where that k saturates HBM, the fewest decode CTAs within this fraction of its makespan."""
     if not decode_costs:
         return 0, lpt(prefill_costs, grid)[1], 0.0
     if not prefill_costs:
@@ -591,6 +595,22 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
             lo = mid + 1
     best = min({max(1, lo - 1), lo}, key=lambda k: (max(times(k)), k))
     tp, td = times(best)
+    if plateau_tol is not None and decode_slowdown(best) > 1.0:
+        # Past HBM saturation every extra decode CTA streams nothing more: the decode time stays flat while
+        # the prefill tiles crowd onto fewer SMs (H200, 512@0 + 64 x 8192 planned at 130 decode CTAs: 0.86 ms
+        # against 0.52 serial). Take the fewest decode CTAs whose decode estimate stays within `plateau_tol`
+        # of the balanced plan's makespan (the decode estimate only grows as k shrinks, the prefill's falls).
+        bound = (1.0 + plateau_tol) * max(tp, td)
+        lo, hi = 1, best
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if lpt(decode_costs, mid)[1] * decode_slowdown(mid) <= bound:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < best:
+            best = lo
+            tp, td = times(best)
     return best, tp, td
 
 
@@ -714,7 +734,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         k = max(1, min(cfg.decode_ctas, grid - 1))
         t_p, t_d = lpt(prefill_costs, grid - k)[1], lpt(decode_costs, k)[1] * slowdown(k)
     else:
-        k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown)
+        k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown, cfg.plateau_tol)
     k = min(k, len(pairs)) if pairs else 0
     steal = None
     if cfg.steal not in ("auto", "always", "never"):
