@@ -233,10 +233,12 @@ def sweep_points(sweep: str = "paper"):
     return expand_points(OmegaConf.to_container(OmegaConf.load(conf / "sweep" / f"{sweep}.yaml")), models)
 
 
-def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1), base=None) -> list[dict]:
-    """Per point of a sweep: triton_serial, the planned launch (stealing off and "auto"), and the launch
-    with decode_ctas forced to each k in `ks` (the planner's estimate recorded beside each): the measured
-    time-vs-split curve a planner rule is fitted to (offline, from these rows)."""
+def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1), base=None,
+          binds=("block",)) -> list[dict]:
+    """Per point of a sweep: triton_serial, then for each SM binding in `binds` (PodSm90Config.bind) the
+    planned launch and the launch with decode_ctas forced to each k in `ks` (the planner's estimate
+    recorded beside each): the measured time-vs-split curve a planner rule is fitted to (offline, from
+    these rows), and what binding the CTA lists to SMs changes."""
     from pod.kernels.pod_sm90 import PodSm90Config
     from experiments.harness.points import shard as shard_points
     rows = []
@@ -249,15 +251,15 @@ def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1
                    prefill_flops=s.prefill_flops(), decode_bytes=s.decode_bytes())
         bench = Bench(s)
         rows.append(out(dict(what="triton_serial", **tag, **_backend(bench, "triton_serial"))))
-        r, work = _pod(bench, base, trace=True)
-        rows.append(out(dict(what="planned", **tag, **r)))
-        if s.num_prefill and s.num_decode:
-            r, _ = _pod(bench, replace(base, steal="auto"), trace=True)
-            rows.append(out(dict(what="planned steal=auto", **tag, **r)))
-            for k in ks:
-                if k < work.grid and k != work.decode_ctas:
-                    r, _ = _pod(bench, replace(base, decode_ctas=k), trace=True)
-                    rows.append(out(dict(what="decode_ctas", **tag, **r)))
+        for bind in binds:
+            cfg = replace(base, bind=bind)
+            r, work = _pod(bench, cfg, trace=True)
+            rows.append(out(dict(what="planned", bind=bind, **tag, **r)))
+            if s.num_prefill and s.num_decode:
+                for k in ks:
+                    if k < work.grid and k != work.decode_ctas:
+                        r, _ = _pod(bench, replace(cfg, decode_ctas=k), trace=True)
+                        rows.append(out(dict(what="decode_ctas", bind=bind, **tag, **r)))
         del bench
         torch.cuda.empty_cache()
     return rows
@@ -334,6 +336,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first")
     ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
+    ap.add_argument("--binds", default="block", help="curve: comma-separated PodSm90Config.bind values to time")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
@@ -390,7 +393,8 @@ def main(argv: list[str]) -> int:
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
                                     a.old_softmax, a.late_k),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
-              curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base),
+              curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
+                                    tuple(a.binds.split(","))),
               launch=lambda o: launch(o, ks[0] if a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]

@@ -87,6 +87,31 @@ def _smid(x):
 
 
 @gluon.jit
+def _claim_list(sm_map, claim, n_lists):
+    """SM-aware binding: the CTA list this CTA runs, chosen by the SM it landed on. sm_map[smid] is the list
+    planned for that SM (-1: none); claim [n_lists + 2] int32 (zero between launches) holds a flag a list,
+    then a fallback cursor and an arrival count. A CTA whose SM's list is taken or missing (the grid is not
+    one CTA an SM, or another kernel holds SMs) takes the first unclaimed list from the cursor: every list
+    is run exactly once whatever the placement (as many lists as CTAs). The last CTA to claim zeroes
+    the workspace for the next launch (no memset launch; CUDA graphs replay it)."""
+    pref = gl.load(sm_map + _smid(n_lists))
+    mine = pref * 0 - 1
+    if pref >= 0:
+        if gl.atomic_xchg(claim + pref, 1) == 0:
+            mine = pref
+    while mine < 0:
+        i = gl.atomic_add(claim + n_lists, 1)
+        if gl.atomic_xchg(claim + i, 1) == 0:
+            mine = i
+    if gl.atomic_add(claim + n_lists + 1, 1) == n_lists - 1:
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        offs = gl.arange(0, 512, layout=lay)
+        for b in range(0, n_lists + 2, 512):
+            gl.store(claim + b + offs, 0, mask=b + offs < n_lists + 2)
+    return mine
+
+
+@gluon.jit
 def _decode_info(dec_items, pair, c, HALF_N: gl.constexpr):
     """Item c (0/1) of decode pair `pair`: (seq, request, kv head, first key, key count, partial row,
     half-tiles). seq < 0: no item (the pair's other consumer has one)."""
@@ -139,7 +164,7 @@ def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, g_a, 
 
 
 @gluon.jit
-def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items,
+def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
               q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
               num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
@@ -165,7 +190,6 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     v_full = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
     kd = tma.make_tensor_descriptor(K, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [D_COPY_ROWS, HEAD_DIM], d_lay)
     vd = tma.make_tensor_descriptor(V, [total_kv_rows, KV_STRIDE], [KV_STRIDE, 1], [D_COPY_ROWS, HEAD_DIM], d_lay)
-    cta = gl.program_id(0)
     j0 = gl.load(cta_ptr + cta)
     j1 = gl.load(cta_ptr + cta + 1)
     it = j0 * 0                                          # ring slots used so far
@@ -353,8 +377,8 @@ def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
-              q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace, num_q_heads, qk_scale,
-              HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+              q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
+              qk_scale, HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
               TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
               DECODE_EARLY_K: gl.constexpr):
@@ -374,7 +398,6 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
     st_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
     d_rows = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, d_layout))     # decode O^T: rows = d
     d_cols = gl.arange(0, DEC_N, layout=gl.SliceLayout(0, d_layout))        #             columns = q heads
-    cta = gl.program_id(0)
     j0 = gl.load(cta_ptr + cta)
     j1 = gl.load(cta_ptr + cta + 1)
     if TRACE:
@@ -451,14 +474,18 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
 
 @gluon.jit
 def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_indptr, block_table, work_units,
-                    dec_items, cta_ptr, cta_items, trace,
+                    dec_items, cta_ptr, cta_items, trace, sm_map, claim,
                     num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt, qk_scale,
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
-                    DECODE_EARLY_K: gl.constexpr):
+                    DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
+    if BIND:                                             # the list planned for this SM (_claim_list)
+        cta = _claim_list(sm_map, claim, gl.num_programs(0))
+    else:                                                # CTA i runs list i, wherever it landed
+        cta = gl.program_id(0)
     ROWS: gl.constexpr = BLOCK_M // 2
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
@@ -485,15 +512,15 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
-                     num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
+                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
                      TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, trace,
-                     num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
+                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
                      TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
-                     cta_items, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
+                     cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
                      BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -514,8 +541,10 @@ class PodSm90Config:
     decode_gbps_per_sm: float = 70.0     # a decode CTA's K/V stream, ~48 decode CTAs (16-token pages; docs/hopper_pod.md)
     hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
     item_us: float = 2.0                 # fixed cost of an item: Q load, ring fill, epilogue
+    item_us_hbm: float = 30.0            # more a prefill item costs beside decode CTAs that saturate HBM
+                                         # (scaled by their share of it; docs/hopper_pod.md)
     min_split_keys: int = 512            # a split decode item has at least this many keys
-    plateau_tol: float | None = 0.02     # decode CTAs past HBM saturation: the fewest within this fraction of
+    plateau_tol: float | None = None     # decode CTAs past HBM saturation: the fewest within this fraction of
                                          # the balanced split's makespan (None: the balanced split; split_sms)
     decode_ctas: int | None = None       # force the decode CTA count (diagnostics); None: the model's
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
@@ -525,6 +554,10 @@ class PodSm90Config:
                                          # cost model says it pays (not yet swept with a correct LPT; see
                                          # docs/hopper_pod.md), "always" (GPU checks), "never"
     decode_early_k: bool = True          # decode: release a stage's K half once S^T is computed (else with V)
+    bind: str = "block"                  # which SM runs which CTA list: "block" (list = blockIdx, wherever the
+                                         # hardware puts it), "smid" (list i on SM i: decode lists on the lowest
+                                         # SM ids), "stride" (decode lists on SM ids spread evenly), "collide"
+                                         # (checks: every SM asks for list 0, the rest claimed by fallback)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -555,6 +588,29 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
     return None
 
 
+SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
+BINDS = ("block", "smid", "stride", "collide")
+
+
+def sm_order(bind: str, num_sms: int, decode_ctas: int) -> list[int]:
+    """The SM each CTA list is planned on (list i on SM order[i]; decode lists are 0..decode_ctas-1)."""
+    if bind == "stride" and 0 < decode_ctas < num_sms:
+        dec = [i * num_sms // decode_ctas for i in range(decode_ctas)]    # distinct: num_sms >= decode_ctas
+        taken = set(dec)
+        return dec + [sm for sm in range(num_sms) if sm not in taken]
+    return list(range(num_sms))
+
+
+def sm_map_for(bind: str, num_sms: int, decode_ctas: int, grid: int) -> list[int]:
+    """sm_map [SM_SLOTS] for _claim_list: the list planned for each SM id, -1 for none."""
+    m = [-1] * SM_SLOTS
+    if bind == "collide":
+        return [0] * SM_SLOTS
+    for i, sm in enumerate(sm_order(bind, num_sms, decode_ctas)[:grid]):
+        m[sm] = i
+    return m
+
+
 def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tuple[list[list[int]], float]:
     """Longest processing time first: items (by index, heaviest first, ties in index order) onto the
     least-loaded of `bins` bins (`start`: each bin's load before these items). Returns each bin's items in
@@ -572,18 +628,25 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
     return lists, max(load for load, _ in heap)
 
 
+def _shifted(costs: list[float], extra: float) -> list[float]:
+    return costs if not extra else [c + extra for c in costs]
+
+
 def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, decode_slowdown,
-              plateau_tol: float | None = None) -> tuple[int, float, float]:
+              plateau_tol: float | None = None, prefill_extra=None) -> tuple[int, float, float]:
     """(decode CTAs k, estimated prefill us, estimated decode us): the k in [1, grid-1] that minimises
     max(LPT(decode on k) * decode_slowdown(k), LPT(prefill on grid - k)); k = 0 or grid for one role.
-    `plateau_tol`: where that k saturates HBM, the fewest decode CTAs within this fraction of its makespan."""
+    `plateau_tol`: where that k saturates HBM, the fewest decode CTAs within this fraction of its makespan.
+    `prefill_extra(k)`: us added to every prefill item beside k decode CTAs (their HBM traffic slows the
+    prefill items' dependent loads: block table, tail descriptors, Q, the first stage)."""
+    extra = prefill_extra or (lambda k: 0.0)
     if not decode_costs:
         return 0, lpt(prefill_costs, grid)[1], 0.0
     if not prefill_costs:
         return grid, 0.0, lpt(decode_costs, grid)[1] * decode_slowdown(grid)
 
     def times(k):
-        return lpt(prefill_costs, grid - k)[1], lpt(decode_costs, k)[1] * decode_slowdown(k)
+        return lpt(_shifted(prefill_costs, extra(k)), grid - k)[1], lpt(decode_costs, k)[1] * decode_slowdown(k)
 
     lo, hi = 1, grid - 1                     # smallest k whose decode time <= its prefill time
     while lo < hi:
@@ -640,6 +703,8 @@ class PodSm90Work:
     cta_items: torch.Tensor         # [items] int32: >= 0 prefill tile, < 0 decode pair -(p + 1)
     decode: DecodeWork | None       # the decode plan: splits, partial workspace, merge list (None: no decodes)
     estimate_us: dict
+    sm_map: torch.Tensor | None = None   # [SM_SLOTS] int32: the list planned for each SM (config.bind != "block")
+    claim: torch.Tensor | None = None    # [grid + 2] int32 zeros: _claim_list's workspace (one launch at a time)
 
     @property
     def num_tiles(self) -> int:
@@ -730,13 +795,18 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     def slowdown(k):                          # k decode CTAs share HBM
         return max(1.0, k * cfg.decode_gbps_per_sm / cfg.hbm_gbps)
 
+    def prefill_extra(k):                     # a prefill item's extra latency beside k decode CTAs
+        return cfg.item_us_hbm * min(1.0, k * cfg.decode_gbps_per_sm / cfg.hbm_gbps)
+
     if cfg.decode_ctas is not None and prefill_costs and pairs:
         k = max(1, min(cfg.decode_ctas, grid - 1))
-        t_p, t_d = lpt(prefill_costs, grid - k)[1], lpt(decode_costs, k)[1] * slowdown(k)
+        t_p, t_d = lpt(_shifted(prefill_costs, prefill_extra(k)), grid - k)[1], lpt(decode_costs, k)[1] * slowdown(k)
     else:
-        k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown, cfg.plateau_tol)
+        k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown, cfg.plateau_tol, prefill_extra)
     k = min(k, len(pairs)) if pairs else 0
     steal = None
+    if cfg.bind not in BINDS:
+        raise ValueError(f"PodSm90Config.bind: one of {BINDS}, not {cfg.bind!r}")
     if cfg.steal not in ("auto", "always", "never"):
         raise ValueError(f"PodSm90Config.steal: 'auto', 'always' or 'never', not {cfg.steal!r}")
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
@@ -758,7 +828,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
             + [list(pl) for pl in pre_all[k:]]
     else:
         dec_lists, _ = lpt(decode_costs, k)
-        pre_lists, _ = lpt(prefill_costs, grid - k)
+        pre_lists, _ = lpt(_shifted(prefill_costs, prefill_extra(k)), grid - k)
         cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
     cta_ptr = [0]
     for lst in cta_lists:
@@ -776,7 +846,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     def i32(x, shape):
         return torch.tensor(x, dtype=torch.int32).reshape(shape).to(device)
 
+    bound = cfg.bind != "block"
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
+                       sm_map=i32(sm_map_for(cfg.bind, num_sms, k, len(cta_lists)), (-1,)) if bound else None,
+                       claim=i32([0] * (len(cta_lists) + 2), (-1,)) if bound else None,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(pairs),
                        work_units=i32(units or [(0, 0)], (-1, 2)), dec_items=i32(rows or [(-1, 0, 0, 0, 1, -1)] * 2, (-1, 6)),
                        cta_ptr=i32(cta_ptr, (-1,)), cta_items=i32(flat, (-1,)), decode=dec,
@@ -808,6 +881,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
     args = (q, qd, k, v, o, od, part_o, part_lse, batch.q_indptr, batch.kv_lens, kv_indptr, bt,
             work.work_units, work.dec_items, work.cta_ptr, work.cta_items,
             trace if trace is not None else work.cta_ptr,
+            work.sm_map if work.sm_map is not None else work.cta_ptr,
+            work.claim if work.claim is not None else work.cta_ptr,
             h.num_q_heads, q.shape[0] if q is batch.q_prefill else 1, qd.shape[0] * h.num_q_heads,
             k.shape[0] * k.shape[1] if paged else k.shape[0], bt.stride(0) if paged else 0,
             float(batch.sm_scale) * LOG2E)
@@ -815,7 +890,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
                  TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
-                 DECODE_EARLY_K=cfg.decode_early_k)
+                 DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None)
     return args, const
 
 
