@@ -280,7 +280,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     """(f) pod/kernels/pod_sm90.py on POD_SM90_CHECK_SHAPES x layouts x dtypes x seeds, each with the
     planner's grid and with a 4-CTA grid (many items a CTA: ring and Q-handshake phases across items, pairs
     of unequal items), a forced 1-CTA decode role, and 2 decode CTAs of 6 that take prefill tiles after
-    their pairs (a ring used by both roles), the lists bound to SMs by %smid ("smid", "stride") and a
+    their pairs (a ring used by both roles), lists bound to blocks ("block") or spread SMs ("stride"; the
+    default binds them to SMs by %smid) and a
     12-CTA grid whose SMs all ask for list 0 (every other list claimed through the fallback): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
     equal. `shard=(i, n)`: only cases i, i+n, ... (n processes compile their kernels in parallel)."""
@@ -291,7 +292,7 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     grids = {"planned": PodSm90Config(), "ctas4": PodSm90Config(num_ctas=4),
              "decode1": PodSm90Config(num_ctas=12, decode_ctas=1),
              "steal": PodSm90Config(num_ctas=6, decode_ctas=2, steal="always"),
-             "smid": PodSm90Config(bind="smid"), "stride": PodSm90Config(bind="stride"),
+             "block": PodSm90Config(bind="block"), "stride": PodSm90Config(bind="stride"),
              "collide": PodSm90Config(num_ctas=12, bind="collide")}
     case = -1
     for n_case, (heads, chunks, decodes, layouts, dtypes) in enumerate(POD_SM90_CHECK_SHAPES):

@@ -58,7 +58,8 @@ class Plan:
     counters: torch.Tensor             # int32 [COUNTER_WORDS] scheduling counters (zeros between runs)
     prefill_share: int                 # role policy: prefill_share of every policy_period SM arrival slots
     policy_period: int
-    launches: tuple[Launch, ...]       # fused: one; serial: none (standalone kernels)
+    launches: tuple[Launch, ...]       # fused: one; serial, fused_sm90: none (their own launches)
+    sm90: KernelWork | None = None     # fused_sm90: the Hopper POD kernel's plan (pod/kernels/pod_sm90.py)
 
     @property
     def n_prefill_tiles(self) -> int:
@@ -80,6 +81,8 @@ class Plan:
                  n_decode_tiles=self.n_decode_tiles, grid=[l.grid for l in self.launches],
                  prefill_share=self.prefill_share, policy_period=self.policy_period,
                  max_kv_splits=max(self.decode.splits, default=0))
+        if self.sm90 is not None:
+            d["sm90"] = self.sm90.describe()
         return d
 
     def runner(self, batch: HybridBatch, o_prefill: torch.Tensor | None = None,
@@ -91,6 +94,8 @@ class Plan:
             o_prefill = torch.empty_like(batch.q_prefill)
         if o_decode is None:
             o_decode = torch.empty_like(batch.q_decode)
+        if self.config.variant == "fused_sm90":
+            return self.sm90.runner(batch, o_prefill, o_decode)
         if self.config.variant == "serial":
             launch_prefill = self.prefill.runner(batch, o_prefill)
             launch_decode = self.decode.runner(batch, o_decode)
@@ -122,7 +127,16 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
     if overrides:
         config = replace(config, **overrides)
 
-    if config.variant == "serial":
+    sm90 = None
+    if config.variant == "fused_sm90":
+        # One launch of the Hopper POD kernel (its own planner: SM split, lists, decode splits); the
+        # standalone prefill plan stays for describe()'s tile count.
+        from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
+        sm90 = plan_pod_sm90(spec, PodSm90Config(), num_sms=num_sms, device=device)
+        pre = plan_chunked_prefill(spec, None, device=device)
+        dec = sm90.decode
+        launches = ()
+    elif config.variant == "serial":
         # Two launches of the standalone kernels with their own defaults (= triton_serial): the prefill
         # kernel pod.prefill picks (the Hopper tile on sm_90), the decode kernel's own plan.
         pre = plan_chunked_prefill(spec, None, device=device)
@@ -142,7 +156,7 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
     return Plan(spec=spec, config=config, device=device, num_sms=num_sms,
                 simulate_smid=_simulate_smid(device), prefill=pre, decode=dec,
                 counters=torch.zeros(COUNTER_WORDS, dtype=torch.int32, device=device),
-                prefill_share=share, policy_period=period, launches=launches)
+                prefill_share=share, policy_period=period, launches=launches, sm90=sm90)
 
 
 def _launch_kwargs(config: PodConfig, paged: bool) -> dict:

@@ -26,6 +26,11 @@ PREFILL_TFLOPS = 350.0        # prefill attention alone, TFLOP/s (causal FLOPs o
 DECODE_GBPS = 2800.0          # decode attention alone, GB/s (BatchSpec.decode_bytes)
 # ---- when to fuse ------------------------------------------------------------------------------------
 MIN_OVERLAP_SHARE = 0.05      # fuse only if min(t_prefill, t_decode) >= this share of max(...)
+# ---- Hopper (the prefill kernel is the sm90 tile): the fused Hopper kernel (pod/kernels/pod_sm90.py) -----
+SM90_PREFILL_TFLOPS = 568.0   # the Hopper prefill tile alone on an H200 (4.3 TFLOP/s an SM x 132)
+SM90_DECODE_GBPS = 4300.0     # decode alone: HBM
+SM90_MIN_OVERLAP_SHARE = 0.10 # fuse on Hopper only if min(t_prefill, t_decode) >= this share of max(...):
+                              # measured over the paper sweep's 46 points (docs/hopper_pod.md, "dispatcher")
 # ---- role policy ---------------------------------------------------------------------------------------
 PROPORTIONAL_ABOVE = 3.0      # if one role's estimated time is > this x the other's: proportional policy
 POLICY_PERIOD = 8             # proportional shares are k/POLICY_PERIOD, k in 1..POLICY_PERIOD-1
@@ -42,7 +47,7 @@ DECODE_CTAS_PER_SM_TARGET = 2 # split decode KV until #decode tiles >= this x #S
 MIN_SPLIT_TOKENS = 512        # ... but never below this many keys per split ...
 MAX_KV_SPLITS = 16            # ... nor more splits than this per request
 
-VARIANTS = ("fused", "serial")
+VARIANTS = ("fused", "serial", "fused_sm90")   # fused_sm90: one launch of the Hopper POD kernel
 POLICIES = ("alternating", "proportional")
 PREFILL_KERNELS = ("portable", "sm90")   # pod.prefill.resolve_prefill_kernel's answers
 
@@ -125,6 +130,17 @@ def estimated_ms(spec: BatchSpec) -> tuple[float, float]:
     return t_prefill, t_decode
 
 
+def sm90_fuses(spec: BatchSpec) -> bool:
+    """Hopper: one launch of pod_sm90 (else the two standalone launches) when it handles the batch and the
+    smaller role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates)."""
+    from pod.kernels.pod_sm90 import pod_sm90_supports
+    if not (spec.num_prefill and spec.num_decode) or pod_sm90_supports(spec) is not None:
+        return False
+    t_prefill = spec.prefill_flops() / SM90_PREFILL_TFLOPS
+    t_decode = spec.decode_bytes() / SM90_DECODE_GBPS * 1e3
+    return min(t_prefill, t_decode) >= SM90_MIN_OVERLAP_SHARE * max(t_prefill, t_decode)
+
+
 def role_policy(spec: BatchSpec, config: PodConfig) -> tuple[int, int]:
     """(prefill_share, policy_period): a CTA whose arrival slot s on its SM has
     floor((s+1)*share/period) - floor(s*share/period) == 1 starts as a prefill CTA."""
@@ -166,12 +182,11 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     # 1. one role only, or one role negligible next to the other: nothing to overlap.
     if min(t_prefill, t_decode) < MIN_OVERLAP_SHARE * max(t_prefill, t_decode):
         return replace(base, variant="serial")   # the standalone decode plan picks its own splits
-    # 2. the standalone prefill is the Hopper tile: the fused kernel's prefill role is the portable tile
-    # (BLOCK_N 32 under a register cap for two CTAs an SM), while the Hopper tile runs 1.5-1.8x the
-    # portable one (docs/hopper_prefill.md): fusing cannot beat the two launches until a fused kernel is
-    # built on the Hopper tile.
+    # 2. the standalone prefill is the Hopper tile: the portable fused kernel (BLOCK_N 32 under a register
+    # cap for two CTAs an SM) cannot beat it (docs/hopper_prefill.md); the Hopper POD kernel, built on that
+    # tile, runs the batch in one launch where both roles weigh enough (the rule measured on the H200).
     if prefill_kernel == "sm90":
-        return replace(base, variant="serial")
+        return replace(base, variant="fused_sm90" if sm90_fuses(spec) else "serial")
     # 3. both roles matter: fuse. Policy by imbalance of the estimated times.
     ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
     policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"

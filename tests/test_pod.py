@@ -228,17 +228,40 @@ def test_dispatch_negligible_role_is_serial_and_balanced_is_fused():
     assert choose_config(lopsided, 132).variant == "serial"
 
 
-def test_dispatch_with_the_hopper_prefill_tile_is_serial():
+def test_dispatch_with_the_hopper_prefill_tile():
     """The Hopper rule is the dispatcher's, a pure function of named facts: where the standalone prefill
-    would be the Hopper tile, a batch that would fuse runs serial (no GPU needed: the fact is passed in)."""
+    would be the Hopper tile, a batch whose smaller role weighs >= SM90_MIN_OVERLAP_SHARE of the larger runs
+    the Hopper POD kernel (fused_sm90), anything else the two standalone launches (no GPU needed)."""
+    from pod.dispatch import SM90_MIN_OVERLAP_SHARE, sm90_fuses
     balanced = BatchSpec.build(**LLAMA3, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
     assert choose_config(balanced, 132, prefill_kernel="portable").variant == "fused"
     assert choose_config(balanced, 132).variant == "fused"                 # portable is the default
     base = PodConfig(block_n_decode=32)
     hopper = choose_config(balanced, 132, base, prefill_kernel="sm90")
-    assert hopper == replace(base, variant="serial")                      # the base's knobs, untouched
+    assert hopper == replace(base, variant="fused_sm90")                  # the base's knobs, untouched
+    # decode-heavy: 1024 new tokens over 4096 beside 64 x 16384 decodes with 32 KV heads (MHA)
+    heavy = BatchSpec.build(num_q_heads=32, num_kv_heads=32, head_dim=128, prefill=[(1024, 4096)],
+                            decode=[16384] * 64, page_size=16)
+    t_p, t_d = heavy.prefill_flops() / 568.0, heavy.decode_bytes() / 4300.0 * 1e3
+    assert min(t_p, t_d) < SM90_MIN_OVERLAP_SHARE * max(t_p, t_d) and not sm90_fuses(heavy)
+    assert choose_config(heavy, 132, base, prefill_kernel="sm90") == replace(base, variant="serial")
+    only_d = BatchSpec.build(**LLAMA3, decode=[8192] * 64, page_size=16)
+    assert choose_config(only_d, 132, prefill_kernel="sm90").variant == "serial"
+    big_group = BatchSpec.build(num_q_heads=64, num_kv_heads=1, head_dim=128, prefill=[(1024, 4096)],
+                                decode=[2048] * 64, page_size=16)     # a GQA group pod_sm90 refuses
+    assert not sm90_fuses(big_group)
     with pytest.raises(ValueError, match="prefill_kernel"):
         choose_config(balanced, 132, prefill_kernel="hopper")
+
+
+def test_a_fused_sm90_plan_holds_the_hopper_kernels_plan():
+    """plan() with variant fused_sm90 carries pod_sm90's plan (shape-only, so on the CPU too) and
+    describes it; its runner is that plan's."""
+    spec = BatchSpec.build(**LLAMA3, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
+    p = plan(spec, PodConfig(variant="fused_sm90", num_sms=132), device="cpu")
+    assert p.sm90 is not None and p.sm90.grid == 132 and p.launches == ()
+    assert p.describe()["sm90"]["decode_ctas"] == p.sm90.decode_ctas > 0
+    assert p.decode is p.sm90.decode
 
 
 def test_dispatch_policy_and_splits():
@@ -403,9 +426,11 @@ print(json.dumps(triton_compile(ASTSource(k, sig, consts, attrs), target=target,
     assert _ptx_irreducible_edges(ptx) == []
 
 
-def test_dispatch_on_hopper_runs_the_hopper_prefill_serially(monkeypatch):
-    """Where pod.prefill would run the Hopper tile, the dispatcher picks serial (Hopper prefill + decode)
-    over the fused kernel, whose prefill role is the portable tile; elsewhere its choice stands."""
+def test_dispatch_on_hopper_runs_the_hopper_kernels(monkeypatch):
+    """Where pod.prefill would run the Hopper tile, the dispatcher picks the Hopper POD kernel (a balanced
+    batch) or serial (Hopper prefill + decode: a lopsided one) over the portable fused kernel, whose
+    prefill role is the portable tile; elsewhere its choice stands."""
+    from pod.dispatch import sm90_fuses
     import pod.api as api
     spec = BatchSpec.build(32, 8, 128, prefill=[(1024, 4096)], decode=[4096] * 32, page_size=16)
     assert api.plan(spec, device="cpu").config.variant != "serial"      # fused where the portable tile runs
@@ -415,6 +440,10 @@ def test_dispatch_on_hopper_runs_the_hopper_prefill_serially(monkeypatch):
     monkeypatch.setattr(api, "plan_chunked_prefill",
                         lambda spec, config, device: planned.append(config) or real_plan(spec, "interpret", device))
     p = api.plan(spec, device="cpu")
-    assert p.config.variant == "serial" and p.launches == () and planned == [None]
+    assert sm90_fuses(spec) and p.config.variant == "fused_sm90" and p.sm90 is not None
+    assert p.launches == () and planned == [None]
+    lopsided = BatchSpec.build(32, 8, 128, prefill=[(16, 0)], decode=[4096] * 32, page_size=16)
+    p = api.plan(lopsided, device="cpu")
+    assert not sm90_fuses(lopsided) and p.config.variant == "serial" and p.sm90 is None
     # An explicit config is never overridden.
     assert api.plan(spec, api.PodConfig(variant="fused"), device="cpu").config.variant == "fused"

@@ -538,13 +538,14 @@ class PodSm90Config:
     consumer_regs: int = 232
     producer_regs: int = 48
     prefill_tflops_per_sm: float = 4.3   # the prefill tile's rate on one SM (572 TFLOP/s / 132 SMs)
-    decode_gbps_per_sm: float = 70.0     # a decode CTA's K/V stream, ~48 decode CTAs (16-token pages; docs/hopper_pod.md)
+    decode_gbps_per_sm: float = 67.0     # a decode CTA's K/V stream: HBM (4.3 TB/s) from 64 SM-bound decode CTAs
+                                         # (16-token pages; docs/hopper_pod.md)
     hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
     item_us: float = 2.0                 # fixed cost of an item: Q load, ring fill, epilogue
-    item_us_hbm: float = 30.0            # more a prefill item costs beside decode CTAs that saturate HBM
+    item_us_hbm: float = 20.0            # more a prefill item costs beside decode CTAs that saturate HBM
                                          # (scaled by their share of it; docs/hopper_pod.md)
     min_split_keys: int = 512            # a split decode item has at least this many keys
-    plateau_tol: float | None = None     # decode CTAs past HBM saturation: the fewest within this fraction of
+    plateau_tol: float | None = 0.02     # decode CTAs past HBM saturation: the fewest within this fraction of
                                          # the balanced split's makespan (None: the balanced split; split_sms)
     decode_ctas: int | None = None       # force the decode CTA count (diagnostics); None: the model's
     num_ctas: int | None = None          # force the grid (diagnostics: per-SM rates); None: one CTA a SM
@@ -554,7 +555,7 @@ class PodSm90Config:
                                          # cost model says it pays (not yet swept with a correct LPT; see
                                          # docs/hopper_pod.md), "always" (GPU checks), "never"
     decode_early_k: bool = True          # decode: release a stage's K half once S^T is computed (else with V)
-    bind: str = "block"                  # which SM runs which CTA list: "block" (list = blockIdx, wherever the
+    bind: str = "smid"                   # which SM runs which CTA list: "block" (list = blockIdx, wherever the
                                          # hardware puts it), "smid" (list i on SM i: decode lists on the lowest
                                          # SM ids), "stride" (decode lists on SM ids spread evenly), "collide"
                                          # (checks: every SM asks for list 0, the rest claimed by fallback)
