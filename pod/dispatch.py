@@ -31,6 +31,8 @@ SM90_PREFILL_TFLOPS = 568.0   # the Hopper prefill tile alone on an H200 (4.3 TF
 SM90_DECODE_GBPS = 4300.0     # decode alone: HBM
 SM90_MIN_OVERLAP_SHARE = 0.10 # fuse on Hopper only if min(t_prefill, t_decode) >= this share of max(...):
                               # measured over the paper sweep's 46 points (docs/hopper_pod.md, "dispatcher")
+SM90_MHA_MIN_OVERLAP_SHARE = 0.40  # ... and this for MHA (one q head a KV head: the swap-AB decode pads
+                              # 1 column to 16), which lost 0.86-0.99x at shares 0.16-0.3 and won at 0.5
 # ---- role policy ---------------------------------------------------------------------------------------
 PROPORTIONAL_ABOVE = 3.0      # if one role's estimated time is > this x the other's: proportional policy
 POLICY_PERIOD = 8             # proportional shares are k/POLICY_PERIOD, k in 1..POLICY_PERIOD-1
@@ -132,13 +134,15 @@ def estimated_ms(spec: BatchSpec) -> tuple[float, float]:
 
 def sm90_fuses(spec: BatchSpec) -> bool:
     """Hopper: one launch of pod_sm90 (else the two standalone launches) when it handles the batch and the
-    smaller role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates)."""
+    smaller role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates; MHA:
+    SM90_MHA_MIN_OVERLAP_SHARE)."""
     from pod.kernels.pod_sm90 import pod_sm90_supports
     if not (spec.num_prefill and spec.num_decode) or pod_sm90_supports(spec) is not None:
         return False
     t_prefill = spec.prefill_flops() / SM90_PREFILL_TFLOPS
     t_decode = spec.decode_bytes() / SM90_DECODE_GBPS * 1e3
-    return min(t_prefill, t_decode) >= SM90_MIN_OVERLAP_SHARE * max(t_prefill, t_decode)
+    need = SM90_MIN_OVERLAP_SHARE if spec.heads.group_size > 1 else SM90_MHA_MIN_OVERLAP_SHARE
+    return min(t_prefill, t_decode) >= need * max(t_prefill, t_decode)
 
 
 def role_policy(spec: BatchSpec, config: PodConfig) -> tuple[int, int]:

@@ -239,12 +239,15 @@ def test_dispatch_with_the_hopper_prefill_tile():
     base = PodConfig(block_n_decode=32)
     hopper = choose_config(balanced, 132, base, prefill_kernel="sm90")
     assert hopper == replace(base, variant="fused_sm90")                  # the base's knobs, untouched
-    # decode-heavy: 1024 new tokens over 4096 beside 64 x 16384 decodes with 32 KV heads (MHA)
-    heavy = BatchSpec.build(num_q_heads=32, num_kv_heads=32, head_dim=128, prefill=[(1024, 4096)],
+    # decode-heavy: 256 new tokens beside 64 x 16384 decodes
+    heavy = BatchSpec.build(num_q_heads=32, num_kv_heads=8, head_dim=128, prefill=[(256, 0)],
                             decode=[16384] * 64, page_size=16)
     t_p, t_d = heavy.prefill_flops() / 568.0, heavy.decode_bytes() / 4300.0 * 1e3
     assert min(t_p, t_d) < SM90_MIN_OVERLAP_SHARE * max(t_p, t_d) and not sm90_fuses(heavy)
     assert choose_config(heavy, 132, base, prefill_kernel="sm90") == replace(base, variant="serial")
+    mha = dict(num_q_heads=32, num_kv_heads=32, head_dim=128)   # MHA fuses only from a larger share
+    assert not sm90_fuses(BatchSpec.build(**mha, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16))
+    assert sm90_fuses(BatchSpec.build(**mha, prefill=[(1024, 4096)], decode=[2048] * 16, page_size=16))
     only_d = BatchSpec.build(**LLAMA3, decode=[8192] * 64, page_size=16)
     assert choose_config(only_d, 132, prefill_kernel="sm90").variant == "serial"
     big_group = BatchSpec.build(num_q_heads=64, num_kv_heads=1, head_dim=128, prefill=[(1024, 4096)],

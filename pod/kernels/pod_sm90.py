@@ -169,8 +169,11 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
               num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
-              STAGES: gl.constexpr):
-    """1 warp: every TMA copy of the CTA's items, in item order, through the one ring."""
+              STAGES: gl.constexpr, TAIL_MASK: gl.constexpr):
+    """1 warp: every TMA copy of the CTA's items, in item order, through the one ring. TAIL_MASK: a prefill
+    item's last page comes through the whole-tensor descriptors like every other (its stale V rows are
+    zeroed by the consumers), so items follow each other through the ring without a drain; else through
+    tail descriptors rebuilt per item after the ring drains (TMA zero-fills past kv_len)."""
     dtype: gl.constexpr = K.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -200,16 +203,20 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
         if item >= 0:
             chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
-            # Drain the ring before rewriting the tail descriptors: no copy in flight reads them. A slot a
-            # decode pair used last is free once its V half is released too (empty_v; decode came first).
-            for jj in gl.static_range(STAGES):
-                prev = it - STAGES + jj
-                mbarrier.wait(empty.index((prev + STAGES) % STAGES), (prev // STAGES) & 1, pred=prev >= 0)
-                mbarrier.wait(empty_v.index((prev + STAGES) % STAGES), (prev // STAGES) & 1,
-                              pred=(prev >= 0) & (prev < it_dec))
             tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
-            k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-            v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+            if TAIL_MASK:
+                k_tail = k_full
+                v_tail = v_full
+            else:
+                # Drain the ring before rewriting the tail descriptors: no copy in flight reads them. A slot
+                # a decode pair used last is free once its V half is released too (empty_v; decode first).
+                for jj in gl.static_range(STAGES):
+                    prev = it - STAGES + jj
+                    mbarrier.wait(empty.index((prev + STAGES) % STAGES), (prev // STAGES) & 1, pred=prev >= 0)
+                    mbarrier.wait(empty_v.index((prev + STAGES) % STAGES), (prev // STAGES) & 1,
+                                  pred=(prev >= 0) & (prev < it_dec))
+                k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
+                v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
             mbarrier.wait(q_empty, (n & 1) ^ 1)
             mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * ELT)
             for i in gl.static_range(2):
@@ -218,6 +225,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
             for t in range(n_tiles):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                if TAIL_MASK:                            # a slot a decode pair used last: its V half too
+                    mbarrier.wait(empty_v.index(s), ((it // STAGES) & 1) ^ 1, pred=it - STAGES < it_dec)
                 mbarrier.expect(ready_k.index(s), BLOCK_N * HEAD_DIM * ELT)
                 mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT)
                 _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, chunk, kv_start, t, last_idx, stride_bt,
@@ -377,12 +386,14 @@ def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
-              q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
+              vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
               qk_scale, HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
               TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
-              DECODE_EARLY_K: gl.constexpr):
-    """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair."""
+              DECODE_EARLY_K: gl.constexpr, TAIL_MASK: gl.constexpr):
+    """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair.
+    TAIL_MASK: on a prefill item's last KV tile, V rows past kv_len (stale page slots: a NaN there would
+    reach P V as 0 * NaN) are zeroed, each consumer its 64 rows, both before either's P V (`vz`)."""
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
     Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
@@ -404,6 +415,9 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
         t_start = _globaltimer(cta)
     it = j0 * 0
     n_pre = j0 * 0
+    n_tail = j0 * 0                                      # prefill items with stale V rows so far: vz's phase
+    z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    z_rows = HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, z_layout))
     for j in range(j0, j1):
         n = j - j0
         item = gl.load(cta_items + j)
@@ -412,9 +426,28 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             row0 = q_pos0 + HALF * ROWS
             mbarrier.wait(q_ready, n & 1)
-            acc, l_i, m_i = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
-                                         gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
-                                         ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
+            if TAIL_MASK:
+                acc, l_i, m_i, pb = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
+                                                 gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
+                                                 ROWS, HEAD_DIM, BLOCK_N, STAGES, 4, False)
+                sl = (it + n_tiles - 1) % STAGES
+                mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
+                valid = kv_len - (n_tiles - 1) * BLOCK_N          # keys of the last tile before kv_len
+                if valid < BLOCK_N:
+                    v_mine = v_smem.index(sl).slice(HALF * ROWS, ROWS)
+                    v = v_mine.load(z_layout)
+                    v_mine.store(gl.where(gl.expand_dims(z_rows < valid, 1), v, gl.zeros_like(v)))
+                    fence_async_shared()
+                    gl.thread_barrier()                  # every warp's zeros before the arrive
+                    mbarrier.arrive(vz, count=1)
+                    mbarrier.wait(vz, n_tail & 1)        # ... and the other consumer's
+                    n_tail += 1
+                acc = warpgroup_mma(pb, v_smem.index(sl), acc)
+                mbarrier.arrive(empty.index(sl), count=1)
+            else:
+                acc, l_i, m_i, pb = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
+                                                 gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
+                                                 ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
             # O = acc / l through this Q half (its wgmmas are done) and masked 16-byte stores; then the
             # producer may load the next item's Q here.
             acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
@@ -480,7 +513,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
-                    DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr):
+                    DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr, TAIL_MASK: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     if BIND:                                             # the list planned for this SM (_claim_list)
         cta = _claim_list(sm_map, claim, gl.num_programs(0))
@@ -502,6 +535,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     empty_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    vz = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())     # TAIL_MASK: V rows zeroed
     for i in gl.static_range(STAGES):
         mbarrier.init(ready_k.index(i), count=1)
         mbarrier.init(ready_v.index(i), count=1)
@@ -509,20 +543,21 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
         mbarrier.init(empty_v.index(i), count=2)         # its K half here, its V half in empty_v)
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
+    mbarrier.init(vz, count=2)
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
-                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES)),
+                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -555,6 +590,9 @@ class PodSm90Config:
                                          # cost model says it pays (not yet swept with a correct LPT; see
                                          # docs/hopper_pod.md), "always" (GPU checks), "never"
     decode_early_k: bool = True          # decode: release a stage's K half once S^T is computed (else with V)
+    prefill_tail: str = "mask"           # a prefill item's stale last-page rows: "mask" (read whole pages, the
+                                         # consumers zero stale V rows: no ring drain between items) or "desc"
+                                         # (tail descriptors rebuilt per item after a drain; TMA zero-fills)
     bind: str = "smid"                   # which SM runs which CTA list: "block" (list = blockIdx, wherever the
                                          # hardware puts it), "smid" (list i on SM i: decode lists on the lowest
                                          # SM ids), "stride" (decode lists on SM ids spread evenly), "collide"
@@ -563,7 +601,7 @@ class PodSm90Config:
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
     def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
-        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (4 * self.stages + 2) + 2 * 4 * 32 * 4
+        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (4 * self.stages + 3) + 2 * 4 * 32 * 4
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -806,6 +844,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown, cfg.plateau_tol, prefill_extra)
     k = min(k, len(pairs)) if pairs else 0
     steal = None
+    if cfg.prefill_tail not in ("mask", "desc"):
+        raise ValueError(f"PodSm90Config.prefill_tail: 'mask' or 'desc', not {cfg.prefill_tail!r}")
     if cfg.bind not in BINDS:
         raise ValueError(f"PodSm90Config.bind: one of {BINDS}, not {cfg.bind!r}")
     if cfg.steal not in ("auto", "always", "never"):
@@ -891,7 +931,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
                  TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
-                 DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None)
+                 DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None,
+                 TAIL_MASK=cfg.prefill_tail == "mask")
     return args, const
 
 

@@ -159,10 +159,12 @@ def _causal_mask(s, t, q_pos, kv_len, BLOCK_N: gl.constexpr, col_layout: gl.cons
 @gluon.jit
 def _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles, n_full, q_pos0, kv_len, qk_scale,
                  ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 WARPS: gl.constexpr):
+                 WARPS: gl.constexpr, LAST_PV: gl.constexpr = True):
     """ROWS query rows (q_smem, first row at position q_pos0; WARPS / 4 warpgroups of 64 rows) against the
     n_tiles KV tiles that occupy ring slots it, it+1, ... (stage = slot % STAGES). Releases each stage
-    after its P V. Returns the un-normalised output, the row sums and the row maxima (exp2 domain)."""
+    after its P V. Returns the un-normalised output, the row sums, the row maxima (exp2 domain) and the last
+    tile's P (MMA operand). LAST_PV=False: the last tile's P V and release are the caller's (it may fix that
+    stage's V first)."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -208,11 +210,12 @@ def _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles, n
         m_i = m_new
         pb = pb_next
 
-    sl = (it + n_tiles - 1) % STAGES
-    mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
-    acc = warpgroup_mma(pb, v_smem.index(sl), acc)
-    mbarrier.arrive(empty.index(sl), count=1)
-    return acc, l_i, m_i
+    if LAST_PV:
+        sl = (it + n_tiles - 1) % STAGES
+        mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(pb, v_smem.index(sl), acc)
+        mbarrier.arrive(empty.index(sl), count=1)
+    return acc, l_i, m_i, pb
 
 
 @gluon.jit
@@ -227,7 +230,7 @@ def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
     dtype: gl.constexpr = q_smem.dtype
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
-    acc, l_i, m_i = _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, 0, n_tiles, n_full, q_pos0,
+    acc, l_i, m_i, _ = _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, 0, n_tiles, n_full, q_pos0,
                                  kv_len, qk_scale, ROWS, HEAD_DIM, BLOCK_N, STAGES, WARPS)
 
     # Epilogue: O = acc / l through this partition's Q slice (its wgmmas have all completed) and a
