@@ -73,3 +73,45 @@ def test_lpt_starts_from_given_loads():
     assert lists == [[2], [0, 1]] and span == 6.0
     lists, span = lpt([], 3, start=[1.0, 5.0, 2.0])
     assert span == 5.0
+
+
+@pytest.mark.parametrize("bind", ["smid", "stride"])
+@pytest.mark.parametrize("k", [1, 46, 64, 131])
+def test_sm_binding_puts_every_list_on_one_sm(bind, k):
+    """sm_map: each of the grid's lists is planned on exactly one SM id (decode lists 0..k-1 first, on the
+    lowest ids for "smid", spread over the ids for "stride"); every other entry is -1."""
+    from pod.kernels.pod_sm90 import SM_SLOTS, sm_map_for, sm_order
+    order = sm_order(bind, 132, k)
+    assert sorted(order) == list(range(132))
+    if bind == "smid":
+        assert order[:k] == list(range(k))
+    else:
+        gaps = [b - a for a, b in zip(order[:k], order[1:k])]
+        assert all(g >= 132 // k for g in gaps)             # decode SMs spread over the ids
+    m = sm_map_for(bind, 132, k, 132)
+    assert len(m) == SM_SLOTS and sorted(x for x in m if x >= 0) == list(range(132))
+    assert all(m[order[i]] == i for i in range(132))
+    small = sm_map_for(bind, 132, min(k, 11), 12)           # a 12-CTA grid: 12 SMs asked for, the rest -1
+    assert sorted(x for x in small if x >= 0) == list(range(12)) and small.count(-1) == SM_SLOTS - 12
+
+
+def test_plans_carry_their_binding_workspace():
+    work = plan_pod_sm90(SPECS["centre"], PodSm90Config(), num_sms=132, device="cpu")
+    assert work.sm_map is not None and work.claim.tolist() == [0] * (work.grid + 2)
+    assert plan_pod_sm90(SPECS["centre"], PodSm90Config(bind="block"), num_sms=132, device="cpu").sm_map is None
+    collide = plan_pod_sm90(SPECS["ragged"], PodSm90Config(num_ctas=12, bind="collide"), num_sms=132, device="cpu")
+    assert set(collide.sm_map.tolist()) == {0}              # every SM asks for list 0: the fallback path
+    for bad in (dict(bind="gpc"), dict(prefill_tail="zero")):
+        with pytest.raises(ValueError):
+            plan_pod_sm90(SPECS["centre"], PodSm90Config(**bad), num_sms=132, device="cpu")
+
+
+def test_decode_heavy_batches_keep_prefill_off_a_handful_of_sms():
+    """Past HBM saturation the planner stops adding decode CTAs (plateau_tol) and charges prefill items for
+    the decode's HBM traffic (item_us_hbm): 512 new tokens beside 64 x 8192 decodes got 130 decode CTAs
+    and 2 prefill CTAs before (0.61x of serial on the H200), now about the 64 that saturate HBM."""
+    spec = BatchSpec.build(**L3, prefill=[(512, 0)], decode=[8192] * 64, page_size=16)
+    k = plan_pod_sm90(spec, PodSm90Config(), num_sms=132, device="cpu").decode_ctas
+    assert 55 <= k <= 80
+    old = PodSm90Config(plateau_tol=None, item_us_hbm=0.0, decode_gbps_per_sm=70.0)
+    assert plan_pod_sm90(spec, old, num_sms=132, device="cpu").decode_ctas >= 120
