@@ -122,8 +122,10 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
     base = config or PodConfig()
     num_sms = base.num_sms or device_num_sms(device)
     if config is None:
+        from pod.kernels.pod_sm90 import pod_sm90_supports
         config = choose_config(spec, num_sms, base,
-                               prefill_kernel=resolve_prefill_kernel(spec, None, device)[0])
+                               prefill_kernel=resolve_prefill_kernel(spec, None, device)[0],
+                               sm90_supported=pod_sm90_supports(spec) is None)
     if overrides:
         config = replace(config, **overrides)
 

@@ -132,12 +132,12 @@ def estimated_ms(spec: BatchSpec) -> tuple[float, float]:
     return t_prefill, t_decode
 
 
-def sm90_fuses(spec: BatchSpec) -> bool:
-    """Hopper: one launch of pod_sm90 (else the two standalone launches) when it handles the batch and the
-    smaller role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates; MHA:
+def sm90_fuses(spec: BatchSpec, supported: bool = True) -> bool:
+    """Hopper: one launch of pod_sm90 (else the two standalone launches) when it handles the batch
+    (`supported`: pod.api passes pod_sm90_supports' answer, a fact like prefill_kernel) and the smaller
+    role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates; MHA:
     SM90_MHA_MIN_OVERLAP_SHARE)."""
-    from pod.kernels.pod_sm90 import pod_sm90_supports
-    if not (spec.num_prefill and spec.num_decode) or pod_sm90_supports(spec) is not None:
+    if not (supported and spec.num_prefill and spec.num_decode):
         return False
     t_prefill = spec.prefill_flops() / SM90_PREFILL_TFLOPS
     t_decode = spec.decode_bytes() / SM90_DECODE_GBPS * 1e3
@@ -174,10 +174,11 @@ def decode_kv_splits(spec: BatchSpec, num_sms: int, block_n_decode: int = 64) ->
 
 
 def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, *,
-                  prefill_kernel: str = "portable") -> PodConfig:
+                  prefill_kernel: str = "portable", sm90_supported: bool = True) -> PodConfig:
     """The dispatcher. `base` supplies the knobs it does not decide (tile sizes, warps, ...);
     `prefill_kernel` is the standalone prefill kernel the batch would get ("sm90": the Hopper tile;
-    pod.prefill.resolve_prefill_kernel decides it from the device)."""
+    pod.prefill.resolve_prefill_kernel decides it from the device); `sm90_supported`: whether the Hopper
+    POD kernel handles the batch (pod.kernels.pod_sm90.pod_sm90_supports; pod.api passes it)."""
     if prefill_kernel not in PREFILL_KERNELS:
         raise ValueError(f"prefill_kernel={prefill_kernel!r}: allowed {PREFILL_KERNELS}")
     base = base or PodConfig()
@@ -190,7 +191,7 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     # cap for two CTAs an SM) cannot beat it (docs/hopper_prefill.md); the Hopper POD kernel, built on that
     # tile, runs the batch in one launch where both roles weigh enough (the rule measured on the H200).
     if prefill_kernel == "sm90":
-        return replace(base, variant="fused_sm90" if sm90_fuses(spec) else "serial")
+        return replace(base, variant="fused_sm90" if sm90_fuses(spec, sm90_supported) else "serial")
     # 3. both roles matter: fuse. Policy by imbalance of the estimated times.
     ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
     policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"

@@ -252,7 +252,9 @@ def test_dispatch_with_the_hopper_prefill_tile():
     assert choose_config(only_d, 132, prefill_kernel="sm90").variant == "serial"
     big_group = BatchSpec.build(num_q_heads=64, num_kv_heads=1, head_dim=128, prefill=[(1024, 4096)],
                                 decode=[2048] * 64, page_size=16)     # a GQA group pod_sm90 refuses
-    assert not sm90_fuses(big_group)
+    from pod.kernels.pod_sm90 import pod_sm90_supports
+    assert pod_sm90_supports(big_group) is not None and not sm90_fuses(big_group, supported=False)
+    assert choose_config(big_group, 132, prefill_kernel="sm90", sm90_supported=False).variant == "serial"
     with pytest.raises(ValueError, match="prefill_kernel"):
         choose_config(balanced, 132, prefill_kernel="hopper")
 
