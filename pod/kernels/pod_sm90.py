@@ -112,6 +112,15 @@ def _claim_list(sm_map, claim, n_lists):
 
 
 @gluon.jit
+def _zero_rows_from(buf, rows, valid, layout: gl.constexpr):
+    """Zero the rows of a shared [R, D] K/V view at or past `valid` (`rows`: its row indices in `layout`'s
+    row slice): stale page slots (a NaN there) must not reach P V as 0 * NaN. The caller fences before a
+    wgmma reads it."""
+    v = buf.load(layout)
+    buf.store(gl.where(gl.expand_dims(rows < valid, 1), v, gl.zeros_like(v)))
+
+
+@gluon.jit
 def _decode_info(dec_items, pair, c, HALF_N: gl.constexpr):
     """Item c (0/1) of decode pair `pair`: (seq, request, kv head, first key, key count, partial row,
     half-tiles). seq < 0: no item (the pair's other consumer has one)."""
@@ -351,10 +360,8 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
         mbarrier.wait(ready_v.index(s), ph)
         v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
         if valid < HALF_N:
-            # Stale rows (a NaN in a page slot past kv_len) must not reach P V (0 * NaN): zero them. This
-            # consumer is the half's only reader, and the producer refills it only after the release below.
-            v = v_half.load(z_layout)
-            v_half.store(gl.where(gl.expand_dims(v_rows < valid, 1), v, gl.zeros_like(v)))
+            # This consumer is the half's only reader, and the producer refills it only after the release below.
+            _zero_rows_from(v_half, v_rows, valid, z_layout)
         if (SKIP & 2) == 0:
             # P (and zeroed V rows) before the tensor cores read them; also every warp's reads of `red`
             # before the next stage overwrites it.
@@ -434,9 +441,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
                 mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
                 valid = kv_len - (n_tiles - 1) * BLOCK_N          # keys of the last tile before kv_len
                 if valid < BLOCK_N:
-                    v_mine = v_smem.index(sl).slice(HALF * ROWS, ROWS)
-                    v = v_mine.load(z_layout)
-                    v_mine.store(gl.where(gl.expand_dims(z_rows < valid, 1), v, gl.zeros_like(v)))
+                    _zero_rows_from(v_smem.index(sl).slice(HALF * ROWS, ROWS), z_rows, valid, z_layout)
                     fence_async_shared()
                     gl.thread_barrier()                  # every warp's zeros before the arrive
                     mbarrier.arrive(vz, count=1)
