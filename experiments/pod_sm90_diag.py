@@ -233,12 +233,34 @@ def sweep_points(sweep: str = "paper"):
     return expand_points(OmegaConf.to_container(OmegaConf.load(conf / "sweep" / f"{sweep}.yaml")), models)
 
 
+def parse_variants(text: str | None) -> list[tuple[str, dict]]:
+    """'overlap=False;stages=2,overlap=True' -> [(label, PodSm90Config overrides), ...], each value parsed as
+    the field's type; None or '' -> one variant without overrides."""
+    from dataclasses import fields
+    from pod.kernels.pod_sm90 import PodSm90Config
+    types = {f.name: f.type for f in fields(PodSm90Config)}
+    out = []
+    for label in (text or "").split(";"):
+        label = label.strip()
+        kv = {}
+        for item in filter(None, (x.strip() for x in label.split(","))):
+            key, _, val = item.partition("=")
+            if key not in types or not val:
+                raise ValueError(f"--variants: {item!r} is not FIELD=VALUE of PodSm90Config ({sorted(types)})")
+            t = str(types[key])
+            kv[key] = (val.lower() in ("1", "true", "yes")) if t == "bool" else \
+                None if val.lower() == "none" else int(val) if "int" in t else float(val) if "float" in t else val
+        out.append((label or "default", kv))
+    return out
+
+
 def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1), base=None,
-          binds=("block",)) -> list[dict]:
-    """Per point of a sweep: triton_serial, then for each SM binding in `binds` (PodSm90Config.bind) the
-    planned launch and the launch with decode_ctas forced to each k in `ks` (the planner's estimate
-    recorded beside each): the measured time-vs-split curve a planner rule is fitted to (offline, from
-    these rows), and what binding the CTA lists to SMs changes."""
+          binds=("block",), variants=(("default", {}),)) -> list[dict]:
+    """Per point of a sweep: triton_serial, then for each SM binding in `binds` (PodSm90Config.bind) and
+    each config variant (`variants`: (label, overrides), parse_variants) the planned launch and the launch
+    with decode_ctas forced to each k in `ks` (the planner's estimate recorded beside each): the measured
+    time-vs-split curve a planner rule is fitted to (offline, from these rows), what binding the CTA lists
+    to SMs changes, and A/B of a kernel option on the same inputs in the same process."""
     from pod.kernels.pod_sm90 import PodSm90Config
     from experiments.harness.points import shard as shard_points
     rows = []
@@ -252,14 +274,15 @@ def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1
         bench = Bench(s)
         rows.append(out(dict(what="triton_serial", **tag, **_backend(bench, "triton_serial"))))
         for bind in binds:
-            cfg = replace(base, bind=bind)
-            r, work = _pod(bench, cfg, trace=True)
-            rows.append(out(dict(what="planned", bind=bind, **tag, **r)))
-            if s.num_prefill and s.num_decode:
-                for k in ks:
-                    if k < work.grid and k != work.decode_ctas:
-                        r, _ = _pod(bench, replace(cfg, decode_ctas=k), trace=True)
-                        rows.append(out(dict(what="decode_ctas", bind=bind, **tag, **r)))
+            for label, kv in variants:
+                cfg = replace(base, bind=bind, **kv)
+                r, work = _pod(bench, cfg, trace=True)
+                rows.append(out(dict(what="planned", bind=bind, variant=label, **tag, **r)))
+                if s.num_prefill and s.num_decode:
+                    for k in ks:
+                        if k < work.grid and k != work.decode_ctas:
+                            r, _ = _pod(bench, replace(cfg, decode_ctas=k), trace=True)
+                            rows.append(out(dict(what="decode_ctas", bind=bind, variant=label, **tag, **r)))
         del bench
         torch.cuda.empty_cache()
     return rows
@@ -334,9 +357,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
-    ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first")
+    ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first; "
+                                 "curve: the forced decode CTA counts ('none': the planned launch only)")
     ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
     ap.add_argument("--binds", default="block", help="curve: comma-separated PodSm90Config.bind values to time")
+    ap.add_argument("--variants", help="curve: ';'-separated PodSm90Config overrides to time side by side, "
+                                       "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
@@ -356,6 +382,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.what in ("table", "sweep-table") and not a.file:
         ap.error(f"{a.what} needs a FILE")
+    try:
+        parse_variants(a.variants)
+    except ValueError as e:
+        ap.error(str(e))
     if a.points:
         unknown = sorted(set(a.points.split(",")) - set(HYBRID))
         if unknown:
@@ -384,7 +414,7 @@ def main(argv: list[str]) -> int:
         return row
 
     points = a.points.split(",") if a.points else None
-    ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
+    ks = () if a.ks == "none" else tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
     page = None if a.page == "none" else int(a.page)
     from pod.kernels.pod_sm90 import PodSm90Config
     model = dict(decode_gbps_per_sm=a.decode_gbps, hbm_gbps=a.hbm_gbps, steal=a.steal)
@@ -394,8 +424,8 @@ def main(argv: list[str]) -> int:
                                     a.old_softmax, a.late_k),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
-                                    tuple(a.binds.split(","))),
-              launch=lambda o: launch(o, ks[0] if a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
+                                    tuple(a.binds.split(",")), parse_variants(a.variants)),
+              launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]
     print(f"{a.what}: {len(rows)} rows, {len(bad)} failed checks")

@@ -127,8 +127,10 @@ def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
     import os
     import subprocess
     import sys
-    code = ("import json; from pod.kernels.pod_sm90 import compile_report; "
-            "print(json.dumps([compile_report(paged=True), compile_report(paged=False, trace=True)]))")
+    # the shipped default on both layouts, and the path that loads an item's Q only after the last epilogue
+    code = ("import json; from pod.kernels.pod_sm90 import compile_report, PodSm90Config; "
+            "print(json.dumps([compile_report(paged=True), compile_report(paged=False, trace=True), "
+            "compile_report(PodSm90Config(overlap=False), paged=True)]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -173,16 +173,41 @@ def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, g_a, 
 
 
 @gluon.jit
+def _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, row, col, ROWS: gl.constexpr, BYTES: gl.constexpr):
+    """Item n's Q tile (two [ROWS, D] halves, one a consumer) once both consumers freed the buffer."""
+    mbarrier.wait(q_empty, (n & 1) ^ 1)
+    mbarrier.expect(q_ready, BYTES)
+    for i in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [row + i * ROWS, col], q_ready, q_smem.index(i))
+
+
+@gluon.jit
+def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, BYTES: gl.constexpr):
+    """Decode pair n's two q-head groups (one [64, D] box each; B's only if the pair has a second item,
+    seq_b >= 0)."""
+    mbarrier.wait(q_empty, (n & 1) ^ 1)
+    # expect-tx byte counts are constants: one expect for one Q box, the other for two
+    mbarrier.expect(q_ready, BYTES, pred=seq_b < 0)
+    mbarrier.expect(q_ready, 2 * BYTES, pred=seq_b >= 0)
+    tma.async_copy_global_to_shared(qd_desc, [row_a, 0], q_ready, q_smem.index(0))
+    tma.async_copy_global_to_shared(qd_desc, [row_b, 0], q_ready, q_smem.index(1), pred=seq_b >= 0)
+
+
+@gluon.jit
 def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
               q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
               num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
-              STAGES: gl.constexpr, TAIL_MASK: gl.constexpr):
+              STAGES: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr):
     """1 warp: every TMA copy of the CTA's items, in item order, through the one ring. TAIL_MASK: a prefill
     item's last page comes through the whole-tensor descriptors like every other (its stale V rows are
     zeroed by the consumers), so items follow each other through the ring without a drain; else through
-    tail descriptors rebuilt per item after the ring drains (TMA zero-fills past kv_len)."""
+    tail descriptors rebuilt per item after the ring drains (TMA zero-fills past kv_len).
+    OVERLAP: an item's first STAGES - 1 stages are issued before its Q (whose buffer the previous item may
+    still hold), so the next item's K/V are in flight while the consumers finish the last one. Never more
+    than STAGES - 1: stage STAGES would wait for a slot that only this item's first stage frees, which
+    needs its Q (a deadlock)."""
     dtype: gl.constexpr = K.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -226,11 +251,9 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                                   pred=(prev >= 0) & (prev < it_dec))
                 k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
                 v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
-            mbarrier.wait(q_empty, (n & 1) ^ 1)
-            mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * ELT)
-            for i in gl.static_range(2):
-                tma.async_copy_global_to_shared(q_desc, [q_start + m0 + i * ROWS, head * HEAD_DIM], q_ready,
-                                                q_smem.index(i))
+            if not OVERLAP:
+                _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, ROWS,
+                                BLOCK_M * HEAD_DIM * ELT)
             for t in range(n_tiles):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -242,6 +265,10 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                                k_smem.index(s), v_smem.index(s), ready_k.index(s), ready_v.index(s),
                                (head // GROUP) * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
                 it += 1
+                if OVERLAP:
+                    if t + 1 == gl.minimum(n_tiles, STAGES - 1):
+                        _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, ROWS,
+                                        BLOCK_M * HEAD_DIM * ELT)
         else:
             pair = -item - 1
             seq_a, req_a, g_a, ks_a, nk_a, pr_a, n_a = _decode_info(dec_items, pair, 0, HALF_N)
@@ -252,19 +279,17 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
             st_b = gl.load(kv_indptr + gl.maximum(seq_b, 0))
             _, last_a = _tail_rows(block_table, gl.maximum(seq_a, 0), st_a, len_a, stride_bt, PAGE_SIZE, PAGED)
             _, last_b = _tail_rows(block_table, gl.maximum(seq_b, 0), st_b, len_b, stride_bt, PAGE_SIZE, PAGED)
-            mbarrier.wait(q_empty, (n & 1) ^ 1)
-            # expect-tx byte counts are constants: one expect for one Q box, the other for two
-            mbarrier.expect(q_ready, ROWS * HEAD_DIM * ELT, pred=seq_b < 0)
-            mbarrier.expect(q_ready, 2 * ROWS * HEAD_DIM * ELT, pred=seq_b >= 0)
-            tma.async_copy_global_to_shared(qd_desc, [req_a * (GROUP * NUM_KV_HEADS) + g_a * GROUP, 0], q_ready,
-                                            q_smem.index(0))
-            tma.async_copy_global_to_shared(qd_desc, [req_b * (GROUP * NUM_KV_HEADS) + g_b * GROUP, 0], q_ready,
-                                            q_smem.index(1), pred=seq_b >= 0)
+            qrow_a = req_a * (GROUP * NUM_KV_HEADS) + g_a * GROUP
+            qrow_b = req_b * (GROUP * NUM_KV_HEADS) + g_b * GROUP
+            n_st = gl.maximum(n_a, n_b)
+            if not OVERLAP:
+                _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
+                               ROWS * HEAD_DIM * ELT)
             # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence. The block
             # table is read a stage ahead, so its latency hides behind this stage's wait and copies.
             rows_next, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N, ks_b // HALF_N,
                                        last_a, last_b, stride_bt, NCOPY, D_COPY_ROWS, PAGE_SIZE, PAGED, HALF_N)
-            for t in range(gl.maximum(n_a, n_b)):
+            for t in range(n_st):
                 rows = rows_next
                 rows_next, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N + t + 1,
                                            ks_b // HALF_N + t + 1, last_a, last_b, stride_bt, NCOPY, D_COPY_ROWS,
@@ -280,6 +305,14 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 _issue_pair_half(vd, ready_v.index(s), v_smem.index(s), rows, ci, single, both, t < n_a, t < n_b,
                                  g_a, g_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
                 it += 1
+                if OVERLAP:
+                    if t + 1 == gl.minimum(n_st, STAGES - 1):
+                        _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
+                                       ROWS * HEAD_DIM * ELT)
+            if OVERLAP:
+                if n_st == 0:                            # no stage at all (never planned): Q still lands
+                    _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
+                                   ROWS * HEAD_DIM * ELT)
             it_dec = it
 
 
@@ -397,10 +430,12 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
               qk_scale, HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
               TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
-              DECODE_EARLY_K: gl.constexpr, TAIL_MASK: gl.constexpr):
+              DECODE_EARLY_K: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair.
     TAIL_MASK: on a prefill item's last KV tile, V rows past kv_len (stale page slots: a NaN there would
-    reach P V as 0 * NaN) are zeroed, each consumer its 64 rows, both before either's P V (`vz`)."""
+    reach P V as 0 * NaN) are zeroed, each consumer its 64 rows, both before either's P V (`vz`).
+    OVERLAP: a prefill item frees its Q buffer once its last S = Q K^T is done (before the last P V and the
+    epilogue), and writes O from registers, so the next item's Q and first stages land meanwhile."""
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
     Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
@@ -414,6 +449,8 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
     st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
     st_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
     st_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
+    o_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))         # prefill O (OVERLAP's stores)
+    o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     d_rows = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, d_layout))     # decode O^T: rows = d
     d_cols = gl.arange(0, DEC_N, layout=gl.SliceLayout(0, d_layout))        #             columns = q heads
     j0 = gl.load(cta_ptr + cta)
@@ -433,36 +470,48 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             row0 = q_pos0 + HALF * ROWS
             mbarrier.wait(q_ready, n & 1)
-            if TAIL_MASK:
+            if TAIL_MASK or OVERLAP:
                 acc, l_i, m_i, pb = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
                                                  gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
                                                  ROWS, HEAD_DIM, BLOCK_N, STAGES, 4, False)
+                if OVERLAP:
+                    # The last S = Q K^T has completed (_attend_rows waited on it): this item reads its Q no
+                    # more, so the producer may load the next item's Q while this one runs its last P V.
+                    gl.thread_barrier()
+                    mbarrier.arrive(q_empty, count=1)
                 sl = (it + n_tiles - 1) % STAGES
                 mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
-                valid = kv_len - (n_tiles - 1) * BLOCK_N          # keys of the last tile before kv_len
-                if valid < BLOCK_N:
-                    _zero_rows_from(v_smem.index(sl).slice(HALF * ROWS, ROWS), z_rows, valid, z_layout)
-                    fence_async_shared()
-                    gl.thread_barrier()                  # every warp's zeros before the arrive
-                    mbarrier.arrive(vz, count=1)
-                    mbarrier.wait(vz, n_tail & 1)        # ... and the other consumer's
-                    n_tail += 1
+                if TAIL_MASK:
+                    valid = kv_len - (n_tiles - 1) * BLOCK_N      # keys of the last tile before kv_len
+                    if valid < BLOCK_N:
+                        _zero_rows_from(v_smem.index(sl).slice(HALF * ROWS, ROWS), z_rows, valid, z_layout)
+                        fence_async_shared()
+                        gl.thread_barrier()              # every warp's zeros before the arrive
+                        mbarrier.arrive(vz, count=1)
+                        mbarrier.wait(vz, n_tail & 1)    # ... and the other consumer's
+                        n_tail += 1
                 acc = warpgroup_mma(pb, v_smem.index(sl), acc)
                 mbarrier.arrive(empty.index(sl), count=1)
             else:
                 acc, l_i, m_i, pb = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
                                                  gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
                                                  ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
-            # O = acc / l through this Q half (its wgmmas are done) and masked 16-byte stores; then the
-            # producer may load the next item's Q here.
             acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-            my_q.store(acc.to(dtype))
-            o = my_q.load(st_layout)
-            fence_async_shared()                         # the reads above come before the next TMA write
-            mbarrier.arrive(q_empty, count=1)
-            o_ptrs = O + gl.expand_dims((q_start + m0 + HALF * ROWS + st_rows).to(gl.int64) * Q_STRIDE, 1) \
-                + head * HEAD_DIM + gl.expand_dims(st_cols, 0)
-            gl.store(o_ptrs, o, mask=gl.expand_dims(m0 + HALF * ROWS + st_rows < chunk_len, 1))
+            if OVERLAP:
+                # O = acc / l straight from the wgmma layout (4-byte stores: the Q buffer holds the next Q).
+                o_ptrs = O + gl.expand_dims((q_start + m0 + HALF * ROWS + o_rows).to(gl.int64) * Q_STRIDE, 1) \
+                    + head * HEAD_DIM + gl.expand_dims(o_cols, 0)
+                gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(m0 + HALF * ROWS + o_rows < chunk_len, 1))
+            else:
+                # O = acc / l through this Q half (its wgmmas are done) and masked 16-byte stores; then the
+                # producer may load the next item's Q here.
+                my_q.store(acc.to(dtype))
+                o = my_q.load(st_layout)
+                fence_async_shared()                     # the reads above come before the next TMA write
+                mbarrier.arrive(q_empty, count=1)
+                o_ptrs = O + gl.expand_dims((q_start + m0 + HALF * ROWS + st_rows).to(gl.int64) * Q_STRIDE, 1) \
+                    + head * HEAD_DIM + gl.expand_dims(st_cols, 0)
+                gl.store(o_ptrs, o, mask=gl.expand_dims(m0 + HALF * ROWS + st_rows < chunk_len, 1))
             it += n_tiles
             n_pre += 1
         else:
@@ -518,7 +567,8 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
-                    DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr, TAIL_MASK: gl.constexpr):
+                    DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr, TAIL_MASK: gl.constexpr,
+                    OVERLAP: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     if BIND:                                             # the list planned for this SM (_claim_list)
         cta = _claim_list(sm_map, claim, gl.num_programs(0))
@@ -554,15 +604,15 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
-                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK)),
+                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK, OVERLAP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -602,6 +652,9 @@ class PodSm90Config:
                                          # hardware puts it), "smid" (list i on SM i: decode lists on the lowest
                                          # SM ids), "stride" (decode lists on SM ids spread evenly), "collide"
                                          # (checks: every SM asks for list 0, the rest claimed by fallback)
+    overlap: bool = True                 # an item's Q and first stages load while the previous item finishes
+                                         # (prefill frees Q after its last S and stores O from registers; else
+                                         # each item's Q waits for the previous epilogue: a ring drain an item)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -937,7 +990,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
                  TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
                  DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None,
-                 TAIL_MASK=cfg.prefill_tail == "mask")
+                 TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap)
     return args, const
 
 
