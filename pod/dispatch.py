@@ -33,6 +33,10 @@ SM90_MIN_OVERLAP_SHARE = 0.10 # fuse on Hopper only if min(t_prefill, t_decode) 
                               # measured over the paper sweep's 46 points (docs/hopper_pod.md, "dispatcher")
 SM90_MHA_MIN_OVERLAP_SHARE = 0.40  # ... and this for MHA (one q head a KV head: the swap-AB decode pads
                               # 1 column to 16), which lost 0.86-0.99x at shares 0.16-0.3 and won at 0.5
+SM90_PREFILL_HEAVY_MIN_SHARE = 0.40  # ... and this where prefill is the larger role: inside the fused launch
+                              # the prefill tiles run 1.1-1.4x slower than alone (beside a decode stream),
+                              # which a small decode share cannot pay back. Three paper sweeps (H200): decode
+                              # / prefill 0.23 lost (0.91-0.93x), 0.24 at parity (0.98-1.03x), >= 0.64 won
 # ---- role policy ---------------------------------------------------------------------------------------
 PROPORTIONAL_ABOVE = 3.0      # if one role's estimated time is > this x the other's: proportional policy
 POLICY_PERIOD = 8             # proportional shares are k/POLICY_PERIOD, k in 1..POLICY_PERIOD-1
@@ -136,12 +140,14 @@ def sm90_fuses(spec: BatchSpec, supported: bool = True) -> bool:
     """Hopper: one launch of pod_sm90 (else the two standalone launches) when it handles the batch
     (`supported`: pod.api passes pod_sm90_supports' answer, a fact like prefill_kernel) and the smaller
     role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates; MHA:
-    SM90_MHA_MIN_OVERLAP_SHARE)."""
+    SM90_MHA_MIN_OVERLAP_SHARE; prefill the larger: SM90_PREFILL_HEAVY_MIN_SHARE)."""
     if not (supported and spec.num_prefill and spec.num_decode):
         return False
     t_prefill = spec.prefill_flops() / SM90_PREFILL_TFLOPS
     t_decode = spec.decode_bytes() / SM90_DECODE_GBPS * 1e3
     need = SM90_MIN_OVERLAP_SHARE if spec.heads.group_size > 1 else SM90_MHA_MIN_OVERLAP_SHARE
+    if t_prefill > t_decode:
+        need = max(need, SM90_PREFILL_HEAVY_MIN_SHARE)
     return min(t_prefill, t_decode) >= need * max(t_prefill, t_decode)
 
 

@@ -245,6 +245,13 @@ def test_dispatch_with_the_hopper_prefill_tile():
     t_p, t_d = heavy.prefill_flops() / 568.0, heavy.decode_bytes() / 4300.0 * 1e3
     assert min(t_p, t_d) < SM90_MIN_OVERLAP_SHARE * max(t_p, t_d) and not sm90_fuses(heavy)
     assert choose_config(heavy, 132, base, prefill_kernel="sm90") == replace(base, variant="serial")
+    # prefill-heavy: 1024 new tokens over 4096 beside 16 x 2048 decodes (decode / prefill 0.23: lost fused,
+    # three sweeps) runs serial; beside 64 x 2048 (0.92: won) fused
+    from pod.dispatch import SM90_PREFILL_HEAVY_MIN_SHARE
+    light = BatchSpec.build(**LLAMA3, prefill=[(1024, 4096)], decode=[2048] * 16, page_size=16)
+    t_p, t_d = light.prefill_flops() / 568.0, light.decode_bytes() / 4300.0 * 1e3
+    assert SM90_MIN_OVERLAP_SHARE * t_p < t_d < SM90_PREFILL_HEAVY_MIN_SHARE * t_p and not sm90_fuses(light)
+    assert sm90_fuses(BatchSpec.build(**LLAMA3, prefill=[(1024, 4096)], decode=[2048] * 64, page_size=16))
     mha = dict(num_q_heads=32, num_kv_heads=32, head_dim=128)   # MHA fuses only from a larger share
     assert not sm90_fuses(BatchSpec.build(**mha, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16))
     assert sm90_fuses(BatchSpec.build(**mha, prefill=[(1024, 4096)], decode=[2048] * 16, page_size=16))
