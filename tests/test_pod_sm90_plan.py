@@ -1,10 +1,13 @@
 """The Hopper POD kernel's host-side plan (pod/kernels/pod_sm90.py, no GPU): every prefill tile and decode
 pair runs exactly once, a CTA runs its decode pairs before its prefill tiles (the producer's ring drain
 relies on that order when a decode CTA takes prefill tiles), and the stealing choice follows its rules."""
+import random
+
 import pytest
 
 from pod.batch import BatchSpec
-from pod.kernels.pod_sm90 import PodSm90Config, lpt, plan_pod_sm90
+from pod.kernels.lpt import lpt, lpt_makespan
+from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
 
 L3 = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
 SPECS = {
@@ -73,6 +76,20 @@ def test_lpt_starts_from_given_loads():
     assert lists == [[2], [0, 1]] and span == 6.0
     lists, span = lpt([], 3, start=[1.0, 5.0, 2.0])
     assert span == 5.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouped_lpt_makespan_is_exactly_lpts(seed):
+    # The planners' searches call lpt_makespan (runs of equal costs onto groups of equally loaded bins):
+    # it must return lpt's makespan to the last bit, with runs, ties, start loads and more bins than items.
+    rng = random.Random(seed)
+    for _ in range(400):
+        bins = rng.randint(1, 48)
+        values = rng.choice([[1.5, 2.25, 3.0], [rng.random() for _ in range(6)], [1, 2, 3, 4, 5]])
+        costs = [rng.choice(values) for _ in range(rng.randint(0, 150))]
+        start = [rng.choice([0.0, 1.5, rng.random()]) for _ in range(bins)] if rng.random() < 0.3 else None
+        assert lpt_makespan(costs, bins, start) == lpt(costs, bins, start)[1]
+    assert lpt_makespan([], 0) == 0 and lpt_makespan([2.0], 3, start=[1.0, 5.0, 0.0]) == 5.0
 
 
 @pytest.mark.parametrize("bind", ["smid", "stride"])

@@ -101,7 +101,9 @@ def build_iteration(plan: IterationPlan, page_size: int, model_dtype: torch.dtyp
     np.cumsum(chunk_lens, out=q_indptr[1:])
     kv_lens = np.array(spec.kv_lens, dtype=np.int32)
     n_pages = (kv_lens + page_size - 1) // page_size
-    block_table = np.zeros((num_seqs, int(n_pages.max())), dtype=np.int32)
+    # Width rounded up to 16 pages, as an engine's fixed-width block table would be: its row stride keeps
+    # one divisibility class, so no kernel specialised on it recompiles as contexts grow.
+    block_table = np.zeros((num_seqs, -(-int(n_pages.max()) // 16) * 16), dtype=np.int32)
     for i, r in enumerate([c.request for c in prefills] + decodes):
         block_table[i, :n_pages[i]] = _page_array(r)[:n_pages[i]]
     page_indptr = np.zeros(num_seqs + 1, dtype=np.int32)

@@ -63,7 +63,6 @@ no merge launch is needed. `DecodeWork.tile_args(batch, out)` returns the `args`
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -75,6 +74,7 @@ from pod.batch import BatchSpec, HybridBatch
 from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
 from pod.kernels.configs import DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_INTERPRET, DECODE_MAX_BLOCK_N
+from pod.kernels.lpt import lpt_makespan
 from pod.kernels.merge import merge_heads, merge_partials
 
 # -- launch configurations: pod/kernels/configs.py (DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET) --
@@ -168,13 +168,27 @@ def decode_tile(tile_id, args,
 
 
 @triton.jit
-def _decode_kernel(args, kv_chunk_hint,
+def _with_batch_ints(args, stride_bt, seq_offset):
+    """`args` (DecodeWork.tile_args) with its block-table stride and sequence offset replaced."""
+    (q_ptr, stride_qn, stride_qh, o_ptr, stride_on, stride_oh, k_ptr, v_ptr, stride_kv_page,
+     stride_kv_token, stride_kv_head, kv_indptr_ptr, block_table_ptr, _bt,
+     work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr, _seq, qk_scale) = args
+    return (q_ptr, stride_qn, stride_qh, o_ptr, stride_on, stride_oh, k_ptr, v_ptr, stride_kv_page,
+            stride_kv_token, stride_kv_head, kv_indptr_ptr, block_table_ptr, stride_bt,
+            work_ptr, part_indptr_ptr, part_o_ptr, part_lse_ptr, merge_counter_ptr, seq_offset, qk_scale)
+
+
+# The block-table stride and the first decode's sequence id change with every batch of a serving engine
+# (0, 1 or more prefill chunks; the longest context's pages): they travel outside `args` (which holds
+# zeros in their slots) and are not specialised on, so a new batch never means a new compile.
+@triton.jit(do_not_specialize=["stride_bt", "seq_offset"])
+def _decode_kernel(args, stride_bt, seq_offset, kv_chunk_hint,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    PAGED: tl.constexpr, FUSE_MERGE: tl.constexpr):
     # grid: (num_items * NUM_KV_HEADS,); kv_chunk_hint only keys the autotuner (split length bucket).
-    decode_tile(tl.program_id(0), args, NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED,
-                FUSE_MERGE)
+    decode_tile(tl.program_id(0), _with_batch_ints(args, stride_bt, seq_offset), NUM_KV_HEADS, GROUP,
+                HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, FUSE_MERGE)
 
 
 _decode_kernel_autotuned = triton.autotune(
@@ -266,6 +280,12 @@ class DecodeWork:
                 self.work, self.part_indptr, self.part_o, self.part_lse, self.merge_counters,
                 self.seq_offset, qk_scale_log2(batch.sm_scale))
 
+    def kernel_args(self, batch: HybridBatch, out: torch.Tensor) -> tuple:
+        """(args, stride_bt, seq_offset) of `_decode_kernel`: tile_args with its two batch-varying ints
+        taken out (zeros in their slots), passed unspecialised."""
+        args = self.tile_args(batch, out)
+        return args[:13] + (0,) + args[14:19] + (0,) + args[20:], args[13], args[19]
+
     def tile_constexprs(self, block_n: int) -> dict:
         """Constexprs of `decode_tile`, with the caller's BLOCK_N (it must divide kv_align: tiles start
         at multiples of BLOCK_N, which `kv_tile_offsets`' one-page-a-tile path relies on)."""
@@ -304,15 +324,6 @@ def choose_kv_chunk_len(kv_lens: list[int], num_kv_heads: int, target_ctas: int,
     return lo * align
 
 
-def lpt_makespan(tile_lens: list[int], slots: int) -> int:
-    """Finish time of tiles (costs, sorted longest first) greedily handed to `slots` resident CTAs,
-    as the hardware dispatches CTAs of a launch in index order to whichever slot frees first."""
-    free = [0] * min(slots, len(tile_lens))
-    for cost in tile_lens:
-        heapq.heapreplace(free, free[0] + cost)
-    return max(free, default=0)
-
-
 def choose_kv_chunk_len_balanced(kv_lens: list[int], num_kv_heads: int, target_ctas: int, align: int,
                                  min_chunk_len: int, tile_overhead: int = 128,
                                  max_candidates: int = 32) -> int:
@@ -329,11 +340,10 @@ def choose_kv_chunk_len_balanced(kv_lens: list[int], num_kv_heads: int, target_c
                          for s in range(1, max_candidates + 1)}, reverse=True)
     best, best_cost = longest, None
     for chunk in candidates:
-        costs = sorted((min(chunk, n - a) + tile_overhead for n in kv_lens for a in range(0, n, chunk)),
-                       reverse=True)
+        costs = [min(chunk, n - a) + tile_overhead for n in kv_lens for a in range(0, n, chunk)]
         if len(costs) * num_kv_heads > 8 * target_ctas:
             break
-        cost = lpt_makespan([c for c in costs for _ in range(num_kv_heads)], target_ctas)
+        cost = lpt_makespan(costs * num_kv_heads, target_ctas)   # every kv head: the same tiles
         if best_cost is None or cost < best_cost:
             best, best_cost = chunk, cost
     return best
@@ -429,7 +439,7 @@ def decode_runner(batch: HybridBatch, work: DecodeWork, out: torch.Tensor):
     work a call: what a backend's timed run() should call). Returns out."""
     if work.num_items == 0:
         return lambda: out
-    args = (work.tile_args(batch, out), triton.next_power_of_2(work.kv_chunk_len))
+    args = work.kernel_args(batch, out) + (triton.next_power_of_2(work.kv_chunk_len),)
     grid = (work.num_tiles,)
     if work.config is None:
         constexprs = work.tile_constexprs(block_n=0)
@@ -472,7 +482,7 @@ def sm90_report(spec: BatchSpec, *, block_n: int = 64, num_warps: int = 4, num_s
     work = plan_decode(batch, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                        fuse_merge=fuse_merge, kv_splits=2, device="cpu")
     out = torch.empty_like(batch.q_decode)
-    report = sm90_compile_report(_decode_kernel, work.tile_args(batch, out), 1,
+    report = sm90_compile_report(_decode_kernel, *work.kernel_args(batch, out), 1,
                                  **work.tile_constexprs(block_n), num_warps=num_warps, num_stages=num_stages)
     # 16-byte cp.async: K/V tiles streamed through shared memory by the software pipeline.
     return dict(batch=spec.describe(), block_n=block_n, num_warps=num_warps, num_stages=num_stages,

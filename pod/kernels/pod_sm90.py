@@ -50,7 +50,6 @@ ring (prefill: 64 query rows each; decode: one item each), the producer (1 warp)
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -63,6 +62,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
+from pod.kernels.lpt import lpt, lpt_makespan
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 
 if TYPE_CHECKING:
@@ -559,7 +559,9 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
             gl.store(row + 5, it.to(gl.int64))
 
 
-@gluon.jit
+# The batch's sizes are not specialised on (== 1, % 16): a serving engine's batches change them every
+# iteration, and each new specialisation would be a multi-second compile inside a timed step.
+@gluon.jit(do_not_specialize=["total_q_rows", "total_qd_rows", "total_kv_rows", "stride_bt"])
 def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_indptr, block_table, work_units,
                     dec_items, cta_ptr, cta_items, trace, sm_map, claim,
                     num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt, qk_scale,
@@ -708,23 +710,6 @@ def sm_map_for(bind: str, num_sms: int, decode_ctas: int, grid: int) -> list[int
     return m
 
 
-def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tuple[list[list[int]], float]:
-    """Longest processing time first: items (by index, heaviest first, ties in index order) onto the
-    least-loaded of `bins` bins (`start`: each bin's load before these items). Returns each bin's items in
-    the order it runs them, and the makespan."""
-    if bins <= 0 or not costs:
-        return [[] for _ in range(max(bins, 0))], max(start or [0.0])
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-    heap = [(start[b] if start else 0.0, b) for b in range(bins)]
-    heapq.heapify(heap)
-    lists: list[list[int]] = [[] for _ in range(bins)]
-    for i in order:
-        load, b = heapq.heappop(heap)
-        lists[b].append(i)
-        heapq.heappush(heap, (load + costs[i], b))
-    return lists, max(load for load, _ in heap)
-
-
 def _shifted(costs: list[float], extra: float) -> list[float]:
     return costs if not extra else [c + extra for c in costs]
 
@@ -738,12 +723,13 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
     prefill items' dependent loads: block table, tail descriptors, Q, the first stage)."""
     extra = prefill_extra or (lambda k: 0.0)
     if not decode_costs:
-        return 0, lpt(prefill_costs, grid)[1], 0.0
+        return 0, lpt_makespan(prefill_costs, grid), 0.0
     if not prefill_costs:
-        return grid, 0.0, lpt(decode_costs, grid)[1] * decode_slowdown(grid)
+        return grid, 0.0, lpt_makespan(decode_costs, grid) * decode_slowdown(grid)
 
     def times(k):
-        return lpt(_shifted(prefill_costs, extra(k)), grid - k)[1], lpt(decode_costs, k)[1] * decode_slowdown(k)
+        return (lpt_makespan(_shifted(prefill_costs, extra(k)), grid - k),
+                lpt_makespan(decode_costs, k) * decode_slowdown(k))
 
     lo, hi = 1, grid - 1                     # smallest k whose decode time <= its prefill time
     while lo < hi:
@@ -764,7 +750,7 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
         lo, hi = 1, best
         while lo < hi:
             mid = (lo + hi) // 2
-            if lpt(decode_costs, mid)[1] * decode_slowdown(mid) <= bound:
+            if lpt_makespan(decode_costs, mid) * decode_slowdown(mid) <= bound:
                 hi = mid
             else:
                 lo = mid + 1
@@ -897,7 +883,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
 
     if cfg.decode_ctas is not None and prefill_costs and pairs:
         k = max(1, min(cfg.decode_ctas, grid - 1))
-        t_p, t_d = lpt(_shifted(prefill_costs, prefill_extra(k)), grid - k)[1], lpt(decode_costs, k)[1] * slowdown(k)
+        t_p = lpt_makespan(_shifted(prefill_costs, prefill_extra(k)), grid - k)
+        t_d = lpt_makespan(decode_costs, k) * slowdown(k)
     else:
         k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown, cfg.plateau_tol, prefill_extra)
     k = min(k, len(pairs)) if pairs else 0

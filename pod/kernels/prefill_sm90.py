@@ -249,7 +249,8 @@ def _softmax_consumer(q_smem, k_smem, v_smem, ready_k, ready_v, empty, O, LSE,
     tma.store_wait(0)
 
 
-@gluon.jit
+# Sizes not specialised on (== 1, % 16): they change with every batch of a serving engine (pod_sm90 too).
+@gluon.jit(do_not_specialize=["total_q_rows", "total_kv_rows", "stride_bt"])
 def prefill_sm90_kernel(Q, K, V, O, LSE,
                         q_indptr, kv_lens, kv_indptr, block_table, work_units,
                         num_q_heads, total_q_rows, total_kv_rows, stride_bt, stride_lse_tok, qk_scale,
