@@ -58,7 +58,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                              warpgroup_mma)
+                                                              warpgroup_mma, warpgroup_mma_wait)
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
@@ -319,7 +319,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
 @gluon.jit
 def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half, n_keys, qk_scale,
                  HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr,
-                 DEC_N: gl.constexpr, SKIP: gl.constexpr, XCHG: gl.constexpr, EARLY_K: gl.constexpr):
+                 DEC_N: gl.constexpr, SKIP: gl.constexpr, XCHG: gl.constexpr, EARLY_K: gl.constexpr,
+                 PIPE: gl.constexpr = False):
     """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...), swap-AB: the
     item's q heads are the wgmma's N (DEC_N = 16 or 32 columns), its 64 keys and D its M, so a GQA group
     of 4 costs 16 columns of tensor-core work instead of 64 padded rows:
@@ -352,6 +353,10 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
     l_i = gl.zeros([DEC_N], gl.float32, col_layout)
     l_part = gl.zeros([HALF_N, DEC_N], gl.float32, s_layout)     # XCHG: per-thread partial sums
     acc = gl.zeros([HEAD_DIM, DEC_N], gl.float32, s_layout)
+    if PIPE:
+        return _decode_rows_pipelined(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half,
+                                      n_keys, qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF, HALF_N,
+                                      STAGES, DEC_N, EARLY_K, s_layout, col_layout, z_layout)
     for t in range(n_half):
         slot = it + t
         s = slot % STAGES
@@ -413,6 +418,65 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
 
 
 @gluon.jit
+def _decode_rows_pipelined(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half, n_keys,
+                           qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF: gl.constexpr,
+                           HALF_N: gl.constexpr, STAGES: gl.constexpr, DEC_N: gl.constexpr, EARLY_K: gl.constexpr,
+                           s_layout: gl.constexpr, col_layout: gl.constexpr, z_layout: gl.constexpr):
+    """_decode_rows (XCHG softmax) with its two wgmmas in flight together: stage t issues O^T_t and, its K
+    half landed, S^T_{t+1} right behind it, then waits for O^T_t (wgmma groups retire in order), releases
+    stage t and waits for S^T_{t+1}: one wgmma round trip a stage instead of two. P^T_t is read by O^T_t
+    only, which has retired before the next stage stores P^T_{t+1}."""
+    dtype: gl.constexpr = p_buf.dtype
+    s0 = it % STAGES
+    mbarrier.wait(ready_k.index(s0), (it // STAGES) & 1)
+    st = warpgroup_mma(k_smem.index(s0).slice(HALF * HALF_N, HALF_N), q_t, zero_s, use_acc=False)
+    for t in range(n_half):
+        slot = it + t
+        s = slot % STAGES
+        ph = (slot // STAGES) & 1
+        valid = n_keys - t * HALF_N
+        if EARLY_K:
+            mbarrier.arrive(empty.index(s), count=1)     # K read (S^T_t has retired)
+        if valid < HALF_N:
+            st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
+        red.reshape([4, DEC_N]).store(gl.max(gl.reshape(st, [4, HALF_N // 4, DEC_N]), 1))
+        gl.thread_barrier()
+        col_max = gl.maximum(
+            gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
+            gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
+        m_new = gl.maximum(m_i, col_max * qk_scale)
+        p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
+        alpha = gl.exp2(m_i - m_new)
+        l_part = l_part * gl.expand_dims(alpha, 0) + p
+        m_i = m_new
+        p_buf.store(gl.permute(p.to(dtype), (1, 0)))
+        mbarrier.wait(ready_v.index(s), ph)
+        v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
+        if valid < HALF_N:
+            _zero_rows_from(v_half, v_rows, valid, z_layout)
+        fence_async_shared()                             # P^T (and zeroed V rows) before the tensor cores;
+        gl.thread_barrier()                              # every warp's reads of `red` before it is rewritten
+        o_tok = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc * gl.expand_dims(alpha, 0),
+                              is_async=True)
+        if t + 1 < n_half:
+            sn = (slot + 1) % STAGES
+            mbarrier.wait(ready_k.index(sn), ((slot + 1) // STAGES) & 1)
+            s_tok = warpgroup_mma(k_smem.index(sn).slice(HALF * HALF_N, HALF_N), q_t, zero_s, use_acc=False,
+                                  is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(o_tok, ))
+            if not EARLY_K:
+                mbarrier.arrive(empty.index(s), count=1)
+            mbarrier.arrive(empty_v.index(s), count=1)
+            st = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+            if not EARLY_K:
+                mbarrier.arrive(empty.index(s), count=1)
+            mbarrier.arrive(empty_v.index(s), count=1)
+    return acc, gl.sum(l_part, 0), m_i
+
+
+@gluon.jit
 def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
     """Release n ring slots this consumer does not read (its pair partner's longer item): wait until each
     has landed first, so a release never runs a ring round ahead of the other consumer's."""
@@ -430,7 +494,8 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
               qk_scale, HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
               TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
-              DECODE_EARLY_K: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr):
+              DECODE_EARLY_K: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr,
+              DECODE_PIPE: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair.
     TAIL_MASK: on a prefill item's last KV tile, V rows past kv_len (stale page slots: a NaN there would
     reach P V as 0 * NaN) are zeroed, each consumer its 64 rows, both before either's P V (`vz`).
@@ -527,7 +592,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
             elif n_mine > 0:
                 acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it,
                                              n_mine, n_keys, qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N,
-                                             DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K)
+                                             DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, DECODE_PIPE)
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, empty_v, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
                 # O^T [D, DEC_N] / l: column h is q head g*GROUP + h; columns >= GROUP are padding.
@@ -570,7 +635,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
                     DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr, TAIL_MASK: gl.constexpr,
-                    OVERLAP: gl.constexpr):
+                    OVERLAP: gl.constexpr, DECODE_PIPE: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     if BIND:                                             # the list planned for this SM (_claim_list)
         cta = _claim_list(sm_map, claim, gl.num_programs(0))
@@ -606,11 +671,11 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_PIPE)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_PIPE)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
@@ -657,6 +722,9 @@ class PodSm90Config:
     overlap: bool = True                 # an item's Q and first stages load while the previous item finishes
                                          # (prefill frees Q after its last S and stores O from registers; else
                                          # each item's Q waits for the previous epilogue: a ring drain an item)
+    decode_pipe: bool = False            # decode: S^T of the next stage issued (async wgmma) before this stage's
+                                         # O^T completes, so the two wgmma latencies overlap (FA3's in-warpgroup
+                                         # pipelining, swap-AB); needs decode_xchg and decode_skip 0
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -977,7 +1045,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
                  TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
                  DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None,
-                 TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap)
+                 TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap, DECODE_PIPE=cfg.decode_pipe)
     return args, const
 
 
