@@ -317,6 +317,23 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
 
 
 @gluon.jit
+def _xchg_softmax(st, red, m_i, l_part, qk_scale, HALF_N: gl.constexpr, DEC_N: gl.constexpr,
+                  col_layout: gl.constexpr):
+    """One stage's online softmax down S^T's columns (decode_xchg): row w of the [4, 16, DEC_N] view is warp
+    w's keys, so its maxima need shuffles only; the 4 warp maxima meet in `red` behind one barrier; the sums
+    stay per thread (l_part). Returns (P, alpha, l_part, m_i) in the exp2 domain."""
+    red.reshape([4, DEC_N]).store(gl.max(gl.reshape(st, [4, HALF_N // 4, DEC_N]), 1))
+    gl.thread_barrier()
+    col_max = gl.maximum(
+        gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
+        gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
+    m_new = gl.maximum(m_i, col_max * qk_scale)
+    p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, l_part * gl.expand_dims(alpha, 0) + p, m_new
+
+
+@gluon.jit
 def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half, n_keys, qk_scale,
                  HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr,
                  DEC_N: gl.constexpr, SKIP: gl.constexpr, XCHG: gl.constexpr, EARLY_K: gl.constexpr,
@@ -376,17 +393,7 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
             p = gl.exp2(st * qk_scale)
             alpha = gl.full([DEC_N], 1.0, gl.float32, col_layout)
         elif XCHG:
-            # Row w of the [4, 16, DEC_N] view is warp w's keys: its maxima need shuffles only.
-            red.reshape([4, DEC_N]).store(gl.max(gl.reshape(st, [4, HALF_N // 4, DEC_N]), 1))
-            gl.thread_barrier()
-            col_max = gl.maximum(
-                gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
-                gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
-            m_new = gl.maximum(m_i, col_max * qk_scale)
-            p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
-            alpha = gl.exp2(m_i - m_new)
-            l_part = l_part * gl.expand_dims(alpha, 0) + p
-            m_i = m_new
+            p, alpha, l_part, m_i = _xchg_softmax(st, red, m_i, l_part, qk_scale, HALF_N, DEC_N, col_layout)
         else:
             m_new = gl.maximum(m_i, gl.max(st, 0) * qk_scale)
             p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
@@ -439,16 +446,7 @@ def _decode_rows_pipelined(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, em
             mbarrier.arrive(empty.index(s), count=1)     # K read (S^T_t has retired)
         if valid < HALF_N:
             st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
-        red.reshape([4, DEC_N]).store(gl.max(gl.reshape(st, [4, HALF_N // 4, DEC_N]), 1))
-        gl.thread_barrier()
-        col_max = gl.maximum(
-            gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
-            gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
-        m_new = gl.maximum(m_i, col_max * qk_scale)
-        p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
-        alpha = gl.exp2(m_i - m_new)
-        l_part = l_part * gl.expand_dims(alpha, 0) + p
-        m_i = m_new
+        p, alpha, l_part, m_i = _xchg_softmax(st, red, m_i, l_part, qk_scale, HALF_N, DEC_N, col_layout)
         p_buf.store(gl.permute(p.to(dtype), (1, 0)))
         mbarrier.wait(ready_v.index(s), ph)
         v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
