@@ -285,7 +285,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     12-CTA grid whose SMs all ask for list 0 (every other list claimed through the fallback), and prefill
     tails through rebuilt descriptors ("desc"; the default masks them), and each item's Q loaded only after
     the previous item's epilogue ("no_overlap"; the default overlaps them), and the decode's two wgmmas in
-    flight together ("decode_pipe"): both outputs start as NaN, stale
+    flight together ("decode_pipe") or its O^T one stage behind ("decode_lag", also on 4 CTAs: "lag_ctas4"):
+    both outputs start as NaN, stale
     page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
     equal. `shard=(i, n)`: only cases i, i+n, ... (n processes compile their kernels in parallel)."""
@@ -298,7 +299,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "steal": PodSm90Config(num_ctas=6, decode_ctas=2, steal="always"),
              "block": PodSm90Config(bind="block"), "stride": PodSm90Config(bind="stride"),
              "collide": PodSm90Config(num_ctas=12, bind="collide"), "desc": PodSm90Config(prefill_tail="desc"),
-             "no_overlap": PodSm90Config(overlap=False), "decode_pipe": PodSm90Config(decode_pipe=True)}
+             "no_overlap": PodSm90Config(overlap=False), "decode_pipe": PodSm90Config(decode_loop="pipe"),
+             "decode_lag": PodSm90Config(decode_loop="lag"), "lag_ctas4": PodSm90Config(num_ctas=4, decode_loop="lag")}
     case = -1
     for n_case, (heads, chunks, decodes, layouts, dtypes) in enumerate(POD_SM90_CHECK_SHAPES):
         for dtype in dtypes:

@@ -127,32 +127,33 @@ def role_spans(tr: torch.Tensor) -> dict:
 
 
 def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16,
-          skips=(0,), old_softmax: bool = False, late_k: bool = False, pipe: bool = False) -> list[dict]:
+          skips=(0,), old_softmax: bool = False, late_k: bool = False, loops=()) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
     prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU. `page`: the KV layout
     (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it. `skips`:
     PodSm90Config.decode_skip masks to time besides the real decode (16: consumers only release stages;
     1/2/4/8: one link of the consumers' chain left out) - the differences say where a decode SM's time goes;
     `old_softmax`: also the decode with decode_xchg=False (gl.max / gl.sum down the columns); `late_k`: also
-    with decode_early_k=False (a stage's K released with its V); `pipe`: also with decode_pipe=True (the next
-    stage's S^T in flight with this stage's O^T)."""
+    with decode_early_k=False (a stage's K released with its V); `loops`: also with each of these
+    PodSm90Config.decode_loop values ("pipe": the next stage's S^T in flight with this stage's O^T; "lag": O^T
+    one stage behind, two barriers a stage)."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
     dec = Bench(_spec(L3, [], [8192] * 64, page))
     for k in ks:
-        variants = [(x, True, True, False) for x in skips] + ([(0, False, True, False)] if old_softmax else []) \
-            + ([(0, True, False, False)] if late_k else []) + ([(0, True, True, True)] if pipe else [])
-        for skip, xchg, early_k, piped in variants:
+        variants = [(x, True, True, "plain") for x in skips] + ([(0, False, True, "plain")] if old_softmax else []) \
+            + ([(0, True, False, "plain")] if late_k else []) + [(0, True, True, lp) for lp in loops]
+        for skip, xchg, early_k, loop in variants:
             r, _ = _pod(dec, PodSm90Config(num_ctas=k, decode_skip=skip, decode_xchg=xchg, decode_early_k=early_k,
-                                           decode_pipe=piped), trace=True)
+                                           decode_loop=loop), trace=True)
             if r.get("median_ms"):
                 gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
                 r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
             what = "decode" if not skip else "K/V stream only" if skip >= 16 else f"decode, skip {skip}"
             what += ("" if xchg else " (gl.max/gl.sum softmax)") + ("" if early_k else " (K released with V)") \
-                + (" (pipelined wgmmas)" if piped else "")
+                + ("" if loop == "plain" else f" (decode_loop {loop})")
             rows.append(out(dict(what=f"{what} 64x8192 on k CTAs, page {page}", k=k, skip=skip, xchg=xchg,
-                                 early_k=early_k, pipe=piped, **r)))
+                                 early_k=early_k, loop=loop, **r)))
     for name in ("triton_decode", "fi_serial"):
         rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
     if not prefill:
@@ -379,8 +380,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="rates: also the decode with decode_xchg=False (gl.max / gl.sum down the columns)")
     ap.add_argument("--late-k", action="store_true",
                     help="rates: also the decode with decode_early_k=False (a stage's K released with its V)")
-    ap.add_argument("--pipe", action="store_true",
-                    help="rates: also the decode with decode_pipe=True (the next stage's S^T in flight with O^T)")
+    ap.add_argument("--loops", default="",
+                    help="rates: also the decode with each of these comma-separated PodSm90Config.decode_loop values "
+                         "(pipe, lag)")
     ap.add_argument("--skip", default="0",
                     help="rates: comma-separated decode_skip masks to time (0: the real decode; 16: consumers only "
                          "release stages; 1/2/4/8: one link of the consumers' chain left out)")
@@ -426,7 +428,7 @@ def main(argv: list[str]) -> int:
     model = {k: v for k, v in model.items() if v}
     base = PodSm90Config(**model) if model else None
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
-                                    a.old_softmax, a.late_k, a.pipe),
+                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(",")))),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
                                     tuple(a.binds.split(",")), parse_variants(a.variants)),

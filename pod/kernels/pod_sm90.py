@@ -322,8 +322,20 @@ def _xchg_softmax(st, red, m_i, l_part, qk_scale, HALF_N: gl.constexpr, DEC_N: g
     """One stage's online softmax down S^T's columns (decode_xchg): row w of the [4, 16, DEC_N] view is warp
     w's keys, so its maxima need shuffles only; the 4 warp maxima meet in `red` behind one barrier; the sums
     stay per thread (l_part). Returns (P, alpha, l_part, m_i) in the exp2 domain."""
-    red.reshape([4, DEC_N]).store(gl.max(gl.reshape(st, [4, HALF_N // 4, DEC_N]), 1))
+    _xchg_publish(st, red, HALF_N, DEC_N)
     gl.thread_barrier()
+    return _xchg_finish(st, red, m_i, l_part, qk_scale, DEC_N, col_layout)
+
+
+@gluon.jit
+def _xchg_publish(st, red, HALF_N: gl.constexpr, DEC_N: gl.constexpr):
+    """This warp's maxima of S^T's columns over its 16 keys (shuffles only) into its row of `red`."""
+    red.reshape([4, DEC_N]).store(gl.max(gl.reshape(st, [4, HALF_N // 4, DEC_N]), 1))
+
+
+@gluon.jit
+def _xchg_finish(st, red, m_i, l_part, qk_scale, DEC_N: gl.constexpr, col_layout: gl.constexpr):
+    """After the barrier that follows every warp's _xchg_publish: the column maxima, P, alpha, sums."""
     col_max = gl.maximum(
         gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
         gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
@@ -337,7 +349,7 @@ def _xchg_softmax(st, red, m_i, l_part, qk_scale, HALF_N: gl.constexpr, DEC_N: g
 def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half, n_keys, qk_scale,
                  HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr,
                  DEC_N: gl.constexpr, SKIP: gl.constexpr, XCHG: gl.constexpr, EARLY_K: gl.constexpr,
-                 PIPE: gl.constexpr = False):
+                 LOOP: gl.constexpr = 0):
     """One decode item on this consumer's half of n_half stages (ring slots it, it+1, ...), swap-AB: the
     item's q heads are the wgmma's N (DEC_N = 16 or 32 columns), its 64 keys and D its M, so a GQA group
     of 4 costs 16 columns of tensor-core work instead of 64 padded rows:
@@ -355,7 +367,8 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
     the columns (XCHG off) cost ~9, and half of a decode SM's time (docs/hopper_pod.md).
     SKIP (diagnostics only, wrong output; 0 ships): a bit mask of links of the chain left out, to time each
     by difference - 1 the softmax's reductions / exchange, 2 the P^T store + fence + barrier, 4 the O^T
-    wgmma, 8 the S^T wgmma."""
+    wgmma, 8 the S^T wgmma.
+    LOOP (PodSm90Config.decode_loop): 0 this loop, 1 _decode_rows_pipelined, 2 _decode_rows_lagged."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, DEC_N, 16])
@@ -370,10 +383,14 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
     l_i = gl.zeros([DEC_N], gl.float32, col_layout)
     l_part = gl.zeros([HALF_N, DEC_N], gl.float32, s_layout)     # XCHG: per-thread partial sums
     acc = gl.zeros([HEAD_DIM, DEC_N], gl.float32, s_layout)
-    if PIPE:
+    if LOOP == 1:
         return _decode_rows_pipelined(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half,
                                       n_keys, qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF, HALF_N,
                                       STAGES, DEC_N, EARLY_K, s_layout, col_layout, z_layout)
+    if LOOP == 2:
+        return _decode_rows_lagged(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half,
+                                   n_keys, qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF, HALF_N, STAGES,
+                                   DEC_N, col_layout, z_layout)
     for t in range(n_half):
         slot = it + t
         s = slot % STAGES
@@ -475,6 +492,71 @@ def _decode_rows_pipelined(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, em
 
 
 @gluon.jit
+def _lag_stage(k_smem, q_t, red, ready_k, empty, slot, valid, keys, zero_s, HALF: gl.constexpr,
+               HALF_N: gl.constexpr, STAGES: gl.constexpr, DEC_N: gl.constexpr):
+    """The first half of a lagged stage (_decode_rows_lagged): S^T once its K half has landed, the masked
+    scores, this warp's maxima published, the one barrier, the K half released. Returns S^T."""
+    s = slot % STAGES
+    mbarrier.wait(ready_k.index(s), (slot // STAGES) & 1)
+    st = warpgroup_mma(k_smem.index(s).slice(HALF * HALF_N, HALF_N), q_t, zero_s, use_acc=False)
+    if valid < HALF_N:
+        st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
+    _xchg_publish(st, red, HALF_N, DEC_N)
+    # The stage's one barrier: every warp's maxima are in `red`, every warp's S^T has completed (the K half
+    # may go), and every warp's P^T of the previous stage is stored and fenced (its O^T may be issued).
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(s), count=1)
+    return st
+
+
+@gluon.jit
+def _lag_store_p(p, p_buf, v_smem, ready_v, slot, valid, v_rows, HALF: gl.constexpr, HALF_N: gl.constexpr,
+                 STAGES: gl.constexpr, z_layout: gl.constexpr):
+    """The end of a lagged stage: P^T into p_buf (the previous O^T has retired in every warp), the V half's
+    stale rows zeroed once it has landed, and a proxy fence; the next stage's barrier publishes both."""
+    p_buf.store(gl.permute(p.to(p_buf.dtype), (1, 0)))
+    s = slot % STAGES
+    mbarrier.wait(ready_v.index(s), (slot // STAGES) & 1)
+    if valid < HALF_N:
+        _zero_rows_from(v_smem.index(s).slice(HALF * HALF_N, HALF_N), v_rows, valid, z_layout)
+    fence_async_shared()
+
+
+@gluon.jit
+def _decode_rows_lagged(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half, n_keys,
+                        qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF: gl.constexpr,
+                        HALF_N: gl.constexpr, STAGES: gl.constexpr, DEC_N: gl.constexpr,
+                        col_layout: gl.constexpr, z_layout: gl.constexpr):
+    """_decode_rows (XCHG softmax, K released early) with O^T one stage behind: stage t's exchange barrier
+    also publishes P^T_{t-1}, so O^T_{t-1} is issued right after it and runs on the tensor cores while this
+    warpgroup computes stage t's softmax; it retires (the V half of t-1 is released, p_buf is free) before
+    P^T_t is stored. Two barriers a stage (the exchange's and the one before the V release) instead of the
+    plain loop's six; O^T of the last stage runs after the loop. n_half >= 1."""
+    st = _lag_stage(k_smem, q_t, red, ready_k, empty, it, n_keys, keys, zero_s, HALF, HALF_N, STAGES, DEC_N)
+    p, alpha, l_part, m_i = _xchg_finish(st, red, m_i, l_part, qk_scale, DEC_N, col_layout)
+    _lag_store_p(p, p_buf, v_smem, ready_v, it, n_keys, v_rows, HALF, HALF_N, STAGES, z_layout)
+    for t in range(1, n_half):
+        slot = it + t
+        valid = n_keys - t * HALF_N
+        st = _lag_stage(k_smem, q_t, red, ready_k, empty, slot, valid, keys, zero_s, HALF, HALF_N, STAGES, DEC_N)
+        sp = (slot - 1) % STAGES
+        o_tok = warpgroup_mma(v_smem.index(sp).slice(HALF * HALF_N, HALF_N).permute((1, 0)), p_buf.permute((1, 0)),
+                              acc * gl.expand_dims(alpha, 0), is_async=True)
+        p, alpha, l_part, m_i = _xchg_finish(st, red, m_i, l_part, qk_scale, DEC_N, col_layout)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+        gl.thread_barrier()                              # every warp's O^T_{t-1} retired, its `red` reads done
+        mbarrier.arrive(empty_v.index(sp), count=1)
+        _lag_store_p(p, p_buf, v_smem, ready_v, slot, valid, v_rows, HALF, HALF_N, STAGES, z_layout)
+    gl.thread_barrier()                                  # the last P^T (and zeroed V rows) from every warp
+    sl = (it + n_half - 1) % STAGES
+    acc = warpgroup_mma(v_smem.index(sl).slice(HALF * HALF_N, HALF_N).permute((1, 0)), p_buf.permute((1, 0)),
+                        acc * gl.expand_dims(alpha, 0))
+    gl.thread_barrier()
+    mbarrier.arrive(empty_v.index(sl), count=1)
+    return acc, gl.sum(l_part, 0), m_i
+
+
+@gluon.jit
 def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
     """Release n ring slots this consumer does not read (its pair partner's longer item): wait until each
     has landed first, so a release never runs a ring round ahead of the other consumer's."""
@@ -493,7 +575,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
               TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
               DECODE_EARLY_K: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr,
-              DECODE_PIPE: gl.constexpr):
+              DECODE_LOOP: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair.
     TAIL_MASK: on a prefill item's last KV tile, V rows past kv_len (stale page slots: a NaN there would
     reach P V as 0 * NaN) are zeroed, each consumer its 64 rows, both before either's P V (`vz`).
@@ -590,7 +672,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
             elif n_mine > 0:
                 acc, l_i, m_i = _decode_rows(my_q, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it,
                                              n_mine, n_keys, qk_scale, HALF, HEAD_DIM, HALF_N, STAGES, DEC_N,
-                                             DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, DECODE_PIPE)
+                                             DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, DECODE_LOOP)
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, empty_v, it + n_mine, gl.maximum(n_other - n_mine, 0), STAGES)
                 # O^T [D, DEC_N] / l: column h is q head g*GROUP + h; columns >= GROUP are padding.
@@ -633,7 +715,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
                     DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr, TAIL_MASK: gl.constexpr,
-                    OVERLAP: gl.constexpr, DECODE_PIPE: gl.constexpr):
+                    OVERLAP: gl.constexpr, DECODE_LOOP: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     if BIND:                                             # the list planned for this SM (_claim_list)
         cta = _claim_list(sm_map, claim, gl.num_programs(0))
@@ -669,11 +751,11 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_PIPE)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_PIPE)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
@@ -720,9 +802,11 @@ class PodSm90Config:
     overlap: bool = True                 # an item's Q and first stages load while the previous item finishes
                                          # (prefill frees Q after its last S and stores O from registers; else
                                          # each item's Q waits for the previous epilogue: a ring drain an item)
-    decode_pipe: bool = False            # decode: S^T of the next stage issued (async wgmma) before this stage's
-                                         # O^T completes, so the two wgmma latencies overlap (FA3's in-warpgroup
-                                         # pipelining, swap-AB); needs decode_xchg and decode_skip 0
+    decode_loop: str = "plain"           # the decode consumer's stage loop (_decode_rows; needs decode_xchg and
+                                         # decode_skip 0 unless "plain"): "plain"; "pipe" (the next stage's S^T
+                                         # issued before this stage's O^T completes: FA3's in-warpgroup
+                                         # pipelining, swap-AB); "lag" (O^T one stage behind, issued after the
+                                         # next stage's exchange barrier: two barriers a stage instead of six)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -746,6 +830,10 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
         return f"{config} needs {config.shared_bytes(h.head_dim)} B of shared memory (227 KB an SM)"
     if h.group_size > 32:
         return f"GQA group {h.group_size} (<= 32: a decode item's q heads are the N of a swap-AB wgmma)"
+    if config.decode_loop not in DECODE_LOOPS:
+        return f"decode_loop {config.decode_loop!r} (one of {DECODE_LOOPS})"
+    if config.decode_loop != "plain" and (config.decode_skip or not config.decode_xchg):
+        return f"decode_loop {config.decode_loop!r} needs decode_xchg and decode_skip 0"
     if spec.paged:
         p = spec.page_size
         if p < 8 or not (p % 128 == 0 or 64 % p == 0):
@@ -753,6 +841,7 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
     return None
 
 
+DECODE_LOOPS = ("plain", "pipe", "lag")   # PodSm90Config.decode_loop -> the kernel's DECODE_LOOP
 SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
 BINDS = ("block", "smid", "stride", "collide")
 
@@ -1043,7 +1132,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
                  TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
                  DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None,
-                 TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap, DECODE_PIPE=cfg.decode_pipe)
+                 TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap,
+                 DECODE_LOOP=DECODE_LOOPS.index(cfg.decode_loop))
     return args, const
 
 
