@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
-from pod.api import Plan, plan
+from pod.api import Plan, plan, warmup
 from pod.batch import HybridBatch
 from pod.dispatch import PodConfig
 from pod.env import device_num_sms, interpreting
@@ -147,6 +147,10 @@ def autotune_config(batch: HybridBatch, candidates: dict[str, PodConfig], timer=
 
 def _prepare_pod(batch: HybridBatch, config: PodConfig | None, autotune: dict[str, PodConfig] | None = None):
     timings = None
+    if config is None:
+        # The dispatcher may pick another variant (and kernel) for the next batch: compile them all the first
+        # time this head layout is seen (an engine's warm-up), not in whichever later step first picks one.
+        _warm_once(("pod variants", _shape_key(batch)), lambda: warmup(batch))
     if autotune and not interpreting():
         config, timings = autotune_config(batch, autotune)
     p: Plan = plan(batch, config)

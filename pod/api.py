@@ -4,6 +4,7 @@
     o_prefill, o_decode = run(p, batch)  # one fused launch (two for the "serial" variant)
     launch = p.runner(batch)             # arguments bound once; launch() -> (o_prefill, o_decode)
     o_prefill, o_decode = pod_attention(batch, kv_splits=4)   # plan + run, config as keywords
+    warmup(batch)                        # a serving engine, once before timing: compile every kernel plan may pick
 
 `plan` does all shape-only work, FlashInfer-style: the dispatcher's choice (pod.dispatch), the prefill
 and decode work lists (sorted longest first), tile counts, the decode KV splits and their fp32 partial
@@ -226,6 +227,42 @@ def run(p: Plan, batch: HybridBatch,
         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the plan on `batch` (same shape as planned). Returns (o_prefill, o_decode)."""
     return p.runner(batch, *(out or ()))()
+
+
+# Small batches that between them make `plan` launch every kernel it can pick for a head layout: a hybrid
+# with a split decode (fused, the merge launch; serial), a tiny chunk beside short decodes (the portable
+# prefill tile), decode-only, prefill-only (the Hopper tile on sm_90).
+WARMUP_BATCHES = (([(512, 1536)], [8192, 8192]), ([(64, 0)], [256] * 3), ([], [4096] * 4), ([(2048, 0)], []))
+
+
+def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | None = None) -> list[str]:
+    """Compile (and autotune) the kernels `plan` may launch for batches with this one's heads, dtype and KV
+    layout, on WARMUP_BATCHES (synthetic, a few MB): a serving engine calls it before its first timed step,
+    where a kernel's first launch would be a compile (seconds) or a cache load (tenths of a second) inside
+    one iteration. The fused variant of the device (fused_sm90 on Hopper where it handles the layout,
+    else fused) and serial are both launched on the hybrid. Returns the variants launched, one a launch."""
+    from pod.batch import make_batch
+    spec, device = unpack_batch_or_spec(batch_or_spec, device)
+    h = spec.heads
+    num_sms = device_num_sms(device)
+    launched = []
+    for prefill, decode in WARMUP_BATCHES:
+        small = BatchSpec.build(h.num_q_heads, h.num_kv_heads, h.head_dim, prefill=prefill, decode=decode,
+                                dtype=spec.dtype, page_size=spec.page_size)
+        batch = make_batch(small, device, seed=0)
+        chosen = plan(batch)
+        variants = {chosen.config.variant}
+        if prefill and decode:
+            from pod.kernels.pod_sm90 import pod_sm90_supports
+            sm90 = resolve_prefill_kernel(small, None, device)[0] == "sm90" and pod_sm90_supports(small) is None
+            variants |= {"fused_sm90" if sm90 else "fused", "serial"}
+        for variant in sorted(variants):
+            p = chosen if variant == chosen.config.variant else plan(batch, variant=variant)
+            p.runner(batch)()
+            launched.append(variant)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launched
 
 
 def pod_attention(batch: HybridBatch, config: PodConfig | None = None, **overrides):

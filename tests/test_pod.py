@@ -459,3 +459,13 @@ def test_dispatch_on_hopper_runs_the_hopper_kernels(monkeypatch):
     assert not sm90_fuses(lopsided) and p.config.variant == "serial" and p.sm90 is None
     # An explicit config is never overridden.
     assert api.plan(spec, api.PodConfig(variant="fused"), device="cpu").config.variant == "fused"
+
+
+def test_warmup_launches_the_fused_and_the_serial_variant(monkeypatch):
+    """pod.api.warmup (a serving engine's compile step): on a hybrid it launches the device's fused
+    variant and serial, and on single-role batches the dispatcher's pick (small batches here: the
+    interpreter)."""
+    import pod.api as api
+    monkeypatch.setattr(api, "WARMUP_BATCHES", (([(5, 7)], [20, 9]), ([], [33])))
+    spec = BatchSpec.build(4, 2, 64, prefill=[(8, 8)], decode=[8], dtype="float16", page_size=16)
+    assert api.warmup(spec, "cpu") == ["fused", "serial", "serial"]

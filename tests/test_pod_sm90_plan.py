@@ -78,6 +78,36 @@ def test_lpt_starts_from_given_loads():
     assert span == 5.0
 
 
+def _lpt_item_by_item(costs, bins, start=None):
+    """LPT as written in every textbook: each item (heaviest first, ties in index order) onto the
+    least-loaded bin (ties to the lowest bin), one heap step an item."""
+    import heapq
+    if bins <= 0 or not costs:
+        return [[] for _ in range(max(bins, 0))], max(start or [0.0])
+    heap = [(start[b] if start else 0.0, b) for b in range(bins)]
+    heapq.heapify(heap)
+    lists = [[] for _ in range(bins)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, b = heapq.heappop(heap)
+        lists[b].append(i)
+        heapq.heappush(heap, (load + costs[i], b))
+    return lists, max(load for load, _ in heap)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouped_lpt_gives_the_item_by_item_lists(seed):
+    # lpt hands runs of equal costs to groups of equally loaded bins: the same lists, bin by bin and in the
+    # same order, and the same makespan as one heap step an item, with runs, ties, start loads and loads
+    # that meet by different paths (integer costs).
+    rng = random.Random(seed)
+    for _ in range(400):
+        bins = rng.randint(1, 48)
+        values = rng.choice([[1.5, 2.25, 3.0], [rng.random() for _ in range(6)], [1, 2, 3, 4, 5]])
+        costs = [rng.choice(values) for _ in range(rng.randint(0, 150))]
+        start = [rng.choice([0.0, 1.5, 2.0, rng.random()]) for _ in range(bins)] if rng.random() < 0.3 else None
+        assert lpt(costs, bins, start) == _lpt_item_by_item(costs, bins, start)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_grouped_lpt_makespan_is_exactly_lpts(seed):
     # The planners' searches call lpt_makespan (runs of equal costs onto groups of equally loaded bins):

@@ -64,6 +64,7 @@ no merge launch is needed. `DecodeWork.tile_args(batch, out)` returns the `args`
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -339,11 +340,20 @@ def choose_kv_chunk_len_balanced(kv_lens: list[int], num_kv_heads: int, target_c
     candidates = sorted({max(min_chunk, _round_up(-(-max(kv_lens) // s), align))
                          for s in range(1, max_candidates + 1)}, reverse=True)
     best, best_cost = longest, None
+    lens = Counter(kv_lens)
     for chunk in candidates:
-        costs = [min(chunk, n - a) + tile_overhead for n in kv_lens for a in range(0, n, chunk)]
-        if len(costs) * num_kv_heads > 8 * target_ctas:
+        # The tiles' runs: a request of n keys has n // chunk full splits and maybe a shorter last one, for
+        # every kv head (the same tiles).
+        runs: Counter = Counter()
+        for n, m in lens.items():
+            full, rest = divmod(n, chunk)
+            if full:
+                runs[chunk + tile_overhead] += full * m * num_kv_heads
+            if rest:
+                runs[rest + tile_overhead] += m * num_kv_heads
+        if sum(runs.values()) > 8 * target_ctas:
             break
-        cost = lpt_makespan(costs * num_kv_heads, target_ctas)   # every kv head: the same tiles
+        cost = lpt_makespan(runs, target_ctas)
         if best_cost is None or cost < best_cost:
             best, best_cost = chunk, cost
     return best

@@ -18,28 +18,72 @@ from collections import Counter
 
 def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tuple[list[list[int]], float]:
     """Longest processing time first: items (by index, heaviest first, ties in index order) onto the
-    least-loaded of `bins` bins (`start`: each bin's load before these items). Returns each bin's items in
-    the order it runs them, and the makespan."""
+    least-loaded of `bins` bins (`start`: each bin's load before these items; ties to the lowest bin).
+    Returns each bin's items in the order it runs them, and the makespan.
+
+    Grouped like lpt_makespan: a run of n equal costs meets a group of m equally loaded bins (kept in bin
+    order) and its first min(m, n) items go to those bins in order - exactly what the item-by-item heap
+    of (load, bin) pops give, in O(runs x groups x log) heap steps."""
     if bins <= 0 or not costs:
         return [[] for _ in range(max(bins, 0))], max(start or [0.0])
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-    heap = [(start[b] if start else 0.0, b) for b in range(bins)]
-    heapq.heapify(heap)
+    if start:
+        by_load: dict = {}
+        for b in range(bins):
+            by_load.setdefault(start[b], []).append(b)
+        heap = [(load, bs[0], bs) for load, bs in by_load.items()]
+        heapq.heapify(heap)
+    else:
+        heap = [(0.0, 0, list(range(bins)))]
     lists: list[list[int]] = [[] for _ in range(bins)]
-    for i in order:
-        load, b = heapq.heappop(heap)
-        lists[b].append(i)
-        heapq.heappush(heap, (load + costs[i], b))
-    return lists, max(load for load, _ in heap)
+    j = 0
+    while j < len(order):
+        cost = costs[order[j]]
+        n = 1
+        while j + n < len(order) and costs[order[j + n]] == cost:
+            n += 1
+        while n:
+            load, _, bs = heapq.heappop(heap)
+            if heap and heap[0][0] == load:              # bins that reached this load by other paths
+                bs = list(bs)
+                while heap and heap[0][0] == load:
+                    bs += heapq.heappop(heap)[2]
+                bs.sort()
+            take = min(len(bs), n)
+            for b, i in zip(bs, order[j:j + take]):
+                lists[b].append(i)
+            heapq.heappush(heap, (load + cost, bs[0], bs[:take]))
+            if take < len(bs):
+                heapq.heappush(heap, (load, bs[take], bs[take:]))
+            j += take
+            n -= take
+    return lists, max(load for load, _, _ in heap)
+
+
+def runs_of(costs) -> dict:
+    """{cost: how many items cost that}: what lpt_makespan works on (a planner that evaluates many bin
+    counts over the same items builds it once)."""
+    return Counter(costs)
+
+
+def shifted_runs(runs: dict, extra: float) -> dict:
+    """The runs of every item's cost + extra."""
+    if not extra:
+        return runs
+    out: Counter = Counter()
+    for cost, n in runs.items():
+        out[cost + extra] += n
+    return out
 
 
 def lpt_makespan(costs, bins: int, start: list[float] | None = None):
     """The makespan `lpt(costs, bins, start)` returns (0 with no bins or items and no start loads), in
-    O(runs x groups x log) rather than O(items x log bins): heap entries are [load, bins at that load]."""
+    O(runs x groups x log) rather than O(items x log bins): heap entries are [load, bins at that load].
+    `costs`: a list of item costs, or its runs ({cost: count}, runs_of)."""
     if bins <= 0:
         return max(start or [0])
     heap = sorted([load, m] for load, m in Counter(start).items()) if start else [[0, bins]]
-    runs = Counter(costs)
+    runs = costs if isinstance(costs, dict) else Counter(costs)
     for cost in sorted(runs, reverse=True):
         n = runs[cost]
         while n:

@@ -54,6 +54,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -62,7 +63,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
-from pod.kernels.lpt import lpt, lpt_makespan
+from pod.kernels.lpt import lpt, lpt_makespan, runs_of, shifted_runs
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 
 if TYPE_CHECKING:
@@ -881,10 +882,14 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
         return 0, lpt_makespan(prefill_costs, grid), 0.0
     if not prefill_costs:
         return grid, 0.0, lpt_makespan(decode_costs, grid) * decode_slowdown(grid)
+    pre_runs, dec_runs = runs_of(prefill_costs), runs_of(decode_costs)   # once: every k below reuses them
+    memo: dict = {}
 
     def times(k):
-        return (lpt_makespan(_shifted(prefill_costs, extra(k)), grid - k),
-                lpt_makespan(decode_costs, k) * decode_slowdown(k))
+        if k not in memo:
+            memo[k] = (lpt_makespan(shifted_runs(pre_runs, extra(k)), grid - k),
+                       lpt_makespan(dec_runs, k) * decode_slowdown(k))
+        return memo[k]
 
     lo, hi = 1, grid - 1                     # smallest k whose decode time <= its prefill time
     while lo < hi:
@@ -905,7 +910,7 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
         lo, hi = 1, best
         while lo < hi:
             mid = (lo + hi) // 2
-            if lpt_makespan(decode_costs, mid) * decode_slowdown(mid) <= bound:
+            if lpt_makespan(dec_runs, mid) * decode_slowdown(mid) <= bound:
                 hi = mid
             else:
                 lo = mid + 1
@@ -1012,21 +1017,12 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
         chunk = _decode_split_keys(spec, cfg, d_total / (d_total + p_total), grid0)
         dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, block_n=64, device=device)
-        # The decode plan's items, rebuilt on the host from its split counts (as plan_decode lays them out).
-        items, base = [], 0
-        for r, (n, s_r) in enumerate(zip(spec.decode_context_lens, dec.splits)):
-            for i in range(s_r):
-                pr = base + i if s_r > 1 else -1
-                items += [(r, g, i * dec.kv_chunk_len, min(n, (i + 1) * dec.kv_chunk_len), pr)
-                          for g in range(h.num_kv_heads)]
-            base += s_r if s_r > 1 else 0
-        items.sort(key=lambda it: -(it[3] - it[2]))                  # longest first; pair neighbours
-        for i in range(0, len(items), 2):
-            a = items[i]
-            b = items[i + 1] if i + 1 < len(items) else None
-            pairs.append((a, b))
-            n_half = max(-(-(x[3] - x[2]) // 64) for x in (a, b) if x is not None)
-            decode_costs.append(n_half * stage_us + cfg.item_us)
+        items = _decode_items(spec.decode_context_lens, dec.splits, dec.kv_chunk_len, h.num_kv_heads)
+        # Pairs are neighbours in that order (longest first): a pair costs its first, longer item's stages.
+        n_pairs = -(-len(items) // 2)
+        pairs = range(n_pairs)
+        n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
+        decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
 
     grid = max(1, min(grid0, len(prefill_costs) + len(pairs)))
 
@@ -1071,30 +1067,57 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         dec_lists, _ = lpt(decode_costs, k)
         pre_lists, _ = lpt(_shifted(prefill_costs, prefill_extra(k)), grid - k)
         cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
-    cta_ptr = [0]
-    for lst in cta_lists:
-        cta_ptr.append(cta_ptr[-1] + len(lst))
+    cta_ptr = np.cumsum([0] + [len(lst) for lst in cta_lists])
     flat = [x for lst in cta_lists for x in lst] or [0]
-    rows = []
-    for a, b in pairs:
-        for x in (a, b):
-            if x is None:
-                rows.append((-1, 0, 0, 0, 1, -1))
-            else:
-                r, g, ks, ke, pr = x
-                rows.append((spec.num_prefill + r, r, g, ks, ke, pr))
-
-    def i32(x, shape):
-        return torch.tensor(x, dtype=torch.int32).reshape(shape).to(device)
-
+    # dec_items rows, pair p's two items at 2p and 2p + 1: (seq, request, kv head, kv_start, kv_end,
+    # partial row); a pair without a second item gets (-1, 0, 0, 0, 1, -1).
+    rows = np.tile(np.array([-1, 0, 0, 0, 1, -1], dtype=np.int64), (max(2 * len(pairs), 2), 1))
+    if len(pairs):
+        rows[:len(items), 0] = spec.num_prefill + items[:, 0]
+        rows[:len(items), 1:] = items
     bound = cfg.bind != "block"
+    tables = _device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
+                            cta_items=np.array(flat),
+                            sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists))) if bound else None,
+                            claim=np.zeros(len(cta_lists) + 2) if bound else None)
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
-                       sm_map=i32(sm_map_for(cfg.bind, num_sms, k, len(cta_lists)), (-1,)) if bound else None,
-                       claim=i32([0] * (len(cta_lists) + 2), (-1,)) if bound else None,
-                       n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(pairs),
-                       work_units=i32(units or [(0, 0)], (-1, 2)), dec_items=i32(rows or [(-1, 0, 0, 0, 1, -1)] * 2, (-1, 6)),
-                       cta_ptr=i32(cta_ptr, (-1,)), cta_items=i32(flat, (-1,)), decode=dec,
-                       estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)))
+                       n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(pairs), decode=dec,
+                       estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
+
+
+def _decode_items(lens, splits, chunk: int, num_kv_heads: int) -> np.ndarray:
+    """int64 [items, 5] (request, kv head, kv_start, kv_end, partial row or -1): a decode plan's items as
+    plan_decode lays them out (request, then split, then kv head), sorted longest first (stable)."""
+    lens, splits = np.asarray(lens, dtype=np.int64), np.asarray(splits, dtype=np.int64)
+    req = np.repeat(np.arange(len(lens)), splits)                  # one row a split
+    first = np.cumsum(splits) - splits
+    i = np.arange(len(req)) - np.repeat(first, splits)             # the split's index in its request
+    part_base = np.cumsum(np.where(splits > 1, splits, 0)) - np.where(splits > 1, splits, 0)
+    part = np.where(splits[req] > 1, part_base[req] + i, -1)
+    ks, ke = i * chunk, np.minimum(lens[req], (i + 1) * chunk)
+    per_split = np.stack([req, np.zeros_like(req), ks, ke, part], axis=1)
+    items = np.repeat(per_split, num_kv_heads, axis=0)
+    items[:, 1] = np.tile(np.arange(num_kv_heads), len(req))
+    return items[np.argsort(-(items[:, 3] - items[:, 2]), kind="stable")]
+
+
+def _device_tables(device, **tables) -> dict:
+    """The plan's int32 tables on `device` through one host-to-device copy: each a view of one buffer,
+    starting on a 16-byte boundary (Triton specialises pointers on it; None stays None)."""
+    present = {k: v for k, v in tables.items() if v is not None}
+    offsets, n = {}, 0
+    for name, a in present.items():
+        offsets[name] = n
+        n += -(-a.size // 4) * 4
+    host = np.zeros(max(n, 4), dtype=np.int32)
+    for name, a in present.items():
+        host[offsets[name]:offsets[name] + a.size] = a.reshape(-1)
+    buf = torch.from_numpy(host).to(device)
+    out = {name: None for name in tables}
+    for name, a in present.items():
+        view = buf[offsets[name]:offsets[name] + a.size]
+        out[name] = view.reshape(a.shape) if a.ndim > 1 else view
+    return out
 
 
 def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor, out_decode: torch.Tensor,
