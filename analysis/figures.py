@@ -56,7 +56,7 @@ DEFAULT_CEILINGS = {"tflops": 800.0, "gbps": 3000.0, "source": "H100 measured de
 GPU_CEILINGS = {"NVIDIA H200": {"tflops": 701.0, "gbps": 4272.0, "source": "H200 measured defaults"}}
 # Sweeps drawn by analysis.paper_figures' own figures, not as bars per batch composition (the paper grid
 # has hundreds of compositions); their rows still enter the summary tables.
-OWN_FIGURE_SWEEPS = {"paper_grid", "per_chunk", "policy", "ctas_per_sm"}
+OWN_FIGURE_SWEEPS = {"paper_grid", "per_chunk", "policy", "ctas_per_sm", "hopper_split"}
 # Backends not drawn in the speed-up figures (the fp32 reference is a checker, not a contender).
 HIDDEN_BACKENDS = {"reference"}
 # The speed-up bar figures show these (those present), as the paper's figures show FA_Streams,

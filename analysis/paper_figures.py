@@ -13,8 +13,11 @@ the committed H100 one, gets nothing new):
   ctas_per_sm           the 2 vs 4 CTAs-per-SM heat map (sweep `ctas_per_sm`): time(2) / time(4) per cell
   hopper_prefill        prefill TFLOP/s per point and kernel (sweep `hopper_prefill`), one panel per KV
                         layout, each point compared with FlashInfer on the point's own layout
+  hopper_split          the Hopper POD kernel's knob, its SM split (sweep `hopper_split`): pod_sm90's time
+                        against the decode CTAs it was forced to, the planner's own split marked, the serial
+                        paths as lines; one panel per point
 Tables (CSV + Markdown): paper_grid_speedup, paper_grid_balance, per_chunk, policy, ctas_per_sm,
-hopper_prefill_tflops, and noisy_points (every noisy row of any sweep, also those of analysis.figures'
+hopper_prefill_tflops, hopper_split, and noisy_points (every noisy row of any sweep, also those of analysis.figures'
 own figures).
 
 Trust rules, in every figure here:
@@ -89,11 +92,23 @@ def prefill_config_of(options) -> str:
         return ""
 
 
+def forced_decode_ctas_of(options) -> int:
+    """The pod_sm90_decode_ctas in a row's options JSON (0: the planner's split, or none given)."""
+    try:
+        return int(json.loads(options).get("pod_sm90_decode_ctas", 0) or 0)
+    except (TypeError, ValueError, AttributeError):
+        return 0
+
+
 def label_of(row) -> str:
-    """A backend's name in figures: `pod` with a named pod_config says which (pod[policy_5050])."""
-    cfg = pod_config_of(row["options"]) if "options" in row else ""
+    """A backend's name in figures: `pod` with a named pod_config says which (pod[policy_5050]), `pod_sm90`
+    with a forced SM split how many decode CTAs (pod_sm90[48 decode CTAs])."""
+    opts = row["options"] if "options" in row else None
+    cfg = pod_config_of(opts) if opts is not None else ""
     if row["backend"] == "pod" and cfg and cfg != "dispatcher":
         return f"pod[{cfg}]"
+    if row["backend"] == "pod_sm90" and opts is not None and forced_decode_ctas_of(opts):
+        return f"pod_sm90[{forced_decode_ctas_of(opts)} decode CTAs]"
     return str(row["backend"])
 
 
@@ -473,6 +488,96 @@ def hopper_prefill_table(d: pd.DataFrame) -> pd.DataFrame:
             .rename(columns={"label": "kernel"}).reset_index(drop=True))
 
 
+# -- the Hopper POD kernel's SM split (sweep hopper_split) ----------------------------------------------
+SPLIT_SERIAL = ("triton_serial", "fi_serial")
+
+
+def _planned_decode_ctas(backend_config) -> float:
+    try:
+        return float(json.loads(backend_config).get("decode_ctas"))
+    except (TypeError, ValueError, AttributeError):
+        return float("nan")
+
+
+def hopper_split_rows(sp: pd.DataFrame) -> pd.DataFrame:
+    """Usable rows of the hopper_split sweep: pod_sm90 (`decode_ctas`: forced, or the planner's from its
+    backend_config; `planned`: the planner chose it) and the serial paths, with time bounds and noise."""
+    d = _timed(sp[(sp["sweep"] == "hopper_split") & sp["usable"]])
+    d = d[d["backend"].isin(("pod_sm90", *SPLIT_SERIAL))]
+    if d.empty:
+        return d
+    d = with_labels(_time_bounds(flag_noisy(d)))
+    forced = d["options"].map(forced_decode_ctas_of)
+    d["planned"] = (d["backend"] == "pod_sm90") & (forced == 0)
+    d["decode_ctas"] = np.where(forced > 0, forced, d["backend_config"].map(_planned_decode_ctas))
+    d.loc[d["backend"] != "pod_sm90", "decode_ctas"] = np.nan
+    return d
+
+
+def hopper_split_table(d: pd.DataFrame) -> pd.DataFrame:
+    """Per point: the serial paths' times, the planner's split and time, the best forced split and its
+    time, and each against the faster serial path (> 1: one launch beats two)."""
+    rows = []
+    for (model, batch), g in d.groupby(["model", "batch"], sort=True):
+        serial = {b: g.loc[g["backend"] == b, "median_ms"].min() for b in SPLIT_SERIAL}
+        fastest = min((v for v in serial.values() if pd.notna(v)), default=float("nan"))
+        plan = g[g["planned"]]
+        forced = g[(g["backend"] == "pod_sm90") & ~g["planned"]]
+        best = forced.loc[forced["median_ms"].idxmin()] if not forced.empty else None
+        r = dict(model=model, batch=batch, **{f"{b}_ms": serial[b] for b in SPLIT_SERIAL},
+                 planner_ctas=plan["decode_ctas"].iloc[0] if not plan.empty else np.nan,
+                 planner_ms=plan["median_ms"].min() if not plan.empty else np.nan,
+                 best_ctas=best["decode_ctas"] if best is not None else np.nan,
+                 best_ms=best["median_ms"] if best is not None else np.nan,
+                 noisy=", ".join(sorted(g.loc[g["noisy"], "label"])))
+        r["planner_speedup"] = fastest / r["planner_ms"]
+        r["best_speedup"] = fastest / r["best_ms"]
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def fig_hopper_split(d: pd.DataFrame, out: Path) -> list[Path]:
+    """One panel per point: pod_sm90's time against its decode CTAs (forced splits joined by a line, the
+    planner's split a star), p20-p80 bars, noisy points hollow; triton_serial and fi_serial as lines."""
+    if d.empty:
+        return []
+    points = sorted(d.groupby(["model", "batch"]).groups)
+    cols = min(3, len(points))
+    nrows = -(-len(points) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+    handles = {}
+    for ax, (model, batch) in zip(axes.flat, points):
+        g = d[(d["model"] == model) & (d["batch"] == batch)]
+        forced = g[(g["backend"] == "pod_sm90") & ~g["planned"]].sort_values("decode_ctas")
+        for sub, style in ((forced, dict(marker="o", color="C0", ls="-")),
+                           (g[g["planned"]], dict(marker="*", color="C3", ls="none", ms=13))):
+            if sub.empty:
+                continue
+            clean = sub[~sub["noisy"]]
+            yerr = [sub["median_ms"] - sub["lo_ms"], sub["hi_ms"] - sub["median_ms"]]
+            h = ax.errorbar(sub["decode_ctas"], sub["median_ms"], yerr=yerr, capsize=2, mfc="none", **style)
+            ax.plot(clean["decode_ctas"], clean["median_ms"], ls="none", marker=style["marker"],
+                    color=style["color"], ms=style.get("ms", 6))
+            key = "pod_sm90, planner's split" if style["marker"] == "*" else "pod_sm90, forced split"
+            handles[key] = h
+        for b, ls in zip(SPLIT_SERIAL, ("--", ":")):
+            t = g.loc[g["backend"] == b, "median_ms"]
+            if not t.empty:
+                handles[b] = ax.axhline(t.min(), color="0.35", ls=ls, lw=1.2, label=b)
+        ax.set_title(batch if str(batch).startswith(str(model)) else f"{model}: {batch}", fontsize=9)
+        ax.set_xlim(0, 132)
+        ax.set_xlabel("SMs running the decode role (decode CTAs, of 132)")
+        ax.set_ylabel("attention time (ms), p20–p80 bars")
+    for ax in list(axes.flat)[len(points):]:
+        ax.axis("off")
+    labels = list(handles)
+    fig.legend([handles[k] for k in labels] + [_noisy_handle()], labels + [_noisy_handle().get_label()],
+               fontsize=8, loc="lower center", ncol=len(labels) + 1, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"Hopper POD (pod_sm90): the SM split, forced vs planned — {_gpu(d)}")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out, "hopper_split")
+
+
 # -- everything here -----------------------------------------------------------------------------------
 def figures(sp: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     """{figure: paths} of every figure above whose sweep has rows in `sp` (attention_speedups' output)."""
@@ -492,6 +597,9 @@ def figures(sp: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     pre = hopper_prefill_rows(sp)
     if not pre.empty:
         figs["hopper_prefill"] = fig_hopper_prefill(pre, out)
+    split = hopper_split_rows(sp)
+    if not split.empty:
+        figs["hopper_split"] = fig_hopper_split(split, out)
     return {k: v for k, v in figs.items() if v}
 
 
@@ -521,6 +629,9 @@ def tables(sp: pd.DataFrame) -> dict[str, pd.DataFrame]:
     pre = hopper_prefill_rows(sp)
     if not pre.empty:
         out["hopper_prefill_tflops"] = hopper_prefill_table(pre)
+    split = hopper_split_rows(sp)
+    if not split.empty:
+        out["hopper_split"] = hopper_split_table(split)
     noisy = noisy_table(sp)
     if not noisy.empty:
         out["noisy_points"] = noisy
@@ -538,5 +649,7 @@ SECTION_TITLES = {
     "policy": "Role policy: time (ms) per config",
     "ctas_per_sm": "CTAs per SM: time with 2 / time with 4",
     "hopper_prefill_tflops": "Prefill kernels per KV layout (TFLOP/s)",
+    "hopper_split": "Hopper POD: the planner's SM split against the best forced one (ms; speed-ups over the "
+                    "faster serial path)",
     "noisy_points": f"Noisy rows (p80/p20 > {NOISE_SPREAD_LIMIT:g}): flagged, not plotted as clean numbers",
 }

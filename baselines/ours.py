@@ -208,6 +208,8 @@ def prepare_pod_sm90(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIO
     cfg = PodSm90Config()
     if options.pod_sm90_decode_gbps > 0:
         cfg = replace(cfg, decode_gbps_per_sm=options.pod_sm90_decode_gbps)
+    if options.pod_sm90_decode_ctas > 0:
+        cfg = replace(cfg, decode_ctas=options.pod_sm90_decode_ctas)
     work = plan_pod_sm90(batch, cfg)
     launch = work.runner(batch, _poisoned_like(batch.q_prefill), _poisoned_like(batch.q_decode))
     _warm_once(("pod_sm90", _shape_key(batch)), launch)

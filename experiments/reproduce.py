@@ -39,11 +39,23 @@ COMMITTED_GPU = "h100"   # the figures in results/figures/ itself come from this
 
 @dataclass(frozen=True)
 class Run:
-    """One harness run of `make reproduce` on a GPU: a sweep, a backend list, and (knob sweeps) the
-    `pod` config named in pod/kernels/configs.py POD_CONFIGS, whose rows then go to their own file."""
+    """One harness run of `make reproduce` on a GPU: a sweep, a backend list, and (knob sweeps) either the
+    `pod` config named in pod/kernels/configs.py POD_CONFIGS or backend `options` (BackendOptions fields)
+    under a `tag`; a knob run's rows go to a file of their own, <gpu>.<pod_config or tag>.csv."""
     sweep: str
     backend: str = "all"
     pod_config: str | None = None
+    options: dict | None = None
+    tag: str | None = None
+
+    def __post_init__(self):
+        if self.options and not self.tag:
+            raise ValueError(f"reproduce run {self.sweep}: `options` {self.options} need a `tag` (its results file)")
+
+    @property
+    def knob(self) -> str | None:
+        """What names this run's own results file (None: the sweep's file)."""
+        return self.pod_config or self.tag
 
 
 @dataclass(frozen=True)
@@ -95,11 +107,14 @@ def compose_sweep(sweep: str, backend: str, results_dir: Path, wandb_enabled: bo
 
 
 def run_overrides(run: Run, results_dir: Path, device: str) -> list[str]:
-    """A knob run's pod_config, and its own results file <results_dir>/<sweep>/<device>.<config>.csv."""
-    if run.pod_config is None:
+    """A knob run's pod_config or backend options, and its own results file
+    <results_dir>/<sweep>/<device>.<config or tag>.csv."""
+    if run.knob is None:
         return []
-    path = results_dir / run.sweep / f"{device}.{run.pod_config}.csv"
-    return [f"backend_options.pod_config={run.pod_config}", f"results_file='{path}'"]
+    path = results_dir / run.sweep / f"{device}.{run.knob}.csv"
+    opts = {"pod_config": run.pod_config} if run.pod_config else {}
+    opts.update(run.options or {})
+    return [f"backend_options.{k}={v}" for k, v in opts.items()] + [f"results_file='{path}'"]
 
 
 def run_sweeps(runs, backend: str | None, results_dir: Path, args, device: str = "cpu") -> dict[str, int]:
@@ -112,9 +127,10 @@ def run_sweeps(runs, backend: str | None, results_dir: Path, args, device: str =
         names = backend or run.backend
         extra = run_overrides(run, results_dir, device)
         cfg = compose_sweep(run.sweep, names, results_dir, not args.no_wandb, args.wandb_mode, extra)
-        key = run.sweep + (f":{run.pod_config}" if run.pod_config else "")
+        key = run.sweep + (f":{run.knob}" if run.knob else "")
         print(f"[reproduce] sweep={run.sweep} backend={names}"
-              + (f" pod_config={run.pod_config}" if run.pod_config else "") + f" -> {results_dir}/{run.sweep}/",
+              + (f" pod_config={run.pod_config}" if run.pod_config else "")
+              + "".join(f" {k}={v}" for k, v in (run.options or {}).items()) + f" -> {results_dir}/{run.sweep}/",
               flush=True)
         df = run_sweep(cfg)
         rows[key] = len(df)

@@ -685,8 +685,14 @@ def test_reproduce_gpu_runs_paper_sweeps_then_figures(reproduce, tmp_path, monke
     out, figs = tmp_path / "h100", tmp_path / "figures"
     # Every sweep of the paper's evaluation is in `make reproduce`; the knob sweeps run `pod` once per config.
     plan = rp.load_plan()
-    assert plan.gpu_sweeps == ("paper", "balance", "kernels", "paper_grid", "per_chunk", "policy", "ctas_per_sm")
+    assert plan.gpu_sweeps == ("paper", "balance", "kernels", "paper_grid", "per_chunk", "policy", "ctas_per_sm",
+                               "hopper_split")
     assert [r.pod_config for r in plan.gpu_runs if r.sweep == "ctas_per_sm"] == ["ctas_2", "ctas_4"]
+    # the Hopper POD's split: the planner's run, then pod_sm90 forced to each split, each into its own file
+    split = [r for r in plan.gpu_runs if r.sweep == "hopper_split"]
+    assert split[0].knob is None and [r.options["pod_sm90_decode_ctas"] for r in split[1:]] == list(range(16, 113, 16))
+    assert rp.run_overrides(split[1], out, "h200") == [
+        "backend_options.pod_sm90_decode_ctas=16", f"results_file='{out / 'hopper_split' / 'h200.decode_16.csv'}'"]
     argv = ["--results-root", str(tmp_path), "--out", str(out), "--figures", str(figs)]
     assert rp.main(argv + ["--sweeps", "paper", "balance", "kernels", "policy"]) == 0
     assert [c.sweep.name for c in fake.cfgs] == ["paper", "balance", "kernels", "policy", "policy"]

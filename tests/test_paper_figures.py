@@ -73,6 +73,23 @@ def knob_rows() -> list[dict]:
     return rows
 
 
+def split_rows() -> list[dict]:
+    """hopper_split: two points. p1: serial 1.0 ms (fi 1.1), the planner's 40 decode CTAs 0.9 ms, forced
+    16 / 48 / 64 = 1.2 / 0.8 / 0.95 ms (64 noisy); p2: the planner alone (30 CTAs, 1.25 ms) and serial."""
+    rows = []
+    for point, serial, fi, planned, forced in (("p1", 1.0, 1.1, (40, 0.9), {16: 1.2, 48: 0.8, 64: 0.95}),
+                                               ("p2", 1.0, 1.2, (30, 1.25), {})):
+        kw = dict(chunk=1024, ctx=12288, nd=64, dctx=8192)
+        rows.append(_row("hopper_split", point, "triton_serial", serial, **kw))
+        rows.append(_row("hopper_split", point, "fi_serial", fi, **kw))
+        rows.append(_row("hopper_split", point, "pod_sm90", planned[1],
+                         backend_config=json.dumps({"decode_ctas": planned[0]}), **kw))
+        for k, ms in forced.items():
+            rows.append(_row("hopper_split", point, "pod_sm90", ms, options={"pod_sm90_decode_ctas": k},
+                             backend_config=json.dumps({"decode_ctas": k}), spread=1.5 if k == 64 else 1.02, **kw))
+    return rows
+
+
 def prefill_rows() -> list[dict]:
     """Two prefill-only points: p16 (paged 16) and pc (contiguous). fi_serial on pc ran paged 16 and
     fi_prefill_ragged on p16 ran contiguous: both must be dropped."""
@@ -92,7 +109,7 @@ def prefill_rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sp():
-    rows = pd.DataFrame(grid_rows() + knob_rows() + prefill_rows())
+    rows = pd.DataFrame(grid_rows() + knob_rows() + prefill_rows() + split_rows())
     from analysis.load import normalise_attention
     df = normalise_attention(rows)
     df["run"] = "r1"
@@ -150,7 +167,8 @@ def test_hopper_prefill_compares_each_point_on_its_own_layout(sp):
 
 def test_build_writes_every_figure_and_table_byte_stable(sp, tmp_path):
     figs, tables = pf.build(sp, tmp_path / "a")
-    assert set(figs) == {"paper_grid_violin", "per_chunk", "policy", "ctas_per_sm", "hopper_prefill"}
+    assert set(figs) == {"paper_grid_violin", "per_chunk", "policy", "ctas_per_sm", "hopper_prefill",
+                         "hopper_split"}
     for paths in figs.values():
         assert all(p.stat().st_size > 0 for p in paths)
     # Byte-stable: the violin and the heat map drawn again are the same bytes (PNG and PDF).
@@ -159,7 +177,7 @@ def test_build_writes_every_figure_and_table_byte_stable(sp, tmp_path):
     for q in again:
         assert (tmp_path / "a" / q.name).read_bytes() == q.read_bytes(), q.name
     noisy = tables["noisy_points"]
-    assert set(noisy["sweep"]) == {"paper_grid", "per_chunk", "ctas_per_sm", "hopper_prefill"}
+    assert set(noisy["sweep"]) == {"paper_grid", "per_chunk", "ctas_per_sm", "hopper_prefill", "hopper_split"}
     assert (noisy["spread"] > pf.NOISE_SPREAD_LIMIT).all() and "pod[ctas_4]" in set(noisy["backend"])
     pol = tables["policy"].set_index(["model", "num_decode"])
     assert pol.loc[("llama3_8b", 32), "pod[policy_5050]"] == pytest.approx(1.2)
@@ -204,3 +222,16 @@ def test_existing_figures_flag_noisy_rows_and_never_compare_a_baseline_with_itse
     figs.fig_kernels(kernels, tmp_path)
     hollow = [c for colors in bars for c in colors if c == (1, 1, 1, 0)]
     assert len(hollow) == 1            # triton_prefill: its portable-tile rows are noisy (one bar a composition)
+
+
+def test_hopper_split_table_puts_the_planner_beside_the_best_forced_split(sp):
+    d = pf.hopper_split_rows(sp)
+    # every pod_sm90 row knows its decode CTAs (forced from the options, planned from backend_config)
+    assert d.loc[d["backend"] == "pod_sm90", "decode_ctas"].notna().all()
+    assert set(d.loc[d["backend"] == "pod_sm90", "label"]) >= {"pod_sm90", "pod_sm90[48 decode CTAs]"}
+    t = pf.hopper_split_table(d).set_index("batch")
+    p1, p2 = t.filter(like="p1", axis=0).iloc[0], t.filter(like="p2", axis=0).iloc[0]
+    assert (p1["planner_ctas"], p1["best_ctas"]) == (40, 48)
+    assert p1["planner_speedup"] == pytest.approx(1.0 / 0.9) and p1["best_speedup"] == pytest.approx(1.25)
+    assert "pod_sm90[64 decode CTAs]" in p1["noisy"]
+    assert p2["planner_speedup"] == pytest.approx(0.8) and math.isnan(p2["best_ms"])
