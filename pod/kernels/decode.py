@@ -67,6 +67,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -76,6 +77,7 @@ from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
 from pod.kernels.common import kv_tile_offsets, online_softmax_update_qk, qk_scale_log2, softmax_finalize
 from pod.kernels.configs import DECODE_AUTOTUNE, DECODE_COMPILE_CHECKS, DECODE_INTERPRET, DECODE_MAX_BLOCK_N
 from pod.kernels.lpt import lpt_makespan
+from pod.kernels.tables import device_tables
 from pod.kernels.merge import merge_heads, merge_partials
 
 # -- launch configurations: pod/kernels/configs.py (DECODE_AUTOTUNE, DECODE_FIXED, DECODE_INTERPRET) --
@@ -427,20 +429,18 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
             merge_reqs.append(r)
     items.sort(key=lambda it: it[1] - it[2])       # longest key range first (stable)
     rows = part_indptr[-1]
-
-    def i32(x):
-        return torch.tensor(x, dtype=torch.int32, device=device)
-
+    # The int tables in one host-to-device copy (pod/kernels/tables.py); the merge counters start at zero.
+    tables = device_tables(device, work=np.array(items, dtype=np.int64).reshape(-1, 4),
+                           part_indptr=np.array(part_indptr), merge_reqs=np.array(merge_reqs, dtype=np.int64),
+                           merge_counters=np.zeros(max(len(lens) * h.num_kv_heads, 1), dtype=np.int64))
     return DecodeWork(
         num_decodes=len(lens), num_q_heads=h.num_q_heads, num_kv_heads=h.num_kv_heads,
         head_dim=h.head_dim, page_size=spec.page_size, seq_offset=spec.num_prefill,
         splits=tuple(splits), kv_chunk_len=chunk, kv_align=align,
-        work=i32(items).reshape(-1, 4), part_indptr=i32(part_indptr),
         part_o=torch.empty(max(rows, 1), h.num_q_heads, h.head_dim, dtype=torch.float32, device=device),
         part_lse=torch.empty(max(rows, 1), h.num_q_heads, dtype=torch.float32, device=device),
-        merge_reqs=i32(merge_reqs),
-        merge_counters=torch.zeros(max(len(lens) * h.num_kv_heads, 1), dtype=torch.int32, device=device),
-        fuse_merge=fuse_merge, num_sms=num_sms, target_ctas=target, config=config, split_policy=split_policy)
+        fuse_merge=fuse_merge, num_sms=num_sms, target_ctas=target, config=config, split_policy=split_policy,
+        **tables)
 
 
 # -- run ----------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
 from pod.kernels.lpt import lpt, lpt_makespan, runs_of, shifted_runs
+from pod.kernels.tables import device_tables
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 
 if TYPE_CHECKING:
@@ -1076,7 +1077,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         rows[:len(items), 0] = spec.num_prefill + items[:, 0]
         rows[:len(items), 1:] = items
     bound = cfg.bind != "block"
-    tables = _device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
+    tables = device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
                             cta_items=np.array(flat),
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists))) if bound else None,
                             claim=np.zeros(len(cta_lists) + 2) if bound else None)
@@ -1099,25 +1100,6 @@ def _decode_items(lens, splits, chunk: int, num_kv_heads: int) -> np.ndarray:
     items = np.repeat(per_split, num_kv_heads, axis=0)
     items[:, 1] = np.tile(np.arange(num_kv_heads), len(req))
     return items[np.argsort(-(items[:, 3] - items[:, 2]), kind="stable")]
-
-
-def _device_tables(device, **tables) -> dict:
-    """The plan's int32 tables on `device` through one host-to-device copy: each a view of one buffer,
-    starting on a 16-byte boundary (Triton specialises pointers on it; None stays None)."""
-    present = {k: v for k, v in tables.items() if v is not None}
-    offsets, n = {}, 0
-    for name, a in present.items():
-        offsets[name] = n
-        n += -(-a.size // 4) * 4
-    host = np.zeros(max(n, 4), dtype=np.int32)
-    for name, a in present.items():
-        host[offsets[name]:offsets[name] + a.size] = a.reshape(-1)
-    buf = torch.from_numpy(host).to(device)
-    out = {name: None for name in tables}
-    for name, a in present.items():
-        view = buf[offsets[name]:offsets[name] + a.size]
-        out[name] = view.reshape(a.shape) if a.ndim > 1 else view
-    return out
 
 
 def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor, out_decode: torch.Tensor,
