@@ -15,6 +15,8 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 
+import numpy as np
+
 
 def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tuple[list[list[int]], float]:
     """Longest processing time first: items (by index, heaviest first, ties in index order) onto the
@@ -26,7 +28,11 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
     of (load, bin) pops give, in O(runs x groups x log) heap steps."""
     if bins <= 0 or not costs:
         return [[] for _ in range(max(bins, 0))], max(start or [0.0])
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    c = np.asarray(costs)
+    order_np = np.argsort(-c, kind="stable")              # heaviest first, ties in index order
+    sorted_c = c[order_np]
+    bounds = [0, *(np.flatnonzero(sorted_c[1:] != sorted_c[:-1]) + 1).tolist(), len(costs)]
+    order = order_np.tolist()
     if start:
         by_load: dict = {}
         for b in range(bins):
@@ -36,12 +42,9 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
     else:
         heap = [(0.0, 0, list(range(bins)))]
     lists: list[list[int]] = [[] for _ in range(bins)]
-    j = 0
-    while j < len(order):
+    for j, end in zip(bounds[:-1], bounds[1:]):         # a run of equal costs: items order[j:end]
         cost = costs[order[j]]
-        n = 1
-        while j + n < len(order) and costs[order[j + n]] == cost:
-            n += 1
+        n = end - j
         while n:
             load, _, bs = heapq.heappop(heap)
             if heap and heap[0][0] == load:              # bins that reached this load by other paths
