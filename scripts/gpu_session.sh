@@ -3,7 +3,8 @@
 # Usage (repo root, on the GPU machine):  bash scripts/gpu_session.sh STAGE [STAGE ...]
 #   env              GPU, driver, versions
 #   fi_install       FlashInfer modules built earlier (.fi_so/fi_so.tar.xz.*) into the wheel's AOT folder
-#   fi_bg            build FlashInfer's fi_serial / fi_pod JIT modules in the background (log: $OUT/fi_*.log)
+#   fi_bg            build FlashInfer's fi_serial / fi_pod JIT modules in the background (log: $OUT/fi_*.log;
+#                    FI_MODEL: the catalog model whose heads they are built for, default llama3_8b)
 #   fi_join          wait (at most FI_WAIT s) for them
 #   fi_pack          every built FlashInfer .so -> $OUT/fi_so.tar.xz.NN (15 MB parts; carry them as .fi_so/)
 #   pod_check:N      the Hopper POD kernel's GPU check in N processes side by side (log: $OUT/pod_check.log)
@@ -42,7 +43,7 @@ for stage in "$@"; do
       else echo "no carried FlashInfer modules" | log; fi ;;
     fi_bg)
       for b in fi_serial fi_pod; do
-        (timeout 600 python3 -m experiments.attention sweep=gpu_smoke 'sweep.grids=[{model: llama3_8b, page_size: 16}]' \
+        (timeout 600 python3 -m experiments.attention sweep=gpu_smoke "sweep.grids=[{model: ${FI_MODEL:-llama3_8b}, page_size: 16}]" \
            "backend.names=[$b]" results_dir=.gpu_results/fi_$b progress=false wandb.enabled=false \
            > "$OUT/fi_$b.log" 2>&1; echo "'backend' $b rc=$?" >> "$OUT/fi_$b.log") &
       done ;;
