@@ -233,6 +233,11 @@ def run(p: Plan, batch: HybridBatch,
 # with a split decode (fused, the merge launch; serial), a tiny chunk beside short decodes (the portable
 # prefill tile), decode-only, prefill-only (the Hopper tile on sm_90).
 WARMUP_BATCHES = (([(512, 1536)], [8192, 8192]), ([(64, 0)], [256] * 3), ([], [4096] * 4), ([(2048, 0)], []))
+# The decode kernel's autotuner keys on its split length's power of two: every bucket a serving run may meet
+# (H200, fig12 Llama-3-8B at 1ffa7d7: one 0.51 s step in pod's run, an autotune of a bucket that the
+# warm-up had only met fused), tuned on decodes of that length, at most WARMUP_DECODE_TOKENS of them.
+WARMUP_DECODE_CHUNKS = tuple(2 ** i for i in range(7, 16))          # 128 .. 32768 keys a split
+WARMUP_DECODE_TOKENS = 2 ** 19
 
 
 def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | None = None) -> list[str]:
@@ -240,7 +245,8 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
     layout, on WARMUP_BATCHES (synthetic, a few MB): a serving engine calls it before its first timed step,
     where a kernel's first launch would be a compile (seconds) or a cache load (tenths of a second) inside
     one iteration. The fused variant of the device (fused_sm90 on Hopper where it handles the layout,
-    else fused) and serial are both launched on the hybrid. Returns the variants launched, one a launch."""
+    else fused) and serial are both launched on the hybrid; on a GPU the decode kernel is then autotuned for
+    every split-length bucket (WARMUP_DECODE_CHUNKS). Returns what was launched, one entry a launch."""
     from pod.batch import make_batch
     spec, device = unpack_batch_or_spec(batch_or_spec, device)
     h = spec.heads
@@ -260,9 +266,29 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
             p = chosen if variant == chosen.config.variant else plan(batch, variant=variant)
             p.runner(batch)()
             launched.append(variant)
+    if device.type == "cuda" and not interpreting():
+        launched += _warm_decode_buckets(spec, device, num_sms)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return launched
+
+
+def _warm_decode_buckets(spec: BatchSpec, device: torch.device, num_sms: int) -> list[str]:
+    """Autotune the decode kernel for every WARMUP_DECODE_CHUNKS bucket on decodes of that many keys (two
+    tiles an SM where WARMUP_DECODE_TOKENS allows), one split each. Returns "decode<chunk>" a bucket."""
+    from pod.batch import make_batch
+    h = spec.heads
+    done = []
+    for chunk in WARMUP_DECODE_CHUNKS:
+        n = max(1, min(-(-2 * num_sms // h.num_kv_heads), WARMUP_DECODE_TOKENS // chunk))
+        small = BatchSpec.build(h.num_q_heads, h.num_kv_heads, h.head_dim, decode=[chunk] * n, dtype=spec.dtype,
+                                page_size=spec.page_size)
+        batch = make_batch(small, device, seed=0)
+        work = plan_decode(batch, num_sms, kv_chunk_len=chunk, device=device)
+        work.runner(batch, torch.empty_like(batch.q_decode))()
+        done.append(f"decode{chunk}")
+        del batch
+    return done
 
 
 def pod_attention(batch: HybridBatch, config: PodConfig | None = None, **overrides):

@@ -162,3 +162,15 @@ def test_decode_heavy_batches_keep_prefill_off_a_handful_of_sms():
     assert 55 <= k <= 80
     old = PodSm90Config(plateau_tol=None, item_us_hbm=0.0, decode_gbps_per_sm=70.0)
     assert plan_pod_sm90(spec, old, num_sms=132, device="cpu").decode_ctas >= 120
+
+
+@pytest.mark.parametrize("decode_ctas", [None, 48])
+def test_describe_reports_the_split_it_ran(decode_ctas):
+    # describe() is the harness row's backend_config: a forced split (the hopper_split sweep's
+    # backend_options.pod_sm90_decode_ctas) and a planned one both say how many decode CTAs ran.
+    spec = BatchSpec.build(32, 8, 128, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
+    w = plan_pod_sm90(spec, PodSm90Config(decode_ctas=decode_ctas), num_sms=132, device="cpu")
+    d = w.describe()
+    assert d["decode_ctas"] == w.decode_ctas and d["kernel"] == "pod_sm90"
+    if decode_ctas is not None:
+        assert w.decode_ctas == decode_ctas

@@ -959,11 +959,13 @@ class PodSm90Work:
         return bool(self.decode is not None and self.decode.needs_merge)
 
     def describe(self) -> dict:
-        return dict(kernel="pod_sm90", grid=self.grid, decode_ctas=self.decode_ctas,
-                    n_prefill_tiles=self.n_prefill_tiles, n_decode_pairs=self.n_decode_pairs,
-                    decode_kv_chunk=self.decode.kv_chunk_len if self.decode is not None else None,
-                    merge_launch=self.needs_merge, estimate_us=self.estimate_us,
-                    **{k: v for k, v in self.config.to_json().items() if v is not None})
+        """The config's knobs (those set), then what the plan made of them (`decode_ctas`: the split run,
+        whether planned or forced by config.decode_ctas)."""
+        knobs = {k: v for k, v in self.config.to_json().items() if v is not None}
+        return {**knobs, **dict(kernel="pod_sm90", grid=self.grid, decode_ctas=self.decode_ctas,
+                                n_prefill_tiles=self.n_prefill_tiles, n_decode_pairs=self.n_decode_pairs,
+                                decode_kv_chunk=self.decode.kv_chunk_len if self.decode is not None else None,
+                                merge_launch=self.needs_merge, estimate_us=self.estimate_us)}
 
     def runner(self, batch: HybridBatch, out_prefill: torch.Tensor, out_decode: torch.Tensor,
                trace: torch.Tensor | None = None):
