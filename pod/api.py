@@ -235,18 +235,23 @@ def run(p: Plan, batch: HybridBatch,
 WARMUP_BATCHES = (([(512, 1536)], [8192, 8192]), ([(64, 0)], [256] * 3), ([], [4096] * 4), ([(2048, 0)], []))
 # The decode kernel's autotuner keys on its split length's power of two: every bucket a serving run may meet
 # (H200, fig12 Llama-3-8B at 1ffa7d7: one 0.51 s step in pod's run, an autotune of a bucket that the
-# warm-up had only met fused), tuned on decodes of that length, at most WARMUP_DECODE_TOKENS of them.
+# warm-up had only met fused; gone at 55de78a), tuned on decodes of that length, at most
+# WARMUP_DECODE_TOKENS of them.
 WARMUP_DECODE_CHUNKS = tuple(2 ** i for i in range(7, 16))          # 128 .. 32768 keys a split
 WARMUP_DECODE_TOKENS = 2 ** 19
 
 
-def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | None = None) -> list[str]:
+def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | None = None, *,
+           decode_buckets: bool = False) -> list[str]:
     """Compile (and autotune) the kernels `plan` may launch for batches with this one's heads, dtype and KV
     layout, on WARMUP_BATCHES (synthetic, a few MB): a serving engine calls it before its first timed step,
     where a kernel's first launch would be a compile (seconds) or a cache load (tenths of a second) inside
     one iteration. The fused variant of the device (fused_sm90 on Hopper where it handles the layout,
-    else fused) and serial are both launched on the hybrid; on a GPU the decode kernel is then autotuned for
-    every split-length bucket (WARMUP_DECODE_CHUNKS). Returns what was launched, one entry a launch."""
+    else fused) and serial are both launched on the hybrid. `decode_buckets` (a GPU): then autotune the decode
+    kernel for every split-length bucket (WARMUP_DECODE_CHUNKS) on synthetic decodes: no later step pays an
+    autotune (0.5 s), but a bucket keeps the config picked there, not on the real batches (the H200 paper
+    sweep ran our decode 1.026x slower geomean, up to 1.25x, with every bucket tuned this way; the attention
+    harness therefore leaves it off, a serving run turns it on). Returns what was launched, one entry a launch."""
     from pod.batch import make_batch
     spec, device = unpack_batch_or_spec(batch_or_spec, device)
     h = spec.heads
@@ -266,7 +271,7 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
             p = chosen if variant == chosen.config.variant else plan(batch, variant=variant)
             p.runner(batch)()
             launched.append(variant)
-    if device.type == "cuda" and not interpreting():
+    if decode_buckets and device.type == "cuda" and not interpreting():
         launched += _warm_decode_buckets(spec, device, num_sms)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -267,6 +267,11 @@ def serve(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
+# Backends that run our Triton/Gluon kernels: a serving run warms them with pod.api.warmup (warm_kernels).
+KERNEL_WARMUP_BACKENDS = frozenset({"pod", "pod_paper", "pod_sm90", "triton_serial", "triton_decode",
+                                    "triton_prefill"})
+
+
 def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: WorkloadConfig,
            options: BackendOptions, full_layers: int, num_pages: int) -> dict:
     mcfg, device, dtype = model.cfg, model.device, model.dtype
@@ -274,6 +279,16 @@ def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: Wor
                          seed=int(cfg.seed))
     engine = Engine(model, cache, sched, backend=backend, plan_per_layer=bool(cfg.plan_per_layer), options=options)
     attn_err = None
+    if cfg.warm_kernels and backend in KERNEL_WARMUP_BACKENDS and device.type == "cuda":
+        # Every kernel our backends may launch for this model, compiled and the decode kernel autotuned for
+        # every split-length bucket, before anything is timed (pod.api.warmup): the backends share Triton's
+        # caches, so each runs with the same picks, and no timed step pays a 0.5 s autotune.
+        from pod.api import warmup
+        from pod.batch import BatchSpec
+        h = mcfg.heads
+        warmup(BatchSpec.build(h.num_q_heads, h.num_kv_heads, h.head_dim, decode=[1],
+                               dtype=str(dtype).removeprefix("torch."), page_size=int(cfg.page_size)),
+               device, decode_buckets=True)
     if cfg.warmup:
         engine.verify = True
         warm = engine.run(generate(warmup_workload(sched.chunk_size, mcfg.vocab_size, int(cfg.seed))))
