@@ -239,6 +239,7 @@ WARMUP_BATCHES = (([(512, 1536)], [8192, 8192]), ([(64, 0)], [256] * 3), ([], [4
 # WARMUP_DECODE_TOKENS of them.
 WARMUP_DECODE_CHUNKS = tuple(2 ** i for i in range(7, 16))          # 128 .. 32768 keys a split
 WARMUP_DECODE_TOKENS = 2 ** 19
+_WARMED: dict = {}        # (heads, dtype, page size, device) -> whether the decode buckets were tuned too
 
 
 def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | None = None, *,
@@ -251,9 +252,13 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
     kernel for every split-length bucket (WARMUP_DECODE_CHUNKS) on synthetic decodes: no later step pays an
     autotune (0.5 s), but a bucket keeps the config picked there, not on the real batches (the H200 paper
     sweep ran our decode 1.026x slower geomean, up to 1.25x, with every bucket tuned this way; the attention
-    harness therefore leaves it off, a serving run turns it on). Returns what was launched, one entry a launch."""
+    harness therefore leaves it off, a serving run turns it on). Returns what was launched, one entry a launch;
+    a layout warmed before (with the buckets, if asked for now) launches nothing."""
     from pod.batch import make_batch
     spec, device = unpack_batch_or_spec(batch_or_spec, device)
+    key = (spec.heads, spec.dtype, spec.page_size, str(device))
+    if key in _WARMED and (_WARMED[key] or not decode_buckets):
+        return []
     h = spec.heads
     num_sms = device_num_sms(device)
     launched = []
@@ -275,6 +280,7 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
         launched += _warm_decode_buckets(spec, device, num_sms)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    _WARMED[key] = decode_buckets or _WARMED.get(key, False)
     return launched
 
 

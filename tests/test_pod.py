@@ -467,5 +467,16 @@ def test_warmup_launches_the_fused_and_the_serial_variant(monkeypatch):
     interpreter)."""
     import pod.api as api
     monkeypatch.setattr(api, "WARMUP_BATCHES", (([(5, 7)], [20, 9]), ([], [33])))
+    monkeypatch.setattr(api, "_WARMED", {})
     spec = BatchSpec.build(4, 2, 64, prefill=[(8, 8)], decode=[8], dtype="float16", page_size=16)
     assert api.warmup(spec, "cpu") == ["fused", "serial", "serial"]
+
+
+def test_warmup_runs_once_a_layout(monkeypatch):
+    """A second warmup of the same head layout (the serving run's, then the pod backend's first prepare)
+    launches nothing."""
+    import pod.api as api
+    monkeypatch.setattr(api, "WARMUP_BATCHES", (([], [33]),))
+    monkeypatch.setattr(api, "_WARMED", {})
+    spec = BatchSpec.build(4, 2, 64, decode=[8], dtype="float16", page_size=16)
+    assert api.warmup(spec, "cpu") == ["serial"] and api.warmup(spec, "cpu") == []

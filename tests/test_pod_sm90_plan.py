@@ -95,10 +95,11 @@ def _lpt_item_by_item(costs, bins, start=None):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_grouped_lpt_gives_the_item_by_item_lists(seed):
+def test_grouped_lpt_is_exactly_item_by_item_lpt(seed):
     # lpt hands runs of equal costs to groups of equally loaded bins: the same lists, bin by bin and in the
-    # same order, and the same makespan as one heap step an item, with runs, ties, start loads and loads
-    # that meet by different paths (integer costs).
+    # same order, and the same makespan as one heap step an item; the planners' searches call lpt_makespan,
+    # which must return that makespan to the last bit. With runs, ties, start loads, more bins than items
+    # and loads that meet by different paths (integer costs).
     rng = random.Random(seed)
     for _ in range(400):
         bins = rng.randint(1, 48)
@@ -106,18 +107,6 @@ def test_grouped_lpt_gives_the_item_by_item_lists(seed):
         costs = [rng.choice(values) for _ in range(rng.randint(0, 150))]
         start = [rng.choice([0.0, 1.5, 2.0, rng.random()]) for _ in range(bins)] if rng.random() < 0.3 else None
         assert lpt(costs, bins, start) == _lpt_item_by_item(costs, bins, start)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_grouped_lpt_makespan_is_exactly_lpts(seed):
-    # The planners' searches call lpt_makespan (runs of equal costs onto groups of equally loaded bins):
-    # it must return lpt's makespan to the last bit, with runs, ties, start loads and more bins than items.
-    rng = random.Random(seed)
-    for _ in range(400):
-        bins = rng.randint(1, 48)
-        values = rng.choice([[1.5, 2.25, 3.0], [rng.random() for _ in range(6)], [1, 2, 3, 4, 5]])
-        costs = [rng.choice(values) for _ in range(rng.randint(0, 150))]
-        start = [rng.choice([0.0, 1.5, rng.random()]) for _ in range(bins)] if rng.random() < 0.3 else None
         assert lpt_makespan(costs, bins, start) == lpt(costs, bins, start)[1]
     assert lpt_makespan([], 0) == 0 and lpt_makespan([2.0], 3, start=[1.0, 5.0, 0.0]) == 5.0
 

@@ -287,7 +287,7 @@ def _serve(cfg, backend: str, model: LlamaModel, sched: SchedulerConfig, wl: Wor
         from pod.batch import BatchSpec
         h = mcfg.heads
         warmup(BatchSpec.build(h.num_q_heads, h.num_kv_heads, h.head_dim, decode=[1],
-                               dtype=str(dtype).removeprefix("torch."), page_size=int(cfg.page_size)),
+                               dtype=str(cfg.dtype), page_size=int(cfg.page_size)),
                device, decode_buckets=True)
     if cfg.warmup:
         engine.verify = True

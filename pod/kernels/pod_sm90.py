@@ -532,8 +532,9 @@ def _decode_rows_lagged(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty
     """_decode_rows (XCHG softmax, K released early) with O^T one stage behind: stage t's exchange barrier
     also publishes P^T_{t-1}, so O^T_{t-1} is issued right after it and runs on the tensor cores while this
     warpgroup computes stage t's softmax; it retires (the V half of t-1 is released, p_buf is free) before
-    P^T_t is stored. Two barriers a stage (the exchange's and the one before the V release) instead of the
-    plain loop's six; O^T of the last stage runs after the loop. n_half >= 1."""
+    P^T_t is stored. Two barriers a stage written here; Triton adds one after each mbarrier.arrive and one
+    before the S^T wgmma (P^T shares Q's allocation): five in the PTX against the plain loop's six. O^T of the
+    last stage runs after the loop. n_half >= 1. Measured slower (docs/hopper_pod.md, session 5)."""
     st = _lag_stage(k_smem, q_t, red, ready_k, empty, it, n_keys, keys, zero_s, HALF, HALF_N, STAGES, DEC_N)
     p, alpha, l_part, m_i = _xchg_finish(st, red, m_i, l_part, qk_scale, DEC_N, col_layout)
     _lag_store_p(p, p_buf, v_smem, ready_v, it, n_keys, v_rows, HALF, HALF_N, STAGES, z_layout)
@@ -1014,7 +1015,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     # Decode items (request, kv head, key range): split so LPT can balance them over the decode CTAs.
     stage_us = 2 * cfg.block_n * h.head_dim * spec.torch_dtype.itemsize / (cfg.decode_gbps_per_sm * 1e3)
     grid0 = cfg.num_ctas or num_sms
-    dec, pairs, decode_costs = None, [], []
+    dec, decode_costs = None, []                       # decode_costs: one a pair
     if spec.num_decode:
         p_total = sum(prefill_costs)
         d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
@@ -1022,12 +1023,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, block_n=64, device=device)
         items = _decode_items(spec.decode_context_lens, dec.splits, dec.kv_chunk_len, h.num_kv_heads)
         # Pairs are neighbours in that order (longest first): a pair costs its first, longer item's stages.
-        n_pairs = -(-len(items) // 2)
-        pairs = range(n_pairs)
         n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
         decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
 
-    grid = max(1, min(grid0, len(prefill_costs) + len(pairs)))
+    grid = max(1, min(grid0, len(prefill_costs) + len(decode_costs)))
 
     def slowdown(k):                          # k decode CTAs share HBM
         return max(1.0, k * cfg.decode_gbps_per_sm / cfg.hbm_gbps)
@@ -1035,13 +1034,13 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     def prefill_extra(k):                     # a prefill item's extra latency beside k decode CTAs
         return cfg.item_us_hbm * min(1.0, k * cfg.decode_gbps_per_sm / cfg.hbm_gbps)
 
-    if cfg.decode_ctas is not None and prefill_costs and pairs:
+    if cfg.decode_ctas is not None and prefill_costs and decode_costs:
         k = max(1, min(cfg.decode_ctas, grid - 1))
         t_p = lpt_makespan(_shifted(prefill_costs, prefill_extra(k)), grid - k)
         t_d = lpt_makespan(decode_costs, k) * slowdown(k)
     else:
         k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown, cfg.plateau_tol, prefill_extra)
-    k = min(k, len(pairs)) if pairs else 0
+    k = min(k, len(decode_costs))
     steal = None
     if cfg.prefill_tail not in ("mask", "desc"):
         raise ValueError(f"PodSm90Config.prefill_tail: 'mask' or 'desc', not {cfg.prefill_tail!r}")
@@ -1056,7 +1055,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         # 64 x 8192 at k=64 took 0.918 ms against 0.78 unstolen at k=46; docs/hopper_pod.md).
         k_max = max(1, int(cfg.hbm_gbps // cfg.decode_gbps_per_sm))
         cands = [k] if cfg.decode_ctas is not None else \
-            sorted({max(1, min(len(pairs), grid - 1, k_max, round(k * f))) for f in (0.8, 0.9, 1.0, 1.1, 1.25, 1.4)})
+            sorted({max(1, min(len(decode_costs), grid - 1, k_max, round(k * f))) for f in (0.8, 0.9, 1.0, 1.1, 1.25, 1.4)})
         best = min(((lpt_with_stealing(prefill_costs, decode_costs, grid, c, slowdown), c) for c in cands),
                    key=lambda x: (x[0][3], x[1]))
         if cfg.steal == "always" or best[0][3] < max(t_p, t_d):
@@ -1074,8 +1073,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     flat = [x for lst in cta_lists for x in lst] or [0]
     # dec_items rows, pair p's two items at 2p and 2p + 1: (seq, request, kv head, kv_start, kv_end,
     # partial row); a pair without a second item gets (-1, 0, 0, 0, 1, -1).
-    rows = np.tile(np.array([-1, 0, 0, 0, 1, -1], dtype=np.int64), (max(2 * len(pairs), 2), 1))
-    if len(pairs):
+    rows = np.tile(np.array([-1, 0, 0, 0, 1, -1], dtype=np.int64), (max(2 * len(decode_costs), 2), 1))
+    if decode_costs:
         rows[:len(items), 0] = spec.num_prefill + items[:, 0]
         rows[:len(items), 1:] = items
     bound = cfg.bind != "block"
@@ -1084,7 +1083,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists))) if bound else None,
                             claim=np.zeros(len(cta_lists) + 2) if bound else None)
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
-                       n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(pairs), decode=dec,
+                       n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
 
 
