@@ -7,13 +7,18 @@
 #                    FI_MODEL: the catalog model whose heads they are built for, default llama3_8b)
 #   fi_join          wait (at most FI_WAIT s) for them
 #   fi_pack          every built FlashInfer .so -> $OUT/fi_so.tar.xz.NN (15 MB parts; carry them as .fi_so/)
+#   extras           keep the carried .extras/SET.tar.xz.<i>of<n> parts (scripts/pack_extras.sh) in /tmp/extras
+#                    and unpack each set under /tmp once all its parts came (over one call or several;
+#                    EXTRAS_ROOT instead of /tmp: tests)
 #   pod_check:N      the Hopper POD kernel's GPU check in N processes side by side (log: $OUT/pod_check.log)
 #   diag:WHAT[:PTS]  python -m experiments.pod_sm90_diag WHAT [--points PTS] $DIAG_ARGS (JSON: $OUT/diag.jsonl)
-#   sweep:NAME[:BACKEND_GROUP[:BACKEND,...]]  python -m experiments.attention into .gpu_results/ (resumes;
-#                    SWEEP_ARGS: more Hydra overrides)
+#   sweep:NAME[:BACKEND_GROUP[:BACKEND,...]]  python -m experiments.attention into RESULTS_DIR (default
+#                    .gpu_results/; resumes; SWEEP_ARGS: more Hydra overrides)
 #   collect          .gpu_results/ -> $OUT/gpu_results.tgz
 #   MODULE           anything else: python3 -m MODULE, output appended to $OUT/run.log
 # Every stage runs under `timeout` (STAGE_TIMEOUT, default 300 s): a hung kernel costs minutes, not the call.
+# SITE_PREFIX: a site folder put before /tmp/site (FlashInfer 0.7.2: SITE_PREFIX=/tmp/site_fi072, with
+# FI_WORKSPACE=$PWD/.fi_cache072 and RESULTS_DIR=.gpu_results/fi072 so nothing mixes with 0.6.6's).
 set -uo pipefail
 OUT=${OUT:-$PWD/.device_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1 MAX_JOBS=16
@@ -21,8 +26,9 @@ if [ -d .whl ] && [ ! -d /tmp/site/flashinfer ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/tmp/pip.log 2>&1 || { echo "wheel install failed"; tail /tmp/pip.log; }
 fi
-export PYTHONPATH=/tmp/site:$PWD
-export FLASHINFER_WORKSPACE_BASE=$PWD/.fi_cache
+# The CUTLASS DSL's wheel reaches its `cutlass` package through a .pth file, which --target does not read.
+export PYTHONPATH=${SITE_PREFIX:+$SITE_PREFIX:}/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD
+export FLASHINFER_WORKSPACE_BASE=${FI_WORKSPACE:-$PWD/.fi_cache}
 mkdir -p "$FLASHINFER_WORKSPACE_BASE"
 T=${STAGE_TIMEOUT:-300}
 log() { tee -a "$OUT/run.log"; }
@@ -55,6 +61,17 @@ for stage in "$@"; do
       mkdir -p /tmp/fi_so; find .fi_cache -name "*.so" -exec cp {} /tmp/fi_so/ \;
       ls -la /tmp/fi_so | log
       XZ_OPT=${XZ_OPT:--T0} tar -C /tmp -cJf - fi_so | split -b 15m -d - "$OUT/fi_so.tar.xz." && ls -la "$OUT"/fi_so.tar.xz.* | log ;;
+    extras)
+      X=${EXTRAS_ROOT:-/tmp}; mkdir -p "$X/extras"; cp -f .extras/*.tar.xz.*of* "$X/extras/" 2>/dev/null
+      for first in "$X"/extras/*.tar.xz.1of*; do
+        [ -e "$first" ] || { echo "no extras carried (bash scripts/pack_extras.sh SET, carry .extras/...)" | log; break; }
+        base=${first%.1of*}; n=${first##*of}; set=$(basename "$base" .tar.xz)
+        if [ -e "$X/.extras_$set" ]; then echo "$set: unpacked earlier" | log; continue; fi
+        have=$(ls "$base".*of"$n" | wc -l)
+        if [ "$have" -lt "$n" ]; then echo "$set: $have of $n parts here; carry the others next call" | log; continue; fi
+        for i in $(seq 1 "$n"); do cat "$base.${i}of$n"; done | tar -C "$X" -xJf - \
+          && touch "$X/.extras_$set" && echo "$set: unpacked ($n parts)" | log
+      done ;;
     pod_check:*)
       n=${stage#pod_check:}; pids=()
       for i in $(seq 0 $((n - 1))); do
@@ -74,7 +91,7 @@ for stage in "$@"; do
     sweep:*)
       IFS=: read -r _ sw grp only <<<"$stage"
       extra=(); [ -n "${only:-}" ] && extra=("backend.names=[${only}]")
-      timeout "$T" python3 -m experiments.attention sweep=$sw backend=${grp:-all} results_dir=.gpu_results \
+      timeout "$T" python3 -m experiments.attention sweep=$sw backend=${grp:-all} results_dir=${RESULTS_DIR:-.gpu_results} \
         progress=false wandb.enabled=false timing.warmup_ms=10 timing.rep_ms=60 "${extra[@]}" ${SWEEP_ARGS:-} 2>&1 \
         | grep -v "^\s*$" | tail -n 30 | log
       tar -czf "$OUT/gpu_results.tgz" .gpu_results ;;

@@ -685,7 +685,7 @@ def test_reproduce_gpu_runs_paper_sweeps_then_figures(reproduce, tmp_path, monke
     out, figs = tmp_path / "h100", tmp_path / "figures"
     # Every sweep of the paper's evaluation is in `make reproduce`; the knob sweeps run `pod` once per config.
     plan = rp.load_plan()
-    assert plan.gpu_sweeps == ("paper", "balance", "kernels", "paper_grid", "per_chunk", "policy", "ctas_per_sm",
+    assert plan.gpu_sweeps == ("paper", "serving_shapes", "balance", "kernels", "paper_grid", "per_chunk", "policy", "ctas_per_sm",
                                "hopper_split")
     assert [r.pod_config for r in plan.gpu_runs if r.sweep == "ctas_per_sm"] == ["ctas_2", "ctas_4"]
     # the Hopper POD's split: the planner's run, then pod_sm90 forced to each split, each into its own file
