@@ -174,6 +174,59 @@ def test_lpt_makespan():
     assert lpt_makespan([7, 1, 1], 8) == 7 and lpt_makespan([], 4) == 0
 
 
+def _balanced_chunk_brute(lens, hkv, target, align, min_len, overhead=128, max_candidates=32):
+    """choose_kv_chunk_len_balanced's definition, run as written: LPT for every candidate that fits."""
+    longest = -(-max(lens) // align) * align
+    min_chunk = max(align, -(-min_len // align) * align)
+    if len(lens) * hkv >= 4 * target or longest <= min_chunk:
+        return longest
+    best, best_cost = longest, None
+    for chunk in sorted({max(min_chunk, -(-(-(-max(lens) // s)) // align) * align)
+                         for s in range(1, max_candidates + 1)}, reverse=True):
+        tiles = [min(chunk, n - i) + overhead for n in lens for i in range(0, n, chunk) for _ in range(hkv)]
+        if len(tiles) > 8 * target:
+            break
+        cost = lpt_makespan(tiles, target)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = chunk, cost
+    return best
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_balanced_chunk_is_the_brute_force_choice(seed):
+    """The balanced split rule skips LPT where a lower bound rules a candidate out: the same chunk as LPT
+    on every candidate, on batches like a serving engine's (every context different) and uniform ones."""
+    rng = random.Random(seed)
+    for _ in range(60):
+        n = rng.randint(1, 70)
+        lens = rng.choice([[rng.randint(1, 20000) for _ in range(n)], [rng.choice([2048, 8192])] * n,
+                           [16384 + rng.randint(0, 900) for _ in range(n)]])
+        hkv, target = rng.choice([1, 4, 8, 32]), rng.choice([132, 264])
+        args = (lens, hkv, target, rng.choice([64, 128]), 256)
+        assert choose_kv_chunk_len_balanced(*args) == _balanced_chunk_brute(*args)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(kv_splits=3), dict(kv_chunk_len=1000)])
+def test_plan_items_are_each_requests_splits_longest_first(mode):
+    """plan_decode's work rows: (request, first key, end key, partial row or -1) for every split of every
+    request, longest first and in request order among equals; partial rows numbered request by request."""
+    rng = random.Random(11)
+    lens = [rng.randint(1, 9000) for _ in range(37)] + [1, 4096]
+    spec = BatchSpec.build(8, 2, 64, decode=lens, page_size=16)
+    work = plan_decode(spec, 132, block_n=64, device="cpu", **mode)
+    rows, parts = [], 0
+    for r, n in enumerate(lens):
+        c = -(-(-(-n // mode["kv_splits"])) // 64) * 64 if "kv_splits" in mode else work.kv_chunk_len
+        s = -(-n // c)
+        assert work.splits[r] == s
+        rows += [(r, i * c, min(n, (i + 1) * c), parts + i if s > 1 else -1) for i in range(s)]
+        parts += s if s > 1 else 0
+    rows.sort(key=lambda it: it[1] - it[2])
+    assert [tuple(x) for x in work.work.tolist()] == rows
+    assert work.part_indptr.tolist()[-1] == parts
+    assert work.merge_reqs.tolist() == [r for r, s in enumerate(work.splits) if s > 1]
+
+
 # -- decode_tile reused from another kernel (as the fused POD kernel does) ------------------------
 @triton.jit
 def _reversed_tiles_kernel(num_tiles, args,

@@ -6,8 +6,8 @@ import random
 import pytest
 
 from pod.batch import BatchSpec
-from pod.kernels.lpt import lpt, lpt_makespan
-from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
+from pod.kernels.lpt import RunBounds, lpt, lpt_makespan, runs_of
+from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90, split_sms
 
 L3 = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
 SPECS = {
@@ -163,3 +163,60 @@ def test_describe_reports_the_split_it_ran(decode_ctas):
     assert d["decode_ctas"] == w.decode_ctas and d["kernel"] == "pod_sm90"
     if decode_ctas is not None:
         assert w.decode_ctas == decode_ctas
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_run_bounds_hold_lpt(seed):
+    """RunBounds: lower <= LPT's makespan <= upper, and exact with no more items than bins (what lets the
+    split search and the decode chunk search skip LPT without changing their answers)."""
+    rng = random.Random(seed)
+    for _ in range(300):
+        costs = [rng.choice([rng.random() * 10, 1.5, 3.0, float(rng.randint(1, 9))])
+                 for _ in range(rng.randint(1, 120))]
+        bins, extra = rng.randint(1, 64), rng.choice([0.0, 0.0, rng.random()])
+        lo, hi = RunBounds(runs_of(costs)).bounds(bins, extra)
+        got = lpt_makespan([c + extra for c in costs], bins)
+        assert lo <= got <= hi
+        if len(costs) <= bins:
+            assert hi - lo <= 1e-8 * got
+    assert RunBounds({}).bounds(4) == (0.0, 0.0)
+
+
+def _split_sms_plain(prefill_costs, decode_costs, grid, slowdown, plateau_tol, extra):
+    """split_sms as a bisection that runs LPT at every step (what the bounded search must agree with)."""
+    def times(k):
+        return (lpt_makespan([c + extra(k) for c in prefill_costs], grid - k),
+                lpt_makespan(decode_costs, k) * slowdown(k))
+    lo, hi = 1, grid - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tp, td = times(mid)
+        lo, hi = (lo, mid) if td <= tp else (mid + 1, hi)
+    best = min({max(1, lo - 1), lo}, key=lambda k: (max(times(k)), k))
+    tp, td = times(best)
+    if plateau_tol is not None and slowdown(best) > 1.0:
+        bound = (1.0 + plateau_tol) * max(tp, td)
+        lo, hi = 1, best
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if lpt_makespan(decode_costs, mid) * slowdown(mid) <= bound else (mid + 1, hi)
+        if lo < best:
+            best = lo
+            tp, td = times(best)
+    return best, tp, td
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_search_with_bounds_is_the_plain_bisection(seed):
+    rng = random.Random(seed)
+    for _ in range(150):
+        grid = rng.choice([8, 40, 132])
+        prefill = [rng.choice([rng.random() * 50, 12.5, 30.0]) for _ in range(rng.randint(1, 300))]
+        decode = [rng.choice([rng.random() * 40, 20.0]) for _ in range(rng.randint(1, 400))]
+        rate = rng.choice([(67.0, 4300.0), (30.0, 1000.0)])
+        slowdown = lambda k, r=rate: max(1.0, k * r[0] / r[1])
+        extra = lambda k, r=rate: 20.0 * min(1.0, k * r[0] / r[1])
+        tol = rng.choice([None, 0.02, 0.1])
+        assert split_sms(prefill, decode, grid, slowdown, tol, extra) == \
+            _split_sms_plain(prefill, decode, grid, slowdown, tol, extra)
+

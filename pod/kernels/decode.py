@@ -341,24 +341,53 @@ def choose_kv_chunk_len_balanced(kv_lens: list[int], num_kv_heads: int, target_c
         return longest
     candidates = sorted({max(min_chunk, _round_up(-(-max(kv_lens) // s), align))
                          for s in range(1, max_candidates + 1)}, reverse=True)
-    best, best_cost = longest, None
+    # Each candidate's tiles, all candidates at once: a request of n keys has n // chunk full splits and
+    # maybe a shorter last one, for every kv head (the same tiles); a tile costs its keys + tile_overhead.
     lens = Counter(kv_lens)
-    for chunk in candidates:
-        # The tiles' runs: a request of n keys has n // chunk full splits and maybe a shorter last one, for
-        # every kv head (the same tiles).
-        runs: Counter = Counter()
-        for n, m in lens.items():
-            full, rest = divmod(n, chunk)
-            if full:
-                runs[chunk + tile_overhead] += full * m * num_kv_heads
-            if rest:
-                runs[rest + tile_overhead] += m * num_kv_heads
-        if sum(runs.values()) > 8 * target_ctas:
-            break
-        cost = lpt_makespan(runs, target_ctas)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = chunk, cost
-    return best
+    n_keys = np.fromiter(lens.keys(), dtype=np.int64, count=len(lens))
+    mult = np.fromiter(lens.values(), dtype=np.int64, count=len(lens)) * num_kv_heads
+    chunks = np.array(candidates, dtype=np.int64)[:, None]
+    full, rest = n_keys // chunks, n_keys % chunks
+    tiles = (mult * (full + (rest > 0))).sum(1)
+    feasible = int(np.argmax(tiles > 8 * target_ctas)) if (tiles > 8 * target_ctas).any() else len(candidates)
+    total = (mult * (full * (chunks + tile_overhead) + (rest > 0) * (rest + tile_overhead))).sum(1)
+    longest_tile = np.where(full.max(1) > 0, chunks[:, 0], rest.max(1)) + tile_overhead
+    # Lower bounds on each candidate's makespan (integer costs: exact): every schedule ends at or after the
+    # longest tile, the mean load, and the m-th plus the (m+1)-th longest tiles (two of the m + 1 longest
+    # share one of the m slots). With at most m tiles LPT's makespan is the longest tile itself.
+    n_full = (mult * full).sum(1)
+    order = np.argsort(-rest, axis=1, kind="stable")
+    rest_desc = np.take_along_axis(rest, order, 1)
+    rest_cum = np.take_along_axis(mult * (rest > 0), order, 1).cumsum(1)
+
+    def qth_longest(q: int) -> np.ndarray:        # each candidate's q-th longest tile (1-based, q <= tiles)
+        j = q - n_full                            # its place among the shorter last splits
+        at = np.minimum((rest_cum < j[:, None]).sum(1), rest.shape[1] - 1)
+        return np.where(j <= 0, chunks[:, 0], rest_desc[np.arange(len(candidates)), at]) + tile_overhead
+
+    pair = qth_longest(target_ctas) + qth_longest(target_ctas + 1)
+    one_each = tiles <= target_ctas
+    low = np.maximum(np.maximum(longest_tile, total / target_ctas), np.where(one_each, 0, pair)).tolist()
+    exact = np.where(one_each, longest_tile, -1).tolist()
+
+    def runs(i: int) -> dict:
+        last = rest[i] > 0
+        keys, at = np.unique(rest[i][last], return_inverse=True)
+        out = dict(zip((keys + tile_overhead).tolist(), np.bincount(at, mult[last]).astype(np.int64).tolist()))
+        if n_full[i]:
+            out[candidates[i] + tile_overhead] = int(n_full[i])
+        return out
+
+    # The first chunk of least makespan (ties go to the longer chunk: fewer partials). Candidates go by
+    # lower bound; LPT runs only for those whose bound could still beat, or earlier in the list tie, the best.
+    best_i, best_cost = None, None
+    for i in sorted(range(feasible), key=lambda i: (low[i], i)):
+        if best_cost is not None and (low[i] > best_cost or (low[i] == best_cost and i > best_i)):
+            continue
+        cost = exact[i] if exact[i] >= 0 else lpt_makespan(runs(i), target_ctas)
+        if best_cost is None or (cost, i) < (best_cost, best_i):
+            best_i, best_cost = i, cost
+    return candidates[best_i] if best_i is not None else longest
 
 
 SPLIT_POLICIES = {"balanced": choose_kv_chunk_len_balanced, "fit": choose_kv_chunk_len}
@@ -412,26 +441,27 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
             raise ValueError(f"split_policy={split_policy!r}: choose one of {sorted(SPLIT_POLICIES)}")
         chunk = SPLIT_POLICIES[split_policy](lens, h.num_kv_heads, target, align, min_kv_chunk_len)
 
-    items, splits, part_indptr, merge_reqs = [], [], [0], []
-    for r, n in enumerate(lens):
-        if kv_splits is not None and kv_chunk_len is None:
-            # At most kv_splits splits of this request, BLOCK_N-aligned.
-            c = _round_up(math.ceil(n / kv_splits), align)
-        else:
-            c = chunk
-        s = (n + c - 1) // c
-        splits.append(s)
-        base = part_indptr[-1]
-        for i in range(s):
-            items.append((r, i * c, min(n, (i + 1) * c), base + i if s > 1 else -1))
-        part_indptr.append(base + (s if s > 1 else 0))
-        if s > 1:
-            merge_reqs.append(r)
-    items.sort(key=lambda it: it[1] - it[2])       # longest key range first (stable)
-    rows = part_indptr[-1]
+    # One item a (request, split): keys [i * c, min(n, (i + 1) * c)) of a request of n keys split every c,
+    # its partial row (-1 unsplit); longest key range first (stable: request order among equals).
+    n = np.asarray(lens, dtype=np.int64)
+    if kv_splits is not None and kv_chunk_len is None:
+        c = -(-(-(-n // kv_splits)) // align) * align   # at most kv_splits splits a request, BLOCK_N-aligned
+    else:
+        c = np.full(len(lens), chunk, dtype=np.int64)
+    s = (n + c - 1) // c
+    req = np.repeat(np.arange(len(lens)), s)
+    i = np.arange(req.size) - np.repeat(np.cumsum(s) - s, s)     # the split's index in its request
+    n_parts = np.where(s > 1, s, 0)                               # partial rows a request writes
+    part = np.where(s[req] > 1, np.repeat(np.cumsum(n_parts) - n_parts, s) + i, -1)
+    ks = i * c[req]
+    work = np.stack([req, ks, np.minimum(n[req], ks + c[req]), part], axis=1)
+    work = work[np.argsort(work[:, 1] - work[:, 2], kind="stable")]
+    part_indptr = np.concatenate([[0], np.cumsum(n_parts)])
+    merge_reqs = np.flatnonzero(s > 1)
+    splits = s.tolist()
+    rows = int(part_indptr[-1])
     # The int tables in one host-to-device copy (pod/kernels/tables.py); the merge counters start at zero.
-    tables = device_tables(device, work=np.array(items, dtype=np.int64).reshape(-1, 4),
-                           part_indptr=np.array(part_indptr), merge_reqs=np.array(merge_reqs, dtype=np.int64),
+    tables = device_tables(device, work=work, part_indptr=part_indptr, merge_reqs=merge_reqs,
                            merge_counters=np.zeros(max(len(lens) * h.num_kv_heads, 1), dtype=np.int64))
     return DecodeWork(
         num_decodes=len(lens), num_q_heads=h.num_q_heads, num_kv_heads=h.num_kv_heads,

@@ -13,7 +13,9 @@ the multiset of loads, so the same additions happen in the same order on every b
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 from collections import Counter
+from itertools import accumulate
 
 import numpy as np
 
@@ -82,20 +84,62 @@ def shifted_runs(runs: dict, extra: float) -> dict:
 def lpt_makespan(costs, bins: int, start: list[float] | None = None):
     """The makespan `lpt(costs, bins, start)` returns (0 with no bins or items and no start loads), in
     O(runs x groups x log) rather than O(items x log bins): heap entries are [load, bins at that load].
-    `costs`: a list of item costs, or its runs ({cost: count}, runs_of)."""
+    `costs`: a list of item costs, or its runs ({cost: count}, runs_of).
+    Groups that reach one load by different paths are not merged: a run meets them one after the other,
+    which hands its items to bins of that load all the same (the same loads, one more heap step)."""
     if bins <= 0:
         return max(start or [0])
     heap = sorted([load, m] for load, m in Counter(start).items()) if start else [[0, bins]]
     runs = costs if isinstance(costs, dict) else Counter(costs)
+    replace, push = heapq.heapreplace, heapq.heappush
     for cost in sorted(runs, reverse=True):
         n = runs[cost]
         while n:
-            load, m = heapq.heappop(heap)
-            while heap and heap[0][0] == load:          # bins that reached the same load by other paths
-                m += heapq.heappop(heap)[1]
-            take = min(m, n)
-            heapq.heappush(heap, [load + cost, take])
-            if m > take:
-                heapq.heappush(heap, [load, m - take])
-            n -= take
-    return max(load for load, _ in heap)
+            top = heap[0]
+            load, m = top
+            if m <= n:                                   # the whole group takes one item each
+                replace(heap, [load + cost, m])
+                n -= m
+            else:                                        # n of its bins do; the rest stay the lightest
+                top[1] = m - n
+                push(heap, [load + cost, n])
+                n = 0
+    return max(heap)[0]
+
+
+# Relative slack on the bounds below: lpt_makespan adds float costs in its own order, so a bound computed
+# from the same costs in another order may sit an ulp on the wrong side of it.
+_BOUND_SLACK = 1e-9
+
+
+class RunBounds:
+    """Bounds on lpt_makespan(runs, bins) (empty bins, every cost + `extra`) without running LPT: what the
+    planners' searches use to decide a comparison where the bounds suffice (a split of the SMs: a few of
+    its candidates need LPT itself). With n items, p_1 >= p_2 >= ... their costs and m bins:
+      n <= m: exactly p_1 (each item gets a bin of its own);
+      lower:  max(p_1, total / m, p_m + p_(m+1))   (every schedule: two of the m + 1 largest share a bin);
+      upper:  max(p_1, total / m + (1 - 1/m) p_(m+1))   (the item that ends last either started at 0, or
+              was not among the first m, which LPT puts one a bin, so it costs at most p_(m+1) and started
+              when every bin was busy: by (total - it) / m; Graham's list-scheduling argument)."""
+
+    def __init__(self, runs: dict):
+        self.costs = sorted(runs, reverse=True)
+        self.cum = list(accumulate(runs[c] for c in self.costs))   # items costing >= costs[i]
+        self.n = self.cum[-1] if self.cum else 0
+        self.total = sum(c * n for c, n in runs.items())
+
+    def nth(self, q: int) -> float:
+        """The q-th largest cost (1-based)."""
+        return self.costs[bisect_left(self.cum, q)]
+
+    def bounds(self, bins: int, extra: float = 0.0) -> tuple[float, float]:
+        if not self.n:
+            return 0.0, 0.0
+        p1 = self.costs[0] + extra
+        if self.n <= bins:
+            return p1 * (1 - _BOUND_SLACK), p1 * (1 + _BOUND_SLACK)
+        p_m, p_m1 = self.nth(bins) + extra, self.nth(bins + 1) + extra
+        mean = (self.total + extra * self.n) / bins
+        lo = max(p1, mean, p_m + p_m1)
+        hi = max(p1, mean + (1 - 1 / bins) * p_m1)
+        return lo * (1 - _BOUND_SLACK), hi * (1 + _BOUND_SLACK)

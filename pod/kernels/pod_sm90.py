@@ -63,7 +63,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
-from pod.kernels.lpt import lpt, lpt_makespan, runs_of, shifted_runs
+from pod.kernels.lpt import RunBounds, lpt, lpt_makespan, runs_of, shifted_runs
 from pod.kernels.tables import device_tables
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 
@@ -885,6 +885,7 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
     if not prefill_costs:
         return grid, 0.0, lpt_makespan(decode_costs, grid) * decode_slowdown(grid)
     pre_runs, dec_runs = runs_of(prefill_costs), runs_of(decode_costs)   # once: every k below reuses them
+    pre_bounds, dec_bounds = RunBounds(pre_runs), RunBounds(dec_runs)
     memo: dict = {}
 
     def times(k):
@@ -893,11 +894,22 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
                        lpt_makespan(dec_runs, k) * decode_slowdown(k))
         return memo[k]
 
+    def decode_bounds(k):                    # bounds on times(k)[1] without LPT
+        lo_, hi_ = dec_bounds.bounds(k)
+        return lo_ * decode_slowdown(k), hi_ * decode_slowdown(k)
+
+    def decode_fits(k):                      # times(k)[1] <= times(k)[0]; LPT only where the bounds overlap
+        d_lo, d_hi = decode_bounds(k)
+        p_lo, p_hi = pre_bounds.bounds(grid - k, extra(k))
+        if d_hi <= p_lo or d_lo > p_hi:
+            return d_hi <= p_lo
+        tp, td = times(k)
+        return td <= tp
+
     lo, hi = 1, grid - 1                     # smallest k whose decode time <= its prefill time
     while lo < hi:
         mid = (lo + hi) // 2
-        tp, td = times(mid)
-        if td <= tp:
+        if decode_fits(mid):
             hi = mid
         else:
             lo = mid + 1
@@ -912,7 +924,10 @@ def split_sms(prefill_costs: list[float], decode_costs: list[float], grid: int, 
         lo, hi = 1, best
         while lo < hi:
             mid = (lo + hi) // 2
-            if lpt_makespan(dec_runs, mid) * decode_slowdown(mid) <= bound:
+            d_lo, d_hi = decode_bounds(mid)
+            fits = d_hi <= bound if (d_hi <= bound or d_lo > bound) else \
+                lpt_makespan(dec_runs, mid) * decode_slowdown(mid) <= bound
+            if fits:
                 hi = mid
             else:
                 lo = mid + 1
