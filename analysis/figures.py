@@ -45,6 +45,7 @@ from analysis.output import gpu_title, save, slug, to_markdown, write_table
 from analysis.speedup import (KERNEL_SWEEPS, OUR_FUSED_BACKENDS, POD_BASELINE, attention_speedups,
                               kernel_rows, kernel_tables, ordered_compositions, serial_label, status_counts,
                               summarize)
+from analysis.versions import load_versions, version_table
 
 __all__ = ["build_all", "build_tables", "FIGURE_BUILDERS", "save", "to_markdown", "write_table"]
 
@@ -550,6 +551,10 @@ def build_tables(results: Results, sp: pd.DataFrame | None = None) -> dict[str, 
         tables["kernels_decode_gbps"] = dec
         tables.update(paper_figures.tables(sp))
     tables.update(serving_figures.tables(results.serving))
+    if results.root.is_dir() and not results.attention.empty:
+        other = load_versions(results.root)
+        if not other.empty:
+            tables["baseline_versions"] = version_table(results.attention, other)
     return tables
 
 
@@ -565,6 +570,8 @@ SECTION_TITLES = {
     "kernels_decode_gbps": "Kernel benchmark: decode GB/s",
     **paper_figures.SECTION_TITLES,
     **serving_figures.SECTION_TITLES,
+    "baseline_versions": ("A baseline at another release (results/<gpu>/versions/<label>/) against the pinned "
+                          "one, same points: pinned ms / other ms"),
 }
 
 

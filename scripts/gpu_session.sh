@@ -18,7 +18,7 @@
 #   MODULE           anything else: python3 -m MODULE, output appended to $OUT/run.log
 # Every stage runs under `timeout` (STAGE_TIMEOUT, default 300 s): a hung kernel costs minutes, not the call.
 # SITE_PREFIX: a site folder put before /tmp/site (FlashInfer 0.7.2: SITE_PREFIX=/tmp/site_fi072, with
-# FI_WORKSPACE=$PWD/.fi_cache072 and RESULTS_DIR=.gpu_results/fi072 so nothing mixes with 0.6.6's).
+# FI_WORKSPACE=$PWD/.fi_cache072 and RESULTS_DIR=.gpu_results/versions/flashinfer_0.7.2: analysis.versions).
 set -uo pipefail
 OUT=${OUT:-$PWD/.device_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1 MAX_JOBS=16

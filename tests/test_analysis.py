@@ -891,3 +891,30 @@ def test_ceilings_from_results_else_documented_defaults(results_dir):
     assert ceilings_for(r, "NVIDIA B200") == DEFAULT_CEILINGS  # never another GPU's measured ceilings
     from analysis.figures import GPU_CEILINGS   # a GPU with documented defaults of its own gets them
     assert ceilings_for(r, "NVIDIA H200") == GPU_CEILINGS["NVIDIA H200"] != DEFAULT_CEILINGS
+
+
+def test_a_baseline_at_another_release_is_compared_point_by_point_not_mixed_in(tmp_path):
+    """Rows under versions/<label>/ (FlashInfer 0.7.2 beside the pinned 0.6.6) stay out of the main tables
+    and give one table: pinned ms / other ms per backend over the points both ran usably."""
+    from analysis.figures import build_tables
+    root = tmp_path / "h200"
+    (root / "paper").mkdir(parents=True)
+    main, other = [], []
+    for p, (fi, fpod) in {"p1": (1.0, 0.9), "p2": (2.0, 1.6), "p3": (1.5, 1.5)}.items():
+        _points(main, p, dict(triton_serial=1.2, fi_serial=fi, fi_pod=fpod, pod=1.0))
+    _points(other, "p1", dict(fi_serial=0.8, fi_pod=0.9), flashinfer="0.7.2")        # 1.25x, 1.0x
+    _points(other, "p2", dict(fi_serial=2.5, fi_pod=1.0), flashinfer="0.7.2")        # 0.8x, 1.6x
+    other.append(_row("p3", "fi_serial", 0.1, flashinfer="0.7.2", decode_err=0.5))  # wrong output: left out
+    pd.DataFrame(main).to_csv(root / "paper" / "h200.csv", index=False)
+    (root / "versions" / "flashinfer_0.7.2" / "paper").mkdir(parents=True)
+    pd.DataFrame(other).to_csv(root / "versions" / "flashinfer_0.7.2" / "paper" / "h200.csv", index=False)
+
+    results = load_results(root)
+    assert len(results.attention) == len(main)                       # the other release is not mixed in
+    t = build_tables(results)["baseline_versions"].set_index("backend")
+    assert t.loc["fi_serial", "points"] == 2 and t.loc["fi_pod", "points"] == 2
+    assert t.loc["fi_serial", "speedup_geomean"] == pytest.approx(1.0, abs=1e-3)    # sqrt(1.25 * 0.8)
+    assert (t.loc["fi_serial", "speedup_min"], t.loc["fi_serial", "speedup_max"]) == (0.8, 1.25)
+    assert t.loc["fi_pod", "speedup_geomean"] == pytest.approx(math.sqrt(1.6), abs=1e-3)
+    assert t.loc["fi_serial", "pinned"] == "0.6.6" and t.loc["fi_serial", "other"] == "0.7.2"
+    assert set(t["label"]) == {"flashinfer_0.7.2"}
