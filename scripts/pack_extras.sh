@@ -5,7 +5,7 @@
 # each carried part in /tmp/extras and unpacks a set once all its parts are there.
 #
 # Usage (repo root, a machine with a network and pip):  bash scripts/pack_extras.sh SET [SET ...]
-#   cutlass  nvidia-cutlass-dsl 4.8.1 + its base and CUDA 13 libraries (fa_varlen; FlashInfer >= 0.7)  ~64 MB
+#   cutlass  nvidia-cutlass-dsl 4.8.1 + its core (the python DSL), base and CUDA 13 libraries (fa_varlen; FlashInfer >= 0.7)  ~64 MB
 #   fa4      flash-attn-4 4.0.0b36, quack-kernels 0.6.5, torch-c-dlpack-ext 0.1.5 (fa_varlen)          ~2 MB
 #   vllm     vllm 0.34.0 without the compiled kernels its Triton attention does not load (vllm_unified) ~66 MB
 #   fi072    flashinfer-python 0.7.2, cuda-tile, nccl4py, nccl-extensions -> site_fi072/ (FlashInfer 0.7.2
@@ -24,7 +24,8 @@ PLAT=(--python-version 3.12 --implementation cp --only-binary=:all: --platform m
 
 wheels_of() {
   case "$1" in
-    cutlass) echo nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 ;;
+    cutlass) echo nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
+                 nvidia-cutlass-dsl-libs-cu13==4.8.1 ;;
     fa4)     echo flash-attn-4==4.0.0b36 quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5 ;;
     vllm)    echo vllm==0.34.0 ;;
     fi072)   echo flashinfer-python==0.7.2 cuda-tile==1.7.0 nccl4py==0.6.0 nccl-extensions==0.1.0 ;;
