@@ -35,21 +35,29 @@ def load_versions(root: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _latest_usable(rows: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """The usable rows, one per (sweep, point, backend): the newest where a key has several (a re-run, a
+    knob sweep's extra files), so a point is compared once; FlashInfer's version "" where not recorded."""
+    ok = flag_rows(rows).query("usable").copy()
+    ok["flashinfer"] = ok["flashinfer"].astype("string").fillna("") if "flashinfer" in ok else ""
+    ok["_when"] = ok["timestamp"].astype("string").fillna("") if "timestamp" in ok else ""
+    return ok.sort_values("_when", kind="stable").groupby(key, sort=False).tail(1)
+
+
 def version_table(main: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
     """Per (label, backend): points compared, the packages' versions as recorded (FlashInfer's column),
     and the geomean / min / max of pinned ms / other ms over those points."""
     cols = ["label", "backend", "points", "pinned", "other", "speedup_geomean", "speedup_min", "speedup_max"]
     if main.empty or other.empty:
         return pd.DataFrame(columns=cols)
-    ok_main = flag_rows(main).query("usable")
-    ok_other = flag_rows(other).query("usable")
+    ok_main, ok_other = _latest_usable(main, KEY), _latest_usable(other, ["label", *KEY])
     pairs = ok_other.merge(ok_main[KEY + ["median_ms", "flashinfer"]], on=KEY, suffixes=("", "_pinned"))
     rows = []
     for (label, backend), g in pairs.groupby(["label", "backend"], sort=True):
         ratio = (g["median_ms_pinned"] / g["median_ms"]).astype(float)
         rows.append(dict(label=label, backend=backend, points=len(g),
-                         pinned=", ".join(sorted(g["flashinfer_pinned"].astype(str).unique())),
-                         other=", ".join(sorted(g["flashinfer"].astype(str).unique())),
+                         pinned=", ".join(sorted(set(g["flashinfer_pinned"]))),
+                         other=", ".join(sorted(set(g["flashinfer"]))),
                          speedup_geomean=round(geomean(ratio), 3), speedup_min=round(float(np.min(ratio)), 3),
                          speedup_max=round(float(np.max(ratio)), 3)))
     return pd.DataFrame(rows, columns=cols)

@@ -62,15 +62,30 @@ for stage in "$@"; do
       ls -la /tmp/fi_so | log
       XZ_OPT=${XZ_OPT:--T0} tar -C /tmp -cJf - fi_so | split -b 15m -d - "$OUT/fi_so.tar.xz." && ls -la "$OUT"/fi_so.tar.xz.* | log ;;
     extras)
-      X=${EXTRAS_ROOT:-/tmp}; mkdir -p "$X/extras"; cp -f .extras/*.tar.xz.*of* "$X/extras/" 2>/dev/null
+      X=${EXTRAS_ROOT:-/tmp}; mkdir -p "$X/extras"
+      for part in .extras/*.tar.xz.*of*; do              # a part packed anew replaces the set's old parts
+        [ -e "$part" ] || continue
+        name=$(basename "$part"); set=${name%.tar.xz.*}; n=${name##*of}
+        if { [ -e "$X/extras/$name" ] && ! cmp -s "$part" "$X/extras/$name"; } \
+           || ls "$X/extras/$set".tar.xz.*of* 2>/dev/null | grep -qv "of$n\$"; then
+          rm -f "$X/extras/$set".tar.xz.* "$X/.extras_$set"; echo "$set: packed anew, old parts dropped" | log
+        fi
+        cp -f "$part" "$X/extras/"
+      done
       for first in "$X"/extras/*.tar.xz.1of*; do
         [ -e "$first" ] || { echo "no extras carried (bash scripts/pack_extras.sh SET, carry .extras/...)" | log; break; }
         base=${first%.1of*}; n=${first##*of}; set=$(basename "$base" .tar.xz)
         if [ -e "$X/.extras_$set" ]; then echo "$set: unpacked earlier" | log; continue; fi
         have=$(ls "$base".*of"$n" | wc -l)
         if [ "$have" -lt "$n" ]; then echo "$set: $have of $n parts here; carry the others next call" | log; continue; fi
-        for i in $(seq 1 "$n"); do cat "$base.${i}of$n"; done | tar -C "$X" -xJf - \
-          && touch "$X/.extras_$set" && echo "$set: unpacked ($n parts)" | log
+        # Unpacked beside, then merged: a corrupt part leaves nothing half-written on PYTHONPATH.
+        rm -rf "$X/.unpack"; mkdir -p "$X/.unpack"
+        if for i in $(seq 1 "$n"); do cat "$base.${i}of$n"; done | tar -C "$X/.unpack" -xJf - 2>>"$OUT/run.log"; then
+          cp -a "$X/.unpack/." "$X/" && touch "$X/.extras_$set" && echo "$set: unpacked ($n parts)" | log
+        else
+          rm -f "$base".*; echo "$set: unpacking FAILED (a corrupt or mismatched part): carry all $n parts again" | log
+        fi
+        rm -rf "$X/.unpack"
       done ;;
     pod_check:*)
       n=${stage#pod_check:}; pids=()

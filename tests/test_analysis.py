@@ -906,11 +906,14 @@ def test_a_baseline_at_another_release_is_compared_point_by_point_not_mixed_in(t
     _points(other, "p2", dict(fi_serial=2.5, fi_pod=1.0), flashinfer="0.7.2")        # 0.8x, 1.6x
     other.append(_row("p3", "fi_serial", 0.1, flashinfer="0.7.2", decode_err=0.5))  # wrong output: left out
     pd.DataFrame(main).to_csv(root / "paper" / "h200.csv", index=False)
+    # An older run of p1 in another file of the main tree: the newest row of a key is the one compared.
+    stale = [_row("p1", "fi_serial", 3.0, timestamp="2026-11-01T00:00:00")]
+    pd.DataFrame(stale).to_csv(root / "paper" / "h200.old.csv", index=False)
     (root / "versions" / "flashinfer_0.7.2" / "paper").mkdir(parents=True)
     pd.DataFrame(other).to_csv(root / "versions" / "flashinfer_0.7.2" / "paper" / "h200.csv", index=False)
 
     results = load_results(root)
-    assert len(results.attention) == len(main)                       # the other release is not mixed in
+    assert len(results.attention) == len(main) + 1                   # the other release is not mixed in
     t = build_tables(results)["baseline_versions"].set_index("backend")
     assert t.loc["fi_serial", "points"] == 2 and t.loc["fi_pod", "points"] == 2
     assert t.loc["fi_serial", "speedup_geomean"] == pytest.approx(1.0, abs=1e-3)    # sqrt(1.25 * 0.8)
@@ -918,3 +921,8 @@ def test_a_baseline_at_another_release_is_compared_point_by_point_not_mixed_in(t
     assert t.loc["fi_pod", "speedup_geomean"] == pytest.approx(math.sqrt(1.6), abs=1e-3)
     assert t.loc["fi_serial", "pinned"] == "0.6.6" and t.loc["fi_serial", "other"] == "0.7.2"
     assert set(t["label"]) == {"flashinfer_0.7.2"}
+    # Rows that recorded no FlashInfer version (a blank provenance cell) still pair; their version is "".
+    for f in (root / "paper" / "h200.csv", root / "versions" / "flashinfer_0.7.2" / "paper" / "h200.csv"):
+        pd.read_csv(f).assign(flashinfer=float("nan")).to_csv(f, index=False)
+    t = build_tables(load_results(root))["baseline_versions"].set_index("backend")
+    assert t.loc["fi_serial", "points"] == 2 and t.loc["fi_serial", "other"] == ""

@@ -4,6 +4,7 @@ Every kernel test draws fresh random inputs, poisons the output with NaN and com
 with the fp32 reference; shapes are ragged (context 1, lengths that are not multiples of BLOCK_N or the
 page size) and the batches hold a prefill chunk first so the decode requests are not sequence 0.
 """
+import itertools
 import math
 import random
 
@@ -216,15 +217,18 @@ def test_plan_items_are_each_requests_splits_longest_first(mode):
     work = plan_decode(spec, 132, block_n=64, device="cpu", **mode)
     rows, parts = [], 0
     for r, n in enumerate(lens):
-        c = -(-(-(-n // mode["kv_splits"])) // 64) * 64 if "kv_splits" in mode else work.kv_chunk_len
+        c = math.ceil(math.ceil(n / mode["kv_splits"]) / 64) * 64 if "kv_splits" in mode else work.kv_chunk_len
         s = -(-n // c)
         assert work.splits[r] == s
         rows += [(r, i * c, min(n, (i + 1) * c), parts + i if s > 1 else -1) for i in range(s)]
         parts += s if s > 1 else 0
     rows.sort(key=lambda it: it[1] - it[2])
     assert [tuple(x) for x in work.work.tolist()] == rows
-    assert work.part_indptr.tolist()[-1] == parts
+    assert work.part_indptr.tolist() == [0, *itertools.accumulate(s if s > 1 else 0 for s in work.splits)]
+    assert work.part_indptr[-1] == parts and work.part_o.shape[0] == max(parts, 1)
     assert work.merge_reqs.tolist() == [r for r, s in enumerate(work.splits) if s > 1]
+    with pytest.raises(ValueError, match="kv_splits=0"):
+        plan_decode(spec, 132, kv_splits=0, device="cpu")
 
 
 # -- decode_tile reused from another kernel (as the fused POD kernel does) ------------------------

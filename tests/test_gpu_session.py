@@ -68,3 +68,25 @@ def test_a_set_carried_over_two_calls_is_unpacked_once_complete(tmp_path):
     out = _call(tree, root, {})                         # nothing carried: nothing unpacked again
     assert "big: unpacked earlier" in out
     assert (root / "site" / "pkg" / "__init__.py").read_bytes() == b"edited"
+
+
+def test_a_corrupt_part_leaves_nothing_and_a_repacked_set_replaces_the_old(tmp_path):
+    tree, root = tmp_path / "repo", tmp_path / "machine"
+    tree.mkdir()
+    data = {"pkg/big.bin": bytes(range(256)) * 2000}
+    good = _parts(data, 2)
+    bad = bytes(b ^ 0xFF for b in good[1])
+    out = _call(tree, root, {"p.tar.xz.1of2": good[0], "p.tar.xz.2of2": bad})
+    assert "p: unpacking FAILED" in out
+    assert not (root / "site" / "pkg").exists() and not list((root / "extras").glob("p.*"))
+
+    out = _call(tree, root, {"p.tar.xz.1of2": good[0], "p.tar.xz.2of2": good[1]})
+    assert "p: unpacked (2 parts)" in out and (root / "site" / "pkg" / "big.bin").read_bytes() == data["pkg/big.bin"]
+
+    # Packed anew (three parts, other content) on the same warm machine: the old parts and marker go.
+    new = {"pkg/big.bin": b"v2" * 9000}
+    p3 = _parts(new, 3)
+    out = _call(tree, root, {f"p.tar.xz.{i + 1}of3": p3[i] for i in range(3)})
+    assert "p: packed anew" in out and "p: unpacked (3 parts)" in out
+    assert (root / "site" / "pkg" / "big.bin").read_bytes() == new["pkg/big.bin"]
+    assert sorted(f.name for f in (root / "extras").glob("p.*")) == [f"p.tar.xz.{i}of3" for i in (1, 2, 3)]

@@ -82,9 +82,10 @@ def test_engine_logits_match_full_forward(plan_per_layer):
     specs = chunked_requests(seed, 24)
     run = engine.run(specs)
     its = run.iterations
-    # The schedule exercised what it must: prompts chunked over several iterations, decodes batched
-    # with prefill chunks, several chunks in one iteration, the budget never exceeded.
-    assert max(len(s.prompt) for s in specs) > 2 * 24
+    # The schedule exercised what it must: prompts chunked over several iterations (a prompt of over two
+    # chunks: chunked_requests), decodes batched with prefill chunks, several chunks in one iteration, the
+    # budget never exceeded.
+    assert sum(i.num_prefill_tokens > 0 for i in its) > 2
     assert any(i.num_prefill and i.num_decode for i in its)
     assert any(i.num_prefill > 1 for i in its)
     assert all(i.num_prefill_tokens + i.num_decode <= 24 for i in its)

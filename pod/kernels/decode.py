@@ -417,6 +417,9 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
     fuse_merge: the last split CTA of each (request, kv head) merges; no merge launch.
     """
     spec, device = unpack_batch_or_spec(batch_or_spec, device)
+    for name, v in (("kv_splits", kv_splits), ("kv_chunk_len", kv_chunk_len), ("target_ctas", target_ctas)):
+        if v is not None and v < 1:
+            raise ValueError(f"plan_decode: {name}={v} must be >= 1")
     h = spec.heads
     if block_n is None and interpreting():
         config = dict(INTERPRET_CONFIG)

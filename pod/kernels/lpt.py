@@ -82,7 +82,8 @@ def shifted_runs(runs: dict, extra: float) -> dict:
 
 
 def lpt_makespan(costs, bins: int, start: list[float] | None = None):
-    """The makespan `lpt(costs, bins, start)` returns (0 with no bins or items and no start loads), in
+    """The makespan `lpt(costs, bins, start)` returns for non-negative costs (the planners' times; 0 with no
+    bins or items and no start loads), in
     O(runs x groups x log) rather than O(items x log bins): heap entries are [load, bins at that load].
     `costs`: a list of item costs, or its runs ({cost: count}, runs_of).
     Groups that reach one load by different paths are not merged: a run meets them one after the other,
