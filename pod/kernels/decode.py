@@ -353,22 +353,10 @@ def choose_kv_chunk_len_balanced(kv_lens: list[int], num_kv_heads: int, target_c
     total = (mult * (full * (chunks + tile_overhead) + (rest > 0) * (rest + tile_overhead))).sum(1)
     longest_tile = np.where(full.max(1) > 0, chunks[:, 0], rest.max(1)) + tile_overhead
     # Lower bounds on each candidate's makespan (integer costs: exact): every schedule ends at or after the
-    # longest tile, the mean load, and the m-th plus the (m+1)-th longest tiles (two of the m + 1 longest
-    # share one of the m slots). With at most m tiles LPT's makespan is the longest tile itself.
+    # longest tile and the mean load; with at most target_ctas tiles LPT's makespan is the longest tile.
     n_full = (mult * full).sum(1)
-    order = np.argsort(-rest, axis=1, kind="stable")
-    rest_desc = np.take_along_axis(rest, order, 1)
-    rest_cum = np.take_along_axis(mult * (rest > 0), order, 1).cumsum(1)
-
-    def qth_longest(q: int) -> np.ndarray:        # each candidate's q-th longest tile (1-based, q <= tiles)
-        j = q - n_full                            # its place among the shorter last splits
-        at = np.minimum((rest_cum < j[:, None]).sum(1), rest.shape[1] - 1)
-        return np.where(j <= 0, chunks[:, 0], rest_desc[np.arange(len(candidates)), at]) + tile_overhead
-
-    pair = qth_longest(target_ctas) + qth_longest(target_ctas + 1)
-    one_each = tiles <= target_ctas
-    low = np.maximum(np.maximum(longest_tile, total / target_ctas), np.where(one_each, 0, pair)).tolist()
-    exact = np.where(one_each, longest_tile, -1).tolist()
+    low = np.maximum(longest_tile, total / target_ctas).tolist()
+    exact = np.where(tiles <= target_ctas, longest_tile, -1).tolist()
 
     def runs(i: int) -> dict:
         last = rest[i] > 0
@@ -388,6 +376,21 @@ def choose_kv_chunk_len_balanced(kv_lens: list[int], num_kv_heads: int, target_c
         if best_cost is None or (cost, i) < (best_cost, best_i):
             best_i, best_cost = i, cost
     return candidates[best_i] if best_i is not None else longest
+
+
+def split_items(lens: np.ndarray, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The decode plan's items, one a (request, split), and each request's split count: int64 rows
+    (request, kv_start, kv_end, partial row or -1) covering keys [i * c, min(n, (i + 1) * c)) of request r
+    (n = lens[r], c = chunks[r]); partial rows numbered request by request, only for requests split in
+    two or more; longest key range first, request order among equals (a stable sort)."""
+    s = (lens + chunks - 1) // chunks
+    req = np.repeat(np.arange(len(lens)), s)
+    i = np.arange(req.size) - np.repeat(np.cumsum(s) - s, s)     # the split's index in its request
+    n_parts = np.where(s > 1, s, 0)
+    part = np.where(s[req] > 1, np.repeat(np.cumsum(n_parts) - n_parts, s) + i, -1)
+    ks = i * chunks[req]
+    work = np.stack([req, ks, np.minimum(lens[req], ks + chunks[req]), part], axis=1)
+    return work[np.argsort(work[:, 1] - work[:, 2], kind="stable")], s
 
 
 SPLIT_POLICIES = {"balanced": choose_kv_chunk_len_balanced, "fit": choose_kv_chunk_len}
@@ -444,21 +447,13 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
             raise ValueError(f"split_policy={split_policy!r}: choose one of {sorted(SPLIT_POLICIES)}")
         chunk = SPLIT_POLICIES[split_policy](lens, h.num_kv_heads, target, align, min_kv_chunk_len)
 
-    # One item a (request, split): keys [i * c, min(n, (i + 1) * c)) of a request of n keys split every c,
-    # its partial row (-1 unsplit); longest key range first (stable: request order among equals).
     n = np.asarray(lens, dtype=np.int64)
     if kv_splits is not None and kv_chunk_len is None:
-        c = -(-(-(-n // kv_splits)) // align) * align   # at most kv_splits splits a request, BLOCK_N-aligned
+        c = _round_up(-(-n // kv_splits), align)       # at most kv_splits splits a request, BLOCK_N-aligned
     else:
         c = np.full(len(lens), chunk, dtype=np.int64)
-    s = (n + c - 1) // c
-    req = np.repeat(np.arange(len(lens)), s)
-    i = np.arange(req.size) - np.repeat(np.cumsum(s) - s, s)     # the split's index in its request
-    n_parts = np.where(s > 1, s, 0)                               # partial rows a request writes
-    part = np.where(s[req] > 1, np.repeat(np.cumsum(n_parts) - n_parts, s) + i, -1)
-    ks = i * c[req]
-    work = np.stack([req, ks, np.minimum(n[req], ks + c[req]), part], axis=1)
-    work = work[np.argsort(work[:, 1] - work[:, 2], kind="stable")]
+    work, s = split_items(n, c)
+    n_parts = np.where(s > 1, s, 0)                    # partial rows a request writes
     part_indptr = np.concatenate([[0], np.cumsum(n_parts)])
     merge_reqs = np.flatnonzero(s > 1)
     splits = s.tolist()

@@ -1036,7 +1036,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
         chunk = _decode_split_keys(spec, cfg, d_total / (d_total + p_total), grid0)
         dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, block_n=64, device=device)
-        items = _decode_items(spec.decode_context_lens, dec.splits, dec.kv_chunk_len, h.num_kv_heads)
+        items = _decode_items(spec.decode_context_lens, dec.kv_chunk_len, h.num_kv_heads)
         # Pairs are neighbours in that order (longest first): a pair costs its first, longer item's stages.
         n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
         decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
@@ -1102,20 +1102,16 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
 
 
-def _decode_items(lens, splits, chunk: int, num_kv_heads: int) -> np.ndarray:
-    """int64 [items, 5] (request, kv head, kv_start, kv_end, partial row or -1): a decode plan's items as
-    plan_decode lays them out (request, then split, then kv head), sorted longest first (stable)."""
-    lens, splits = np.asarray(lens, dtype=np.int64), np.asarray(splits, dtype=np.int64)
-    req = np.repeat(np.arange(len(lens)), splits)                  # one row a split
-    first = np.cumsum(splits) - splits
-    i = np.arange(len(req)) - np.repeat(first, splits)             # the split's index in its request
-    part_base = np.cumsum(np.where(splits > 1, splits, 0)) - np.where(splits > 1, splits, 0)
-    part = np.where(splits[req] > 1, part_base[req] + i, -1)
-    ks, ke = i * chunk, np.minimum(lens[req], (i + 1) * chunk)
-    per_split = np.stack([req, np.zeros_like(req), ks, ke, part], axis=1)
-    items = np.repeat(per_split, num_kv_heads, axis=0)
-    items[:, 1] = np.tile(np.arange(num_kv_heads), len(req))
-    return items[np.argsort(-(items[:, 3] - items[:, 2]), kind="stable")]
+def _decode_items(lens, chunk: int, num_kv_heads: int) -> np.ndarray:
+    """int64 [items, 5] (request, kv head, kv_start, kv_end, partial row or -1): the decode plan's items
+    (decode.split_items, longest first) for every kv head; all heads of a split have its length, so this is
+    the items by (request, split, kv head) sorted longest first (stable)."""
+    from pod.kernels.decode import split_items
+    n = np.asarray(lens, dtype=np.int64)
+    work, _ = split_items(n, np.full(len(n), chunk, dtype=np.int64))
+    items = np.insert(np.repeat(work, num_kv_heads, axis=0), 1, 0, axis=1)
+    items[:, 1] = np.tile(np.arange(num_kv_heads), len(work))
+    return items
 
 
 def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor, out_decode: torch.Tensor,
