@@ -285,13 +285,12 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     12-CTA grid whose SMs all ask for list 0 (every other list claimed through the fallback), and prefill
     tails through rebuilt descriptors ("desc"; the default masks them), and each item's Q loaded only after
     the previous item's epilogue ("no_overlap"; the default overlaps them), and the decode's two wgmmas in
-    flight together ("decode_pipe") or its O^T one stage behind ("decode_lag", also on 4 CTAs: "lag_ctas4"):
-    both outputs start as NaN, stale
-    page slots hold NaN;
+    flight together ("decode_pipe") or its O^T one stage behind ("decode_lag", also on 4 CTAs: "lag_ctas4"),
+    or its softmax rescaled lazily ("decode_lazy", "lazy_ctas4"; these and "planned" once more on the first
+    seed with decode queries x SHARP_Q, rows "sharp_..."): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
     equal. `shard=(i, n)`: only cases i, i+n, ... (n processes compile their kernels in parallel)."""
-    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90, pod_sm90_supports
-    from pod.reference import max_rel_error, reference
+    from pod.kernels.pod_sm90 import PodSm90Config, pod_sm90_supports
     dev = _cuda()
     rows = []
     grids = {"planned": PodSm90Config(), "ctas4": PodSm90Config(num_ctas=4),
@@ -300,7 +299,12 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "block": PodSm90Config(bind="block"), "stride": PodSm90Config(bind="stride"),
              "collide": PodSm90Config(num_ctas=12, bind="collide"), "desc": PodSm90Config(prefill_tail="desc"),
              "no_overlap": PodSm90Config(overlap=False), "decode_pipe": PodSm90Config(decode_loop="pipe"),
-             "decode_lag": PodSm90Config(decode_loop="lag"), "lag_ctas4": PodSm90Config(num_ctas=4, decode_loop="lag")}
+             "decode_lag": PodSm90Config(decode_loop="lag"), "lag_ctas4": PodSm90Config(num_ctas=4, decode_loop="lag"),
+             "decode_lazy": PodSm90Config(decode_loop="lazy"),
+             "lazy_ctas4": PodSm90Config(num_ctas=4, decode_loop="lazy")}
+    # Sharp softmax (decode queries x SHARP_Q: scores spread over tens of log2 units, so a column's maximum
+    # keeps jumping past the lazy loop's threshold after an item's first stage): these grids run again on it.
+    sharp_grids = ("planned", "decode_lazy", "lazy_ctas4")
     case = -1
     for n_case, (heads, chunks, decodes, layouts, dtypes) in enumerate(POD_SM90_CHECK_SHAPES):
         for dtype in dtypes:
@@ -318,24 +322,41 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
                         continue
                     batch = make_batch(spec, dev, seed=1000 * n_case + seed)
                     poison_stale_slots(batch)
-                    ref_p, ref_d = reference(batch)
-                    for gname, cfg in grids.items():
-                        work = plan_pod_sm90(batch, cfg)
-                        outs = []
-                        for _ in range(2):
-                            o = (torch.full_like(batch.q_prefill, float("nan")),
-                                 torch.full_like(batch.q_decode, float("nan")))
-                            work.runner(batch, *o)()
-                            torch.cuda.synchronize()
-                            outs.append(o)
-                        err_p = max_rel_error(outs[0][0], ref_p) if spec.num_prefill else 0.0
-                        err_d = max_rel_error(outs[0][1], ref_d) if spec.num_decode else 0.0
-                        same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
-                        r = dict(row, plan=gname, grid=work.grid, decode_ctas=work.decode_ctas,
-                                 merge=work.needs_merge, prefill_err=err_p, decode_err=err_d, repeat_equal=same,
-                                 ok=err_p < tol and err_d < tol and same)
-                        rows.append(r)
-                        out(json.dumps(r))
+                    runs = [(batch, "", grids)]
+                    if spec.num_decode and seed == seeds[0]:
+                        sharp = replace(batch, q_decode=batch.q_decode * SHARP_Q)
+                        runs.append((sharp, "sharp_", {g: grids[g] for g in sharp_grids}))
+                    for batch, tag, run_grids in runs:
+                        rows += _check_pod_sm90_grids(batch, spec, row, tag, run_grids, tol, out)
+    return rows
+
+
+SHARP_Q = 8.0   # check_pod_sm90's sharp-softmax runs: decode queries scaled by this
+
+
+def _check_pod_sm90_grids(batch, spec, row: dict, tag: str, grids: dict, tol: float, out) -> list[dict]:
+    """One batch through each of `grids` (name -> PodSm90Config) twice: a row per grid (check_pod_sm90)."""
+    from pod.kernels.pod_sm90 import plan_pod_sm90
+    from pod.reference import max_rel_error, reference
+    rows = []
+    ref_p, ref_d = reference(batch)
+    for gname, cfg in grids.items():
+        work = plan_pod_sm90(batch, cfg)
+        outs = []
+        for _ in range(2):
+            o = (torch.full_like(batch.q_prefill, float("nan")),
+                 torch.full_like(batch.q_decode, float("nan")))
+            work.runner(batch, *o)()
+            torch.cuda.synchronize()
+            outs.append(o)
+        err_p = max_rel_error(outs[0][0], ref_p) if spec.num_prefill else 0.0
+        err_d = max_rel_error(outs[0][1], ref_d) if spec.num_decode else 0.0
+        same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+        r = dict(row, plan=tag + gname, grid=work.grid, decode_ctas=work.decode_ctas,
+                 merge=work.needs_merge, prefill_err=err_p, decode_err=err_d, repeat_equal=same,
+                 ok=err_p < tol and err_d < tol and same)
+        rows.append(r)
+        out(json.dumps(r))
     return rows
 
 

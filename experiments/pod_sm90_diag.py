@@ -382,7 +382,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="rates: also the decode with decode_early_k=False (a stage's K released with its V)")
     ap.add_argument("--loops", default="",
                     help="rates: also the decode with each of these comma-separated PodSm90Config.decode_loop values "
-                         "(pipe, lag)")
+                         "(pipe, lag, lazy)")
     ap.add_argument("--skip", default="0",
                     help="rates: comma-separated decode_skip masks to time (0: the real decode; 16: consumers only "
                          "release stages; 1/2/4/8: one link of the consumers' chain left out)")

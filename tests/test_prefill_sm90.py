@@ -128,13 +128,14 @@ def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
     import subprocess
     import sys
     # the shipped default on both layouts, the path that loads an item's Q only after the last epilogue, and
-    # the pipelined decode (S^T of the next stage in flight with O^T of this one) and the lagged one (O^T one
-    # stage behind)
+    # the pipelined decode (S^T of the next stage in flight with O^T of this one), the lagged one (O^T one
+    # stage behind) and the lazily rescaled one
     code = ("import json; from pod.kernels.pod_sm90 import compile_report, PodSm90Config; "
             "print(json.dumps([compile_report(paged=True), compile_report(paged=False, trace=True), "
             "compile_report(PodSm90Config(overlap=False), paged=True), "
             "compile_report(PodSm90Config(decode_loop='pipe'), paged=True), "
-            "compile_report(PodSm90Config(decode_loop='lag'), paged=True)]))")
+            "compile_report(PodSm90Config(decode_loop='lag'), paged=True), "
+            "compile_report(PodSm90Config(decode_loop='lazy'), paged=True)]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -370,7 +370,8 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
     SKIP (diagnostics only, wrong output; 0 ships): a bit mask of links of the chain left out, to time each
     by difference - 1 the softmax's reductions / exchange, 2 the P^T store + fence + barrier, 4 the O^T
     wgmma, 8 the S^T wgmma.
-    LOOP (PodSm90Config.decode_loop): 0 this loop, 1 _decode_rows_pipelined, 2 _decode_rows_lagged."""
+    LOOP (PodSm90Config.decode_loop): 0 this loop, 1 _decode_rows_pipelined, 2 _decode_rows_lagged,
+    3 _decode_rows_lazy."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, DEC_N, 16])
@@ -393,6 +394,10 @@ def _decode_rows(q_smem, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, 
         return _decode_rows_lagged(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half,
                                    n_keys, qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF, HALF_N, STAGES,
                                    DEC_N, col_layout, z_layout)
+    if LOOP == 3:
+        return _decode_rows_lazy(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half,
+                                 n_keys, qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF, HALF_N, STAGES,
+                                 DEC_N, col_layout, z_layout)
     for t in range(n_half):
         slot = it + t
         s = slot % STAGES
@@ -556,6 +561,65 @@ def _decode_rows_lagged(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty
                         acc * gl.expand_dims(alpha, 0))
     gl.thread_barrier()
     mbarrier.arrive(empty_v.index(sl), count=1)
+    return acc, gl.sum(l_part, 0), m_i
+
+
+# A column's running maximum may trail its true maximum by this much (log2 units) before the lazy loop
+# rescales: P <= 2^8 in bf16 and fp32 sums, far from overflow, and bf16's relative precision is scale-free.
+LAZY_RESCALE_LOG2 = gl.constexpr(8.0)
+
+
+@gluon.jit
+def _decode_rows_lazy(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, empty_v, it, n_half, n_keys,
+                      qk_scale, keys, v_rows, zero_s, m_i, l_part, acc, HALF: gl.constexpr,
+                      HALF_N: gl.constexpr, STAGES: gl.constexpr, DEC_N: gl.constexpr,
+                      col_layout: gl.constexpr, z_layout: gl.constexpr):
+    """_decode_rows (XCHG, K released early) with the softmax rescaled lazily, so a stage waits at one
+    barrier instead of two: P = exp2(S^T - m) is computed with the running maxima m before this stage's
+    column maxima are known, and the warp maxima travel in `red` behind the barrier that publishes P^T
+    anyway. After it every warp reads the same four maxima, so all take the same branch: where no column's
+    maximum passed m + LAZY_RESCALE_LOG2 (every stage but an item's first, mostly) P stands and neither O^T
+    nor the sums are rescaled; else m moves to the true maxima, O^T and the sums are rescaled, P is
+    recomputed and published again (a second barrier). Exact: O^T and the sums carry one scale, exp2(-m),
+    whatever m is, and P <= 2^LAZY_RESCALE_LOG2 (FA4's lazy rescaling, with the threshold checked here
+    rather than assumed). The first stage of an item always takes the second branch (m = -inf)."""
+    dtype: gl.constexpr = p_buf.dtype
+    for t in range(n_half):
+        slot = it + t
+        s = slot % STAGES
+        ph = (slot // STAGES) & 1
+        valid = n_keys - t * HALF_N
+        mbarrier.wait(ready_k.index(s), ph)
+        st = warpgroup_mma(k_smem.index(s).slice(HALF * HALF_N, HALF_N), q_t, zero_s, use_acc=False)
+        mbarrier.arrive(empty.index(s), count=1)         # K read (the wgmma has completed)
+        if valid < HALF_N:
+            st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
+        st = st * qk_scale                               # exp2 domain (qk_scale > 0: maxima commute)
+        _xchg_publish(st, red, HALF_N, DEC_N)
+        p = gl.exp2(st - gl.expand_dims(m_i, 0))
+        p_buf.store(gl.permute(p.to(dtype), (1, 0)))
+        mbarrier.wait(ready_v.index(s), ph)
+        v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
+        if valid < HALF_N:
+            _zero_rows_from(v_half, v_rows, valid, z_layout)
+        fence_async_shared()                             # P^T and zeroed V rows before the tensor cores,
+        gl.thread_barrier()                              # every warp's maxima before the reads below
+        col_max = gl.maximum(
+            gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
+            gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
+        if gl.max(col_max - m_i, 0) > LAZY_RESCALE_LOG2:
+            m_new = gl.maximum(m_i, col_max)
+            alpha = gl.expand_dims(gl.exp2(m_i - m_new), 0)
+            acc = acc * alpha
+            l_part = l_part * alpha
+            m_i = m_new
+            p = gl.exp2(st - gl.expand_dims(m_i, 0))
+            p_buf.store(gl.permute(p.to(dtype), (1, 0)))
+            fence_async_shared()
+            gl.thread_barrier()
+        l_part = l_part + p
+        acc = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc)
+        mbarrier.arrive(empty_v.index(s), count=1)
     return acc, gl.sum(l_part, 0), m_i
 
 
@@ -809,7 +873,9 @@ class PodSm90Config:
                                          # decode_skip 0 unless "plain"): "plain"; "pipe" (the next stage's S^T
                                          # issued before this stage's O^T completes: FA3's in-warpgroup
                                          # pipelining, swap-AB); "lag" (O^T one stage behind, issued after the
-                                         # next stage's exchange barrier: two barriers a stage instead of six)
+                                         # next stage's exchange barrier: two barriers a stage instead of six);
+                                         # "lazy" (the softmax rescaled only when a maximum moves past 2^8: no
+                                         # exchange barrier, the maxima travel with P^T's)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -844,7 +910,7 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
     return None
 
 
-DECODE_LOOPS = ("plain", "pipe", "lag")   # PodSm90Config.decode_loop -> the kernel's DECODE_LOOP
+DECODE_LOOPS = ("plain", "pipe", "lag", "lazy")   # PodSm90Config.decode_loop -> the kernel's DECODE_LOOP
 SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
 BINDS = ("block", "smid", "stride", "collide")
 
