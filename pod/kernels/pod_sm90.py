@@ -564,6 +564,17 @@ def _decode_rows_lagged(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty
     return acc, gl.sum(l_part, 0), m_i
 
 
+@gluon.jit
+def _release(bar):
+    """Arrive once on a ring slot's `empty` barrier for this warpgroup, without the warpgroup barrier that
+    Triton 3.6's shared-memory analysis puts before every mbarrier.arrive (it takes an arrive to touch all
+    of shared memory). An expect of 0 bytes is the same thread-0 arrive (mbarrier.arrive.expect_tx, tx 0)
+    without that. Sound only where the slot was read by wgmmas alone and every one has completed (a
+    wgmma is one warpgroup-wide operation: one warp's wait sees all of it done), which is how CUTLASS's
+    consumer_release and FA3 release a stage: one thread, right after the warpgroup wait."""
+    mbarrier.expect(bar, 0)
+
+
 # A column's running maximum may trail its true maximum by this much (log2 units) before the lazy loop
 # rescales: P <= 2^8 in bf16 and fp32 sums, far from overflow, and bf16's relative precision is scale-free.
 LAZY_RESCALE_LOG2 = gl.constexpr(8.0)
@@ -582,7 +593,10 @@ def _decode_rows_lazy(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, 
     nor the sums are rescaled; else m moves to the true maxima, O^T and the sums are rescaled, P is
     recomputed and published again (a second barrier). Exact: O^T and the sums carry one scale, exp2(-m),
     whatever m is, and P <= 2^LAZY_RESCALE_LOG2 (FA4's lazy rescaling, with the threshold checked here
-    rather than assumed). The first stage of an item always takes the second branch (m = -inf)."""
+    rather than assumed). The first stage of an item always takes the second branch (m = -inf).
+    The K and V halves are released through _release (no barrier: only wgmmas that have completed read them),
+    and P^T is stored before the maxima so one barrier orders both stores after the last stage's reads (the
+    shared-memory analysis tracks whole allocations): two barriers a stage in the PTX, against six."""
     dtype: gl.constexpr = p_buf.dtype
     for t in range(n_half):
         slot = it + t
@@ -591,13 +605,13 @@ def _decode_rows_lazy(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, 
         valid = n_keys - t * HALF_N
         mbarrier.wait(ready_k.index(s), ph)
         st = warpgroup_mma(k_smem.index(s).slice(HALF * HALF_N, HALF_N), q_t, zero_s, use_acc=False)
-        mbarrier.arrive(empty.index(s), count=1)         # K read (the wgmma has completed)
+        _release(empty.index(s))                         # K read (the wgmma has completed)
         if valid < HALF_N:
             st = gl.where(gl.expand_dims(keys < valid, 1), st, -float("inf"))
         st = st * qk_scale                               # exp2 domain (qk_scale > 0: maxima commute)
-        _xchg_publish(st, red, HALF_N, DEC_N)
         p = gl.exp2(st - gl.expand_dims(m_i, 0))
         p_buf.store(gl.permute(p.to(dtype), (1, 0)))
+        _xchg_publish(st, red, HALF_N, DEC_N)
         mbarrier.wait(ready_v.index(s), ph)
         v_half = v_smem.index(s).slice(HALF * HALF_N, HALF_N)
         if valid < HALF_N:
@@ -619,7 +633,7 @@ def _decode_rows_lazy(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, 
             gl.thread_barrier()
         l_part = l_part + p
         acc = warpgroup_mma(v_half.permute((1, 0)), p_buf.permute((1, 0)), acc)
-        mbarrier.arrive(empty_v.index(s), count=1)
+        _release(empty_v.index(s))
     return acc, gl.sum(l_part, 0), m_i
 
 
