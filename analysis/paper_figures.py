@@ -307,7 +307,9 @@ def fig_per_chunk(d: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(f"{g['model'].iloc[0]}, {int(nd)} decodes × {ctx}", fontsize=10)
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel(f"chunk index (chunk {int(g['chunk_len'].iloc[0])} over index × chunk of context)")
-        ax.set_ylabel("attention time (ms), p20–p80 bars")
+        # log: the batched baselines run 5-15x the others, which a linear axis would squash into one band
+        ax.set_yscale("log")
+        ax.set_ylabel("attention time (ms, log), p20–p80 bars")
     axes[0, -1].legend(handles=handles + [_noisy_handle()], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(f"Per-chunk attention time across a prompt — {_gpu(d)}")
     fig.tight_layout()
