@@ -6,7 +6,7 @@ import random
 import pytest
 
 from pod.batch import BatchSpec
-from pod.kernels.lpt import RunBounds, lpt, lpt_makespan, runs_of
+from pod.kernels.lpt import RunBounds, list_schedule, lpt, lpt_makespan, runs_of
 from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90, split_sms
 
 L3 = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
@@ -22,6 +22,7 @@ CONFIGS = {
     "never": PodSm90Config(steal="never"),
     "always": PodSm90Config(num_ctas=6, decode_ctas=2, steal="always"),
     "ctas4": PodSm90Config(num_ctas=4),
+    "kv_head": PodSm90Config(prefill_order="kv_head"),
 }
 
 
@@ -68,6 +69,52 @@ def test_auto_steals_only_with_hbm_left_over(spec):
 def test_steal_setting_is_checked():
     with pytest.raises(ValueError, match="steal"):
         plan_pod_sm90(SPECS["centre"], PodSm90Config(steal="sometimes"), num_sms=132, device="cpu")
+
+
+def test_prefill_order_setting_is_checked():
+    with pytest.raises(ValueError, match="prefill_order"):
+        plan_pod_sm90(SPECS["centre"], PodSm90Config(prefill_order="random"), num_sms=132, device="cpu")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_list_schedule_partitions_within_grahams_bound(seed):
+    rng = random.Random(seed)
+    costs = [rng.choice([1.0, 2.5, 3.0, 7.25]) * rng.randint(1, 4) for _ in range(rng.randint(1, 60))]
+    bins = rng.randint(1, 12)
+    order = list(range(len(costs)))
+    rng.shuffle(order)
+    lists, span = list_schedule(costs, bins, order)
+    assert sorted(i for lst in lists for i in lst) == list(range(len(costs)))
+    for lst in lists:                                    # each bin runs its items in the given order
+        assert lst == sorted(lst, key=order.index)
+    assert span == pytest.approx(max(sum(costs[i] for i in lst) for lst in lists))
+    assert span <= sum(costs) / bins + max(costs) + 1e-9
+    # in LPT's own order it is LPT
+    lpt_order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    assert list_schedule(costs, bins, lpt_order) == lpt(costs, bins)
+
+
+@pytest.mark.parametrize("heads", [dict(num_q_heads=32, num_kv_heads=8), dict(num_q_heads=32, num_kv_heads=32)])
+def test_kv_head_order_starts_one_kv_heads_tiles_together(heads):
+    """prefill_order="kv_head": the first tile of every prefill CTA reads one of as few kv heads as the
+    wave allows (the tiles sharing a kv head's K/V run side by side), where LPT's order starts every kv
+    head at once; the same tiles in all, and a prefill makespan within one tile of LPT's."""
+    spec = BatchSpec.build(**heads, head_dim=128, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
+    group = heads["num_q_heads"] // heads["num_kv_heads"]
+    tiles_per_kv = (1024 // 128) * group
+    spans = {}
+    for order in ("cost", "kv_head"):
+        work = plan_pod_sm90(spec, PodSm90Config(prefill_order=order), num_sms=132, device="cpu")
+        pre = [lst for lst in _lists(work) if lst and lst[0] >= 0]
+        firsts = {(lst[0] % heads["num_q_heads"]) // group for lst in pre}
+        if order == "kv_head":
+            assert len(firsts) == -(-len(pre) // tiles_per_kv)
+        else:
+            assert len(firsts) == min(heads["num_kv_heads"], len(pre))
+        # tile cost ~ its KV tiles (a causal chunk over 12288: 97..104 of 128 keys)
+        cost = {t: 12288 // 128 + (t // heads["num_q_heads"]) + 1 for lst in pre for t in lst}
+        spans[order] = max(sum(cost[t] for t in lst) for lst in pre)
+    assert spans["kv_head"] <= spans["cost"] + max(cost.values())
 
 
 def test_lpt_starts_from_given_loads():

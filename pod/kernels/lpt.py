@@ -1,6 +1,7 @@
 """List scheduling for the planners: longest processing time first (LPT) onto equal bins.
 
-`lpt` hands items (heaviest first) to the least-loaded bin and returns each bin's list; `lpt_makespan`
+`lpt` hands items (heaviest first) to the least-loaded bin and returns each bin's list (`list_schedule`:
+the same in an order of the caller's, e.g. tiles that share data next to each other); `lpt_makespan`
 returns only the finish time, which is all the planners' searches need (a split of the SMs, a decode
 chunk length: tens of candidates a plan, and a serving engine plans every iteration).
 
@@ -63,6 +64,21 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
             j += take
             n -= take
     return lists, max(load for load, _, _ in heap)
+
+
+def list_schedule(costs, bins: int, order) -> tuple[list[list[int]], float]:
+    """Graham's list scheduling: items in the given `order` (indices), each to the least-loaded bin (ties
+    to the lowest bin). Returns each bin's items in the order it runs them, and the makespan (at most
+    total / bins + the largest cost: the item that ends last started when every bin was busy)."""
+    if bins <= 0:
+        return [], 0.0
+    heap = [(0.0, b) for b in range(bins)]
+    lists: list[list[int]] = [[] for _ in range(bins)]
+    for i in order:
+        load, b = heap[0]
+        lists[b].append(i)
+        heapq.heapreplace(heap, (load + costs[i], b))
+    return lists, max(load for load, _ in heap)
 
 
 def runs_of(costs) -> dict:

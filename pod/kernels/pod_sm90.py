@@ -63,7 +63,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
-from pod.kernels.lpt import RunBounds, lpt, lpt_makespan, runs_of, shifted_runs
+from pod.kernels.lpt import RunBounds, list_schedule, lpt, lpt_makespan, runs_of, shifted_runs
 from pod.kernels.tables import device_tables
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 
@@ -890,6 +890,11 @@ class PodSm90Config:
                                          # next stage's exchange barrier: two barriers a stage instead of six);
                                          # "lazy" (the softmax rescaled only when a maximum moves past 2^8: no
                                          # exchange barrier, the maxima travel with P^T's)
+    prefill_order: str = "cost"          # which prefill tiles run side by side: "cost" (LPT, longest first: the
+                                         # first wave holds a few query tiles of every kv head) or "kv_head"
+                                         # (list scheduling by kv head, longest first within one: the tiles
+                                         # that read one kv head's K/V run together, fewer streams in L2
+                                         # beside the decode's)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -925,6 +930,7 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
 
 
 DECODE_LOOPS = ("plain", "pipe", "lag", "lazy")   # PodSm90Config.decode_loop -> the kernel's DECODE_LOOP
+PREFILL_ORDERS = ("cost", "kv_head")
 SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
 BINDS = ("block", "smid", "stride", "collide")
 
@@ -1143,6 +1149,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         raise ValueError(f"PodSm90Config.bind: one of {BINDS}, not {cfg.bind!r}")
     if cfg.steal not in ("auto", "always", "never"):
         raise ValueError(f"PodSm90Config.steal: 'auto', 'always' or 'never', not {cfg.steal!r}")
+    if cfg.prefill_order not in PREFILL_ORDERS:
+        raise ValueError(f"PodSm90Config.prefill_order: one of {PREFILL_ORDERS}, not {cfg.prefill_order!r}")
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
         # Decode CTAs may take prefill tiles after their pairs (LPT from their decode loads): where that
         # beats the split's makespan (for some k around it), plan it. Only k that leave HBM unsaturated:
@@ -1162,7 +1170,11 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
             + [list(pl) for pl in pre_all[k:]]
     else:
         dec_lists, _ = lpt(decode_costs, k)
-        pre_lists, _ = lpt(_shifted(prefill_costs, prefill_extra(k)), grid - k)
+        shifted = _shifted(prefill_costs, prefill_extra(k))
+        if cfg.prefill_order == "kv_head":
+            pre_lists, _ = list_schedule(shifted, grid - k, _kv_head_order(shifted, h.num_q_heads, h.group_size))
+        else:
+            pre_lists, _ = lpt(shifted, grid - k)
         cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
     cta_ptr = np.cumsum([0] + [len(lst) for lst in cta_lists])
     flat = [x for lst in cta_lists for x in lst] or [0]
@@ -1180,6 +1192,12 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
+
+
+def _kv_head_order(costs: list[float], num_q_heads: int, group: int) -> list[int]:
+    """Prefill tiles (index = unit x num_q_heads + q head) by kv head, the longest first within one (ties in
+    index order): list scheduling in this order starts the tiles that read one kv head's K/V together."""
+    return sorted(range(len(costs)), key=lambda t: ((t % num_q_heads) // group, -costs[t], t))
 
 
 def _decode_items(lens, chunk: int, num_kv_heads: int) -> np.ndarray:
