@@ -328,18 +328,19 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
                     if spec.num_decode and seed == seeds[0]:
                         sharp = replace(batch, q_decode=batch.q_decode * SHARP_Q)
                         runs.append((sharp, "sharp_", {g: grids[g] for g in sharp_grids}))
-                    for batch, tag, run_grids in runs:
-                        rows += _check_pod_sm90_grids(batch, spec, row, tag, run_grids, tol, out)
+                    for b, tag, run_grids in runs:
+                        rows += _check_pod_sm90_grids(b, row, tag, run_grids, tol, out)
     return rows
 
 
 SHARP_Q = 8.0   # check_pod_sm90's sharp-softmax runs: decode queries scaled by this
 
 
-def _check_pod_sm90_grids(batch, spec, row: dict, tag: str, grids: dict, tol: float, out) -> list[dict]:
+def _check_pod_sm90_grids(batch, row: dict, tag: str, grids: dict, tol: float, out) -> list[dict]:
     """One batch through each of `grids` (name -> PodSm90Config) twice: a row per grid (check_pod_sm90)."""
     from pod.kernels.pod_sm90 import plan_pod_sm90
     from pod.reference import max_rel_error, reference
+    spec = batch.spec
     rows = []
     ref_p, ref_d = reference(batch)
     for gname, cfg in grids.items():

@@ -336,12 +336,18 @@ def _xchg_publish(st, red, HALF_N: gl.constexpr, DEC_N: gl.constexpr):
 
 
 @gluon.jit
-def _xchg_finish(st, red, m_i, l_part, qk_scale, DEC_N: gl.constexpr, col_layout: gl.constexpr):
-    """After the barrier that follows every warp's _xchg_publish: the column maxima, P, alpha, sums."""
-    col_max = gl.maximum(
+def _xchg_col_max(red, DEC_N: gl.constexpr, col_layout: gl.constexpr):
+    """The column maxima of S^T: the largest of the 4 warps' rows of `red` (after the barrier that follows
+    every warp's _xchg_publish)."""
+    return gl.maximum(
         gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
         gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
-    m_new = gl.maximum(m_i, col_max * qk_scale)
+
+
+@gluon.jit
+def _xchg_finish(st, red, m_i, l_part, qk_scale, DEC_N: gl.constexpr, col_layout: gl.constexpr):
+    """After the barrier that follows every warp's _xchg_publish: the column maxima, P, alpha, sums."""
+    m_new = gl.maximum(m_i, _xchg_col_max(red, DEC_N, col_layout) * qk_scale)
     p = gl.exp2(st * qk_scale - gl.expand_dims(m_new, 0))
     alpha = gl.exp2(m_i - m_new)
     return p, alpha, l_part * gl.expand_dims(alpha, 0) + p, m_new
@@ -618,9 +624,7 @@ def _decode_rows_lazy(q_t, p_buf, k_smem, v_smem, red, ready_k, ready_v, empty, 
             _zero_rows_from(v_half, v_rows, valid, z_layout)
         fence_async_shared()                             # P^T and zeroed V rows before the tensor cores,
         gl.thread_barrier()                              # every warp's maxima before the reads below
-        col_max = gl.maximum(
-            gl.maximum(red.slice(0, DEC_N).load(col_layout), red.slice(DEC_N, DEC_N).load(col_layout)),
-            gl.maximum(red.slice(2 * DEC_N, DEC_N).load(col_layout), red.slice(3 * DEC_N, DEC_N).load(col_layout)))
+        col_max = _xchg_col_max(red, DEC_N, col_layout)
         if gl.max(col_max - m_i, 0) > LAZY_RESCALE_LOG2:
             m_new = gl.maximum(m_i, col_max)
             alpha = gl.expand_dims(gl.exp2(m_i - m_new), 0)
