@@ -275,6 +275,22 @@ class HybridBatch:
         v = self.v_cache[pages].reshape(-1, *self.v_cache.shape[2:])[:n]
         return k, v
 
+    def sequences_kv(self, seqs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of sequences of one kv length as [len(seqs), kv_len, Hkv, D]: one gather for all of
+        them, lengths read from the spec (no device sync); used by references."""
+        lens = self.spec.kv_lens
+        n = lens[seqs[0]]
+        if any(lens[s] != n for s in seqs):
+            raise ValueError(f"sequences_kv: sequences {list(seqs)} differ in kv length")
+        idx = torch.tensor(list(seqs), dtype=torch.long, device=self.k_cache.device)
+        if self.block_table is None:
+            rows = self.kv_indptr[idx].long()[:, None] + torch.arange(n, device=idx.device)   # [B, n]
+            return self.k_cache[rows], self.v_cache[rows]
+        p = self.spec.page_size
+        pages = self.block_table[idx, : (n + p - 1) // p].long()                            # [B, pages]
+        shape = (len(seqs), -1, *self.k_cache.shape[2:])
+        return self.k_cache[pages].reshape(shape)[:, :n], self.v_cache[pages].reshape(shape)[:, :n]
+
     def empty_outputs(self, fill: float = float("nan")) -> tuple[torch.Tensor, torch.Tensor]:
         """Output buffers shaped like the queries, poisoned (NaN by default) so unwritten rows show."""
         return (torch.full_like(self.q_prefill, fill), torch.full_like(self.q_decode, fill))
