@@ -154,18 +154,23 @@ def fig_latency(s: pd.DataFrame, out: Path) -> list[Path]:
         for model, d in on[on["gpu"] == gpu].groupby("model", sort=True):
             d = d.copy()
             cut = _scaled(d)
-            qps = _value(d, "qps")
-            d["x"] = [f"{q:.3g} req/s" + (f"\n(load {l:.2f})" if pd.notna(l) else "")
-                      for q, l in zip(qps, d["load"])]
-            order = list(dict.fromkeys(d.assign(q=qps).sort_values("q")["x"]))
+            # x: the offered load, the same for every backend: the requested rate (qps of the run that was
+            # timed), not scaled_qps, which differs per backend with its time_scale and would split the groups.
+            d["x"] = [(f"load {l:.2f}\n" if pd.notna(l) else "") + f"{q:.3g} req/s"
+                      for q, l in zip(d["qps"], d["load"])]
+            order = list(dict.fromkeys(d.sort_values("qps")["x"]))
             backends = _backends(d["backend"])
             fig, axes = plt.subplots(1, len(LATENCY_METRICS), figsize=(3.4 * len(LATENCY_METRICS), 4.0))
             for j, (ax, (col, label)) in enumerate(zip(axes, LATENCY_METRICS)):
                 d["value"] = _value(d, col)
                 sns.barplot(data=d, x="x", y="value", hue="backend", hue_order=backends, order=order,
                             errorbar=None, ax=ax, legend=(j == len(LATENCY_METRICS) - 1))
-                ax.set_xlabel("offered load" + (" (scaled)" if cut else ""))
+                ax.set_xlabel("offered load" + (f" ({int(d['num_layers'].max())}-layer run)" if cut else ""))
                 ax.set_ylabel(label)
+                if not (d["value"].fillna(0) > 0).any():     # e.g. no decode gap over the threshold
+                    ax.set_ylim(0, 1)
+                    ax.text(0.5, 0.5, "none at any load", ha="center", va="center", transform=ax.transAxes,
+                            fontsize=8, color="0.3")
             axes[-1].legend(title="backend", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
             fig.suptitle(gpu_title(f"Online serving latency, {model}", [gpu])
                          + ("\nlayer-cut runs: times and rates scaled to all layers (estimate; see time_scale)"

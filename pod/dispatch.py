@@ -39,6 +39,11 @@ SM90_PREFILL_HEAVY_MIN_SHARE = 0.40  # ... and this where prefill is the larger 
                               # the prefill tiles run 1.1-1.4x slower than alone (beside a decode stream),
                               # which a small decode share cannot pay back. Three paper sweeps (H200): decode
                               # / prefill 0.23 lost (0.91-0.93x), 0.24 at parity (0.98-1.03x), >= 0.64 won
+SM90_LARGE_DECODE_MS = 0.6    # ... but GQA batches whose decode alone takes >= this (ms at SM90_DECODE_GBPS) fuse
+                              # whatever the prefill's share: the decode saturates HBM from part of the GPU
+                              # and the prefill tiles run on the rest. Paper grid (H200, 55ae7e2, 204 GQA points
+                              # with share < 0.1, decode 0.7-1.0 ms): fused / triton_serial 1.069x geomean
+                              # (0.965-1.25, 97% faster); at 0.25-0.52 ms (paper, per_chunk) 0.77-1.06x
 # ---- role policy ---------------------------------------------------------------------------------------
 PROPORTIONAL_ABOVE = 3.0      # if one role's estimated time is > this x the other's: proportional policy
 POLICY_PERIOD = 8             # proportional shares are k/POLICY_PERIOD, k in 1..POLICY_PERIOD-1
@@ -142,11 +147,15 @@ def sm90_fuses(spec: BatchSpec, supported: bool = True) -> bool:
     """Hopper: one launch of pod_sm90 (else the two standalone launches) when it handles the batch
     (`supported`: pod.api passes pod_sm90_supports' answer, a fact like prefill_kernel) and the smaller
     role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates; MHA:
-    SM90_MHA_MIN_OVERLAP_SHARE; prefill the larger: SM90_PREFILL_HEAVY_MIN_SHARE)."""
+    SM90_MHA_MIN_OVERLAP_SHARE; prefill the larger: SM90_PREFILL_HEAVY_MIN_SHARE), or the batch is GQA
+    with a decode that alone takes >= SM90_LARGE_DECODE_MS and outweighs the prefill."""
     if not (supported and spec.num_prefill and spec.num_decode):
         return False
     t_prefill = spec.prefill_flops() / SM90_PREFILL_TFLOPS
     t_decode = spec.decode_bytes() / SM90_DECODE_GBPS * 1e3
+    decode_ms = spec.decode_bytes() / (SM90_DECODE_GBPS * 1e9) * 1e3
+    if spec.heads.group_size > 1 and t_decode > t_prefill and decode_ms >= SM90_LARGE_DECODE_MS:
+        return True
     need = SM90_MIN_OVERLAP_SHARE if spec.heads.group_size > 1 else SM90_MHA_MIN_OVERLAP_SHARE
     if t_prefill > t_decode:
         need = max(need, SM90_PREFILL_HEAVY_MIN_SHARE)

@@ -13,7 +13,9 @@ from pod.kernels.pod_fused import COUNTER_WORDS
 from pod.api import fused_launcher, plan, run
 from pod.reference import max_rel_error, reference
 
-TOL = 1e-2
+TOL = 1.5e-2   # max |out - ref| / max |ref|. bf16 P in the PV product costs ~2 bf16 ulps where max |ref| < 1
+               # (a few dozen keys): serial-explicit-policy-3of4 at seed 2569 measured 1.03e-2 (ref -0.7105,
+               # out -0.7031); a wrong mask, head or split shows as O(1e-1) and more
 # Small tiles so tiny batches still have several tiles of each role and ragged edges everywhere.
 SMALL = dict(block_m=16, block_n=16, block_n_decode=16, num_sms=3)
 
@@ -239,12 +241,20 @@ def test_dispatch_with_the_hopper_prefill_tile():
     base = PodConfig(block_n_decode=32)
     hopper = choose_config(balanced, 132, base, prefill_kernel="sm90")
     assert hopper == replace(base, variant="fused_sm90")                  # the base's knobs, untouched
-    # decode-heavy: 256 new tokens beside 64 x 16384 decodes
-    heavy = BatchSpec.build(num_q_heads=32, num_kv_heads=8, head_dim=128, prefill=[(256, 0)],
-                            decode=[16384] * 64, page_size=16)
+    # decode-heavy: 512 new tokens beside 64 x 8192 decodes (0.50 ms of decode; fused 0.985x, paper sweep)
+    heavy = BatchSpec.build(num_q_heads=32, num_kv_heads=8, head_dim=128, prefill=[(512, 0)],
+                            decode=[8192] * 64, page_size=16)
     t_p, t_d = heavy.prefill_flops() / 568.0, heavy.decode_bytes() / 4300.0 * 1e3
     assert min(t_p, t_d) < SM90_MIN_OVERLAP_SHARE * max(t_p, t_d) and not sm90_fuses(heavy)
     assert choose_config(heavy, 132, base, prefill_kernel="sm90") == replace(base, variant="serial")
+    # ... but a decode of >= SM90_LARGE_DECODE_MS fuses whatever the share (the paper grid's batches: KV
+    # filling the card; 512 new tokens beside 195 x 4096 decodes, 0.77 ms of decode, fused 1.03x): GQA only
+    from pod.dispatch import SM90_LARGE_DECODE_MS
+    full = BatchSpec.build(**LLAMA3, prefill=[(512, 2560)], decode=[4096] * 195, page_size=16)
+    assert full.decode_bytes() / 4300e9 * 1e3 >= SM90_LARGE_DECODE_MS and sm90_fuses(full)
+    assert not sm90_fuses(BatchSpec.build(num_q_heads=32, num_kv_heads=32, head_dim=128, prefill=[(512, 2560)],
+                                          decode=[4096] * 50, page_size=16))           # MHA, 0.78 ms
+    assert not sm90_fuses(BatchSpec.build(**LLAMA3, prefill=[(16384, 0)], decode=[4096] * 200, page_size=16))
     # prefill-heavy: 1024 new tokens over 4096 beside 16 x 2048 decodes (decode / prefill 0.23: lost fused,
     # three sweeps) runs serial; beside 64 x 2048 (0.92: won) fused
     from pod.dispatch import SM90_PREFILL_HEAVY_MIN_SHARE

@@ -22,7 +22,7 @@ CONFIGS = {
     "never": PodSm90Config(steal="never"),
     "always": PodSm90Config(num_ctas=6, decode_ctas=2, steal="always"),
     "ctas4": PodSm90Config(num_ctas=4),
-    "kv_head": PodSm90Config(prefill_order="kv_head"),
+    "cost": PodSm90Config(prefill_order="cost"),
 }
 
 
