@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from analysis import paper_figures, serving_figures
+from analysis import dispatch_evidence, paper_figures, serving_figures
 from analysis.load import Results, load_results
 from analysis.output import gpu_title, save, slug, to_markdown, write_table
 from analysis.speedup import (KERNEL_SWEEPS, OUR_FUSED_BACKENDS, POD_BASELINE, attention_speedups,
@@ -550,6 +550,7 @@ def build_tables(results: Results, sp: pd.DataFrame | None = None) -> dict[str, 
         tables["kernels_prefill_tflops"] = pre
         tables["kernels_decode_gbps"] = dec
         tables.update(paper_figures.tables(sp))
+        tables.update(dispatch_evidence.tables(sp))
     tables.update(serving_figures.tables(results.serving))
     if results.root.is_dir() and not results.attention.empty:
         other = load_versions(results.root)
@@ -569,6 +570,10 @@ SECTION_TITLES = {
     "kernels_prefill_tflops": "Kernel benchmark: prefill TFLOP/s",
     "kernels_decode_gbps": "Kernel benchmark: decode GB/s",
     **paper_figures.SECTION_TITLES,
+    "fused_vs_serial": ("The Hopper rule's evidence: pod_sm90 over triton_serial (same run) by the rule's "
+                        "estimated share and decode time (analysis/dispatch_evidence.py)"),
+    "dispatch_rule": ("The Hopper rule applied to measured rows (pod_sm90 where it fuses, triton_serial where "
+                      "not) over the fastest serial path, beside the better of the two at each point"),
     **serving_figures.SECTION_TITLES,
     "baseline_versions": ("A baseline at another release (results/<gpu>/versions/<label>/) against the pinned "
                           "one, same points: pinned ms / other ms"),

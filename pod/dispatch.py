@@ -143,23 +143,32 @@ def estimated_ms(spec: BatchSpec) -> tuple[float, float]:
     return t_prefill, t_decode
 
 
+def sm90_estimated_ms(prefill_flops: float, decode_bytes: float) -> tuple[float, float]:
+    """(prefill ms, decode ms) of each role alone under the Hopper rule's cost model (H200 rates)."""
+    return prefill_flops / (SM90_PREFILL_TFLOPS * 1e12) * 1e3, decode_bytes / (SM90_DECODE_GBPS * 1e9) * 1e3
+
+
+def sm90_rule(t_prefill_ms: float, t_decode_ms: float, group_size: int) -> bool:
+    """The Hopper rule on a hybrid batch's estimated role times (sm90_estimated_ms): fuse where the smaller
+    role's time is at least SM90_MIN_OVERLAP_SHARE of the larger's (MHA, group_size 1:
+    SM90_MHA_MIN_OVERLAP_SHARE; prefill the larger: SM90_PREFILL_HEAVY_MIN_SHARE), or where a GQA decode
+    outweighs the prefill and alone takes >= SM90_LARGE_DECODE_MS. analysis.dispatch_evidence applies it to
+    measured rows."""
+    if group_size > 1 and t_decode_ms > t_prefill_ms and t_decode_ms >= SM90_LARGE_DECODE_MS:
+        return True
+    need = SM90_MIN_OVERLAP_SHARE if group_size > 1 else SM90_MHA_MIN_OVERLAP_SHARE
+    if t_prefill_ms > t_decode_ms:
+        need = max(need, SM90_PREFILL_HEAVY_MIN_SHARE)
+    return min(t_prefill_ms, t_decode_ms) >= need * max(t_prefill_ms, t_decode_ms)
+
+
 def sm90_fuses(spec: BatchSpec, supported: bool = True) -> bool:
     """Hopper: one launch of pod_sm90 (else the two standalone launches) when it handles the batch
-    (`supported`: pod.api passes pod_sm90_supports' answer, a fact like prefill_kernel) and the smaller
-    role's time alone is at least SM90_MIN_OVERLAP_SHARE of the larger's (H200 rates; MHA:
-    SM90_MHA_MIN_OVERLAP_SHARE; prefill the larger: SM90_PREFILL_HEAVY_MIN_SHARE), or the batch is GQA
-    with a decode that alone takes >= SM90_LARGE_DECODE_MS and outweighs the prefill."""
+    (`supported`: pod.api passes pod_sm90_supports' answer, a fact like prefill_kernel), both roles are
+    there and sm90_rule says so."""
     if not (supported and spec.num_prefill and spec.num_decode):
         return False
-    t_prefill = spec.prefill_flops() / SM90_PREFILL_TFLOPS
-    t_decode = spec.decode_bytes() / SM90_DECODE_GBPS * 1e3
-    decode_ms = spec.decode_bytes() / (SM90_DECODE_GBPS * 1e9) * 1e3
-    if spec.heads.group_size > 1 and t_decode > t_prefill and decode_ms >= SM90_LARGE_DECODE_MS:
-        return True
-    need = SM90_MIN_OVERLAP_SHARE if spec.heads.group_size > 1 else SM90_MHA_MIN_OVERLAP_SHARE
-    if t_prefill > t_decode:
-        need = max(need, SM90_PREFILL_HEAVY_MIN_SHARE)
-    return min(t_prefill, t_decode) >= need * max(t_prefill, t_decode)
+    return sm90_rule(*sm90_estimated_ms(spec.prefill_flops(), spec.decode_bytes()), spec.heads.group_size)
 
 
 def role_policy(spec: BatchSpec, config: PodConfig) -> tuple[int, int]:

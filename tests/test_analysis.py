@@ -926,3 +926,32 @@ def test_a_baseline_at_another_release_is_compared_point_by_point_not_mixed_in(t
         pd.read_csv(f).assign(flashinfer=float("nan")).to_csv(f, index=False)
     t = build_tables(load_results(root))["baseline_versions"].set_index("backend")
     assert t.loc["fi_serial", "points"] == 2 and t.loc["fi_serial", "other"] == ""
+
+
+def test_dispatch_evidence_applies_the_rule_to_measured_rows():
+    """analysis.dispatch_evidence pairs pod_sm90 with triton_serial per (run, point), reads the rule's own
+    features, and scores the rule on the measured rows: the rule's path, the better of the two, and the
+    points where the rule took the slower one."""
+    from analysis import dispatch_evidence as E
+    from pod.dispatch import sm90_estimated_ms
+    base = dict(run="r", gpu="G", sweep="s", model="m", num_prefill=1, num_decode=8, usable=True)
+    # p1: GQA, 1.0 ms of decode, tiny prefill -> the rule fuses; fused 0.8 vs serial 1.0
+    # p2: MHA, small share -> serial; fused 0.9 vs serial 1.0 (misrouted); p3 has no pod_sm90 row
+    pts = {"p1": dict(num_q_heads=32, num_kv_heads=8, prefill_flops=1e9, decode_bytes=4.3e9),
+           "p2": dict(num_q_heads=32, num_kv_heads=32, prefill_flops=1e9, decode_bytes=4.3e9),
+           "p3": dict(num_q_heads=32, num_kv_heads=8, prefill_flops=1e9, decode_bytes=4.3e9)}
+    times = {("p1", "pod_sm90"): 0.8, ("p1", "triton_serial"): 1.0, ("p2", "pod_sm90"): 0.9,
+             ("p2", "triton_serial"): 1.0, ("p3", "triton_serial"): 1.0}
+    sp = pd.DataFrame([{**base, **pts[p], "point_id": p, "batch": p, "backend": b, "median_ms": ms,
+                        "best_serial_ms": 1.0} for (p, b), ms in times.items()])
+    assert sm90_estimated_ms(1e9, 4.3e9)[1] == pytest.approx(1.0)
+    t = E.tables(sp)
+    rule = t["dispatch_rule"].iloc[0]
+    assert (rule["points"], rule["rule_fuses"], rule["misrouted"]) == (2, 1, 1)
+    assert rule["rule_geomean"] == pytest.approx((1.0 / 0.8 * 1.0) ** 0.5)
+    assert rule["better_of_two_geomean"] == pytest.approx((1.0 / 0.8 / 0.9) ** 0.5)
+    assert rule["misrouted_batches"] == "p2"
+    ev = t["fused_vs_serial"].set_index("kind")
+    assert ev.loc["MHA", "geomean"] == pytest.approx(1.0 / 0.9) and ev.loc["MHA", "rule_fuses"] == 0
+    assert ev.loc["GQA, decode larger", "rule_fuses"] == 1
+    assert E.tables(sp[sp["backend"] != "pod_sm90"]) == {}
