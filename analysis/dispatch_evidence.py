@@ -16,6 +16,8 @@ A rule is fitted on the first table and checked on the second; both are rebuilt 
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -23,9 +25,19 @@ from analysis.speedup import geomean
 from pod.dispatch import sm90_estimated_ms, sm90_rule
 
 FUSED, SERIAL = "pod_sm90", "triton_serial"
-SHARE_BINS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
+SHARE_BINS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, np.inf)            # share <= 1
+SHARE_LABELS = ("[0, 0.05)", "[0.05, 0.1)", "[0.1, 0.2)", "[0.2, 0.4)", "[0.4, 0.7)", "[0.7, 1]")
 DECODE_MS_BINS = (0.0, 0.3, 0.6, np.inf)
+DECODE_MS_LABELS = ("< 0.3", "[0.3, 0.6)", ">= 0.6")
 MISROUTED = 1.03        # the rule's path slower than the other by more than this
+
+
+def _forced(options) -> bool:
+    """Whether a row's backend options (JSON) force pod_sm90's SM split."""
+    try:
+        return bool(json.loads(options).get("pod_sm90_decode_ctas") or 0)
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def paired(sp: pd.DataFrame) -> pd.DataFrame:
@@ -33,8 +45,12 @@ def paired(sp: pd.DataFrame) -> pd.DataFrame:
     the fastest serial path, the rule's features and choice."""
     key = ["run", "point_id"]
     ok = sp[sp["usable"] & sp["backend"].isin([FUSED, SERIAL])]
-    # A knob sweep (hopper_split) runs a backend several times a point with forced options: not the
-    # planned launch the rule chooses, so such points are left out.
+    # A knob sweep (hopper_split) forces the fused launch's SM split: not the planned launch the rule
+    # chooses, so such rows are left out, and so are points a run timed twice.
+    if ok.empty:
+        return pd.DataFrame()
+    if "options" in ok:
+        ok = ok.loc[~ok["options"].map(_forced).astype(bool)]
     ok = ok[ok.groupby(key + ["backend"])["backend"].transform("size") == 1]
     if ok.empty:
         return pd.DataFrame()
@@ -62,12 +78,14 @@ def paired(sp: pd.DataFrame) -> pd.DataFrame:
 def fused_vs_serial(d: pd.DataFrame) -> pd.DataFrame:
     if d.empty:
         return pd.DataFrame()
-    d = d.assign(share_bin=pd.cut(d["share"], SHARE_BINS, include_lowest=True).astype(str),
-                 decode_ms_bin=pd.cut(d["est_decode_ms"], DECODE_MS_BINS, include_lowest=True).astype(str))
-    rows = []
-    for (gpu, kind, sb, db), g in d.groupby(["gpu", "kind", "share_bin", "decode_ms_bin"], sort=True):
+    # [lo, hi) bins: the rule's thresholds are >=, so a point at a threshold falls in the bin it fuses in.
+    d = d.assign(share_bin=pd.cut(d["share"], SHARE_BINS, right=False, labels=SHARE_LABELS),
+                 decode_ms_bin=pd.cut(d["est_decode_ms"], DECODE_MS_BINS, right=False, labels=DECODE_MS_LABELS))
+    rows = []   # categories keep the bins in their order
+    groups = d.groupby(["gpu", "kind", "share_bin", "decode_ms_bin"], sort=True, observed=True)
+    for (gpu, kind, sb, db), g in groups:
         s = g["speedup"]
-        rows.append({"gpu": gpu, "kind": kind, "share": sb, "est_decode_ms": db, "points": len(g),
+        rows.append({"gpu": gpu, "kind": kind, "share": str(sb), "est_decode_ms": str(db), "points": len(g),
                      "geomean": geomean(s), "min": s.min(), "max": s.max(),
                      "share_faster": float((s > 1).mean()),
                      "rule_fuses": int(g["rule_fuses"].sum()),

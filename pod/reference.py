@@ -53,7 +53,7 @@ def reference_prefill(batch: HybridBatch, lse: torch.Tensor | None = None) -> to
 
 def reference_decode(batch: HybridBatch, max_bytes: int = 1 << 30) -> torch.Tensor:
     """fp32 [num_decodes, Hq, D]. Decodes of one kv length are computed together (one gather, two
-    batched matmuls, at most `max_bytes` of fp32 K and V at a time): a paper-grid batch holds ~2000 of
+    batched matmuls, `max_bytes` of fp32 K and V at a time, about twice that at the peak): a paper-grid batch holds ~2000 of
     them, and one launch chain per decode would cost seconds a point."""
     spec = batch.spec
     hq, hkv, d = spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim

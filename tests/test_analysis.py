@@ -942,16 +942,24 @@ def test_dispatch_evidence_applies_the_rule_to_measured_rows():
            "p3": dict(num_q_heads=32, num_kv_heads=8, prefill_flops=1e9, decode_bytes=4.3e9)}
     times = {("p1", "pod_sm90"): 0.8, ("p1", "triton_serial"): 1.0, ("p2", "pod_sm90"): 0.9,
              ("p2", "triton_serial"): 1.0, ("p3", "triton_serial"): 1.0}
+    best = {"p1": 0.95, "p2": 1.0, "p3": 1.0}
     sp = pd.DataFrame([{**base, **pts[p], "point_id": p, "batch": p, "backend": b, "median_ms": ms,
-                        "best_serial_ms": 1.0} for (p, b), ms in times.items()])
+                        "best_serial_ms": best[p], "options": '{"pod_sm90_decode_ctas": 0}'}
+                       for (p, b), ms in times.items()])
+    # a knob run forcing the SM split (hopper_split) is not the rule's launch, even beside a serial row
+    forced = sp[sp["point_id"] == "p1"].assign(run="r2", options='{"pod_sm90_decode_ctas": 16}', median_ms=0.5)
+    sp = pd.concat([sp, forced], ignore_index=True)
     assert sm90_estimated_ms(1e9, 4.3e9)[1] == pytest.approx(1.0)
     t = E.tables(sp)
     rule = t["dispatch_rule"].iloc[0]
     assert (rule["points"], rule["rule_fuses"], rule["misrouted"]) == (2, 1, 1)
-    assert rule["rule_geomean"] == pytest.approx((1.0 / 0.8 * 1.0) ** 0.5)
-    assert rule["better_of_two_geomean"] == pytest.approx((1.0 / 0.8 / 0.9) ** 0.5)
+    assert rule["rule_geomean"] == pytest.approx((0.95 / 0.8 * 1.0) ** 0.5)
+    assert rule["better_of_two_geomean"] == pytest.approx((0.95 / 0.8 / 0.9) ** 0.5)
     assert rule["misrouted_batches"] == "p2"
     ev = t["fused_vs_serial"].set_index("kind")
     assert ev.loc["MHA", "geomean"] == pytest.approx(1.0 / 0.9) and ev.loc["MHA", "rule_fuses"] == 0
-    assert ev.loc["GQA, decode larger", "rule_fuses"] == 1
+    assert ev.loc["GQA, decode larger", "rule_fuses"] == 1 and ev.loc["GQA, decode larger", "points"] == 1
+    # bins are [lo, hi): 1.0 ms of decode sits in the rule's ">= 0.6" bin, share 1e9/4.3e9 * 4.3/5.68 < 0.05
+    assert ev.loc["GQA, decode larger", "est_decode_ms"] == ">= 0.6"
+    assert ev.loc["GQA, decode larger", "share"] == "[0, 0.05)"
     assert E.tables(sp[sp["backend"] != "pod_sm90"]) == {}
