@@ -53,10 +53,10 @@ def reference_prefill(batch: HybridBatch, lse: torch.Tensor | None = None) -> to
 
 def reference_decode(batch: HybridBatch, max_bytes: int = 1 << 30) -> torch.Tensor:
     """fp32 [num_decodes, Hq, D]. Decodes of one kv length are computed together (one gather, two
-    batched matmuls, `max_bytes` of fp32 K and V at a time, about twice that at the peak): a paper-grid batch holds ~2000 of
-    them, and one launch chain per decode would cost seconds a point."""
+    batched matmuls, `max_bytes` of fp32 K and V at a time, about twice that at the peak): a paper-grid
+    batch holds ~2000 of them, and one launch chain per decode would cost seconds a point."""
     spec = batch.spec
-    hq, hkv, d = spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim
+    hq, hkv, d, group = spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim, spec.heads.group_size
     out = torch.empty(batch.q_decode.shape, dtype=torch.float32, device=batch.device)
     by_len: dict[int, list[int]] = {}
     for j, n in enumerate(spec.decode_context_lens):
@@ -68,7 +68,7 @@ def reference_decode(batch: HybridBatch, max_bytes: int = 1 << 30) -> torch.Tens
             k, v = batch.sequences_kv([spec.num_prefill + j for j in jj])      # [B, n, Hkv, D]
             # Query head h reads KV head h // group: view the heads as [Hkv, group]. The decode query is
             # the sequence's last position, so it sees all n keys (no mask).
-            q = batch.q_decode[jj].float().view(len(jj), hkv, hq // hkv, d)
+            q = batch.q_decode[jj].float().view(len(jj), hkv, group, d)
             s = torch.einsum("bhgd,bnhd->bhgn", q, k.float()) * batch.sm_scale
             o = torch.einsum("bhgn,bnhd->bhgd", torch.softmax(s, dim=-1), v.float())
             out[jj] = o.reshape(len(jj), hq, d)

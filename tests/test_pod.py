@@ -249,9 +249,10 @@ def test_dispatch_with_the_hopper_prefill_tile():
     assert choose_config(heavy, 132, base, prefill_kernel="sm90") == replace(base, variant="serial")
     # ... but a decode of >= SM90_LARGE_DECODE_MS fuses whatever the share (the paper grid's batches: KV
     # filling the card; 512 new tokens beside 195 x 4096 decodes, 0.77 ms of decode, fused 1.03x): GQA only
-    from pod.dispatch import SM90_LARGE_DECODE_MS
+    from pod.dispatch import SM90_LARGE_DECODE_MS, sm90_estimated_ms
     full = BatchSpec.build(**LLAMA3, prefill=[(512, 2560)], decode=[4096] * 195, page_size=16)
-    assert full.decode_bytes() / 4300e9 * 1e3 >= SM90_LARGE_DECODE_MS and sm90_fuses(full)
+    assert sm90_estimated_ms(full.prefill_flops(), full.decode_bytes())[1] >= SM90_LARGE_DECODE_MS
+    assert sm90_fuses(full)
     assert not sm90_fuses(BatchSpec.build(num_q_heads=32, num_kv_heads=32, head_dim=128, prefill=[(512, 2560)],
                                           decode=[4096] * 50, page_size=16))           # MHA, 0.78 ms
     assert not sm90_fuses(BatchSpec.build(**LLAMA3, prefill=[(16384, 0)], decode=[4096] * 200, page_size=16))
