@@ -33,6 +33,8 @@ from pod.batch import BatchSpec, make_batch
 L3 = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)      # Llama-3-8B
 L2 = dict(num_q_heads=32, num_kv_heads=32, head_dim=128)     # Llama-2-7B (MHA)
 YI = dict(num_q_heads=32, num_kv_heads=4, head_dim=128)      # Yi-6B (GQA 8)
+HD64 = dict(num_q_heads=32, num_kv_heads=8, head_dim=64)     # Llama-3-8B's heads at head_dim 64 (llama3_8b_hd64)
+HEADS = {"llama3_8b": L3, "llama2_7b": L2, "yi_6b": YI, "llama3_8b_hd64": HD64}
 
 # Hybrid points: the paper sweep's centre and its slices (chunk@context + decodes x context), 16-token pages.
 HYBRID = {
@@ -127,7 +129,7 @@ def role_spans(tr: torch.Tensor) -> dict:
 
 
 def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16,
-          skips=(0,), old_softmax: bool = False, late_k: bool = False, loops=()) -> list[dict]:
+          skips=(0,), old_softmax: bool = False, late_k: bool = False, loops=(), heads: dict = L3) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
     prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU. `page`: the KV layout
     (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it. `skips`:
@@ -136,10 +138,12 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
     `old_softmax`: also the decode with decode_xchg=False (gl.max / gl.sum down the columns); `late_k`: also
     with decode_early_k=False (a stage's K released with its V); `loops`: also with each of these
     PodSm90Config.decode_loop values ("pipe": the next stage's S^T in flight with this stage's O^T; "lag": O^T
-    one stage behind, two barriers a stage)."""
+    one stage behind, two barriers a stage). `heads`: the model's head counts (HEADS; a stage of head_dim 64
+    carries half the bytes of head_dim 128 for the same consumer work)."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
-    dec = Bench(_spec(L3, [], [8192] * 64, page))
+    dec = Bench(_spec(heads, [], [8192] * 64, page))
+    d = heads["head_dim"]
     for k in ks:
         variants = [(x, True, True, "plain") for x in skips] + ([(0, False, True, "plain")] if old_softmax else []) \
             + ([(0, True, False, "plain")] if late_k else []) + [(0, True, True, lp) for lp in loops]
@@ -152,20 +156,20 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
             what = "decode" if not skip else "K/V stream only" if skip >= 16 else f"decode, skip {skip}"
             what += ("" if xchg else " (gl.max/gl.sum softmax)") + ("" if early_k else " (K released with V)") \
                 + ("" if loop == "plain" else f" (decode_loop {loop})")
-            rows.append(out(dict(what=f"{what} 64x8192 on k CTAs, page {page}", k=k, skip=skip, xchg=xchg,
+            rows.append(out(dict(what=f"{what} 64x8192 d{d} on k CTAs, page {page}", k=k, skip=skip, xchg=xchg,
                                  early_k=early_k, loop=loop, **r)))
     for name in ("triton_decode", "fi_serial"):
-        rows.append(out(dict(what=f"{name} decode 64x8192 (whole GPU)", **_backend(dec, name))))
+        rows.append(out(dict(what=f"{name} decode 64x8192 d{d} (whole GPU)", **_backend(dec, name))))
     if not prefill:
         return rows
-    pre = Bench(_spec(L3, [(1024, 12288)], [], 16))
+    pre = Bench(_spec(heads, [(1024, 12288)], [], 16))
     for k in (66, 132):
         r, _ = _pod(pre, PodSm90Config(num_ctas=k), trace=True)
         if r.get("median_ms"):
             r["tflops"] = round(pre.spec.prefill_flops() / r["median_ms"] / 1e9, 1)
-        rows.append(out(dict(what="prefill 1024@12288 on k CTAs", k=k, **r)))
+        rows.append(out(dict(what=f"prefill 1024@12288 d{d} on k CTAs", k=k, **r)))
     for name in ("triton_prefill", "fi_serial"):
-        rows.append(out(dict(what=f"{name} prefill 1024@12288 (whole GPU)", **_backend(pre, name))))
+        rows.append(out(dict(what=f"{name} prefill 1024@12288 d{d} (whole GPU)", **_backend(pre, name))))
     return rows
 
 
@@ -369,6 +373,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
+    ap.add_argument("--model", default="llama3_8b", choices=sorted(HEADS), help="rates: the head counts (conf/model/)")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
     ap.add_argument("--decode-gbps", type=float,
                     help="split/compare: the planner's decode GB/s a SM (PodSm90Config.decode_gbps_per_sm)")
@@ -428,7 +433,7 @@ def main(argv: list[str]) -> int:
     model = {k: v for k, v in model.items() if v}
     base = PodSm90Config(**model) if model else None
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
-                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(",")))),
+                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(","))), HEADS[a.model]),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
                                     tuple(a.binds.split(",")), parse_variants(a.variants)),
