@@ -41,6 +41,7 @@ import seaborn as sns
 
 from analysis import dispatch_evidence, paper_figures, serving_figures
 from analysis.load import Results, load_results
+from analysis.overlap_bound import overlap_bound
 from analysis.output import gpu_title, save, slug, to_markdown, write_table
 from analysis.speedup import (KERNEL_SWEEPS, OUR_FUSED_BACKENDS, POD_BASELINE, attention_speedups,
                               kernel_rows, kernel_tables, ordered_compositions, serial_label, status_counts,
@@ -551,6 +552,9 @@ def build_tables(results: Results, sp: pd.DataFrame | None = None) -> dict[str, 
         tables["kernels_decode_gbps"] = dec
         tables.update(paper_figures.tables(sp))
         tables.update(dispatch_evidence.tables(sp))
+        bound = overlap_bound(sp, BALANCED_SWEEPS)
+        if not bound.empty:
+            tables["overlap_bound"] = bound
     tables.update(serving_figures.tables(results.serving))
     if results.root.is_dir() and not results.attention.empty:
         other = load_versions(results.root)
@@ -574,6 +578,9 @@ SECTION_TITLES = {
                         "estimated share and decode time (analysis/dispatch_evidence.py)"),
     "dispatch_rule": ("The Hopper rule applied to measured rows (pod_sm90 where it fuses, triton_serial where "
                       "not) over the fastest serial path, beside the better of the two at each point"),
+    "overlap_bound": ("How far fusion can go at these points: the fastest serial path over the longer of our two "
+                      "halves alone (a perfectly overlapped launch), beside each fused backend's speed-up and its "
+                      "share of that bound (analysis/overlap_bound.py)"),
     **serving_figures.SECTION_TITLES,
     "baseline_versions": ("A baseline at another release (results/<gpu>/versions/<label>/) against the pinned "
                           "one, same points: pinned ms / other ms"),

@@ -31,10 +31,11 @@ SM90_PREFILL_TFLOPS = 568.0   # the Hopper prefill tile alone on an H200 (4.3 TF
 SM90_DECODE_GBPS = 4300.0     # decode alone: HBM
 SM90_MIN_OVERLAP_SHARE = 0.10 # fuse on Hopper only if min(t_prefill, t_decode) >= this share of max(...):
                               # measured over the paper sweep's 46 points (docs/hopper_pod.md, "dispatcher")
-SM90_MHA_MIN_OVERLAP_SHARE = 0.70  # ... and this for MHA (one q head a KV head: the swap-AB decode pads
-                              # 1 column to 16). Fused / fastest serial, H200: 0.86-0.99x at shares
-                              # 0.16-0.39 (paper sweep), 0.99 / 1.00 / 0.96x at 0.41 / 0.50 / 0.60 and 1.04x
-                              # at 0.74 (Llama-2 serving_shapes, 8b480cb), 1.13-1.23x at 0.92-0.97
+SM90_MHA_MIN_OVERLAP_SHARE = 0.20  # ... and this for MHA (one q head a KV head: the swap-AB decode pads
+                              # 1 column to 16). Fused / triton_serial at the kv-head prefill order (H200,
+                              # 01fc38b, paper + serving_shapes points): 1.04-1.21x at all 10 points with
+                              # shares 0.22-0.97; 0.90-1.07x at 0.12-0.19; 0.97-1.03x below 0.1. (The LPT
+                              # order had lost 0.96-1.00x at 0.41-0.60: 0.7 until then.)
 SM90_PREFILL_HEAVY_MIN_SHARE = 0.40  # ... and this where prefill is the larger role: inside the fused launch
                               # the prefill tiles run 1.1-1.4x slower than alone (beside a decode stream),
                               # which a small decode share cannot pay back. Three paper sweeps (H200): decode

@@ -267,3 +267,20 @@ def test_split_search_with_bounds_is_the_plain_bisection(seed):
         assert split_sms(prefill, decode, grid, slowdown, tol, extra) == \
             _split_sms_plain(prefill, decode, grid, slowdown, tol, extra)
 
+
+
+def test_head_dim_64_plans_with_its_own_decode_rate():
+    """A head_dim-64 stage carries half the bytes for about the same consumer work, so its decode CTAs stream
+    fewer GB/s (H200: 48 vs 67 an SM): the lower rate buys more decode CTAs there, and head_dim 128 plans
+    ignore it."""
+    hd64 = BatchSpec.build(32, 8, 64, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
+    hd128 = BatchSpec.build(32, 8, 128, prefill=[(1024, 12288)], decode=[8192] * 64, page_size=16)
+    cfg = PodSm90Config()
+    assert cfg.decode_gbps(64) < cfg.decode_gbps(128) == cfg.decode_gbps_per_sm
+
+    def k(spec, **kw):
+        return plan_pod_sm90(spec, PodSm90Config(**kw), num_sms=132, device="cpu").decode_ctas
+
+    assert k(hd64) > k(hd64, decode_gbps_per_sm_d64=cfg.decode_gbps_per_sm)
+    assert k(hd64) == k(hd64, decode_gbps_per_sm=10.0)          # hd64 reads only its own rate
+    assert k(hd128) == k(hd128, decode_gbps_per_sm_d64=10.0)

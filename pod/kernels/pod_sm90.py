@@ -862,6 +862,8 @@ class PodSm90Config:
     prefill_tflops_per_sm: float = 4.3   # the prefill tile's rate on one SM (572 TFLOP/s / 132 SMs)
     decode_gbps_per_sm: float = 67.0     # a decode CTA's K/V stream: HBM (4.3 TB/s) from 64 SM-bound decode CTAs
                                          # (16-token pages; docs/hopper_pod.md)
+    decode_gbps_per_sm_d64: float = 48.0 # the same at head_dim 64: a stage carries half the bytes for about the
+                                         # same consumer work (H200, 64 x 8192: 48.4 on 64 CTAs, 51 on 16-32)
     hbm_gbps: float = 4300.0             # what all decode CTAs together can draw
     item_us: float = 2.0                 # fixed cost of an item: Q load, ring fill, epilogue
     item_us_hbm: float = 20.0            # more a prefill item costs beside decode CTAs that saturate HBM
@@ -902,6 +904,10 @@ class PodSm90Config:
                                          # every kv head)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
+
+    def decode_gbps(self, head_dim: int) -> float:
+        """A decode CTA's K/V rate in the cost model for this head_dim."""
+        return self.decode_gbps_per_sm_d64 if head_dim == 64 else self.decode_gbps_per_sm
 
     def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
         return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (4 * self.stages + 3) + 2 * 4 * 32 * 4
@@ -1119,7 +1125,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     prefill_costs = [unit_cost[t // h.num_q_heads] for t in range(len(units) * h.num_q_heads)]
 
     # Decode items (request, kv head, key range): split so LPT can balance them over the decode CTAs.
-    stage_us = 2 * cfg.block_n * h.head_dim * spec.torch_dtype.itemsize / (cfg.decode_gbps_per_sm * 1e3)
+    rate = cfg.decode_gbps(h.head_dim)                 # GB/s a decode CTA
+    stage_us = 2 * cfg.block_n * h.head_dim * spec.torch_dtype.itemsize / (rate * 1e3)
     grid0 = cfg.num_ctas or num_sms
     dec, decode_costs = None, []                       # decode_costs: one a pair
     if spec.num_decode:
@@ -1135,10 +1142,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     grid = max(1, min(grid0, len(prefill_costs) + len(decode_costs)))
 
     def slowdown(k):                          # k decode CTAs share HBM
-        return max(1.0, k * cfg.decode_gbps_per_sm / cfg.hbm_gbps)
+        return max(1.0, k * rate / cfg.hbm_gbps)
 
     def prefill_extra(k):                     # a prefill item's extra latency beside k decode CTAs
-        return cfg.item_us_hbm * min(1.0, k * cfg.decode_gbps_per_sm / cfg.hbm_gbps)
+        return cfg.item_us_hbm * min(1.0, k * rate / cfg.hbm_gbps)
 
     if cfg.decode_ctas is not None and prefill_costs and decode_costs:
         k = max(1, min(cfg.decode_ctas, grid - 1))
@@ -1161,7 +1168,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         # beats the split's makespan (for some k around it), plan it. Only k that leave HBM unsaturated:
         # prefill tiles beside a saturating decode stream ran far slower than the model (H200: 1024@12288 +
         # 64 x 8192 at k=64 took 0.918 ms against 0.78 unstolen at k=46; docs/hopper_pod.md).
-        k_max = max(1, int(cfg.hbm_gbps // cfg.decode_gbps_per_sm))
+        k_max = max(1, int(cfg.hbm_gbps // rate))
         cands = [k] if cfg.decode_ctas is not None else \
             sorted({max(1, min(len(decode_costs), grid - 1, k_max, round(k * f))) for f in (0.8, 0.9, 1.0, 1.1, 1.25, 1.4)})
         best = min(((lpt_with_stealing(prefill_costs, decode_costs, grid, c, slowdown), c) for c in cands),
