@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import re
 
 import torch
 
@@ -227,6 +228,29 @@ def prepare_fi_batched(batch: HybridBatch, options: BackendOptions = DEFAULT_OPT
     return _with_config(run, prefill_backend=backend)
 
 
+# BatchAttention's own float workspace is a fixed 384 MiB (0.6.6 and 0.7.2), which its holistic planner's
+# partial outputs outgrow on MHA batches: Llama-2-7B, 1024 new tokens over 12288 beside 1-128 decodes of
+# 4096 asked for 1.25 GB of holistic_partial_o (H200, the balance sweep). plan() hands FlashInfer the
+# wrapper's `float_workspace_buffer`, so on FlashInfer's overflow error that buffer is replaced by one with
+# room for what the error asked and the plan repeated.
+_OVERFLOW = re.compile(r"with size (\d+) .*?only (\d+) bytes available")
+HOLISTIC_PLAN_TRIES = 4
+HOLISTIC_SLACK_BYTES = 64 * 2**20
+
+
+def _plan_with_room(w, plan) -> None:
+    for attempt in range(HOLISTIC_PLAN_TRIES):
+        try:
+            return plan()
+        except RuntimeError as e:
+            m = _OVERFLOW.search(str(e))
+            if m is None or attempt == HOLISTIC_PLAN_TRIES - 1:
+                raise
+            buf = w.float_workspace_buffer
+            need = buf.numel() + int(m[1]) - int(m[2]) + HOLISTIC_SLACK_BYTES
+            w.float_workspace_buffer = _allocate(-(-need // (2 * 2**20)) * 2 * 2**20, buf.device)
+
+
 @register_backend("fi_batch_attention", layouts=("paged",),
                   availability=_needs_attr("BatchAttention"),
                   description="flashinfer.BatchAttention (persistent holistic kernel) over the "
@@ -236,10 +260,11 @@ def prepare_fi_batch_attention(batch: HybridBatch):
     fi, h = _fi(), batch.spec.heads
     # BatchAttention owns its workspaces (it allocates them itself; no buffer argument in 0.6.6).
     w = fi.BatchAttention(kv_layout="NHD", device=str(batch.device))
-    w.plan(hybrid_qo_indptr(batch), batch.page_indptr, batch.page_indices, batch.kv_lens,
-           h.num_q_heads, h.num_kv_heads, h.head_dim, h.head_dim, batch.spec.page_size,
-           causal=True, sm_scale=batch.sm_scale, q_data_type=batch.spec.torch_dtype,
-           kv_data_type=batch.spec.torch_dtype)
+    _plan_with_room(w, lambda: w.plan(
+        hybrid_qo_indptr(batch), batch.page_indptr, batch.page_indices, batch.kv_lens,
+        h.num_q_heads, h.num_kv_heads, h.head_dim, h.head_dim, batch.spec.page_size,
+        causal=True, sm_scale=batch.sm_scale, q_data_type=batch.spec.torch_dtype,
+        kv_data_type=batch.spec.torch_dtype))
     q = hybrid_q(batch)
     kv = (batch.k_cache, batch.v_cache)
 

@@ -211,14 +211,16 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     base = base or PodConfig()
     t_prefill, t_decode = estimated_ms(spec)
     splits = decode_kv_splits(spec, num_sms, base.block_n_decode)
-    # 1. one role only, or one role negligible next to the other: nothing to overlap.
-    if min(t_prefill, t_decode) < MIN_OVERLAP_SHARE * max(t_prefill, t_decode):
-        return replace(base, variant="serial")   # the standalone decode plan picks its own splits
-    # 2. the standalone prefill is the Hopper tile: the portable fused kernel (BLOCK_N 32 under a register
+    # 1. the standalone prefill is the Hopper tile: the portable fused kernel (BLOCK_N 32 under a register
     # cap for two CTAs an SM) cannot beat it (docs/hopper_prefill.md); the Hopper POD kernel, built on that
-    # tile, runs the batch in one launch where both roles weigh enough (the rule measured on the H200).
+    # tile, runs the batch in one launch where the Hopper rule says so (measured on the H200). The rule has
+    # its own shares, on Hopper rates: the portable share test below would send a large decode beside a
+    # small prefill serial before the rule's large-decode clause is asked.
     if prefill_kernel == "sm90":
         return replace(base, variant="fused_sm90" if sm90_fuses(spec, sm90_supported) else "serial")
+    # 2. one role only, or one role negligible next to the other: nothing to overlap.
+    if min(t_prefill, t_decode) < MIN_OVERLAP_SHARE * max(t_prefill, t_decode):
+        return replace(base, variant="serial")   # the standalone decode plan picks its own splits
     # 3. both roles matter: fuse. Policy by imbalance of the estimated times.
     ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
     policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"

@@ -171,13 +171,23 @@ def make_fake_flashinfer(log):
             return _paged_attention(q, qo, kv, ip, ix, lens, False, self.scale)
 
     class BatchAttention(_Wrapper):
+        need_bytes = 0            # holistic_partial_o a plan asks for (tests set it)
+        used_bytes = 1 << 20      # what the plan allocated before it
+
         def __init__(self, kv_layout="NHD", device="cuda"):
             assert kv_layout == "NHD"
+            self.float_workspace_buffer = torch.empty(384 * 2**20, dtype=torch.uint8, device="meta")
             log.append(("batch_attention",))
 
         def plan(self, qo_indptr, kv_indptr, kv_indices, kv_len_arr, hq, hkv, dqk, dvo, page_size,
                  causal=False, **kw):
             self._plan_common(kw, page_size)
+            left = self.float_workspace_buffer.numel() - self.used_bytes
+            if self.need_bytes > left:
+                raise RuntimeError(f"Error in function 'aligned_alloc' at allocator.h:49: Buffer overflow when "
+                                   f"allocating memory for holistic_partial_o with size {self.need_bytes} and "
+                                   f"alignment 16, but only {left} bytes available in AlignedAllocator. "
+                                   f"Increase the workspace buffer size.")
             self.args = (qo_indptr, kv_indptr, kv_indices, kv_len_arr.tolist(), causal)
 
         def run(self, q, kv):
@@ -493,6 +503,36 @@ def test_flashinfer_workspace_fits_the_mqa_batch(name, fake_fi):
     assert fa2_plan_float_bytes([1] * 64, decode_pages, 32, 1, 128, 16) > 256 * 2**20   # the old size
     batch = make_batch(MQA_ISSUE, seed=0)
     get_backend(name).setup(batch, BackendOptions(fi_prefill_backend="fa2"))   # the stand-ins' plans check
+
+
+def test_batch_attention_gets_the_workspace_its_plan_asks_for(fake_fi, monkeypatch):
+    """BatchAttention's own 384 MiB overflowed on MHA batches (1.25 GB of holistic_partial_o, balance sweep,
+    H200): its buffer is grown to what FlashInfer's error asks for and the plan repeated; other errors and a
+    plan that keeps overflowing still raise."""
+    batch = make_batch(MQA_ISSUE, seed=0)
+    fake = fib._fi()
+    monkeypatch.setattr(fake.BatchAttention, "need_bytes", 1_245_708_288)
+    run = get_backend("fi_batch_attention").setup(batch)
+    assert run is not None
+    w = fake.BatchAttention()
+    fib._plan_with_room(w, lambda: w.plan(torch.tensor([0, 1]), torch.tensor([0, 1]), None, torch.tensor([1]),
+                                          4, 2, 64, 64, 16, sm_scale=1.0, q_data_type=torch.bfloat16,
+                                          kv_data_type=torch.bfloat16))
+    assert w.float_workspace_buffer.numel() >= 1_245_708_288 + w.used_bytes
+    assert w.float_workspace_buffer.numel() % (2 * 2**20) == 0
+
+    def other():
+        raise RuntimeError("an unrelated failure")
+    with pytest.raises(RuntimeError, match="unrelated"):
+        fib._plan_with_room(w, other)
+    calls = []
+
+    def always_full():
+        calls.append(1)
+        raise RuntimeError("... with size 10 and alignment 16, but only 0 bytes available ...")
+    with pytest.raises(RuntimeError, match="only 0 bytes"):
+        fib._plan_with_room(w, always_full)
+    assert len(calls) == fib.HOLISTIC_PLAN_TRIES
 
 
 def test_float_workspace_bound_covers_flashinfers_planner():
