@@ -62,8 +62,10 @@ OWN_FIGURE_SWEEPS = {"paper_grid", "per_chunk", "policy", "ctas_per_sm", "hopper
 # Backends not drawn in the speed-up figures (the fp32 reference is a checker, not a contender).
 HIDDEN_BACKENDS = {"reference"}
 # The speed-up bar figures show these (those present), as the paper's figures show FA_Streams,
-# FI_Batched and POD against the serial baseline; the heat map beside them shows every backend.
-HEADLINE_BACKENDS = ("fa2_streams", "fi_batched", "fi_pod", "fi_batch_pod", *OUR_FUSED_BACKENDS)
+# FI_Batched and POD against the serial baseline, plus the one-launch paths a Hopper user would pick
+# (FlashAttention's varlen forward, vLLM's unified kernel); the heat map beside them shows every backend.
+HEADLINE_BACKENDS = ("fa2_streams", "fi_batched", "fi_pod", "fi_batch_pod", "fa_varlen", "vllm_unified",
+                     *OUR_FUSED_BACKENDS)
 # The balanced-points table pools these sweeps' points that pass the paper's 20% filter.
 BALANCED_SWEEPS = ("paper", "paper_grid")
 # The kernel benchmark: on a pure prefill (decode) point the serial baselines run only their prefill
