@@ -12,9 +12,10 @@ has no page size (NaN; older rows wrote 0).
 Every row gets `source` (the file, relative to the folder read) and `run` (the harness's `run_id` when
 the rows carry one, else the source file: one file is one run). Speed-ups only compare rows of one run.
 
-Folders named `figures`, `summary` (our own outputs), `smoke` (CPU interpreter runs, git-ignored) and
-`versions` (a baseline at another release: analysis.versions) are skipped below the folder asked for,
-unless the folder asked for is (inside) one of them.
+Folders named `figures`, `summary` (our own outputs), `smoke` (CPU interpreter runs, git-ignored),
+`versions` (a baseline at another release: analysis.versions) and `logs` (a session's records: partial or
+superseded rows kept beside its logs) are skipped below the folder asked for, unless the folder asked for
+is (inside) one of them.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ _CEILING_ALIASES = {"peak_tflops": "tflops", "matmul_tflops": "tflops", "peak_gb
                     "copy_gbps": "gbps"}
 
 RESULT_SUFFIXES = (".parquet", ".pq", ".csv", ".jsonl")
-SKIP_DIRS = frozenset({"figures", "summary", "smoke", ".ipynb_checkpoints", "wandb", "versions"})
+SKIP_DIRS = frozenset({"figures", "summary", "smoke", ".ipynb_checkpoints", "wandb", "versions", "logs"})
 
 
 @dataclass

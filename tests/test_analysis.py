@@ -98,6 +98,8 @@ def synthetic_results(root: Path, serving: bool = True) -> Path:
     # Our own outputs in figures/ must not be read back as results.
     (root / "figures").mkdir(exist_ok=True)
     pd.DataFrame([_row("p1", "pod", 0.001)]).to_csv(root / "figures" / "speedups.csv", index=False)
+    (root / "logs").mkdir()          # a session's records (partial or superseded rows): never results
+    pd.DataFrame([_row("p1", "pod", 0.002)]).to_csv(root / "logs" / "partial_run.csv", index=False)
 
     if serving:
         srows = []
@@ -129,6 +131,7 @@ def test_load_separates_kinds_and_runs(results_dir):
     assert len(r.attention) == 38 + 3 + 2 and len(r.serving) == 8
     assert sorted(r.attention["run"].unique()) == ["cpu_run.parquet", "run1.parquet", "sub/run2.csv"]
     assert not (r.attention["median_ms"] == 0.001).any(), "figures/ outputs were read as results"
+    assert not (r.attention["median_ms"] == 0.002).any(), "logs/ rows were read as results"
     # CSV booleans come back as booleans.
     assert r.attention["timing_meaningful"].dtype == bool
     assert r.gpus() == [GPU]
