@@ -232,8 +232,9 @@ def prepare_fi_batched(batch: HybridBatch, options: BackendOptions = DEFAULT_OPT
 # partial outputs outgrow on MHA batches: Llama-2-7B, 1024 new tokens over 12288 beside 1-128 decodes of
 # 4096 asked for 1.25 GB of holistic_partial_o (H200, the balance sweep). plan() hands FlashInfer the
 # wrapper's `float_workspace_buffer`, so on FlashInfer's overflow error that buffer is replaced by one with
-# room for what the error asked and the plan repeated.
-_OVERFLOW = re.compile(r"with size (\d+) .*?only (\d+) bytes available")
+# room for what the error asked and the plan repeated (the partial outputs only: they are what the float
+# buffer holds; the int buffer's allocations are fixed).
+_OVERFLOW = re.compile(r"memory for (\w*partial\w*) with size (\d+) .*?only (\d+) bytes available")
 HOLISTIC_PLAN_TRIES = 4
 HOLISTIC_SLACK_BYTES = 64 * 2**20
 
@@ -247,7 +248,7 @@ def _plan_with_room(w, plan) -> None:
             if m is None or attempt == HOLISTIC_PLAN_TRIES - 1:
                 raise
             buf = w.float_workspace_buffer
-            need = buf.numel() + int(m[1]) - int(m[2]) + HOLISTIC_SLACK_BYTES
+            need = buf.numel() + int(m[2]) - int(m[3]) + HOLISTIC_SLACK_BYTES
             w.float_workspace_buffer = _allocate(-(-need // (2 * 2**20)) * 2 * 2**20, buf.device)
 
 

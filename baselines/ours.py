@@ -206,8 +206,9 @@ def prepare_pod_sm90(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIO
     if why is not None:
         raise BackendUnavailable(f"pod_sm90 does not handle this batch: {why}")
     cfg = PodSm90Config()
-    if options.pod_sm90_decode_gbps > 0:
-        cfg = replace(cfg, decode_gbps_per_sm=options.pod_sm90_decode_gbps)
+    if options.pod_sm90_decode_gbps > 0:          # the planner's rate at every head_dim
+        cfg = replace(cfg, decode_gbps_per_sm=options.pod_sm90_decode_gbps,
+                      decode_gbps_per_sm_d64=options.pod_sm90_decode_gbps)
     if options.pod_sm90_decode_ctas > 0:
         cfg = replace(cfg, decode_ctas=options.pod_sm90_decode_ctas)
     work = plan_pod_sm90(batch, cfg)

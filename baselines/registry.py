@@ -44,7 +44,7 @@ class BackendOptions:
     decode_config: str = "auto"        # triton_decode / triton_serial: a DECODE_CONFIGS name
     pod_config: str = "dispatcher"     # pod: a POD_CONFIGS name ("dispatcher": chosen per batch)
     pod_autotune: bool = False         # pod: time pod_autotune_candidates per batch and keep the fastest
-    pod_sm90_decode_gbps: float = 0.0  # pod_sm90: a decode SM's K/V rate in its planner's cost model (0: its default)
+    pod_sm90_decode_gbps: float = 0.0  # pod_sm90: a decode SM's K/V rate in its planner's cost model, every head_dim (0: its defaults)
     pod_sm90_decode_ctas: int = 0      # pod_sm90: force the SM split (decode CTAs; 0: the planner's)
     fi_prefill_backend: str = "auto"   # FlashInfer prefill wrappers' backend: auto (fa3 on Hopper) | fa2 | fa3
 

@@ -373,10 +373,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
-    ap.add_argument("--model", default="llama3_8b", choices=sorted(HEADS), help="rates: the head counts (conf/model/)")
+    ap.add_argument("--model", choices=sorted(HEADS), help="rates: the head counts (conf/model/; default llama3_8b)")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
     ap.add_argument("--decode-gbps", type=float,
-                    help="split/compare: the planner's decode GB/s a SM (PodSm90Config.decode_gbps_per_sm)")
+                    help="split/compare: the planner's decode GB/s a SM at every head_dim (PodSm90Config.decode_gbps_per_sm "
+                         "and decode_gbps_per_sm_d64)")
     ap.add_argument("--hbm-gbps", type=float,
                     help="split/compare: what all decode CTAs together can draw (PodSm90Config.hbm_gbps)")
     ap.add_argument("--steal", choices=("auto", "always", "never"),
@@ -398,6 +399,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parse_variants(a.variants)
     except ValueError as e:
         ap.error(str(e))
+    if a.model and a.what != "rates":
+        ap.error("--model: rates only (split/compare/curve take their points' own models)")
     if a.points:
         unknown = sorted(set(a.points.split(",")) - set(HYBRID))
         if unknown:
@@ -429,11 +432,12 @@ def main(argv: list[str]) -> int:
     ks = () if a.ks == "none" else tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 16, 24, 32, 48, 64, 96, 132)
     page = None if a.page == "none" else int(a.page)
     from pod.kernels.pod_sm90 import PodSm90Config
-    model = dict(decode_gbps_per_sm=a.decode_gbps, hbm_gbps=a.hbm_gbps, steal=a.steal)
+    model = dict(decode_gbps_per_sm=a.decode_gbps, decode_gbps_per_sm_d64=a.decode_gbps, hbm_gbps=a.hbm_gbps,
+                 steal=a.steal)
     model = {k: v for k, v in model.items() if v}
     base = PodSm90Config(**model) if model else None
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
-                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(","))), HEADS[a.model]),
+                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(","))), HEADS[a.model or "llama3_8b"]),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
                                     tuple(a.binds.split(",")), parse_variants(a.variants)),

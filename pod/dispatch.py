@@ -33,9 +33,10 @@ SM90_MIN_OVERLAP_SHARE = 0.10 # fuse on Hopper only if min(t_prefill, t_decode) 
                               # measured over the paper sweep's 46 points (docs/hopper_pod.md, "dispatcher")
 SM90_MHA_MIN_OVERLAP_SHARE = 0.20  # ... and this for MHA (one q head a KV head: the swap-AB decode pads
                               # 1 column to 16). Fused / triton_serial at the kv-head prefill order (H200,
-                              # 01fc38b, paper + serving_shapes points): 1.04-1.21x at all 10 points with
-                              # shares 0.22-0.97; 0.90-1.07x at 0.12-0.19; 0.97-1.03x below 0.1. (The LPT
-                              # order had lost 0.96-1.00x at 0.41-0.60: 0.7 until then.)
+                              # 01fc38b, paper + serving_shapes points): 1.04-1.21x at all 11 points with
+                              # shares 0.22-0.97; 0.90-1.07x at 0.12-0.19; 0.97-1.03x below 0.1 (hopper_split,
+                              # 1ffa7d7, LPT order: 0.98x at 0.27). The LPT order had lost 0.96-1.00x at
+                              # 0.41-0.60: 0.7 until then.
 SM90_PREFILL_HEAVY_MIN_SHARE = 0.40  # ... and this where prefill is the larger role: inside the fused launch
                               # the prefill tiles run 1.1-1.4x slower than alone (beside a decode stream),
                               # which a small decode share cannot pay back. Three paper sweeps (H200): decode

@@ -245,6 +245,27 @@ def h200_paper_rows() -> pd.DataFrame:
     return normalise_attention(pd.DataFrame(rows)).assign(run="h200-run")
 
 
+def test_overlap_bound_per_sweep_and_pooled():
+    """The bound = fastest serial path / the longer of our two halves, per point (h200_paper_rows: q1 1/0.6,
+    q2 1.0/1.4 (fi_serial beats our halves: below 1), q3 1.8/1.0, q4 2.2/1.2); a backend's share of it and
+    the points where it beat it (pod at q2: 1/0.95 over 0.714)."""
+    from analysis.overlap_bound import overlap_bound, point_bounds
+    sp = attention_speedups(h200_paper_rows())
+    b = point_bounds(sp, ("paper", "paper_grid"))
+    assert sorted(b["bound"]) == pytest.approx(sorted([1 / 0.6, 1.0 / 1.4, 1.8, 2.2 / 1.2]))
+    assert b.loc[b["sweep"] == "paper_grid", "bound"].tolist() == pytest.approx([2.2 / 1.2])
+    t = overlap_bound(sp).set_index(["sweep", "points"])
+    assert t["n"].to_dict() == {("paper", "all"): 3, ("paper", "balanced"): 2, ("paper_grid", "all"): 1,
+                                ("paper_grid", "balanced"): 1, ("pooled", "all"): 4, ("pooled", "balanced"): 3}
+    g = lambda *x: float(np.exp(np.log(x).mean()))       # noqa: E731
+    assert t.loc[("paper", "all"), "bound_geomean"] == pytest.approx(g(1 / 0.6, 1 / 1.4, 1.8))
+    assert t.loc[("pooled", "balanced"), "pod_sm90_geomean"] == pytest.approx(g(1.25, 1.5, 1.1))
+    assert t.loc[("paper", "balanced"), "pod_sm90_of_bound"] == pytest.approx(g(1.25 * 0.6, 1.5 / 1.8))
+    assert t.loc[("paper", "all"), "pod_over_bound"] == 1 and t.loc[("paper", "all"), "pod_sm90_over_bound"] == 0
+    assert t.loc[("pooled", "all"), "fi_pod_n"] == 4
+    assert overlap_bound(sp, sweeps=("kernels",)).empty
+
+
 @pytest.fixture
 def drawn(monkeypatch):
     """Every figure the figure modules would save, kept open instead: {file name: matplotlib figure}."""

@@ -529,10 +529,18 @@ def test_batch_attention_gets_the_workspace_its_plan_asks_for(fake_fi, monkeypat
 
     def always_full():
         calls.append(1)
-        raise RuntimeError("... with size 10 and alignment 16, but only 0 bytes available ...")
+        raise RuntimeError("... memory for holistic_partial_lse with size 10 and alignment 16, but only 0 bytes "
+                           "available ...")
     with pytest.raises(RuntimeError, match="only 0 bytes"):
         fib._plan_with_room(w, always_full)
     assert len(calls) == fib.HOLISTIC_PLAN_TRIES
+
+    def int_buffer_full():               # not the float buffer's: growing it cannot help, so no retry
+        calls.append(2)
+        raise RuntimeError("... memory for work_indptr with size 10 and alignment 16, but only 0 bytes available")
+    with pytest.raises(RuntimeError, match="work_indptr"):
+        fib._plan_with_room(w, int_buffer_full)
+    assert calls.count(2) == 1
 
 
 def test_float_workspace_bound_covers_flashinfers_planner():

@@ -253,9 +253,9 @@ def test_dispatch_with_the_hopper_prefill_tile():
     full = BatchSpec.build(**LLAMA3, prefill=[(512, 2560)], decode=[4096] * 195, page_size=16)
     assert sm90_estimated_ms(full.prefill_flops(), full.decode_bytes())[1] >= SM90_LARGE_DECODE_MS
     assert sm90_fuses(full)
-    # ... and the dispatcher asks the rule before its portable share test (whose rates put this prefill under
-    # 5% of the decode): at 55ae7e2..59e6e55 `pod` ran 123 such grid points serial, 1.06x slower than fused
     assert choose_config(full, 132, base, prefill_kernel="sm90") == replace(base, variant="fused_sm90")
+    # ... and the dispatcher asks the rule before its portable share test, whose rates put this prefill under
+    # 5% of the decode: at 55ae7e2..59e6e55 `pod` ran 123 such grid points serial, 1.06x slower than fused
     small = BatchSpec.build(**LLAMA3, prefill=[(512, 512)], decode=[8192] * 92, page_size=16)
     t_p, t_d = estimated_ms(small)
     assert t_p < 0.05 * t_d and choose_config(small, 132, prefill_kernel="sm90").variant == "fused_sm90"

@@ -284,3 +284,20 @@ def test_head_dim_64_plans_with_its_own_decode_rate():
     assert k(hd64) > k(hd64, decode_gbps_per_sm_d64=cfg.decode_gbps_per_sm)
     assert k(hd64) == k(hd64, decode_gbps_per_sm=10.0)          # hd64 reads only its own rate
     assert k(hd128) == k(hd128, decode_gbps_per_sm_d64=10.0)
+
+
+def test_head_dim_64_rate_sets_the_hbm_saturation_point():
+    """Past HBM saturation the planner keeps the fewest decode CTAs that saturate it: hbm_gbps / rate, 64 at
+    head_dim 128's 67 GB/s an SM, about 90 at head_dim 64's 48 (the slowdown and the stealing bound read
+    the same rate). A decode-heavy head_dim 64 batch lands between the two."""
+    cfg = PodSm90Config()
+    heavy64 = BatchSpec.build(32, 8, 64, prefill=[(512, 0)], decode=[8192] * 128, page_size=16)
+    heavy128 = BatchSpec.build(32, 8, 128, prefill=[(512, 0)], decode=[8192] * 128, page_size=16)
+    k64 = plan_pod_sm90(heavy64, cfg, num_sms=132, device="cpu").decode_ctas
+    k128 = plan_pod_sm90(heavy128, cfg, num_sms=132, device="cpu").decode_ctas
+    assert k128 * cfg.decode_gbps(128) <= 1.1 * cfg.hbm_gbps < k64 * cfg.decode_gbps(128)
+    assert k64 * cfg.decode_gbps(64) <= 1.1 * cfg.hbm_gbps
+    for steal in ("auto", "always"):     # stealing keeps to decode CTAs that leave HBM unsaturated
+        w = plan_pod_sm90(heavy64, PodSm90Config(steal=steal), num_sms=132, device="cpu")
+        assert cfg.hbm_gbps // cfg.decode_gbps(128) < w.decode_ctas
+        assert w.decode_ctas * cfg.decode_gbps(64) <= cfg.hbm_gbps + cfg.decode_gbps(64)
