@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Optional baselines' packages for a GPU machine without a network, packed in parts small enough to carry.
-# A device call carries at most 64 MiB with the working tree (~9 MB), so a package set larger than one
+# A device call carries at most 64 MiB with the working tree (~19 MB), so a package set larger than one
 # call travels as parts over several calls; `bash scripts/gpu_session.sh extras` on the warm machine keeps
 # each carried part in /tmp/extras and unpacks a set once all its parts are there.
 #
@@ -10,11 +10,11 @@
 #   vllm     vllm 0.34.0 without the compiled kernels its Triton attention does not load (vllm_unified) ~66 MB
 #   fi072    flashinfer-python 0.7.2, cuda-tile, nccl4py, nccl-extensions -> site_fi072/ (FlashInfer 0.7.2
 #            beside the pinned 0.6.6: SITE_PREFIX=/tmp/site_fi072 puts it first on the GPU machine)      ~92 MB
-# Writes .extras/SET.tar.xz.<i>of<n> (PART_MB each, default 26: two parts and the tree fit one call).
+# Writes .extras/SET.tar.xz.<i>of<n> (PART_MB each, default 22: two parts and the tree fit one call).
 # A wheel is a zip of its install tree (none of these has a .data folder), so unpacking it under site/ is
 # what `pip install --no-deps --target site` does. Wheels: CPython 3.12, manylinux x86-64 (the GPU image).
 set -euo pipefail
-PART_MB=${PART_MB:-26}
+PART_MB=${PART_MB:-22}
 PIP=${PIP:-python3 -m pip}
 OUTDIR=.extras
 mkdir -p "$OUTDIR"
