@@ -25,6 +25,7 @@ import json
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -33,8 +34,14 @@ from pod.batch import BatchSpec, make_batch
 L3 = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)      # Llama-3-8B
 L2 = dict(num_q_heads=32, num_kv_heads=32, head_dim=128)     # Llama-2-7B (MHA)
 YI = dict(num_q_heads=32, num_kv_heads=4, head_dim=128)      # Yi-6B (GQA 8)
-HD64 = dict(num_q_heads=32, num_kv_heads=8, head_dim=64)     # Llama-3-8B's heads at head_dim 64 (llama3_8b_hd64)
-HEADS = {"llama3_8b": L3, "llama2_7b": L2, "yi_6b": YI, "llama3_8b_hd64": HD64}
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def model_heads(name: str) -> dict:
+    """The head counts of conf/model/<name>.yaml (rates --model)."""
+    from omegaconf import OmegaConf
+    m = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    return dict(num_q_heads=int(m.num_q_heads), num_kv_heads=int(m.num_kv_heads), head_dim=int(m.head_dim))
 
 # Hybrid points: the paper sweep's centre and its slices (chunk@context + decodes x context), 16-token pages.
 HYBRID = {
@@ -138,7 +145,7 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
     `old_softmax`: also the decode with decode_xchg=False (gl.max / gl.sum down the columns); `late_k`: also
     with decode_early_k=False (a stage's K released with its V); `loops`: also with each of these
     PodSm90Config.decode_loop values ("pipe": the next stage's S^T in flight with this stage's O^T; "lag": O^T
-    one stage behind, two barriers a stage). `heads`: the model's head counts (HEADS; a stage of head_dim 64
+    one stage behind, two barriers a stage). `heads`: the model's head counts (model_heads; a stage of head_dim 64
     carries half the bytes of head_dim 128 for the same consumer work)."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
@@ -233,12 +240,10 @@ CURVE_KS = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 124)
 
 def sweep_points(sweep: str = "paper"):
     """The points of conf/sweep/<sweep>.yaml (models from conf/model/), as the harness expands them."""
-    from pathlib import Path
     from omegaconf import OmegaConf
     from experiments.harness.points import expand_points
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    models = {f.stem: OmegaConf.to_container(OmegaConf.load(f)) for f in (conf / "model").glob("*.yaml")}
-    return expand_points(OmegaConf.to_container(OmegaConf.load(conf / "sweep" / f"{sweep}.yaml")), models)
+    models = {f.stem: OmegaConf.to_container(OmegaConf.load(f)) for f in (CONF / "model").glob("*.yaml")}
+    return expand_points(OmegaConf.to_container(OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml")), models)
 
 
 def parse_variants(text: str | None) -> list[tuple[str, dict]]:
@@ -373,7 +378,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
-    ap.add_argument("--model", choices=sorted(HEADS), help="rates: the head counts (conf/model/; default llama3_8b)")
+    ap.add_argument("--model", choices=sorted(f.stem for f in (CONF / "model").glob("*.yaml")),
+                    help="rates: the model whose head counts it runs (conf/model/; default llama3_8b)")
     ap.add_argument("--page", default="16", help="rates: page size of the KV cache, or 'none' (contiguous)")
     ap.add_argument("--decode-gbps", type=float,
                     help="split/compare: the planner's decode GB/s a SM at every head_dim (PodSm90Config.decode_gbps_per_sm "
@@ -437,7 +443,7 @@ def main(argv: list[str]) -> int:
     model = {k: v for k, v in model.items() if v}
     base = PodSm90Config(**model) if model else None
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
-                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(","))), HEADS[a.model or "llama3_8b"]),
+                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(","))), model_heads(a.model or "llama3_8b")),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
                                     tuple(a.binds.split(",")), parse_variants(a.variants)),

@@ -210,8 +210,6 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     if prefill_kernel not in PREFILL_KERNELS:
         raise ValueError(f"prefill_kernel={prefill_kernel!r}: allowed {PREFILL_KERNELS}")
     base = base or PodConfig()
-    t_prefill, t_decode = estimated_ms(spec)
-    splits = decode_kv_splits(spec, num_sms, base.block_n_decode)
     # 1. the standalone prefill is the Hopper tile: the portable fused kernel (BLOCK_N 32 under a register
     # cap for two CTAs an SM) cannot beat it (docs/hopper_prefill.md); the Hopper POD kernel, built on that
     # tile, runs the batch in one launch where the Hopper rule says so (measured on the H200). The rule has
@@ -220,9 +218,11 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     if prefill_kernel == "sm90":
         return replace(base, variant="fused_sm90" if sm90_fuses(spec, sm90_supported) else "serial")
     # 2. one role only, or one role negligible next to the other: nothing to overlap.
+    t_prefill, t_decode = estimated_ms(spec)
     if min(t_prefill, t_decode) < MIN_OVERLAP_SHARE * max(t_prefill, t_decode):
         return replace(base, variant="serial")   # the standalone decode plan picks its own splits
     # 3. both roles matter: fuse. Policy by imbalance of the estimated times.
     ratio = max(t_prefill, t_decode) / min(t_prefill, t_decode)
     policy = "proportional" if ratio > PROPORTIONAL_ABOVE else "alternating"
-    return replace(base, variant="fused", ctas_per_sm=CTAS_PER_SM, policy=policy, kv_splits=splits)
+    return replace(base, variant="fused", ctas_per_sm=CTAS_PER_SM, policy=policy,
+                   kv_splits=decode_kv_splits(spec, num_sms, base.block_n_decode))
