@@ -280,8 +280,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     """(f) pod/kernels/pod_sm90.py on POD_SM90_CHECK_SHAPES x layouts x dtypes x seeds, each with the
     planner's grid and with a 4-CTA grid (many items a CTA: ring and Q-handshake phases across items, pairs
     of unequal items), a forced 1-CTA decode role, and 2 decode CTAs of 6 that take prefill tiles after
-    their pairs (a ring used by both roles), lists bound to blocks ("block") or spread SMs ("stride"; the
-    default binds them to SMs by %smid) and a
+    their pairs (a ring used by both roles), lists bound to blocks ("block"), spread SMs ("stride") or SMs
+    chosen by GPC ("gpc_spread", "gpc_pack": the probed GPC map; the default binds them to SMs by %smid) and a
     12-CTA grid whose SMs all ask for list 0 (every other list claimed through the fallback), and prefill
     tails through rebuilt descriptors ("desc"; the default masks them), and each item's Q loaded only after
     the previous item's epilogue ("no_overlap"; the default overlaps them), and the decode's two wgmmas in
@@ -298,6 +298,7 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "decode1": PodSm90Config(num_ctas=12, decode_ctas=1),
              "steal": PodSm90Config(num_ctas=6, decode_ctas=2, steal="always"),
              "block": PodSm90Config(bind="block"), "stride": PodSm90Config(bind="stride"),
+             "gpc_spread": PodSm90Config(bind="gpc_spread"), "gpc_pack": PodSm90Config(bind="gpc_pack"),
              "collide": PodSm90Config(num_ctas=12, bind="collide"), "desc": PodSm90Config(prefill_tail="desc"),
              "no_overlap": PodSm90Config(overlap=False), "decode_pipe": PodSm90Config(decode_loop="pipe"),
              "decode_lag": PodSm90Config(decode_loop="lag"), "lag_ctas4": PodSm90Config(num_ctas=4, decode_loop="lag"),

@@ -136,7 +136,8 @@ def role_spans(tr: torch.Tensor) -> dict:
 
 
 def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: int | None = 16,
-          skips=(0,), old_softmax: bool = False, late_k: bool = False, loops=(), heads: dict = L3) -> list[dict]:
+          skips=(0,), old_softmax: bool = False, late_k: bool = False, loops=(), heads: dict = L3,
+          binds=("smid",)) -> list[dict]:
     """Each role alone inside the kernel on k CTAs (= k SMs): the decode stream's GB/s a SM and the
     prefill tile's TFLOP/s, next to the standalone kernels on the whole GPU. `page`: the KV layout
     (None: contiguous) - the TMA copies a stage needs (one a page and 64 columns) depend on it. `skips`:
@@ -146,25 +147,27 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
     with decode_early_k=False (a stage's K released with its V); `loops`: also with each of these
     PodSm90Config.decode_loop values ("pipe": the next stage's S^T in flight with this stage's O^T; "lag": O^T
     one stage behind, two barriers a stage). `heads`: the model's head counts (model_heads; a stage of head_dim 64
-    carries half the bytes of head_dim 128 for the same consumer work)."""
+    carries half the bytes of head_dim 128 for the same consumer work). `binds`: the decode role's SM sets
+    (PodSm90Config.bind: "smid" the lowest k ids, "gpc_spread" / "gpc_pack" TPCs over every GPC / whole
+    GPCs) - whether the rate an SM depends on where the k SMs sit."""
     from pod.kernels.pod_sm90 import PodSm90Config
     rows = []
     dec = Bench(_spec(heads, [], [8192] * 64, page))
     d = heads["head_dim"]
-    for k in ks:
+    for k, bind in ((k, b) for k in ks for b in binds):
         variants = [(x, True, True, "plain") for x in skips] + ([(0, False, True, "plain")] if old_softmax else []) \
             + ([(0, True, False, "plain")] if late_k else []) + [(0, True, True, lp) for lp in loops]
         for skip, xchg, early_k, loop in variants:
             r, _ = _pod(dec, PodSm90Config(num_ctas=k, decode_skip=skip, decode_xchg=xchg, decode_early_k=early_k,
-                                           decode_loop=loop), trace=True)
+                                           decode_loop=loop, bind=bind), trace=True)
             if r.get("median_ms"):
                 gbps = dec.spec.decode_bytes() / r["median_ms"] / 1e6
                 r.update(gbps=round(gbps), gbps_per_sm=round(gbps / k, 1))
             what = "decode" if not skip else "K/V stream only" if skip >= 16 else f"decode, skip {skip}"
             what += ("" if xchg else " (gl.max/gl.sum softmax)") + ("" if early_k else " (K released with V)") \
                 + ("" if loop == "plain" else f" (decode_loop {loop})")
-            rows.append(out(dict(what=f"{what} 64x8192 d{d} on k CTAs, page {page}", k=k, skip=skip, xchg=xchg,
-                                 early_k=early_k, loop=loop, **r)))
+            rows.append(out(dict(what=f"{what} 64x8192 d{d} on k CTAs, page {page}", k=k, bind=bind, skip=skip,
+                                 xchg=xchg, early_k=early_k, loop=loop, **r)))
     for name in ("triton_decode", "fi_serial"):
         rows.append(out(dict(what=f"{name} decode 64x8192 d{d} (whole GPU)", **_backend(dec, name))))
     if not prefill:
@@ -177,6 +180,26 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
         rows.append(out(dict(what=f"prefill 1024@12288 d{d} on k CTAs", k=k, **r)))
     for name in ("triton_prefill", "fi_serial"):
         rows.append(out(dict(what=f"{name} prefill 1024@12288 d{d} (whole GPU)", **_backend(pre, name))))
+    return rows
+
+
+def smmap(out) -> list[dict]:
+    """The GPCs as groups of SM ids (pod.kernels.sm_map.probe_gpcs, twice with other seeds: the same map?),
+    and the SM sets each binding gives a decode role of 16 / 32 / 48 / 64 CTAs, by GPC."""
+    from pod.kernels.pod_sm90 import sm_order
+    from pod.kernels.sm_map import probe_gpcs
+    n = torch.cuda.get_device_properties(0).multi_processor_count
+    gpcs = probe_gpcs(0)
+    again = [probe_gpcs(0, launches=96, seed=s) for s in (1, 2)]
+    rows = [out(dict(what="gpcs", num_sms=n, n_gpcs=len(gpcs), sizes=[len(g) for g in gpcs],
+                     same_with_other_seeds=all(a == gpcs for a in again), gpcs=[list(g) for g in gpcs]))]
+    where = {s: i for i, g in enumerate(gpcs) for s in g}
+    for bind in ("smid", "stride", "gpc_spread", "gpc_pack"):
+        for k in (16, 32, 48, 64):
+            per = [0] * len(gpcs)
+            for s in sm_order(bind, n, k, gpcs)[:k]:
+                per[where[s]] += 1
+            rows.append(out(dict(what="decode SMs by GPC", bind=bind, k=k, per_gpc=per)))
     return rows
 
 
@@ -366,14 +389,15 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from experiments.cli import command
     ap = argparse.ArgumentParser(prog=command("experiments.pod_sm90_diag"), description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "table", "sweep-table"))
+    ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "smmap", "table", "sweep-table"))
     ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first; "
                                  "curve: the forced decode CTA counts ('none': the planned launch only)")
     ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
-    ap.add_argument("--binds", default="block", help="curve: comma-separated PodSm90Config.bind values to time")
+    ap.add_argument("--binds", help="curve (default block) and rates (default smid): comma-separated "
+                                    "PodSm90Config.bind values to time")
     ap.add_argument("--variants", help="curve: ';'-separated PodSm90Config overrides to time side by side, "
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
@@ -405,6 +429,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parse_variants(a.variants)
     except ValueError as e:
         ap.error(str(e))
+    from pod.kernels.pod_sm90 import BINDS
+    bad = sorted(set((a.binds or "smid").split(",")) - set(BINDS))
+    if bad:
+        ap.error(f"--binds: unknown {bad}; known: {list(BINDS)}")
     if a.model and a.what != "rates":
         ap.error("--model: rates only (split/compare/curve take their points' own models)")
     if a.points:
@@ -443,10 +471,12 @@ def main(argv: list[str]) -> int:
     model = {k: v for k, v in model.items() if v}
     base = PodSm90Config(**model) if model else None
     fn = dict(rates=lambda o: rates(o, ks, not a.decode_only, page, tuple(int(x) for x in a.skip.split(",")),
-                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(","))), model_heads(a.model or "llama3_8b")),
+                                    a.old_softmax, a.late_k, tuple(filter(None, a.loops.split(","))), model_heads(a.model or "llama3_8b"),
+                                    tuple((a.binds or "smid").split(","))),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
-                                    tuple(a.binds.split(",")), parse_variants(a.variants)),
+                                    tuple((a.binds or "block").split(",")), parse_variants(a.variants)),
+              smmap=smmap,
               launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]

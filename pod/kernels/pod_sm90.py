@@ -885,7 +885,11 @@ class PodSm90Config:
     bind: str = "smid"                   # which SM runs which CTA list: "block" (list = blockIdx, wherever the
                                          # hardware puts it), "smid" (list i on SM i: decode lists on the lowest
                                          # SM ids), "stride" (decode lists on SM ids spread evenly), "collide"
-                                         # (checks: every SM asks for list 0, the rest claimed by fallback)
+                                         # (checks: every SM asks for list 0, the rest claimed by fallback),
+                                         # "gpc_spread" / "gpc_pack" (decode lists on TPCs taken from every
+                                         # GPC in turn / on whole GPCs: pod/kernels/sm_map.py)
+    gpcs: tuple | None = None            # the GPU's GPCs as groups of SM ids for the "gpc_*" binds (None:
+                                         # sm_map.probe_gpcs on the plan's device)
     overlap: bool = True                 # an item's Q and first stages load while the previous item finishes
                                          # (prefill frees Q after its last S and stores O from registers; else
                                          # each item's Q waits for the previous epilogue: a ring drain an item)
@@ -943,11 +947,17 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
 DECODE_LOOPS = ("plain", "pipe", "lag", "lazy")   # PodSm90Config.decode_loop -> the kernel's DECODE_LOOP
 PREFILL_ORDERS = ("cost", "kv_head")
 SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
-BINDS = ("block", "smid", "stride", "collide")
+BINDS = ("block", "smid", "stride", "collide", "gpc_spread", "gpc_pack")
 
 
-def sm_order(bind: str, num_sms: int, decode_ctas: int) -> list[int]:
-    """The SM each CTA list is planned on (list i on SM order[i]; decode lists are 0..decode_ctas-1)."""
+def sm_order(bind: str, num_sms: int, decode_ctas: int, gpcs=None) -> list[int]:
+    """The SM each CTA list is planned on (list i on SM order[i]; decode lists are 0..decode_ctas-1).
+    `gpcs`: the GPCs as groups of SM ids, for the "gpc_*" binds (pod/kernels/sm_map.py)."""
+    if bind.startswith("gpc_"):
+        from pod.kernels.sm_map import gpc_order
+        if gpcs is None:
+            raise ValueError(f"bind {bind!r} needs the GPU's GPCs (sm_map.probe_gpcs)")
+        return gpc_order(bind, gpcs, num_sms, decode_ctas)
     if bind == "stride" and 0 < decode_ctas < num_sms:
         dec = [i * num_sms // decode_ctas for i in range(decode_ctas)]    # distinct: num_sms >= decode_ctas
         taken = set(dec)
@@ -955,12 +965,12 @@ def sm_order(bind: str, num_sms: int, decode_ctas: int) -> list[int]:
     return list(range(num_sms))
 
 
-def sm_map_for(bind: str, num_sms: int, decode_ctas: int, grid: int) -> list[int]:
+def sm_map_for(bind: str, num_sms: int, decode_ctas: int, grid: int, gpcs=None) -> list[int]:
     """sm_map [SM_SLOTS] for _claim_list: the list planned for each SM id, -1 for none."""
     m = [-1] * SM_SLOTS
     if bind == "collide":
         return [0] * SM_SLOTS
-    for i, sm in enumerate(sm_order(bind, num_sms, decode_ctas)[:grid]):
+    for i, sm in enumerate(sm_order(bind, num_sms, decode_ctas, gpcs)[:grid]):
         m[sm] = i
     return m
 
@@ -1197,9 +1207,15 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         rows[:len(items), 0] = spec.num_prefill + items[:, 0]
         rows[:len(items), 1:] = items
     bound = cfg.bind != "block"
+    gpcs = cfg.gpcs
+    if cfg.bind.startswith("gpc_") and gpcs is None:
+        if device.type != "cuda":
+            raise ValueError(f"bind {cfg.bind!r} off the GPU needs PodSm90Config.gpcs (no GPCs to probe)")
+        from pod.kernels.sm_map import probe_gpcs
+        gpcs = probe_gpcs(device.index if device.index is not None else torch.cuda.current_device())
     tables = device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
                             cta_items=np.array(flat),
-                            sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists))) if bound else None,
+                            sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists), gpcs)) if bound else None,
                             claim=np.zeros(len(cta_lists) + 2) if bound else None)
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
