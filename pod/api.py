@@ -22,7 +22,7 @@ import torch
 
 from pod.batch import BatchSpec, HybridBatch
 from pod.dispatch import PodConfig, choose_config, max_ctas_per_sm, role_policy
-from pod.env import device_num_sms, interpreting, unpack_batch_or_spec
+from pod.env import device_num_sms, interpreting, on_hopper, unpack_batch_or_spec
 from pod.kernels.contract import KernelWork
 from pod.kernels.decode import DecodeWork, plan_decode
 from pod.kernels.pod_fused import (COUNTER_WORDS, DECODE_TILE_CONSTEXPRS, PREFILL_TILE_CONSTEXPRS,
@@ -126,7 +126,7 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
         from pod.kernels.pod_sm90 import pod_sm90_supports
         config = choose_config(spec, num_sms, base,
                                prefill_kernel=resolve_prefill_kernel(spec, None, device)[0],
-                               sm90_supported=pod_sm90_supports(spec) is None)
+                               sm90_supported=pod_sm90_supports(spec) is None, hopper=on_hopper(device))
     if overrides:
         config = replace(config, **overrides)
 
@@ -270,7 +270,7 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
         variants = {chosen.config.variant}
         if prefill and decode:
             from pod.kernels.pod_sm90 import pod_sm90_supports
-            sm90 = resolve_prefill_kernel(small, None, device)[0] == "sm90" and pod_sm90_supports(small) is None
+            sm90 = on_hopper(device) and pod_sm90_supports(small) is None
             variants |= {"fused_sm90" if sm90 else "fused", "serial"}
         for variant in sorted(variants):
             p = chosen if variant == chosen.config.variant else plan(batch, variant=variant)

@@ -202,11 +202,14 @@ def decode_kv_splits(spec: BatchSpec, num_sms: int, block_n_decode: int = 64) ->
 
 
 def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, *,
-                  prefill_kernel: str = "portable", sm90_supported: bool = True) -> PodConfig:
+                  prefill_kernel: str = "portable", sm90_supported: bool = True,
+                  hopper: bool = False) -> PodConfig:
     """The dispatcher. `base` supplies the knobs it does not decide (tile sizes, warps, ...);
     `prefill_kernel` is the standalone prefill kernel the batch would get ("sm90": the Hopper tile;
     pod.prefill.resolve_prefill_kernel decides it from the device); `sm90_supported`: whether the Hopper
-    POD kernel handles the batch (pod.kernels.pod_sm90.pod_sm90_supports; pod.api passes it)."""
+    POD kernel handles the batch (pod.kernels.pod_sm90.pod_sm90_supports; pod.api passes it); `hopper`: the
+    batch runs on a Hopper GPU (pod.env.on_hopper; pod.api passes it): its rule applies even where the
+    standalone prefill is the portable tile (a prefill under pod.prefill.SM90_MIN_PREFILL_FLOPS)."""
     if prefill_kernel not in PREFILL_KERNELS:
         raise ValueError(f"prefill_kernel={prefill_kernel!r}: allowed {PREFILL_KERNELS}")
     base = base or PodConfig()
@@ -214,8 +217,11 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     # cap for two CTAs an SM) cannot beat it (docs/hopper_prefill.md); the Hopper POD kernel, built on that
     # tile, runs the batch in one launch where the Hopper rule says so (measured on the H200). The rule has
     # its own shares, on Hopper rates: the portable share test below would send a large decode beside a
-    # small prefill serial before the rule's large-decode clause is asked.
-    if prefill_kernel == "sm90":
+    # small prefill serial before the rule's large-decode clause is asked. It holds on any Hopper GPU: a
+    # prefill too small for the standalone Hopper tile (a 512-token chunk without context beside 1767
+    # decodes of 4K) is one more tile of the fused launch, and at the grid's 27 such points `pod` ran serial
+    # (0.92-1.00x the fastest serial path) where the fused launch ran 0.96-1.12x (H200, ff9fb15).
+    if prefill_kernel == "sm90" or hopper:
         return replace(base, variant="fused_sm90" if sm90_fuses(spec, sm90_supported) else "serial")
     # 2. one role only, or one role negligible next to the other: nothing to overlap.
     t_prefill, t_decode = estimated_ms(spec)

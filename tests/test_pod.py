@@ -259,6 +259,15 @@ def test_dispatch_with_the_hopper_prefill_tile():
     small = BatchSpec.build(**LLAMA3, prefill=[(512, 512)], decode=[8192] * 92, page_size=16)
     t_p, t_d = estimated_ms(small)
     assert t_p < 0.05 * t_d and choose_config(small, 132, prefill_kernel="sm90").variant == "fused_sm90"
+    # ... and on a Hopper GPU whatever the standalone prefill kernel: a 512-token chunk without context is under
+    # the Hopper tile's SM90_MIN_PREFILL_FLOPS (so pod.prefill picks the portable tile), yet beside 1767 x 4096
+    # decodes of Llama-3-8B at TP 8 the rule fuses it (the grid at ff9fb15 ran 27 such points serial)
+    from pod.prefill import SM90_MIN_PREFILL_FLOPS
+    tp8 = BatchSpec.build(num_q_heads=4, num_kv_heads=1, head_dim=128, prefill=[(512, 0)], decode=[4096] * 1767,
+                          page_size=16)
+    assert tp8.prefill_flops() < SM90_MIN_PREFILL_FLOPS and sm90_fuses(tp8)
+    assert choose_config(tp8, 132, base, prefill_kernel="portable", hopper=True) == replace(base, variant="fused_sm90")
+    assert choose_config(tp8, 132, base, prefill_kernel="portable").variant == "serial"   # not Hopper: portable rule
     assert not sm90_fuses(BatchSpec.build(num_q_heads=32, num_kv_heads=32, head_dim=128, prefill=[(512, 2560)],
                                           decode=[4096] * 50, page_size=16))           # MHA, 0.78 ms
     assert not sm90_fuses(BatchSpec.build(**LLAMA3, prefill=[(16384, 0)], decode=[4096] * 200, page_size=16))

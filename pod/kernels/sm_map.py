@@ -7,6 +7,14 @@ union-find over those pairs leaves one group of SM ids a GPC (an H100 / H200 has
 which ids they hold is not documented and may differ between chips of one model, since each chip has its
 own disabled TPCs). Nothing in a plan depends on this unless `PodSm90Config.bind` asks for a GPC layout.
 
+What it found on the H200 (docs/hopper_pod.md, Session 10): 17 groups, not 8. Ids 2t and 2t+1 always
+share a group (one TPC); ids 0-63 deal their TPCs round-robin over 8 groups (4 TPCs each); ids 64-123
+deal theirs over 7 groups, two of which are groups of the first 64 ids (grown to 18 SMs: two whole GPCs),
+and 124-131 stay in pairs. Clusters of <= 8 CTAs never joined the other groups of 4 TPCs across the two id
+ranges, so a group is a GPC or a part of one (18 + 18 + 6 x 16 = 132 if each 16-SM GPC is two of them).
+So the default binding's decode lists on ids 0..k-1 (k <= 64) already sit evenly on the 8 GPCs, two
+SMs of a TPC together; measured against it, "gpc_spread" (over the 17 groups) lost 2% and "gpc_pack" 11%.
+
 The orders (`gpc_order`) say on which SM each CTA list of the Hopper POD kernel is planned; the decode
 lists come first. "gpc_spread": the decode lists on SM pairs of consecutive ids (one TPC, if ids 2i and
 2i+1 share one) taken from each GPC in turn, so the decode stream's traffic is spread over every GPC's
@@ -79,7 +87,8 @@ def groups_from_clusters(clusters, num_sms: int) -> list[list[int]]:
 def probe_gpcs(device_index: int = 0, launches: int = 48, seed: int = 0) -> tuple[tuple[int, ...], ...]:
     """The GPCs of CUDA device `device_index` as groups of SM ids (cached for the process). Launches
     clusters of CLUSTER_SIZES at several grid sizes; a few ms of GPU time."""
-    num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    from pod.env import device_num_sms
+    num_sms = device_num_sms(torch.device("cuda", device_index))
     rng = random.Random(seed)
     seen = []
     with torch.cuda.device(device_index):
