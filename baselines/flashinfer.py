@@ -239,14 +239,15 @@ HOLISTIC_PLAN_TRIES = 4
 HOLISTIC_SLACK_BYTES = 64 * 2**20
 
 
-def _plan_with_room(w, plan) -> int:
-    """plan(), growing w's float workspace on FlashInfer's overflow error; returns the workspace's bytes
-    (recorded in the rows: at ff9fb15 BatchAttention gave wrong outputs at four MHA `paper` points, and
-    whether its workspace had been grown there was not recorded)."""
+def _plan_with_room(w, plan) -> tuple[int, bool]:
+    """plan(), growing w's float workspace on FlashInfer's overflow error; returns (the workspace's bytes,
+    whether it was grown), recorded in the rows: at ff9fb15 BatchAttention gave wrong outputs at four MHA
+    `paper` points, and whether its workspace had been grown there was not recorded."""
+    start = w.float_workspace_buffer.numel()
     for attempt in range(HOLISTIC_PLAN_TRIES):
         try:
             plan()
-            return w.float_workspace_buffer.numel()
+            return w.float_workspace_buffer.numel(), w.float_workspace_buffer.numel() != start
         except RuntimeError as e:
             m = _OVERFLOW.search(str(e))
             if m is None or attempt == HOLISTIC_PLAN_TRIES - 1:
@@ -265,7 +266,7 @@ def prepare_fi_batch_attention(batch: HybridBatch):
     fi, h = _fi(), batch.spec.heads
     # BatchAttention owns its workspaces (it allocates them itself; no buffer argument in 0.6.6).
     w = fi.BatchAttention(kv_layout="NHD", device=str(batch.device))
-    float_bytes = _plan_with_room(w, lambda: w.plan(
+    float_bytes, grown = _plan_with_room(w, lambda: w.plan(
         hybrid_qo_indptr(batch), batch.page_indptr, batch.page_indices, batch.kv_lens,
         h.num_q_heads, h.num_kv_heads, h.head_dim, h.head_dim, batch.spec.page_size,
         causal=True, sm_scale=batch.sm_scale, q_data_type=batch.spec.torch_dtype,
@@ -276,7 +277,7 @@ def prepare_fi_batch_attention(batch: HybridBatch):
     def run() -> AttentionOutput:
         out, _lse = w.run(q, kv)
         return split_rows(out, batch)
-    return _with_config(run, float_workspace_mb=round(float_bytes / 2**20), workspace_grown=float_bytes > 384 * 2**20)
+    return _with_config(run, float_workspace_mb=round(float_bytes / 2**20), workspace_grown=grown)
 
 
 @register_backend("fi_pod", layouts=("paged",), availability=_needs_attr("PODWithPagedKVCacheWrapper"),

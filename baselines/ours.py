@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from baselines.registry import DEFAULT_OPTIONS, AttentionOutput, BackendOptions, BackendUnavailable, register_backend
-from pod.api import Plan, plan, warmup
+from pod.api import Plan, dispatch_facts, plan, warmup
 from pod.batch import HybridBatch
 from pod.dispatch import PodConfig
 from pod.env import device_num_sms, interpreting
@@ -176,7 +176,8 @@ def prepare_pod(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     config = POD_CONFIGS[options.pod_config]
     cands = None
     if options.pod_autotune and config is None:
-        cands = pod_autotune_candidates(batch.spec, device_num_sms(batch.device))
+        cands = pod_autotune_candidates(batch.spec, device_num_sms(batch.device),
+                                        **dispatch_facts(batch.spec, batch.device))
     return _prepare_pod(batch, config, cands)
 
 

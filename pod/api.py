@@ -115,6 +115,14 @@ class Plan:
         return fused
 
 
+def dispatch_facts(spec: BatchSpec, device: torch.device) -> dict:
+    """What the dispatcher (pod.dispatch.choose_config) is told about where this batch runs: the standalone
+    prefill kernel pod.prefill picks, whether the Hopper POD kernel handles the batch, a Hopper GPU or not."""
+    from pod.kernels.pod_sm90 import pod_sm90_supports
+    return dict(prefill_kernel=resolve_prefill_kernel(spec, None, device)[0],
+                sm90_supported=pod_sm90_supports(spec) is None, hopper=on_hopper(device))
+
+
 def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None, *,
          device: str | torch.device | None = None, **overrides) -> Plan:
     """Shape-only work for a batch. `config=None` lets the dispatcher choose; keyword overrides
@@ -123,10 +131,7 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
     base = config or PodConfig()
     num_sms = base.num_sms or device_num_sms(device)
     if config is None:
-        from pod.kernels.pod_sm90 import pod_sm90_supports
-        config = choose_config(spec, num_sms, base,
-                               prefill_kernel=resolve_prefill_kernel(spec, None, device)[0],
-                               sm90_supported=pod_sm90_supports(spec) is None, hopper=on_hopper(device))
+        config = choose_config(spec, num_sms, base, **dispatch_facts(spec, device))
     if overrides:
         config = replace(config, **overrides)
 

@@ -208,8 +208,9 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     `prefill_kernel` is the standalone prefill kernel the batch would get ("sm90": the Hopper tile;
     pod.prefill.resolve_prefill_kernel decides it from the device); `sm90_supported`: whether the Hopper
     POD kernel handles the batch (pod.kernels.pod_sm90.pod_sm90_supports; pod.api passes it); `hopper`: the
-    batch runs on a Hopper GPU (pod.env.on_hopper; pod.api passes it): its rule applies even where the
-    standalone prefill is the portable tile (a prefill under pod.prefill.SM90_MIN_PREFILL_FLOPS)."""
+    batch runs on a Hopper GPU (pod.env.on_hopper; pod.api passes it): where the Hopper POD kernel handles
+    the batch its rule applies even if the standalone prefill is the portable tile (a prefill under
+    pod.prefill.SM90_MIN_PREFILL_FLOPS); a layout it does not handle keeps the portable rule below."""
     if prefill_kernel not in PREFILL_KERNELS:
         raise ValueError(f"prefill_kernel={prefill_kernel!r}: allowed {PREFILL_KERNELS}")
     base = base or PodConfig()
@@ -221,7 +222,7 @@ def choose_config(spec: BatchSpec, num_sms: int, base: PodConfig | None = None, 
     # prefill too small for the standalone Hopper tile (a 512-token chunk without context beside 1767
     # decodes of 4K) is one more tile of the fused launch, and at the grid's 27 such points `pod` ran serial
     # (0.92-1.00x the fastest serial path) where the fused launch ran 0.96-1.12x (H200, ff9fb15).
-    if prefill_kernel == "sm90" or hopper:
+    if prefill_kernel == "sm90" or (hopper and sm90_supported):
         return replace(base, variant="fused_sm90" if sm90_fuses(spec, sm90_supported) else "serial")
     # 2. one role only, or one role negligible next to the other: nothing to overlap.
     t_prefill, t_decode = estimated_ms(spec)

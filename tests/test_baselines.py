@@ -516,11 +516,13 @@ def test_batch_attention_gets_the_workspace_its_plan_asks_for(fake_fi, monkeypat
     assert run is not None
     assert run.backend_config["workspace_grown"] and run.backend_config["float_workspace_mb"] * 2**20 >= 1_245_708_288
     w = fake.BatchAttention()
-    got = fib._plan_with_room(w, lambda: w.plan(torch.tensor([0, 1]), torch.tensor([0, 1]), None, torch.tensor([1]),
+    got, grown = fib._plan_with_room(w, lambda: w.plan(torch.tensor([0, 1]), torch.tensor([0, 1]), None, torch.tensor([1]),
                                           4, 2, 64, 64, 16, sm_scale=1.0, q_data_type=torch.bfloat16,
                                           kv_data_type=torch.bfloat16))
     assert w.float_workspace_buffer.numel() >= 1_245_708_288 + w.used_bytes
-    assert w.float_workspace_buffer.numel() % (2 * 2**20) == 0 and got == w.float_workspace_buffer.numel()
+    assert w.float_workspace_buffer.numel() % (2 * 2**20) == 0 and got == w.float_workspace_buffer.numel() and grown
+    monkeypatch.setattr(fake.BatchAttention, "need_bytes", 0)      # fits: nothing grown, and the rows say so
+    assert get_backend("fi_batch_attention").setup(batch).backend_config["workspace_grown"] is False
 
     def other():
         raise RuntimeError("an unrelated failure")

@@ -268,6 +268,12 @@ def test_dispatch_with_the_hopper_prefill_tile():
     assert tp8.prefill_flops() < SM90_MIN_PREFILL_FLOPS and sm90_fuses(tp8)
     assert choose_config(tp8, 132, base, prefill_kernel="portable", hopper=True) == replace(base, variant="fused_sm90")
     assert choose_config(tp8, 132, base, prefill_kernel="portable").variant == "serial"   # not Hopper: portable rule
+    # a layout the Hopper POD kernel refuses (4-token pages) keeps the portable rule on Hopper too: fused
+    page4 = BatchSpec.build(**LLAMA3, prefill=[(2048, 2048)], decode=[4096] * 64, page_size=4)
+    from pod.kernels.pod_sm90 import pod_sm90_supports as supports
+    assert supports(page4) is not None
+    assert choose_config(page4, 132, base, prefill_kernel="portable", sm90_supported=False, hopper=True).variant \
+        == choose_config(page4, 132, base, prefill_kernel="portable").variant == "fused"
     assert not sm90_fuses(BatchSpec.build(num_q_heads=32, num_kv_heads=32, head_dim=128, prefill=[(512, 2560)],
                                           decode=[4096] * 50, page_size=16))           # MHA, 0.78 ms
     assert not sm90_fuses(BatchSpec.build(**LLAMA3, prefill=[(16384, 0)], decode=[4096] * 200, page_size=16))
@@ -295,6 +301,21 @@ def test_dispatch_with_the_hopper_prefill_tile():
     assert choose_config(big_group, 132, prefill_kernel="sm90", sm90_supported=False).variant == "serial"
     with pytest.raises(ValueError, match="prefill_kernel"):
         choose_config(balanced, 132, prefill_kernel="hopper")
+
+
+def test_plan_and_autotune_tell_the_dispatcher_a_hopper_gpu(monkeypatch):
+    """plan() and the autotune candidates hand choose_config the same facts (pod.api.dispatch_facts): on a
+    Hopper GPU a small prefill beside a large GQA decode fuses in the Hopper kernel, off it runs serial."""
+    import pod.api
+    from pod.kernels.configs import pod_autotune_candidates
+    tp8 = BatchSpec.build(num_q_heads=4, num_kv_heads=1, head_dim=128, prefill=[(512, 0)], decode=[4096] * 1767,
+                          page_size=16)
+    assert plan(tp8, device="cpu").config.variant == "serial"
+    monkeypatch.setattr(pod.api, "on_hopper", lambda device: True)
+    facts = pod.api.dispatch_facts(tp8, torch.device("cpu"))
+    assert facts == dict(prefill_kernel="portable", sm90_supported=True, hopper=True)
+    assert plan(tp8, device="cpu").config.variant == "fused_sm90"
+    assert pod_autotune_candidates(tp8, 132, **facts)["dispatcher"].variant == "fused_sm90"
 
 
 def test_a_fused_sm90_plan_holds_the_hopper_kernels_plan():

@@ -34,9 +34,18 @@ def test_groups_from_clusters_recover_the_gpcs():
     assert groups_from_clusters([[3, 5], [5, 9]], 10) == [[0], [1], [2], [3, 5, 9], [4], [6], [7], [8]]
 
 
+def block_gpcs():
+    """GPCs on contiguous id blocks (18, 18, 16 x 6): ids in order would put the first k SMs on one or two."""
+    out, start = [], 0
+    for n in SIZES:
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return tuple(out)
+
+
+@pytest.mark.parametrize("gpcs", [fake_gpcs(), block_gpcs()], ids=["interleaved", "blocks"])
 @pytest.mark.parametrize("k", [1, 16, 48, 64, 131])
-def test_gpc_orders(k):
-    gpcs = fake_gpcs()
+def test_gpc_orders(k, gpcs):
     gpc_of = {s: i for i, g in enumerate(gpcs) for s in g}
     for layout in ("gpc_spread", "gpc_pack"):
         order = gpc_order(layout, gpcs, 132, k)
@@ -50,8 +59,18 @@ def test_gpc_orders(k):
             assert all(b == a + 1 and a % 2 == 0 for a, b in pairs)
         else:                                  # whole GPCs, the largest first: at most one GPC shared
             assert sum(1 for g, n in enumerate(per) if 0 < n < len(gpcs[g])) <= 1
+            assert per[:2] == [min(k, 18), min(max(k - 18, 0), 18)]    # the two 18-SM GPCs first
     with pytest.raises(ValueError):
         gpc_order("gpc", gpcs, 132, k)
+
+
+def test_gpc_order_on_fewer_sms_than_the_map():
+    """A map probed on a larger chip: ids past num_sms are dropped before the order is built, so the spread
+    still takes TPCs from every group that has SMs here."""
+    order = gpc_order("gpc_spread", block_gpcs(), 64, 32)
+    assert sorted(order) == list(range(64))
+    groups = {s: i for i, g in enumerate(block_gpcs()) for s in g}
+    assert sorted({groups[s] for s in order[:32]}) == [0, 1, 2, 3]   # ids 0-63 lie in the first four blocks
 
 
 def test_gpc_binds_in_the_plan():

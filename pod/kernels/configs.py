@@ -169,11 +169,12 @@ POD_RESOURCE_CANDIDATES = ("8w_m128_n32", "8w_m128_n32_s3", "8w_m128_n64", "8w_m
                            "4w_m64_n64", "4w_m64_n64_s3")
 
 
-def pod_autotune_candidates(spec: BatchSpec, num_sms: int) -> dict[str, PodConfig]:
+def pod_autotune_candidates(spec: BatchSpec, num_sms: int, **facts) -> dict[str, PodConfig]:
     """What the `pod` backend times with backend_options.pod_autotune=true: the dispatcher's choice, its
     neighbours in the knobs measured least (tile shape, occupancy roles), and serial. Few on
-    purpose: each distinct set of tile constexprs is one more compile (cached across batches)."""
-    chosen = choose_config(spec, num_sms)
+    purpose: each distinct set of tile constexprs is one more compile (cached across batches). `facts`:
+    choose_config's keywords (prefill_kernel, sm90_supported, hopper), as plan() passes them."""
+    chosen = choose_config(spec, num_sms, **facts)
     fused = chosen if chosen.variant != "serial" else replace(
         chosen, variant="fused", kv_splits=decode_kv_splits(spec, num_sms, chosen.block_n_decode))
     cands = {"dispatcher": chosen,

@@ -889,7 +889,8 @@ class PodSm90Config:
                                          # "gpc_spread" / "gpc_pack" (decode lists on TPCs taken from every
                                          # GPC in turn / on whole GPCs: pod/kernels/sm_map.py)
     gpcs: tuple | None = None            # the GPU's GPCs as groups of SM ids for the "gpc_*" binds (None:
-                                         # sm_map.probe_gpcs on the plan's device)
+                                         # sm_map.probe_gpcs on the plan's device: launches and syncs once a
+                                         # process, so plan such a config before any CUDA-graph capture)
     overlap: bool = True                 # an item's Q and first stages load while the previous item finishes
                                          # (prefill frees Q after its last S and stores O from registers; else
                                          # each item's Q waits for the previous epilogue: a ring drain an item)

@@ -17,9 +17,9 @@ SMs of a TPC together; measured against it, "gpc_spread" (over the 17 groups) lo
 
 The orders (`gpc_order`) say on which SM each CTA list of the Hopper POD kernel is planned; the decode
 lists come first. "gpc_spread": the decode lists on SM pairs of consecutive ids (one TPC, if ids 2i and
-2i+1 share one) taken from each GPC in turn, so the decode stream's traffic is spread over every GPC's
-path to L2; "gpc_pack": the decode lists fill whole GPCs (largest first), so the prefill SMs share no GPC
-with the decode stream. The default binding ("smid": decode lists on the lowest ids) is neither unless the
+2i+1 share one) taken from each group in turn, so the decode stream's traffic is spread over every group;
+"gpc_pack": the decode lists fill whole groups, the largest first (at most one group shared with prefill
+SMs; a whole GPC only where the map's groups are whole GPCs, which the H200's were not, below). The default binding ("smid": decode lists on the lowest ids) is neither unless the
 ids happen to follow the GPCs.
 """
 from __future__ import annotations
@@ -122,7 +122,7 @@ def gpc_order(layout: str, gpcs, num_sms: int, first: int) -> list[int]:
     """Every SM id once: the `first` SMs of the order chosen by `layout` ("gpc_spread" or "gpc_pack", module
     docstring), then the rest in id order. `gpcs`: groups of SM ids (probe_gpcs); ids missing from it
     (a map probed on another chip) come last."""
-    groups = [sorted(g) for g in gpcs if g]
+    groups = [g for g in (sorted(s for s in g if s < num_sms) for g in gpcs) if g]
     if layout == "gpc_spread":
         queues = [_pairs(g) for g in groups]
         head: list[int] = []
@@ -134,6 +134,6 @@ def gpc_order(layout: str, gpcs, num_sms: int, first: int) -> list[int]:
         head = [s for g in sorted(groups, key=lambda g: (-len(g), g[0])) for s in g]
     else:
         raise ValueError(f"gpc_order: layout 'gpc_spread' or 'gpc_pack', not {layout!r}")
-    head = [s for s in head if s < num_sms][:first]
+    head = head[:first]
     taken = set(head)
     return head + [s for s in range(num_sms) if s not in taken]
