@@ -37,11 +37,17 @@ YI = dict(num_q_heads=32, num_kv_heads=4, head_dim=128)      # Yi-6B (GQA 8)
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
+def _models() -> dict:
+    """conf/model/*.yaml by name, as the harness reads them."""
+    from omegaconf import OmegaConf
+    return {f.stem: OmegaConf.to_container(OmegaConf.load(f)) for f in (CONF / "model").glob("*.yaml")}
+
+
 def model_heads(name: str) -> dict:
     """The head counts of conf/model/<name>.yaml (rates --model)."""
-    from omegaconf import OmegaConf
-    m = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    return dict(num_q_heads=int(m.num_q_heads), num_kv_heads=int(m.num_kv_heads), head_dim=int(m.head_dim))
+    from dataclasses import asdict
+    from experiments.harness.points import heads_of
+    return asdict(heads_of(_models()[name]))
 
 # Hybrid points: the paper sweep's centre and its slices (chunk@context + decodes x context), 16-token pages.
 HYBRID = {
@@ -186,9 +192,10 @@ def rates(out, ks=(8, 16, 24, 32, 48, 64, 96, 132), prefill: bool = True, page: 
 def smmap(out) -> list[dict]:
     """The GPCs as groups of SM ids (pod.kernels.sm_map.probe_gpcs, twice with other seeds: the same map?),
     and the SM sets each binding gives a decode role of 16 / 32 / 48 / 64 CTAs, by GPC."""
+    from pod.env import device_num_sms
     from pod.kernels.pod_sm90 import sm_order
     from pod.kernels.sm_map import probe_gpcs
-    n = torch.cuda.get_device_properties(0).multi_processor_count
+    n = device_num_sms("cuda:0")
     gpcs = probe_gpcs(0)
     again = [probe_gpcs(0, launches=96, seed=s) for s in (1, 2)]
     rows = [out(dict(what="gpcs", num_sms=n, n_gpcs=len(gpcs), sizes=[len(g) for g in gpcs],
@@ -265,8 +272,7 @@ def sweep_points(sweep: str = "paper"):
     """The points of conf/sweep/<sweep>.yaml (models from conf/model/), as the harness expands them."""
     from omegaconf import OmegaConf
     from experiments.harness.points import expand_points
-    models = {f.stem: OmegaConf.to_container(OmegaConf.load(f)) for f in (CONF / "model").glob("*.yaml")}
-    return expand_points(OmegaConf.to_container(OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml")), models)
+    return expand_points(OmegaConf.to_container(OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml")), _models())
 
 
 def parse_variants(text: str | None) -> list[tuple[str, dict]]:

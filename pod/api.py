@@ -274,9 +274,8 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
         chosen = plan(batch)
         variants = {chosen.config.variant}
         if prefill and decode:
-            from pod.kernels.pod_sm90 import pod_sm90_supports
-            sm90 = on_hopper(device) and pod_sm90_supports(small) is None
-            variants |= {"fused_sm90" if sm90 else "fused", "serial"}
+            facts = dispatch_facts(small, device)
+            variants |= {"fused_sm90" if facts["hopper"] and facts["sm90_supported"] else "fused", "serial"}
         for variant in sorted(variants):
             p = chosen if variant == chosen.config.variant else plan(batch, variant=variant)
             p.runner(batch)()

@@ -1210,10 +1210,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     bound = cfg.bind != "block"
     gpcs = cfg.gpcs
     if cfg.bind.startswith("gpc_") and gpcs is None:
-        if device.type != "cuda":
-            raise ValueError(f"bind {cfg.bind!r} off the GPU needs PodSm90Config.gpcs (no GPCs to probe)")
-        from pod.kernels.sm_map import probe_gpcs
-        gpcs = probe_gpcs(device.index if device.index is not None else torch.cuda.current_device())
+        from pod.kernels.sm_map import gpcs_of
+        gpcs = gpcs_of(device)
     tables = device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
                             cta_items=np.array(flat),
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists), gpcs)) if bound else None,

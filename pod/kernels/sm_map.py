@@ -105,6 +105,13 @@ def probe_gpcs(device_index: int = 0, launches: int = 48, seed: int = 0) -> tupl
     return tuple(tuple(g) for g in groups_from_clusters(clusters, num_sms))
 
 
+def gpcs_of(device: torch.device):
+    """probe_gpcs for a plan's device; off the GPU there is nothing to probe (give the map instead)."""
+    if device.type != "cuda":
+        raise ValueError("a gpc_* bind off the GPU needs PodSm90Config.gpcs (no GPCs to probe)")
+    return probe_gpcs(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _pairs(ids: list[int]) -> list[list[int]]:
     """Sorted ids as runs of 2i, 2i+1 (one TPC on NVIDIA's numbering, as far as we know) and singles."""
     out, i = [], 0
