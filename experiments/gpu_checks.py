@@ -288,7 +288,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     flight together ("decode_pipe") or its O^T one stage behind ("decode_lag", also on 4 CTAs: "lag_ctas4"),
     or its softmax rescaled lazily ("decode_lazy", "lazy_ctas4"; these and "planned" once more on the first
     seed with decode queries x SHARP_Q, rows "sharp_..."), and prefill tiles in LPT order ("cost_order"; the
-    default lists them by kv head): both outputs start as NaN, stale page slots hold NaN;
+    default lists them by kv head), and L2 policies on both roles' K/V copies ("l2_hints", "l2_ctas4": decode
+    evict-first ("l2_decode": that alone), prefill evict-last): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
     equal. `shard=(i, n)`: only cases i, i+n, ... (n processes compile their kernels in parallel)."""
     from pod.kernels.pod_sm90 import PodSm90Config, pod_sm90_supports
@@ -304,7 +305,10 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "decode_lag": PodSm90Config(decode_loop="lag"), "lag_ctas4": PodSm90Config(num_ctas=4, decode_loop="lag"),
              "decode_lazy": PodSm90Config(decode_loop="lazy"),
              "lazy_ctas4": PodSm90Config(num_ctas=4, decode_loop="lazy"),
-             "cost_order": PodSm90Config(prefill_order="cost")}
+             "cost_order": PodSm90Config(prefill_order="cost"),
+             "l2_decode": PodSm90Config(decode_l2="evict_first"),
+             "l2_hints": PodSm90Config(decode_l2="evict_first", prefill_l2="evict_last"),
+             "l2_ctas4": PodSm90Config(num_ctas=4, decode_l2="evict_first", prefill_l2="evict_last")}
     # Sharp softmax (decode queries x SHARP_Q: scores spread over tens of log2 units, so a column's maximum
     # keeps jumping past the lazy loop's threshold after an item's first stage): these grids run again on it.
     sharp_grids = ("planned", "decode_lazy", "lazy_ctas4")

@@ -135,11 +135,20 @@ def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
             "compile_report(PodSm90Config(overlap=False), paged=True), "
             "compile_report(PodSm90Config(decode_loop='pipe'), paged=True), "
             "compile_report(PodSm90Config(decode_loop='lag'), paged=True), "
-            "compile_report(PodSm90Config(decode_loop='lazy'), paged=True)]))")
+            "compile_report(PodSm90Config(decode_loop='lazy'), paged=True), "
+            "compile_report(PodSm90Config(decode_l2='evict_first', prefill_l2='evict_last'), paged=True), "
+            "compile_report(PodSm90Config(decode_l2='evict_first'), paged=False)]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]
-    for r in json.loads(res.stdout.strip().splitlines()[-1]):
+    reports = json.loads(res.stdout.strip().splitlines()[-1])
+    # L2 policies (pod.kernels.ptx_hints): none unless asked; then exactly the role's K/V copies. Paged
+    # (16-token pages): a decode stage's 2 x 4 copies of K and of V; a prefill stage's 8 pages x (whole,
+    # tail) x (K, V). Contiguous: one copy an item half (decode), one of K and of V (prefill).
+    assert all(not r["l2_hints"] for r in reports[:6]), [r["l2_hints"] for r in reports]
+    assert reports[6]["l2_hints"] == {"evict_first": 16, "evict_last": 32}, reports[6]
+    assert reports[7]["l2_hints"] == {"evict_first": 4}, reports[7]
+    for r in reports:
         assert r["num_warps_total"] == 12 and r["setmaxnreg"] > 0, r
         assert r["wgmma"] > 0 and r["tma_loads"] > 0, r
         # prefill: 64 query rows x 128 keys; decode swap-AB: 64 keys (or D) x the item's 16 q-head columns

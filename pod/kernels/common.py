@@ -175,6 +175,8 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
                   wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
                   cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                   tma_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"),
+                  # TMA copies given an L2 policy by pod.kernels.ptx_hints, per policy
+                  l2_hints=dict(Counter(re.findall(r"createpolicy\.fractional\.L2::(\w+)\.b64 %pod_l2p", ptx))),
                   wgmma_shapes=dict(sorted(Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)",
                                                               ptx)).items())))
     report.update(ptxas_report(ptx, arch))

@@ -66,11 +66,14 @@ from pod.kernels.common import LOG2E
 from pod.kernels.lpt import RunBounds, list_schedule, lpt, lpt_makespan, runs_of, shifted_runs
 from pod.kernels.tables import device_tables
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
+from pod.kernels.ptx_hints import install as _install_ptx_hints
+from pod.kernels.ptx_hints import l2_tag_evict_first, l2_tag_evict_last
 
 if TYPE_CHECKING:
     from pod.kernels.decode import DecodeWork
 
 SM90_SHARED_LIMIT = 227 * 1024
+_install_ptx_hints()       # the L2 tags of decode_l2 / prefill_l2 become cache policies in the PTX (no-op without)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,18 +162,18 @@ def _pair_rows(block_table, seq_a, seq_b, st_a, st_b, tile_a, tile_b, last_a, la
 
 
 @gluon.jit
-def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, g_a, g_b,
+def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, col_a, col_b,
                      NCOPY: gl.constexpr, COPY_ROWS: gl.constexpr, HALF_N: gl.constexpr, BLOCK_N: gl.constexpr,
                      HEAD_DIM: gl.constexpr, ELT: gl.constexpr):
     """K (or V) of one decode-pair stage into `dst` [BLOCK_N, D]: the expected bytes on `bar` (one half-tile
     or both), then copy c of _pair_rows' 2 * NCOPY rows into rows c * COPY_ROWS.. (item A's, then B's,
-    each from its kv head's columns; a copy of an item with no keys left is predicated off)."""
+    each from its kv head's columns col_a / col_b; a copy of an item with no keys left is predicated off)."""
     mbarrier.expect(bar, HALF_N * HEAD_DIM * ELT, pred=single)
     mbarrier.expect(bar, BLOCK_N * HEAD_DIM * ELT, pred=both)
     for c in gl.static_range(2 * NCOPY):
         row = gl.sum(gl.where(ci == c, rows, 0), 0)
         use = use_a if c < NCOPY else use_b
-        col = (g_a if c < NCOPY else g_b) * HEAD_DIM
+        col = col_a if c < NCOPY else col_b
         tma.async_copy_global_to_shared(desc, [row, col], bar, dst.slice(c * COPY_ROWS, COPY_ROWS), pred=use)
 
 
@@ -201,7 +204,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
               num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
-              STAGES: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr):
+              STAGES: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr, DECODE_L2: gl.constexpr,
+              PREFILL_L2: gl.constexpr):
     """1 warp: every TMA copy of the CTA's items, in item order, through the one ring. TAIL_MASK: a prefill
     item's last page comes through the whole-tensor descriptors like every other (its stale V rows are
     zeroed by the consumers), so items follow each other through the ring without a drain; else through
@@ -209,7 +213,9 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     OVERLAP: an item's first STAGES - 1 stages are issued before its Q (whose buffer the previous item may
     still hold), so the next item's K/V are in flight while the consumers finish the last one. Never more
     than STAGES - 1: stage STAGES would wait for a slot that only this item's first stage frees, which
-    needs its Q (a deadlock)."""
+    needs its Q (a deadlock).
+    DECODE_L2 / PREFILL_L2: 1 tags the role's K/V copies with an L2 policy (evict-first / evict-last), 0 not.
+    (Q copies are never tagged.)"""
     dtype: gl.constexpr = K.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -240,6 +246,9 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
             chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
+            kv_col = (head // GROUP) * HEAD_DIM
+            if PREFILL_L2 == 1:                          # re-read by every query tile of the kv head: keep in L2
+                kv_col = l2_tag_evict_last(kv_col)
             if TAIL_MASK:
                 k_tail = k_full
                 v_tail = v_full
@@ -265,7 +274,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT)
                 _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, chunk, kv_start, t, last_idx, stride_bt,
                                k_smem.index(s), v_smem.index(s), ready_k.index(s), ready_v.index(s),
-                               (head // GROUP) * HEAD_DIM, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
+                               kv_col, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
                 it += 1
                 if OVERLAP:
                     if t + 1 == gl.minimum(n_tiles, STAGES - 1):
@@ -284,6 +293,11 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
             qrow_a = req_a * (GROUP * NUM_KV_HEADS) + g_a * GROUP
             qrow_b = req_b * (GROUP * NUM_KV_HEADS) + g_b * GROUP
             n_st = gl.maximum(n_a, n_b)
+            col_a = g_a * HEAD_DIM                       # the items' kv-head columns of K / V
+            col_b = g_b * HEAD_DIM
+            if DECODE_L2 == 1:                           # read once: evict-first in L2 (pod.kernels.ptx_hints)
+                col_a = l2_tag_evict_first(col_a)
+                col_b = l2_tag_evict_first(col_b)
             if not OVERLAP:
                 _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
                                ROWS * HEAD_DIM * ELT)
@@ -302,10 +316,10 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 # A decode stage's K and V are released apart (K once S^T is computed): refill each alone.
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 _issue_pair_half(kd, ready_k.index(s), k_smem.index(s), rows, ci, single, both, t < n_a, t < n_b,
-                                 g_a, g_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
+                                 col_a, col_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
                 mbarrier.wait(empty_v.index(s), ((it // STAGES) & 1) ^ 1)
                 _issue_pair_half(vd, ready_v.index(s), v_smem.index(s), rows, ci, single, both, t < n_a, t < n_b,
-                                 g_a, g_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
+                                 col_a, col_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
                 it += 1
                 if OVERLAP:
                     if t + 1 == gl.minimum(n_st, STAGES - 1):
@@ -800,7 +814,8 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
                     DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr, TAIL_MASK: gl.constexpr,
-                    OVERLAP: gl.constexpr, DECODE_LOOP: gl.constexpr):
+                    OVERLAP: gl.constexpr, DECODE_LOOP: gl.constexpr, DECODE_L2: gl.constexpr,
+                    PREFILL_L2: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     if BIND:                                             # the list planned for this SM (_claim_list)
         cta = _claim_list(sm_map, claim, gl.num_programs(0))
@@ -844,7 +859,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
-                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK, OVERLAP)),
+                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK, OVERLAP, DECODE_L2, PREFILL_L2)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -907,6 +922,10 @@ class PodSm90Config:
                                          # H200, 46 paper points: 1.031x "cost", MHA up to 1.17x) or "cost"
                                          # (LPT, longest first: the first wave holds a few query tiles of
                                          # every kv head)
+    decode_l2: str = "normal"            # the decode role's K/V copies in L2: "normal" or "evict_first" (read
+                                         # once: they should not push out the prefill tiles' K/V, which every
+                                         # query tile of a kv head re-reads from L2; pod/kernels/ptx_hints.py)
+    prefill_l2: str = "normal"           # the prefill role's K/V copies: "normal" or "evict_last"
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -934,6 +953,10 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
         return f"{config} needs {config.shared_bytes(h.head_dim)} B of shared memory (227 KB an SM)"
     if h.group_size > 32:
         return f"GQA group {h.group_size} (<= 32: a decode item's q heads are the N of a swap-AB wgmma)"
+    if config.decode_l2 not in DECODE_L2S:
+        return f"decode_l2 {config.decode_l2!r} (one of {DECODE_L2S})"
+    if config.prefill_l2 not in PREFILL_L2S:
+        return f"prefill_l2 {config.prefill_l2!r} (one of {PREFILL_L2S})"
     if config.decode_loop not in DECODE_LOOPS:
         return f"decode_loop {config.decode_loop!r} (one of {DECODE_LOOPS})"
     if config.decode_loop != "plain" and (config.decode_skip or not config.decode_xchg):
@@ -946,6 +969,8 @@ def pod_sm90_supports(spec: BatchSpec, config: PodSm90Config = PodSm90Config()) 
 
 
 DECODE_LOOPS = ("plain", "pipe", "lag", "lazy")   # PodSm90Config.decode_loop -> the kernel's DECODE_LOOP
+DECODE_L2S = ("normal", "evict_first")            # PodSm90Config.decode_l2 -> DECODE_L2
+PREFILL_L2S = ("normal", "evict_last")            # PodSm90Config.prefill_l2 -> PREFILL_L2
 PREFILL_ORDERS = ("cost", "kv_head")
 SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
 BINDS = ("block", "smid", "stride", "collide", "gpc_spread", "gpc_pack")
@@ -1275,7 +1300,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
                  DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None,
                  TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap,
-                 DECODE_LOOP=DECODE_LOOPS.index(cfg.decode_loop))
+                 DECODE_LOOP=DECODE_LOOPS.index(cfg.decode_loop),
+                 DECODE_L2=DECODE_L2S.index(cfg.decode_l2), PREFILL_L2=PREFILL_L2S.index(cfg.prefill_l2))
     return args, const
 
 
