@@ -210,20 +210,43 @@ def smmap(out) -> list[dict]:
     return rows
 
 
-def launch(out, k: int = 16, page: int | None = 16, skip: int = 0) -> list[dict]:
-    """Three launches of the decode role alone (64 x 8192 Llama-3-8B on k CTAs), checked, untimed: what a
-    profiler attaches to (`ncu -k regex:pod_sm90 --launch-skip 2 --launch-count 1 ...`)."""
+def launch(out, k: int = 16, page: int | None = 16, skip: int = 0, point: str | None = None,
+           variants=(("default", {}),)) -> list[dict]:
+    """Launches to attach a profiler to (`ncu -k regex:pod_sm90 ...`), each checked, untimed. Without
+    `point`: the decode role alone (64 x 8192 Llama-3-8B on k CTAs), three times. With a HYBRID `point`: its
+    planned fused launch under each config variant (parse_variants), then each role alone on the SMs the
+    default plan gives it (the prefill batch on grid - decode_ctas CTAs, the decode batch on decode_ctas),
+    three launches each, in that order: what the hybrid's HBM and L2 traffic is made of."""
+    from dataclasses import replace
     from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
-    dec = Bench(_spec(L3, [], [8192] * 64, page))
-    work = plan_pod_sm90(dec.batch, PodSm90Config(num_ctas=k, decode_skip=skip))
-    outs = dec.batch.empty_outputs()
-    run = work.runner(dec.batch, *outs)
-    errs = dec.check(run, outs, () if skip else ("decode",))
-    for _ in range(2):
-        run()
-    torch.cuda.synchronize()
-    return [out(dict(what=f"launch: decode 64x8192 on {k} CTAs, page {page}, skip {skip}", k=k, **errs,
-                     ok=all(e < 2e-2 for e in errs.values())))]
+    if point is None:
+        dec = Bench(_spec(L3, [], [8192] * 64, page))
+        runs = [(f"launch: decode 64x8192 on {k} CTAs, page {page}, skip {skip}", dec,
+                 PodSm90Config(num_ctas=k, decode_skip=skip), () if skip else ("decode",))]
+    else:
+        heads, prefill, decode, pg = HYBRID[point]
+        hyb = Bench(_spec(heads, prefill, decode, pg))
+        runs = [(f"launch: {point} {label}", hyb, replace(PodSm90Config(), **kv), ("prefill", "decode"))
+                for label, kv in variants]
+        planned = plan_pod_sm90(hyb.batch, PodSm90Config())
+        kd = planned.decode_ctas
+        del hyb
+        runs += [(f"launch: {point} prefill alone on {planned.grid - kd} CTAs",
+                  Bench(_spec(heads, prefill, [], pg)), PodSm90Config(num_ctas=planned.grid - kd), ("prefill",)),
+                 (f"launch: {point} decode alone on {kd} CTAs",
+                  Bench(_spec(heads, [], decode, pg)), PodSm90Config(num_ctas=kd), ("decode",))]
+    rows = []
+    for what, bench, cfg, parts in runs:
+        work = plan_pod_sm90(bench.batch, cfg)
+        outs = bench.batch.empty_outputs()
+        run = work.runner(bench.batch, *outs)
+        errs = bench.check(run, outs, parts)
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+        rows.append(out(dict(what=what, grid=work.grid, decode_ctas=work.decode_ctas, **errs,
+                             ok=all(e < 2e-2 for e in errs.values()))))
+    return rows
 
 
 def _backend(bench: Bench, name: str) -> dict:
@@ -398,13 +421,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "smmap", "table", "sweep-table"))
     ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
-    ap.add_argument("--points", help="comma-separated HYBRID names (split/compare)")
+    ap.add_argument("--points", help="comma-separated HYBRID names (split/compare; launch: the first)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first; "
                                  "curve: the forced decode CTA counts ('none': the planned launch only)")
     ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
     ap.add_argument("--binds", help="curve (default block) and rates (default smid): comma-separated "
                                     "PodSm90Config.bind values to time")
-    ap.add_argument("--variants", help="curve: ';'-separated PodSm90Config overrides to time side by side, "
+    ap.add_argument("--variants", help="curve, launch --points: ';'-separated PodSm90Config overrides to time side by side, "
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
@@ -483,7 +506,8 @@ def main(argv: list[str]) -> int:
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
                                     tuple((a.binds or "block").split(",")), parse_variants(a.variants)),
               smmap=smmap,
-              launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0])))[a.what]
+              launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0]),
+                                      points[0] if points else None, parse_variants(a.variants)))[a.what]
     rows = fn(out)
     bad = [r for r in rows if r.get("ok") is False and "skipped" not in r]
     print(f"{a.what}: {len(rows)} rows, {len(bad)} failed checks")
