@@ -231,10 +231,12 @@ def launch(out, k: int = 16, page: int | None = 16, skip: int = 0, point: str | 
         planned = plan_pod_sm90(hyb.batch, PodSm90Config())
         kd = planned.decode_ctas
         del hyb
-        runs += [(f"launch: {point} prefill alone on {planned.grid - kd} CTAs",
-                  Bench(_spec(heads, prefill, [], pg)), PodSm90Config(num_ctas=planned.grid - kd), ("prefill",)),
-                 (f"launch: {point} decode alone on {kd} CTAs",
-                  Bench(_spec(heads, [], decode, pg)), PodSm90Config(num_ctas=kd), ("decode",))]
+        if planned.grid > kd:                   # (num_ctas=0 would mean the whole GPU)
+            runs.append((f"launch: {point} prefill alone on {planned.grid - kd} CTAs",
+                         Bench(_spec(heads, prefill, [], pg)), PodSm90Config(num_ctas=planned.grid - kd), ("prefill",)))
+        if kd > 0:
+            runs.append((f"launch: {point} decode alone on {kd} CTAs",
+                         Bench(_spec(heads, [], decode, pg)), PodSm90Config(num_ctas=kd), ("decode",)))
     rows = []
     for what, bench, cfg, parts in runs:
         work = plan_pod_sm90(bench.batch, cfg)

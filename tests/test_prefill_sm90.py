@@ -142,12 +142,13 @@ def test_hopper_pod_kernel_compiles_with_both_roles_for_sm90a():
                          env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]
     reports = json.loads(res.stdout.strip().splitlines()[-1])
-    # L2 policies (pod.kernels.ptx_hints): none unless asked; then exactly the role's K/V copies. Paged
-    # (16-token pages): a decode stage's 2 x 4 copies of K and of V; a prefill stage's 8 pages x (whole,
-    # tail) x (K, V). Contiguous: one copy an item half (decode), one of K and of V (prefill).
+    # L2 policies (pod.kernels.ptx_hints): none unless asked; then every copy of the role's K/V, each of
+    # them two TMA copies at head_dim 128 (128-byte swizzle: columns 0-63 and 64-127). Paged (16-token
+    # pages): a decode stage's 2 items x 4 pages of K and of V; a prefill stage's 8 pages x (whole, tail
+    # descriptor) x (K, V). Contiguous: one box an item half (decode), one of K and of V (prefill).
     assert all(not r["l2_hints"] for r in reports[:6]), [r["l2_hints"] for r in reports]
-    assert reports[6]["l2_hints"] == {"evict_first": 16, "evict_last": 32}, reports[6]
-    assert reports[7]["l2_hints"] == {"evict_first": 4}, reports[7]
+    assert reports[6]["l2_hints"] == {"evict_first": 2 * 16, "evict_last": 2 * 32}, reports[6]
+    assert reports[7]["l2_hints"] == {"evict_first": 2 * 4}, reports[7]
     for r in reports:
         assert r["num_warps_total"] == 12 and r["setmaxnreg"] > 0, r
         assert r["wgmma"] > 0 and r["tma_loads"] > 0, r

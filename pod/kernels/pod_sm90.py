@@ -1275,6 +1275,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
         if not t.is_contiguous():
             raise ValueError(f"the Hopper POD kernel needs a dense {name} (got strides {t.stride()})")
     paged = spec.paged
+    if cfg.decode_l2 != "normal" or cfg.prefill_l2 != "normal":
+        _install_ptx_hints()                     # back in place if someone reset Triton's hooks since import
     # A role without rows still gets a valid TMA descriptor: the other role's queries stand in (never read).
     q = batch.q_prefill if batch.q_prefill.shape[0] else batch.q_decode
     qd = batch.q_decode if batch.q_decode.shape[0] else batch.q_prefill
