@@ -217,7 +217,6 @@ def launch(out, k: int = 16, page: int | None = 16, skip: int = 0, point: str | 
     planned fused launch under each config variant (parse_variants), then each role alone on the SMs the
     default plan gives it (the prefill batch on grid - decode_ctas CTAs, the decode batch on decode_ctas),
     three launches each, in that order: what the hybrid's HBM and L2 traffic is made of."""
-    from dataclasses import replace
     from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
     if point is None:
         dec = Bench(_spec(L3, [], [8192] * 64, page))
@@ -230,7 +229,6 @@ def launch(out, k: int = 16, page: int | None = 16, skip: int = 0, point: str | 
                 for label, kv in variants]
         planned = plan_pod_sm90(hyb.batch, PodSm90Config())
         kd = planned.decode_ctas
-        del hyb
         if planned.grid > kd:                   # (num_ctas=0 would mean the whole GPU)
             runs.append((f"launch: {point} prefill alone on {planned.grid - kd} CTAs",
                          Bench(_spec(heads, prefill, [], pg)), PodSm90Config(num_ctas=planned.grid - kd), ("prefill",)))

@@ -157,6 +157,7 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile
     from triton.runtime.jit import create_function_from_signature
+    from pod.kernels.ptx_hints import hinted_copies
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -175,8 +176,7 @@ def sm90_compile_report(kernel, *args, num_warps: int = 4, num_stages: int = 3, 
                   wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
                   cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                   tma_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"),
-                  # TMA copies given an L2 policy by pod.kernels.ptx_hints, per policy
-                  l2_hints=dict(Counter(re.findall(r"createpolicy\.fractional\.L2::(\w+)\.b64 %pod_l2p", ptx))),
+                  l2_hints=hinted_copies(ptx),    # TMA copies given an L2 policy (pod.kernels.ptx_hints)
                   wgmma_shapes=dict(sorted(Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)",
                                                               ptx)).items())))
     report.update(ptxas_report(ptx, arch))

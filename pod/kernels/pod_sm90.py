@@ -66,14 +66,12 @@ from pod.kernels.common import LOG2E
 from pod.kernels.lpt import RunBounds, list_schedule, lpt, lpt_makespan, runs_of, shifted_runs
 from pod.kernels.tables import device_tables
 from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
-from pod.kernels.ptx_hints import install as _install_ptx_hints
-from pod.kernels.ptx_hints import l2_tag_evict_first, l2_tag_evict_last
+from pod.kernels.ptx_hints import install as _install_ptx_hints, l2_tag_evict_first, l2_tag_evict_last
 
 if TYPE_CHECKING:
     from pod.kernels.decode import DecodeWork
 
 SM90_SHARED_LIMIT = 227 * 1024
-_install_ptx_hints()       # the L2 tags of decode_l2 / prefill_l2 become cache policies in the PTX (no-op without)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1276,7 +1274,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
             raise ValueError(f"the Hopper POD kernel needs a dense {name} (got strides {t.stride()})")
     paged = spec.paged
     if cfg.decode_l2 != "normal" or cfg.prefill_l2 != "normal":
-        _install_ptx_hints()                     # back in place if someone reset Triton's hooks since import
+        _install_ptx_hints()                     # the tags become cache policies when the kernel compiles
     # A role without rows still gets a valid TMA descriptor: the other role's queries stand in (never read).
     q = batch.q_prefill if batch.q_prefill.shape[0] else batch.q_decode
     qd = batch.q_decode if batch.q_decode.shape[0] else batch.q_prefill

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 POLICIES = ("evict_first", "evict_last")
+_POLICY = re.compile(r"createpolicy\.fractional\.L2::(\w+)\.b64 %pod_l2p")   # one a hinted copy (`apply`)
 
 _TAG = re.compile(r"pod\.l2tag\.v1\.(\w+)\.b32(\s+)(%r\d+),(\s*)(%r\d+);")
 # dst <- src (+ constant): what carries a tag on from a tagged register
@@ -98,10 +100,15 @@ def apply(ptx: str) -> tuple[str, dict[str, int]]:
     return out, {k: v for k, v in counts.items() if v}
 
 
+def hinted_copies(ptx: str) -> dict[str, int]:
+    """How many copies of this PTX `apply` gave each policy (the compile checks count them)."""
+    return dict(Counter(_POLICY.findall(ptx)))
+
+
 def install() -> None:
     """Run `apply` on every kernel's PTX from now on (Triton's add_stages_inspection_hook; a hook already
-    there runs first). Idempotent: call it before compiling a tagged kernel (pod_sm90 does, per launch
-    set-up, so a hook reset in between is put back)."""
+    there runs first). Idempotent: call it before compiling a tagged kernel (pod_sm90.launch_args does, for
+    a config that asks for hints)."""
     from triton import knobs
     prev = knobs.runtime.add_stages_inspection_hook
     if getattr(prev, "_pod_l2_hints", False):
