@@ -18,10 +18,11 @@ checks per point (output vs the fp32 reference, timing). Entry points for the H1
                                            #     ragged batches (4 models, bf16/fp16, contiguous and pages
                                            #     of 16/64/256, NaN in stale page slots, NaN-poisoned
                                            #     outputs, 2 seeds): vs the fp32 reference, LSE, repeat
-    python -m experiments.gpu_checks pod_sm90 [i/n]  # (f) the Hopper POD kernel (pod/kernels/pod_sm90.py) on
-                                           #     hybrid, decode-only and prefill-only batches, same checks as
-                                           #     (e) for both parts; i/n: every n-th case from i (run n
-                                           #     processes side by side: they compile in parallel)
+    python -m experiments.gpu_checks pod_sm90 [i/n [GRID,...]]  # (f) the Hopper POD kernel
+                                           #     (pod/kernels/pod_sm90.py) on hybrid, decode-only and
+                                           #     prefill-only batches, same checks as (e) for both parts;
+                                           #     i/n: every n-th case from i (run n processes side by side:
+                                           #     they compile in parallel); GRID,...: only those configs
     python -m experiments.gpu_checks serving [BACKEND ...]  # (g) a few serving-engine iterations of a
                                            #     small model with pod, triton_serial (and fi_serial when
                                            #     FlashInfer imports): tokens, finite logits, attention error
@@ -276,7 +277,8 @@ POD_SM90_CHECK_SHAPES = (
 )
 
 
-def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int, int] = (0, 1),
+                   only: tuple[str, ...] | None = None) -> list[dict]:
     """(f) pod/kernels/pod_sm90.py on POD_SM90_CHECK_SHAPES x layouts x dtypes x seeds, each with the
     planner's grid and with a 4-CTA grid (many items a CTA: ring and Q-handshake phases across items, pairs
     of unequal items), a forced 1-CTA decode role, and 2 decode CTAs of 6 that take prefill tiles after
@@ -289,9 +291,14 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     or its softmax rescaled lazily ("decode_lazy", "lazy_ctas4"; these and "planned" once more on the first
     seed with decode queries x SHARP_Q, rows "sharp_..."), and prefill tiles in LPT order ("cost_order"; the
     default lists them by kv head), and L2 policies on both roles' K/V copies ("l2_hints", "l2_ctas4": decode
-    evict-first ("l2_decode": that alone), prefill evict-last): both outputs start as NaN, stale page slots hold NaN;
+    evict-first ("l2_decode": that alone), prefill evict-last), and items claimed at run time from the two
+    queues ("dynamic"; on 4 CTAs, where both roles' CTAs take the other role's items in either order,
+    "dyn_ctas4", also with tails through rebuilt descriptors "dyn_desc" and without overlap "dyn_no_overlap";
+    one decode CTA of 12, "dyn_decode1"; lists bound to blocks, "dyn_block", or all SMs asking for list 0,
+    "dyn_collide"): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
-    equal. `shard=(i, n)`: only cases i, i+n, ... (n processes compile their kernels in parallel)."""
+    equal (the dynamic queues' cursors are reset by the launch itself). `shard=(i, n)`: only cases i, i+n,
+    ... (n processes compile their kernels in parallel); `only`: just these grids (names above)."""
     from pod.kernels.pod_sm90 import PodSm90Config, pod_sm90_supports
     dev = _cuda()
     rows = []
@@ -308,10 +315,23 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "cost_order": PodSm90Config(prefill_order="cost"),
              "l2_decode": PodSm90Config(decode_l2="evict_first"),
              "l2_hints": PodSm90Config(decode_l2="evict_first", prefill_l2="evict_last"),
-             "l2_ctas4": PodSm90Config(num_ctas=4, decode_l2="evict_first", prefill_l2="evict_last")}
+             "l2_ctas4": PodSm90Config(num_ctas=4, decode_l2="evict_first", prefill_l2="evict_last"),
+             "dynamic": PodSm90Config(balance="dynamic"),
+             "dyn_ctas4": PodSm90Config(num_ctas=4, balance="dynamic"),
+             "dyn_desc": PodSm90Config(num_ctas=4, balance="dynamic", prefill_tail="desc"),
+             "dyn_no_overlap": PodSm90Config(num_ctas=4, balance="dynamic", overlap=False),
+             "dyn_decode1": PodSm90Config(num_ctas=12, decode_ctas=1, balance="dynamic"),
+             "dyn_block": PodSm90Config(balance="dynamic", bind="block"),
+             "dyn_collide": PodSm90Config(num_ctas=12, bind="collide", balance="dynamic")}
     # Sharp softmax (decode queries x SHARP_Q: scores spread over tens of log2 units, so a column's maximum
     # keeps jumping past the lazy loop's threshold after an item's first stage): these grids run again on it.
-    sharp_grids = ("planned", "decode_lazy", "lazy_ctas4")
+    sharp_grids = ("planned", "decode_lazy", "lazy_ctas4", "dynamic")
+    if only is not None:
+        unknown = set(only) - set(grids)
+        if unknown:
+            raise ValueError(f"pod_sm90 grids {sorted(unknown)}: not among {sorted(grids)}")
+        grids = {g: c for g, c in grids.items() if g in only}
+        sharp_grids = tuple(g for g in sharp_grids if g in only)
     case = -1
     for n_case, (heads, chunks, decodes, layouts, dtypes) in enumerate(POD_SM90_CHECK_SHAPES):
         for dtype in dtypes:
@@ -332,7 +352,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
                     runs = [(batch, "", grids)]
                     if spec.num_decode and seed == seeds[0]:
                         sharp = replace(batch, q_decode=batch.q_decode * SHARP_Q)
-                        runs.append((sharp, "sharp_", {g: grids[g] for g in sharp_grids}))
+                        if sharp_grids:
+                            runs.append((sharp, "sharp_", {g: grids[g] for g in sharp_grids}))
                     for b, tag, run_grids in runs:
                         rows += _check_pod_sm90_grids(b, row, tag, run_grids, tol, out)
     return rows
@@ -376,12 +397,13 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     """(check, its arguments): the first word (default repeat), one of COMMANDS; anything else exits 2
     with one line naming the checks."""
     cmd, rest = (argv[0], list(argv[1:])) if argv else ("repeat", [])
-    shard_ok = cmd == "pod_sm90" and len(rest) == 1 and re.fullmatch(r"\d+/[1-9]\d*", rest[0]) \
-        and int(rest[0].split("/")[0]) < int(rest[0].split("/")[1])
+    shard_ok = cmd == "pod_sm90" and len(rest) in (1, 2) and re.fullmatch(r"\d+/[1-9]\d*", rest[0]) \
+        and int(rest[0].split("/")[0]) < int(rest[0].split("/")[1]) \
+        and (len(rest) == 1 or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", rest[1]) is not None)
     if cmd not in COMMANDS or (rest and cmd not in ("serving", "graphs") and not shard_ok
                                and (rest != ["contig"] or cmd != "offline")):
         print(f"gpu_checks: {' '.join(argv)!r} is not a check; one of {', '.join(COMMANDS)} "
-              f"(offline takes `contig`, pod_sm90 a shard `i/n`, serving and graphs backend names)",
+              f"(offline takes `contig`, pod_sm90 a shard `i/n` and grid names `a,b`, serving and graphs backend names)",
               file=sys.stderr)
         raise SystemExit(2)
     return cmd, rest
@@ -551,7 +573,8 @@ def main(argv: list[str]) -> int:
         print(f"serving: {ran} backends served, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
         return 1 if bad else 0
     shard = tuple(int(x) for x in rest[0].split("/")) if rest else (0, 1)
-    rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90(shard=shard)   # the two left
+    only = tuple(rest[1].split(",")) if len(rest) > 1 else None
+    rows = check_prefill_sm90() if cmd == "prefill_sm90" else check_pod_sm90(shard=shard, only=only)  # the two left
     bad = [r for r in rows if not r["ok"]]
     ran = sum("skipped" not in r for r in rows)
     print(f"{cmd}: {ran} runs, {len(bad)} failed" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))

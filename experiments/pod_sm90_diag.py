@@ -27,6 +27,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pod.batch import BatchSpec, make_batch
@@ -393,6 +394,46 @@ def table(path: str) -> None:
         print(" ".join(cells)[:400])
 
 
+def variant_table(path: str) -> None:
+    """A/B of a curve's config variants (curve --variants; no GPU needed): per variant, over the points where
+    it and the first variant both ran checked, the first's median time over its (geomean, min, max; > 1: the
+    variant is faster), and each over triton_serial; then per model. Role spans: the mean of how far apart
+    the two roles end inside the launch (|prefill - decode| / the later one)."""
+    import pandas as pd
+    rows = [json.loads(line) for line in open(path)]
+    df = pd.DataFrame([r for r in rows if r.get("what") == "planned" and r.get("ok") and "median_ms" in r])
+    ser = pd.DataFrame([r for r in rows if r.get("what") == "triton_serial" and "median_ms" in r])
+    if df.empty:
+        print(f"no checked planned rows in {path}")
+        return
+    df["variant"] = df["variant"].fillna("default")
+    t = df.pivot_table(index=["point_id", "model"], columns="variant", values="median_ms", aggfunc="first")
+    serial = ser.groupby("point_id")["median_ms"].first() if len(ser) else None
+    names = list(dict.fromkeys(df["variant"]))
+    base = names[0]
+
+    def gm(x):
+        x = x.dropna()
+        return float(np.exp(np.log(x).mean())) if len(x) else float("nan")
+    for v in names:
+        r = (t[base] / t[v]).dropna()
+        line = f"{v or 'default'}: n={len(r)} vs {base or 'default'} geomean={gm(r):.3f} min={r.min():.3f} max={r.max():.3f}"
+        if serial is not None:
+            s_ = serial.reindex(t.index.get_level_values(0)).to_numpy() / t[v].to_numpy()
+            line += f"; vs triton_serial {gm(pd.Series(s_)):.3f}"
+        sub = df[df.variant == v]
+        if {"prefill_span_us", "decode_span_us"} <= set(sub):
+            both = sub.dropna(subset=["prefill_span_us", "decode_span_us"])
+            if len(both):
+                gap = (both.prefill_span_us - both.decode_span_us).abs() / both[["prefill_span_us", "decode_span_us"]].max(axis=1)
+                line += f"; role end gap {gap.mean():.3f}"
+        print(line)
+    for v in names[1:]:
+        r = (t[base] / t[v]).dropna()
+        by = r.groupby(level="model").apply(gm)
+        print(f"{v} by model: " + ", ".join(f"{m} {x:.3f}" for m, x in by.items()))
+
+
 def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi_serial")) -> None:
     """Per point of a sweep's result file: our backend's time over each serial one, and the geomean."""
     import pandas as pd
@@ -418,8 +459,10 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from experiments.cli import command
     ap = argparse.ArgumentParser(prog=command("experiments.pod_sm90_diag"), description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "smmap", "table", "sweep-table"))
-    ap.add_argument("file", nargs="?", help="table: a JSON-lines file this module wrote; sweep-table: a sweep CSV")
+    ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "smmap", "table", "sweep-table",
+                                     "variant-table"))
+    ap.add_argument("file", nargs="?", help="table, variant-table: a JSON-lines file this module wrote (variant-table: "
+                                            "of curve --variants); sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare; launch: the first)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first; "
@@ -452,7 +495,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="rates: comma-separated decode_skip masks to time (0: the real decode; 16: consumers only "
                          "release stages; 1/2/4/8: one link of the consumers' chain left out)")
     a = ap.parse_args(argv)
-    if a.what in ("table", "sweep-table") and not a.file:
+    if a.what in ("table", "sweep-table", "variant-table") and not a.file:
         ap.error(f"{a.what} needs a FILE")
     try:
         parse_variants(a.variants)
@@ -478,6 +521,9 @@ def main(argv: list[str]) -> int:
         return 0
     if a.what == "sweep-table":
         sweep_table(a.file)
+        return 0
+    if a.what == "variant-table":
+        variant_table(a.file)
         return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("pod_sm90_diag: needs an sm_90 GPU (H100/H200)", file=sys.stderr)

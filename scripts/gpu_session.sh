@@ -10,7 +10,8 @@
 #   extras           keep the carried .extras/SET.tar.xz.<i>of<n> parts (scripts/pack_extras.sh) in /tmp/extras
 #                    and unpack each set under /tmp once all its parts came (over one call or several;
 #                    EXTRAS_ROOT instead of /tmp: tests)
-#   pod_check:N      the Hopper POD kernel's GPU check in N processes side by side (log: $OUT/pod_check.log)
+#   pod_check:N[:G]  the Hopper POD kernel's GPU check in N processes side by side (log: $OUT/pod_check.log);
+#                    G: only these grids, comma-separated (experiments.gpu_checks check_pod_sm90)
 #   diag:WHAT[:PTS]  python -m experiments.pod_sm90_diag WHAT [--points PTS] $DIAG_ARGS (JSON: $OUT/diag.jsonl)
 #   sweep:NAME[:BACKEND_GROUP[:BACKEND,...]]  python -m experiments.attention into RESULTS_DIR (default
 #                    .gpu_results/; resumes; SWEEP_ARGS: more Hydra overrides)
@@ -88,9 +89,10 @@ for stage in "$@"; do
         rm -rf "$X/.unpack"
       done ;;
     pod_check:*)
-      n=${stage#pod_check:}; pids=()
+      n=${stage#pod_check:}; grids=""; pids=()
+      case "$n" in *:*) grids=${n#*:}; n=${n%%:*} ;; esac
       for i in $(seq 0 $((n - 1))); do
-        timeout "$T" python3 -m experiments.gpu_checks pod_sm90 "$i/$n" > "$OUT/pod_check_$i.log" 2>&1 &
+        timeout "$T" python3 -m experiments.gpu_checks pod_sm90 "$i/$n" $grids > "$OUT/pod_check_$i.log" 2>&1 &
         pids+=($!)
       done
       rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done

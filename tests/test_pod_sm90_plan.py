@@ -45,6 +45,44 @@ def test_every_item_once_and_decode_first(spec, cfg):
         assert all(x < 0 for x in lst[:n_dec]), lst      # decode pairs first, then prefill tiles
 
 
+@pytest.mark.parametrize("order", ["kv_head", "cost"])
+@pytest.mark.parametrize("spec", SPECS, ids=list(SPECS))
+def test_dynamic_plan_is_two_queues_in_the_static_orders(spec, order):
+    """balance="dynamic": cta_items holds the decode queue (every pair once, longest first: pair order) and
+    then the prefill queue (every tile once, in the order the static plan lists them by); cta_ptr[1:3]
+    bounds them; the grid and the split are the static plan's; the cursors start at zero."""
+    static = plan_pod_sm90(SPECS[spec], PodSm90Config(prefill_order=order), num_sms=132, device="cpu")
+    work = plan_pod_sm90(SPECS[spec], PodSm90Config(prefill_order=order, balance="dynamic"), num_sms=132,
+                         device="cpu")
+    assert (work.grid, work.decode_ctas) == (static.grid, static.decode_ctas)
+    n_dec, n_all = work.cta_ptr.tolist()[1:3]
+    items = work.cta_items.tolist()
+    assert n_dec == work.n_decode_pairs and n_all == n_dec + work.n_prefill_tiles
+    assert items[:n_dec] == [-(p + 1) for p in range(n_dec)]
+    pre = items[n_dec:n_all]
+    assert sorted(pre) == list(range(work.n_prefill_tiles))
+    if order == "kv_head":    # static lists fill in this order (list scheduling): each list is a subsequence
+        pos = {t: i for i, t in enumerate(pre)}
+        for lst in _lists(static)[static.decode_ctas:]:
+            assert [pos[t] for t in lst] == sorted(pos[t] for t in lst)
+    assert work.queue_cur.tolist() == [0, 0, 0, 0] and static.queue_cur is None
+    assert len(work.cta_ptr) >= max(work.grid + 1, 3)
+
+
+def test_dynamic_plan_of_one_cta_still_bounds_both_queues():
+    work = plan_pod_sm90(SPECS["ragged"], PodSm90Config(num_ctas=1, balance="dynamic"), num_sms=132,
+                         device="cpu")
+    assert work.grid == 1 and work.cta_ptr.tolist()[1:3] == [work.n_decode_pairs, work.num_tiles]
+
+
+def test_balance_setting_is_checked():
+    with pytest.raises(ValueError, match="balance"):
+        plan_pod_sm90(SPECS["centre"], PodSm90Config(balance="sometimes"), num_sms=132, device="cpu")
+    with pytest.raises(ValueError, match="steal"):
+        plan_pod_sm90(SPECS["centre"], PodSm90Config(balance="dynamic", steal="always"), num_sms=132,
+                      device="cpu")
+
+
 def _mixed(work):
     return sum(any(x < 0 for x in lst) and any(x >= 0 for x in lst) for lst in _lists(work))
 

@@ -175,20 +175,78 @@ def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, col_a
         tma.async_copy_global_to_shared(desc, [row, col], bar, dst.slice(c * COPY_ROWS, COPY_ROWS), pred=use)
 
 
+# The end of a CTA's items (an item id no list holds: prefill tiles are >= 0, decode pairs < 0 and > -2^30).
+END = gl.constexpr(2147483647)
+
+
 @gluon.jit
-def _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, row, col, ROWS: gl.constexpr, BYTES: gl.constexpr):
+def _list_item(cta_items, j0, j1, n):
+    """The static schedule: item n of the CTA's planned list cta_items[j0:j1], END past it."""
+    return gl.load(cta_items + j0 + n, mask=j0 + n < j1, other=END)
+
+
+@gluon.jit
+def _claim_item(cta_items, cta_ptr, queue_cur, cta, dec_ctas, live):
+    """The dynamic schedule (balance="dynamic"), in the producer: the next item of the CTA's own queue while it
+    lasts, then of the other queue, END once both are empty. Queue 0 is the decode pairs, cta_items[0:n_dec],
+    queue 1 the prefill tiles, cta_items[n_dec:n_all], each heaviest first; queue_cur[q] counts the claims on
+    queue q (atomics: every item goes to exactly one CTA). `live`: bit q set until queue q ran dry (a cursor
+    only grows, so an empty queue stays empty and is not asked again)."""
+    n_dec = gl.load(cta_ptr + 1)                        # (loaded here, not kept: the producer has 48 registers)
+    n_all = gl.load(cta_ptr + 2)
+    own = gl.where(cta < dec_ctas, 0, 1)                 # the role planned for this CTA's SM comes first
+    item = n_dec * 0 + END
+    for r in gl.static_range(2):
+        q = own ^ r
+        if item == END:
+            if ((live >> q) & 1) == 1:
+                lo = gl.where(q == 0, 0, n_dec)
+                hi = gl.where(q == 0, n_dec, n_all)
+                i = gl.atomic_add(queue_cur + q, 1)
+                if lo + i < hi:
+                    item = gl.load(cta_items + lo + i)
+                else:
+                    live = live & ~(1 << q)
+    return item, live
+
+
+@gluon.jit
+def _post_item(item_smem, item, DYNAMIC: gl.constexpr):
+    """The dynamic schedule: the producer hands the item it claimed to both consumers through a 4-byte slot of
+    shared memory, written after both consumers freed the Q buffer (so both have read the previous item) and
+    before the arrive on q_ready that they wait for (an mbarrier arrive releases, its wait acquires)."""
+    if DYNAMIC:
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        item_smem.store(gl.full([1], item, gl.int32, layout=lay))
+        gl.thread_barrier()                              # the store is the warp's before the arrive below
+
+
+@gluon.jit
+def _take_item(item_smem, q_ready, n):
+    """The dynamic schedule, in a consumer: item n as the producer posted it (END: no more)."""
+    mbarrier.wait(q_ready, n & 1)
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    return gl.max(item_smem.load(lay), 0)
+
+
+@gluon.jit
+def _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, row, col, item_smem, item, ROWS: gl.constexpr,
+                    BYTES: gl.constexpr, DYNAMIC: gl.constexpr):
     """Item n's Q tile (two [ROWS, D] halves, one a consumer) once both consumers freed the buffer."""
     mbarrier.wait(q_empty, (n & 1) ^ 1)
+    _post_item(item_smem, item, DYNAMIC)
     mbarrier.expect(q_ready, BYTES)
     for i in gl.static_range(2):
         tma.async_copy_global_to_shared(q_desc, [row + i * ROWS, col], q_ready, q_smem.index(i))
 
 
 @gluon.jit
-def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, BYTES: gl.constexpr):
+def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, item_smem, item, BYTES: gl.constexpr,
+                   DYNAMIC: gl.constexpr):
     """Decode pair n's two q-head groups (one [64, D] box each; B's only if the pair has a second item,
     seq_b >= 0)."""
     mbarrier.wait(q_empty, (n & 1) ^ 1)
+    _post_item(item_smem, item, DYNAMIC)
     # expect-tx byte counts are constants: one expect for one Q box, the other for two
     mbarrier.expect(q_ready, BYTES, pred=seq_b < 0)
     mbarrier.expect(q_ready, 2 * BYTES, pred=seq_b >= 0)
@@ -198,12 +256,12 @@ def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, BY
 
 @gluon.jit
 def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
-              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
-              num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
+              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, item_smem, queue_cur,
+              dec_ctas, num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
               STAGES: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr, DECODE_L2: gl.constexpr,
-              PREFILL_L2: gl.constexpr):
+              PREFILL_L2: gl.constexpr, DYNAMIC: gl.constexpr):
     """1 warp: every TMA copy of the CTA's items, in item order, through the one ring. TAIL_MASK: a prefill
     item's last page comes through the whole-tensor descriptors like every other (its stale V rows are
     zeroed by the consumers), so items follow each other through the ring without a drain; else through
@@ -213,7 +271,14 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     than STAGES - 1: stage STAGES would wait for a slot that only this item's first stage frees, which
     needs its Q (a deadlock).
     DECODE_L2 / PREFILL_L2: 1 tags the role's K/V copies with an L2 policy (evict-first / evict-last), 0 not.
-    (Q copies are never tagged.)"""
+    (Q copies are never tagged.)
+    DYNAMIC: items come from the two queues (_claim_item), each posted to the consumers with its Q
+    (_post_item), then END; else from the CTA's planned list.
+    Ring slots and their V halves: every item releases a slot's `empty` twice (once a consumer), so its phase
+    is the ring round; a decode stage also releases its V half on `empty_v`, a prefill stage does not (both
+    halves go with `empty`). So a slot's `empty_v` phase counts the decode stages it has held: v_par bit s is
+    that count's parity for slot s, v_last bit s says the slot's last stage was a decode one (its V half may
+    still be read: wait for it before the slot is written again), whichever order the roles come in."""
     dtype: gl.constexpr = K.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -236,11 +301,19 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     j0 = gl.load(cta_ptr + cta)
     j1 = gl.load(cta_ptr + cta + 1)
     it = j0 * 0                                          # ring slots used so far
-    it_dec = j0 * 0                                      # ... by decode pairs (a CTA runs those first)
-    for j in range(j0, j1):
-        n = j - j0                                       # items so far: the Q handshake's phase
-        item = gl.load(cta_items + j)
-        if item >= 0:
+    v_par = j0 * 0                                       # bit s: parity of decode stages slot s has held
+    v_last = j0 * 0                                      # bit s: slot s last held a decode stage
+    n = j0 * 0                                           # items so far: the Q handshake's phase
+    live = j0 * 0 + 3                                    # DYNAMIC: both queues may hold items (_claim_item)
+    item = j0 * 0                                        # (not END: the loop claims its first item at the top)
+    while item != END:
+        if DYNAMIC:                                      # cta_ptr = [0, decode pairs, all items]
+            item, live = _claim_item(cta_items, cta_ptr, queue_cur, cta, dec_ctas, live)
+        else:
+            item = _list_item(cta_items, j0, j1, n)
+        if item == END:
+            pass
+        elif item >= 0:
             chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
@@ -252,22 +325,23 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 v_tail = v_full
             else:
                 # Drain the ring before rewriting the tail descriptors: no copy in flight reads them. A slot
-                # a decode pair used last is free once its V half is released too (empty_v; decode first).
+                # a decode stage used last is free once its V half is released too (empty_v, v_last).
                 for jj in gl.static_range(STAGES):
                     prev = it - STAGES + jj
-                    mbarrier.wait(empty.index((prev + STAGES) % STAGES), (prev // STAGES) & 1, pred=prev >= 0)
-                    mbarrier.wait(empty_v.index((prev + STAGES) % STAGES), (prev // STAGES) & 1,
-                                  pred=(prev >= 0) & (prev < it_dec))
+                    sp = (prev + STAGES) % STAGES
+                    mbarrier.wait(empty.index(sp), (prev // STAGES) & 1, pred=prev >= 0)
+                    mbarrier.wait(empty_v.index(sp), ((v_par >> sp) & 1) ^ 1, pred=((v_last >> sp) & 1) == 1)
                 k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
                 v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
             if not OVERLAP:
-                _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, ROWS,
-                                BLOCK_M * HEAD_DIM * ELT)
+                _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, item_smem, item,
+                                ROWS, BLOCK_M * HEAD_DIM * ELT, DYNAMIC)
             for t in range(n_tiles):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                if TAIL_MASK:                            # a slot a decode pair used last: its V half too
-                    mbarrier.wait(empty_v.index(s), ((it // STAGES) & 1) ^ 1, pred=it - STAGES < it_dec)
+                # A slot a decode stage used last: its V half too (in "desc" the drain above waited for it)
+                mbarrier.wait(empty_v.index(s), ((v_par >> s) & 1) ^ 1, pred=((v_last >> s) & 1) == 1)
+                v_last = v_last & ~(1 << s)
                 mbarrier.expect(ready_k.index(s), BLOCK_N * HEAD_DIM * ELT)
                 mbarrier.expect(ready_v.index(s), BLOCK_N * HEAD_DIM * ELT)
                 _issue_kv_tile(k_full, v_full, k_tail, v_tail, block_table, chunk, kv_start, t, last_idx, stride_bt,
@@ -276,8 +350,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 it += 1
                 if OVERLAP:
                     if t + 1 == gl.minimum(n_tiles, STAGES - 1):
-                        _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, ROWS,
-                                        BLOCK_M * HEAD_DIM * ELT)
+                        _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM,
+                                        item_smem, item, ROWS, BLOCK_M * HEAD_DIM * ELT, DYNAMIC)
         else:
             pair = -item - 1
             seq_a, req_a, g_a, ks_a, nk_a, pr_a, n_a = _decode_info(dec_items, pair, 0, HALF_N)
@@ -297,8 +371,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 col_a = l2_tag_evict_first(col_a)
                 col_b = l2_tag_evict_first(col_b)
             if not OVERLAP:
-                _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
-                               ROWS * HEAD_DIM * ELT)
+                _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b, item_smem, item,
+                               ROWS * HEAD_DIM * ELT, DYNAMIC)
             # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence. The block
             # table is read a stage ahead, so its latency hides behind this stage's wait and copies.
             rows_next, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N, ks_b // HALF_N,
@@ -315,19 +389,32 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 _issue_pair_half(kd, ready_k.index(s), k_smem.index(s), rows, ci, single, both, t < n_a, t < n_b,
                                  col_a, col_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
-                mbarrier.wait(empty_v.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.wait(empty_v.index(s), ((v_par >> s) & 1) ^ 1, pred=((v_last >> s) & 1) == 1)
+                v_par = v_par ^ (1 << s)
+                v_last = v_last | (1 << s)
                 _issue_pair_half(vd, ready_v.index(s), v_smem.index(s), rows, ci, single, both, t < n_a, t < n_b,
                                  col_a, col_b, NCOPY, D_COPY_ROWS, HALF_N, BLOCK_N, HEAD_DIM, ELT)
                 it += 1
                 if OVERLAP:
                     if t + 1 == gl.minimum(n_st, STAGES - 1):
-                        _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
-                                       ROWS * HEAD_DIM * ELT)
+                        _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b, item_smem, item,
+                                       ROWS * HEAD_DIM * ELT, DYNAMIC)
             if OVERLAP:
                 if n_st == 0:                            # no stage at all (never planned): Q still lands
-                    _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
-                                   ROWS * HEAD_DIM * ELT)
-            it_dec = it
+                    _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b, item_smem, item,
+                                   ROWS * HEAD_DIM * ELT, DYNAMIC)
+        if item != END:
+            n += 1
+    if DYNAMIC:
+        # END to the consumers (once they have read item n - 1), then the last CTA out zeroes the cursors for
+        # the next launch: every CTA counted here has made its last claim (no memset launch; graphs replay).
+        mbarrier.wait(q_empty, (n & 1) ^ 1)
+        _post_item(item_smem, END, DYNAMIC)
+        mbarrier.arrive(q_ready, count=1)
+        if gl.atomic_add(queue_cur + 2, 1) == gl.num_programs(0) - 1:
+            gl.store(queue_cur, 0)
+            gl.store(queue_cur + 1, 0)
+            gl.store(queue_cur + 2, 0)
 
 
 @gluon.jit
@@ -667,17 +754,18 @@ def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
-              vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
+              vz, item_smem, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
               qk_scale, HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
               TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
               DECODE_EARLY_K: gl.constexpr, TAIL_MASK: gl.constexpr, OVERLAP: gl.constexpr,
-              DECODE_LOOP: gl.constexpr):
+              DECODE_LOOP: gl.constexpr, DYNAMIC: gl.constexpr):
     """Consumer HALF (0/1): rows HALF*64.. of every prefill tile, item HALF of every decode pair.
     TAIL_MASK: on a prefill item's last KV tile, V rows past kv_len (stale page slots: a NaN there would
     reach P V as 0 * NaN) are zeroed, each consumer its 64 rows, both before either's P V (`vz`).
     OVERLAP: a prefill item frees its Q buffer once its last S = Q K^T is done (before the last P V and the
-    epilogue), and writes O from registers, so the next item's Q and first stages land meanwhile."""
+    epilogue), and writes O from registers, so the next item's Q and first stages land meanwhile.
+    DYNAMIC: each item as the producer claimed and posted it (_take_item), until END; else the planned list."""
     ROWS: gl.constexpr = BLOCK_M // 2
     HALF_N: gl.constexpr = BLOCK_N // 2
     Q_STRIDE: gl.constexpr = GROUP * NUM_KV_HEADS * HEAD_DIM
@@ -704,10 +792,16 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
     n_tail = j0 * 0                                      # prefill items with stale V rows so far: vz's phase
     z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     z_rows = HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, z_layout))
-    for j in range(j0, j1):
-        n = j - j0
-        item = gl.load(cta_items + j)
-        if item >= 0:
+    n = j0 * 0                                           # items so far: the Q handshake's phase
+    item = j0 * 0                                        # (not END: the loop takes its first item at the top)
+    while item != END:
+        if DYNAMIC:
+            item = _take_item(item_smem, q_ready, n)
+        else:
+            item = _list_item(cta_items, j0, j1, n)
+        if item == END:
+            pass
+        elif item >= 0:
             chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             row0 = q_pos0 + HALF * ROWS
@@ -789,6 +883,8 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, empty_v, it, n_other, STAGES)
             it += gl.maximum(n_mine, n_other)
+        if item != END:
+            n += 1
     if TRACE:
         if HALF == 0:
             t_end = _globaltimer(cta)
@@ -797,15 +893,15 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
             gl.store(row + 1, t_start)
             gl.store(row + 2, t_end)
             gl.store(row + 3, n_pre.to(gl.int64))
-            gl.store(row + 4, (j1 - j0 - n_pre).to(gl.int64))
+            gl.store(row + 4, (n - n_pre).to(gl.int64))
             gl.store(row + 5, it.to(gl.int64))
 
 
 # The batch's sizes are not specialised on (== 1, % 16): a serving engine's batches change them every
 # iteration, and each new specialisation would be a multi-second compile inside a timed step.
-@gluon.jit(do_not_specialize=["total_q_rows", "total_qd_rows", "total_kv_rows", "stride_bt"])
+@gluon.jit(do_not_specialize=["dec_ctas", "total_q_rows", "total_qd_rows", "total_kv_rows", "stride_bt"])
 def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_indptr, block_table, work_units,
-                    dec_items, cta_ptr, cta_items, trace, sm_map, claim,
+                    dec_items, cta_ptr, cta_items, trace, sm_map, claim, queue_cur, dec_ctas,
                     num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt, qk_scale,
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
@@ -813,7 +909,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                     TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
                     DECODE_EARLY_K: gl.constexpr, BIND: gl.constexpr, TAIL_MASK: gl.constexpr,
                     OVERLAP: gl.constexpr, DECODE_LOOP: gl.constexpr, DECODE_L2: gl.constexpr,
-                    PREFILL_L2: gl.constexpr):
+                    PREFILL_L2: gl.constexpr, DYNAMIC: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     if BIND:                                             # the list planned for this SM (_claim_list)
         cta = _claim_list(sm_map, claim, gl.num_programs(0))
@@ -836,6 +932,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     vz = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())     # TAIL_MASK: V rows zeroed
+    item_smem = gl.allocate_shared_memory(gl.int32, [1], red_layout)             # DYNAMIC: the item posted
     for i in gl.static_range(STAGES):
         mbarrier.init(ready_k.index(i), count=1)
         mbarrier.init(ready_v.index(i), count=1)
@@ -847,17 +944,18 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     empty, empty_v, vz, item_smem, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP, DYNAMIC)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, vz, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     empty, empty_v, vz, item_smem, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
-                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP)),
+                     TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP, DYNAMIC)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
-                     cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, num_q_heads,
+                     cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
+                     item_smem, queue_cur, dec_ctas, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
-                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK, OVERLAP, DECODE_L2, PREFILL_L2)),
+                     BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK, OVERLAP, DECODE_L2, PREFILL_L2, DYNAMIC)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -924,6 +1022,10 @@ class PodSm90Config:
                                          # once: they should not push out the prefill tiles' K/V, which every
                                          # query tile of a kv head re-reads from L2; pod/kernels/ptx_hints.py)
     prefill_l2: str = "normal"           # the prefill role's K/V copies: "normal" or "evict_last"
+    balance: str = "static"              # which CTA runs which item: "static" (the planned lists) or "dynamic"
+                                         # (two queues in the plan's orders, decode pairs and prefill tiles; a CTA
+                                         # claims from its planned role's queue, then from the other's once its
+                                         # own is empty: a role that finishes early takes the other's items)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -970,6 +1072,7 @@ DECODE_LOOPS = ("plain", "pipe", "lag", "lazy")   # PodSm90Config.decode_loop ->
 DECODE_L2S = ("normal", "evict_first")            # PodSm90Config.decode_l2 -> DECODE_L2
 PREFILL_L2S = ("normal", "evict_last")            # PodSm90Config.prefill_l2 -> PREFILL_L2
 PREFILL_ORDERS = ("cost", "kv_head")
+BALANCES = ("static", "dynamic")                  # PodSm90Config.balance -> the kernel's DYNAMIC
 SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
 BINDS = ("block", "smid", "stride", "collide", "gpc_spread", "gpc_pack")
 
@@ -1090,12 +1193,15 @@ class PodSm90Work:
     n_decode_pairs: int
     work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block)
     dec_items: torch.Tensor         # [pairs * 2, 6] int32 (seq or -1, request, kv head, kv_start, kv_end, part_row)
-    cta_ptr: torch.Tensor           # [grid + 1] int32
-    cta_items: torch.Tensor         # [items] int32: >= 0 prefill tile, < 0 decode pair -(p + 1)
+    cta_ptr: torch.Tensor           # [grid + 1] int32 (balance "dynamic": [0, pairs, pairs + tiles], zeros to
+                                    # grid + 1)
+    cta_items: torch.Tensor         # [items] int32: >= 0 prefill tile, < 0 decode pair -(p + 1) (balance
+                                    # "dynamic": the decode queue, then the prefill queue)
     decode: DecodeWork | None       # the decode plan: splits, partial workspace, merge list (None: no decodes)
     estimate_us: dict
     sm_map: torch.Tensor | None = None   # [SM_SLOTS] int32: the list planned for each SM (config.bind != "block")
     claim: torch.Tensor | None = None    # [grid + 2] int32 zeros: _claim_list's workspace (one launch at a time)
+    queue_cur: torch.Tensor | None = None  # [4] int32 zeros: the dynamic queues' cursors and CTAs done (likewise)
 
     @property
     def num_tiles(self) -> int:
@@ -1197,6 +1303,11 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         raise ValueError(f"PodSm90Config.steal: 'auto', 'always' or 'never', not {cfg.steal!r}")
     if cfg.prefill_order not in PREFILL_ORDERS:
         raise ValueError(f"PodSm90Config.prefill_order: one of {PREFILL_ORDERS}, not {cfg.prefill_order!r}")
+    if cfg.balance not in BALANCES:
+        raise ValueError(f"PodSm90Config.balance: one of {BALANCES}, not {cfg.balance!r}")
+    if cfg.balance == "dynamic" and cfg.steal != "never":
+        raise ValueError("PodSm90Config: steal plans decode CTAs' prefill tiles ahead; balance='dynamic' takes "
+                         "them at run time (set steal='never')")
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
         # Decode CTAs may take prefill tiles after their pairs (LPT from their decode loads): where that
         # beats the split's makespan (for some k around it), plan it. Only k that leave HBM unsaturated:
@@ -1222,8 +1333,19 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         else:
             pre_lists, _ = lpt(shifted, grid - k)
         cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
-    cta_ptr = np.cumsum([0] + [len(lst) for lst in cta_lists])
-    flat = [x for lst in cta_lists for x in lst] or [0]
+    if cfg.balance == "dynamic":
+        # Two queues in the static plan's orders (the decode pairs longest first; the prefill tiles in
+        # prefill_order): the same greedy rule run online, so the lists end where the SMs really are.
+        shifted = _shifted(prefill_costs, prefill_extra(k))
+        pre_order = _kv_head_order(shifted, h.num_q_heads, h.group_size) if cfg.prefill_order == "kv_head" \
+            else np.argsort(-np.asarray(shifted), kind="stable").tolist()    # LPT's order
+        n_pairs = len(decode_costs)
+        flat = [-(p + 1) for p in range(n_pairs)] + list(pre_order) or [0]
+        cta_ptr = np.zeros(max(len(cta_lists) + 1, 3), dtype=np.int64)
+        cta_ptr[1:3] = [n_pairs, n_pairs + len(pre_order)]
+    else:
+        cta_ptr = np.cumsum([0] + [len(lst) for lst in cta_lists])
+        flat = [x for lst in cta_lists for x in lst] or [0]
     # dec_items rows, pair p's two items at 2p and 2p + 1: (seq, request, kv head, kv_start, kv_end,
     # partial row); a pair without a second item gets (-1, 0, 0, 0, 1, -1).
     rows = np.tile(np.array([-1, 0, 0, 0, 1, -1], dtype=np.int64), (max(2 * len(decode_costs), 2), 1))
@@ -1238,7 +1360,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     tables = device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
                             cta_items=np.array(flat),
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists), gpcs)) if bound else None,
-                            claim=np.zeros(len(cta_lists) + 2) if bound else None)
+                            claim=np.zeros(len(cta_lists) + 2) if bound else None,
+                            queue_cur=np.zeros(4) if cfg.balance == "dynamic" else None)
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
@@ -1291,6 +1414,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
             trace if trace is not None else work.cta_ptr,
             work.sm_map if work.sm_map is not None else work.cta_ptr,
             work.claim if work.claim is not None else work.cta_ptr,
+            work.queue_cur if work.queue_cur is not None else work.cta_ptr, work.decode_ctas,
             h.num_q_heads, q.shape[0] if q is batch.q_prefill else 1, qd.shape[0] * h.num_q_heads,
             k.shape[0] * k.shape[1] if paged else k.shape[0], bt.stride(0) if paged else 0,
             float(batch.sm_scale) * LOG2E)
@@ -1301,7 +1425,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None,
                  TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap,
                  DECODE_LOOP=DECODE_LOOPS.index(cfg.decode_loop),
-                 DECODE_L2=DECODE_L2S.index(cfg.decode_l2), PREFILL_L2=PREFILL_L2S.index(cfg.prefill_l2))
+                 DECODE_L2=DECODE_L2S.index(cfg.decode_l2), PREFILL_L2=PREFILL_L2S.index(cfg.prefill_l2),
+                 DYNAMIC=cfg.balance == "dynamic")
     return args, const
 
 
