@@ -292,8 +292,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     seed with decode queries x SHARP_Q, rows "sharp_..."), and prefill tiles in LPT order ("cost_order"; the
     default lists them by kv head), and L2 policies on both roles' K/V copies ("l2_hints", "l2_ctas4": decode
     evict-first ("l2_decode": that alone), prefill evict-last), and items claimed at run time from the two
-    queues ("dynamic"; on 4 CTAs, where both roles' CTAs take the other role's items in either order,
-    "dyn_ctas4", also with tails through rebuilt descriptors "dyn_desc" and without overlap "dyn_no_overlap";
+    queues ("dynamic"; on 4 CTAs that take the other role's items whenever theirs run out, cross_rounds 0, so
+    both roles' CTAs run both roles in either order, "dyn_ctas4", also with tails through rebuilt descriptors "dyn_desc" and without overlap "dyn_no_overlap";
     one decode CTA of 12, "dyn_decode1"; lists bound to blocks, "dyn_block", or all SMs asking for list 0,
     "dyn_collide"): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
@@ -317,9 +317,9 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "l2_hints": PodSm90Config(decode_l2="evict_first", prefill_l2="evict_last"),
              "l2_ctas4": PodSm90Config(num_ctas=4, decode_l2="evict_first", prefill_l2="evict_last"),
              "dynamic": PodSm90Config(balance="dynamic"),
-             "dyn_ctas4": PodSm90Config(num_ctas=4, balance="dynamic"),
-             "dyn_desc": PodSm90Config(num_ctas=4, balance="dynamic", prefill_tail="desc"),
-             "dyn_no_overlap": PodSm90Config(num_ctas=4, balance="dynamic", overlap=False),
+             "dyn_ctas4": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0),
+             "dyn_desc": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0, prefill_tail="desc"),
+             "dyn_no_overlap": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0, overlap=False),
              "dyn_decode1": PodSm90Config(num_ctas=12, decode_ctas=1, balance="dynamic"),
              "dyn_block": PodSm90Config(balance="dynamic", bind="block"),
              "dyn_collide": PodSm90Config(num_ctas=12, bind="collide", balance="dynamic")}

@@ -250,6 +250,48 @@ def launch(out, k: int = 16, page: int | None = 16, skip: int = 0, point: str | 
     return rows
 
 
+def items(out, points, variants=(("default", {}),), launches: int = 5, cap: int = 48) -> list[dict]:
+    """Where a launch's time goes, item by item: for each HYBRID point and config variant, `launches` traced
+    launches (an L2 flush before each, as the timings do), each checked against the reference first. One row
+    a launch: its span (first CTA start to last end, us) and `items`, a list of [cta, smid, role (1 prefill,
+    0 decode), item, start us, end us] for each CTA's first `cap` items (the consumer's view: from taking
+    the item to its last store)."""
+    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    rows = []
+    for point in points:
+        heads, prefill, decode, pg = HYBRID[point]
+        bench = Bench(_spec(heads, prefill, decode, pg))
+        for label, kv in variants:
+            cfg = replace(PodSm90Config(), **kv)
+            work = plan_pod_sm90(bench.batch, cfg)
+            outs = bench.batch.empty_outputs()
+            tr = torch.zeros(work.grid, 6 + 3 * cap, dtype=torch.int64, device="cuda")
+            run = work.runner(bench.batch, *outs, trace=tr)
+            errs = bench.check(run, outs)
+            ok = all(e < 2e-2 for e in errs.values())
+            for n in range(launches if ok else 0):
+                flush.zero_()
+                run()
+                torch.cuda.synchronize()
+                t = tr.cpu()
+                t0 = int(t[:, 1].min())
+                recs = []
+                for c in range(work.grid):
+                    for m in range(min(int(t[c, 3] + t[c, 4]), cap)):
+                        item, s0, s1 = (int(x) for x in t[c, 6 + 3 * m:9 + 3 * m])
+                        recs.append([c, int(t[c, 0]), int(item >= 0), item, round((s0 - t0) / 1e3, 2),
+                                     round((s1 - t0) / 1e3, 2)])
+                rows.append(out(dict(what="items", point=point, variant=label, launch=n, grid=work.grid,
+                                     decode_ctas=work.decode_ctas, span_us=round((int(t[:, 2].max()) - t0) / 1e3, 1),
+                                     ok=ok, **errs, items=recs)))
+            if not ok:
+                rows.append(out(dict(what="items", point=point, variant=label, ok=False, **errs)))
+        del bench
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _backend(bench: Bench, name: str) -> dict:
     from baselines.registry import get_backend
     b = get_backend(name)
@@ -459,18 +501,18 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from experiments.cli import command
     ap = argparse.ArgumentParser(prog=command("experiments.pod_sm90_diag"), description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "smmap", "table", "sweep-table",
-                                     "variant-table"))
+    ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "items", "smmap", "table",
+                                     "sweep-table", "variant-table"))
     ap.add_argument("file", nargs="?", help="table, variant-table: a JSON-lines file this module wrote (variant-table: "
                                             "of curve --variants); sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
-    ap.add_argument("--points", help="comma-separated HYBRID names (split/compare; launch: the first)")
+    ap.add_argument("--points", help="comma-separated HYBRID names (split/compare/items; launch: the first)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first; "
                                  "curve: the forced decode CTA counts ('none': the planned launch only)")
     ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
     ap.add_argument("--binds", help="curve (default block) and rates (default smid): comma-separated "
                                     "PodSm90Config.bind values to time")
-    ap.add_argument("--variants", help="curve, launch --points: ';'-separated PodSm90Config overrides to time side by side, "
+    ap.add_argument("--variants", help="curve, items, launch --points: ';'-separated PodSm90Config overrides to time side by side, "
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
@@ -551,7 +593,7 @@ def main(argv: list[str]) -> int:
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
                                     tuple((a.binds or "block").split(",")), parse_variants(a.variants)),
-              smmap=smmap,
+              smmap=smmap, items=lambda o: items(o, points or ["c1024@12288+64x8192"], parse_variants(a.variants)),
               launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0]),
                                       points[0] if points else None, parse_variants(a.variants)))[a.what]
     rows = fn(out)

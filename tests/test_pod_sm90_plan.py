@@ -1,6 +1,7 @@
 """The Hopper POD kernel's host-side plan (pod/kernels/pod_sm90.py, no GPU): every prefill tile and decode
 pair runs exactly once, a CTA runs its decode pairs before its prefill tiles (the producer's ring drain
 relies on that order when a decode CTA takes prefill tiles), and the stealing choice follows its rules."""
+import math
 import random
 
 import pytest
@@ -49,14 +50,16 @@ def test_every_item_once_and_decode_first(spec, cfg):
 @pytest.mark.parametrize("spec", SPECS, ids=list(SPECS))
 def test_dynamic_plan_is_two_queues_in_the_static_orders(spec, order):
     """balance="dynamic": cta_items holds the decode queue (every pair once, longest first: pair order) and
-    then the prefill queue (every tile once, in the order the static plan lists them by); cta_ptr[1:3]
-    bounds them; the grid and the split are the static plan's; the cursors start at zero."""
+    then the prefill queue (every tile once, in the order the static plan lists them by); `queue` bounds
+    them and holds zeroed claim counters; the grid and the split are the static plan's."""
     static = plan_pod_sm90(SPECS[spec], PodSm90Config(prefill_order=order), num_sms=132, device="cpu")
     work = plan_pod_sm90(SPECS[spec], PodSm90Config(prefill_order=order, balance="dynamic"), num_sms=132,
                          device="cpu")
     assert (work.grid, work.decode_ctas) == (static.grid, static.decode_ctas)
-    n_dec, n_all = work.cta_ptr.tolist()[1:3]
+    q = work.queue.tolist()
+    n_dec, n_all = q[4:6]
     items = work.cta_items.tolist()
+    assert q[:4] == [0, 0, 0, 0] and static.queue is None
     assert n_dec == work.n_decode_pairs and n_all == n_dec + work.n_prefill_tiles
     assert items[:n_dec] == [-(p + 1) for p in range(n_dec)]
     pre = items[n_dec:n_all]
@@ -65,14 +68,21 @@ def test_dynamic_plan_is_two_queues_in_the_static_orders(spec, order):
         pos = {t: i for i, t in enumerate(pre)}
         for lst in _lists(static)[static.decode_ctas:]:
             assert [pos[t] for t in lst] == sorted(pos[t] for t in lst)
-    assert work.queue_cur.tolist() == [0, 0, 0, 0] and static.queue_cur is None
-    assert len(work.cta_ptr) >= max(work.grid + 1, 3)
 
 
-def test_dynamic_plan_of_one_cta_still_bounds_both_queues():
-    work = plan_pod_sm90(SPECS["ragged"], PodSm90Config(num_ctas=1, balance="dynamic"), num_sms=132,
-                         device="cpu")
-    assert work.grid == 1 and work.cta_ptr.tolist()[1:3] == [work.n_decode_pairs, work.num_tiles]
+@pytest.mark.parametrize("rounds", [0.0, 1.0, 1.5])
+def test_dynamic_take_minima_count_the_other_roles_ctas(rounds):
+    """A CTA takes the other role's item only while that queue holds cross_rounds items for each of that
+    role's CTAs: queue[6] for the decode queue (its owners: the decode CTAs), queue[7] for the prefill one;
+    a role without CTAs of its own is always taken from."""
+    cfg = PodSm90Config(balance="dynamic", cross_rounds=rounds)
+    work = plan_pod_sm90(SPECS["centre"], cfg, num_sms=132, device="cpu")
+    k, g = work.decode_ctas, work.grid
+    assert 0 < k < g
+    assert work.queue.tolist()[6:] == [math.ceil(rounds * k), math.ceil(rounds * (g - k))]
+    dec_only = BatchSpec.build(**L3, prefill=[], decode=[4096] * 8, page_size=16)
+    w = plan_pod_sm90(dec_only, cfg, num_sms=132, device="cpu")
+    assert w.queue.tolist()[7] == 0 or w.n_prefill_tiles == 0
 
 
 def test_balance_setting_is_checked():

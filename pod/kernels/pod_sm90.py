@@ -186,14 +186,18 @@ def _list_item(cta_items, j0, j1, n):
 
 
 @gluon.jit
-def _claim_item(cta_items, cta_ptr, queue_cur, cta, dec_ctas, live):
+def _claim_item(cta_items, queue, cta, dec_ctas, live):
     """The dynamic schedule (balance="dynamic"), in the producer: the next item of the CTA's own queue while it
-    lasts, then of the other queue, END once both are empty. Queue 0 is the decode pairs, cta_items[0:n_dec],
-    queue 1 the prefill tiles, cta_items[n_dec:n_all], each heaviest first; queue_cur[q] counts the claims on
-    queue q (atomics: every item goes to exactly one CTA). `live`: bit q set until queue q ran dry (a cursor
-    only grows, so an empty queue stays empty and is not asked again)."""
-    n_dec = gl.load(cta_ptr + 1)                        # (loaded here, not kept: the producer has 48 registers)
-    n_all = gl.load(cta_ptr + 2)
+    lasts, then of the other queue, END once neither gives one. Queue 0 is the decode pairs, cta_items[0:n_dec],
+    queue 1 the prefill tiles, cta_items[n_dec:n_all], each heaviest first. `queue` int32 [8]: the claims on
+    each queue so far, then the CTAs done (atomics: every item goes to exactly one CTA; zero between
+    launches), a pad, then n_dec, n_all and for each queue the fewest items it must still hold for a CTA of
+    the other role to take one (PodSm90Config.cross_rounds: the other role's CTAs each have a round left,
+    so taking one shortens that role; near its end the owners finish it sooner than a newcomer would).
+    `live`: bit q set until queue q refused (a cursor only grows: a queue that ran dry, or too short to
+    take from, stays so, and is not asked again)."""
+    n_dec = gl.load(queue + 4)                           # (loaded here, not kept: the producer has 48 registers)
+    n_all = gl.load(queue + 5)
     own = gl.where(cta < dec_ctas, 0, 1)                 # the role planned for this CTA's SM comes first
     item = n_dec * 0 + END
     for r in gl.static_range(2):
@@ -202,9 +206,15 @@ def _claim_item(cta_items, cta_ptr, queue_cur, cta, dec_ctas, live):
             if ((live >> q) & 1) == 1:
                 lo = gl.where(q == 0, 0, n_dec)
                 hi = gl.where(q == 0, n_dec, n_all)
-                i = gl.atomic_add(queue_cur + q, 1)
-                if lo + i < hi:
-                    item = gl.load(cta_items + lo + i)
+                ok = lo < hi
+                if r == 1:                               # the other role's queue: only while it is long
+                    ok = hi - lo - gl.atomic_add(queue + q, 0) >= gl.load(queue + 6 + q)
+                if ok:
+                    i = gl.atomic_add(queue + q, 1)
+                    if lo + i < hi:
+                        item = gl.load(cta_items + lo + i)
+                    else:
+                        live = live & ~(1 << q)
                 else:
                     live = live & ~(1 << q)
     return item, live
@@ -256,7 +266,7 @@ def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, it
 
 @gluon.jit
 def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
-              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, item_smem, queue_cur,
+              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, item_smem, queue,
               dec_ctas, num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
@@ -307,8 +317,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     live = j0 * 0 + 3                                    # DYNAMIC: both queues may hold items (_claim_item)
     item = j0 * 0                                        # (not END: the loop claims its first item at the top)
     while item != END:
-        if DYNAMIC:                                      # cta_ptr = [0, decode pairs, all items]
-            item, live = _claim_item(cta_items, cta_ptr, queue_cur, cta, dec_ctas, live)
+        if DYNAMIC:
+            item, live = _claim_item(cta_items, queue, cta, dec_ctas, live)
         else:
             item = _list_item(cta_items, j0, j1, n)
         if item == END:
@@ -411,10 +421,10 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
         mbarrier.wait(q_empty, (n & 1) ^ 1)
         _post_item(item_smem, END, DYNAMIC)
         mbarrier.arrive(q_ready, count=1)
-        if gl.atomic_add(queue_cur + 2, 1) == gl.num_programs(0) - 1:
-            gl.store(queue_cur, 0)
-            gl.store(queue_cur + 1, 0)
-            gl.store(queue_cur + 2, 0)
+        if gl.atomic_add(queue + 2, 1) == gl.num_programs(0) - 1:
+            gl.store(queue, 0)
+            gl.store(queue + 1, 0)
+            gl.store(queue + 2, 0)
 
 
 @gluon.jit
@@ -799,6 +809,8 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
             item = _take_item(item_smem, q_ready, n)
         else:
             item = _list_item(cta_items, j0, j1, n)
+        if TRACE > 6:
+            t_item = _globaltimer(cta)
         if item == END:
             pass
         elif item >= 0:
@@ -883,12 +895,19 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
                 mbarrier.arrive(q_empty, count=1)
                 _skip_stages(ready_k, ready_v, empty, empty_v, it, n_other, STAGES)
             it += gl.maximum(n_mine, n_other)
+        if TRACE > 6:                                    # (item, start ns, end ns) of the first items
+            if HALF == 0:
+                if (item != END) & (n < (TRACE - 6) // 3):
+                    rec = trace + cta.to(gl.int64) * TRACE + 6 + 3 * n
+                    gl.store(rec, item.to(gl.int64))
+                    gl.store(rec + 1, t_item)
+                    gl.store(rec + 2, _globaltimer(cta))
         if item != END:
             n += 1
     if TRACE:
         if HALF == 0:
             t_end = _globaltimer(cta)
-            row = trace + cta.to(gl.int64) * 6
+            row = trace + cta.to(gl.int64) * TRACE
             gl.store(row, _smid(cta).to(gl.int64))
             gl.store(row + 1, t_start)
             gl.store(row + 2, t_end)
@@ -901,7 +920,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
 # iteration, and each new specialisation would be a multi-second compile inside a timed step.
 @gluon.jit(do_not_specialize=["dec_ctas", "total_q_rows", "total_qd_rows", "total_kv_rows", "stride_bt"])
 def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_indptr, block_table, work_units,
-                    dec_items, cta_ptr, cta_items, trace, sm_map, claim, queue_cur, dec_ctas,
+                    dec_items, cta_ptr, cta_items, trace, sm_map, claim, queue, dec_ctas,
                     num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt, qk_scale,
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
@@ -953,7 +972,7 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
                      TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP, DYNAMIC)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
-                     item_smem, queue_cur, dec_ctas, num_q_heads,
+                     item_smem, queue, dec_ctas, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
                      BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK, OVERLAP, DECODE_L2, PREFILL_L2, DYNAMIC)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -1026,6 +1045,8 @@ class PodSm90Config:
                                          # (two queues in the plan's orders, decode pairs and prefill tiles; a CTA
                                          # claims from its planned role's queue, then from the other's once its
                                          # own is empty: a role that finishes early takes the other's items)
+    cross_rounds: float = 1.0            # dynamic: a CTA takes an item of the other role only while that queue
+                                         # holds at least this many items for each CTA of that role (0: always)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -1193,15 +1214,15 @@ class PodSm90Work:
     n_decode_pairs: int
     work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block)
     dec_items: torch.Tensor         # [pairs * 2, 6] int32 (seq or -1, request, kv head, kv_start, kv_end, part_row)
-    cta_ptr: torch.Tensor           # [grid + 1] int32 (balance "dynamic": [0, pairs, pairs + tiles], zeros to
-                                    # grid + 1)
+    cta_ptr: torch.Tensor           # [grid + 1] int32 (balance "dynamic": zeros, unused)
     cta_items: torch.Tensor         # [items] int32: >= 0 prefill tile, < 0 decode pair -(p + 1) (balance
                                     # "dynamic": the decode queue, then the prefill queue)
     decode: DecodeWork | None       # the decode plan: splits, partial workspace, merge list (None: no decodes)
     estimate_us: dict
     sm_map: torch.Tensor | None = None   # [SM_SLOTS] int32: the list planned for each SM (config.bind != "block")
     claim: torch.Tensor | None = None    # [grid + 2] int32 zeros: _claim_list's workspace (one launch at a time)
-    queue_cur: torch.Tensor | None = None  # [4] int32 zeros: the dynamic queues' cursors and CTAs done (likewise)
+    queue: torch.Tensor | None = None    # [8] int32, balance "dynamic": the queues' claims and CTAs done (zero
+                                         # between launches, like claim), a pad, n_dec, n_all, the two take-minima
 
     @property
     def num_tiles(self) -> int:
@@ -1341,8 +1362,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
             else np.argsort(-np.asarray(shifted), kind="stable").tolist()    # LPT's order
         n_pairs = len(decode_costs)
         flat = [-(p + 1) for p in range(n_pairs)] + list(pre_order) or [0]
-        cta_ptr = np.zeros(max(len(cta_lists) + 1, 3), dtype=np.int64)
-        cta_ptr[1:3] = [n_pairs, n_pairs + len(pre_order)]
+        cta_ptr = np.zeros(len(cta_lists) + 1, dtype=np.int64)
+        owners = (k, len(cta_lists) - k)               # CTAs whose own queue is the decode / prefill one
+        take_min = [math.ceil(cfg.cross_rounds * o) if o else 0 for o in owners]
+        queue = [0, 0, 0, 0, n_pairs, n_pairs + len(pre_order), *take_min]
     else:
         cta_ptr = np.cumsum([0] + [len(lst) for lst in cta_lists])
         flat = [x for lst in cta_lists for x in lst] or [0]
@@ -1361,7 +1384,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
                             cta_items=np.array(flat),
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists), gpcs)) if bound else None,
                             claim=np.zeros(len(cta_lists) + 2) if bound else None,
-                            queue_cur=np.zeros(4) if cfg.balance == "dynamic" else None)
+                            queue=np.array(queue) if cfg.balance == "dynamic" else None)
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
@@ -1414,14 +1437,14 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
             trace if trace is not None else work.cta_ptr,
             work.sm_map if work.sm_map is not None else work.cta_ptr,
             work.claim if work.claim is not None else work.cta_ptr,
-            work.queue_cur if work.queue_cur is not None else work.cta_ptr, work.decode_ctas,
+            work.queue if work.queue is not None else work.cta_ptr, work.decode_ctas,
             h.num_q_heads, q.shape[0] if q is batch.q_prefill else 1, qd.shape[0] * h.num_q_heads,
             k.shape[0] * k.shape[1] if paged else k.shape[0], bt.stride(0) if paged else 0,
             float(batch.sm_scale) * LOG2E)
     const = dict(GROUP=h.group_size, HEAD_DIM=h.head_dim, NUM_KV_HEADS=h.num_kv_heads, BLOCK_M=128,
                  BLOCK_N=cfg.block_n, PAGE_SIZE=spec.page_size if paged else cfg.block_n, PAGED=paged,
                  STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-                 TRACE=trace is not None, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
+                 TRACE=trace.shape[1] if trace is not None else 0, DECODE_SKIP=cfg.decode_skip, DECODE_XCHG=cfg.decode_xchg,
                  DECODE_EARLY_K=cfg.decode_early_k, BIND=work.sm_map is not None,
                  TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap,
                  DECODE_LOOP=DECODE_LOOPS.index(cfg.decode_loop),
@@ -1433,7 +1456,8 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
 def pod_sm90_runner(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor, out_decode: torch.Tensor,
                     trace: torch.Tensor | None = None):
     """Bind the launch once; returns ``launch() -> (out_prefill, out_decode)`` (no allocation, no sync).
-    `trace`: int64 [grid, 6] gets each CTA's (smid, start ns, end ns, prefill items, decode pairs, stages)."""
+    `trace`: int64 [grid, 6 + 3m] gets each CTA's (smid, start ns, end ns, prefill items, decode pairs, stages),
+    then (item, start ns, end ns) of its first m items (%globaltimer; diagnostics: pod_sm90_diag items)."""
     from pod.kernels.merge import merge_partials
     from pod.kernels.prefill_sm90 import ensure_scratch_allocator
     args, const = launch_args(batch, work, out_prefill, out_decode, trace)
@@ -1462,7 +1486,7 @@ def compile_report(config: PodSm90Config = PodSm90Config(), *, head_dim: int = 1
                            dtype=dtype, page_size=page_size if paged else None)
     batch = make_batch(spec, "cpu", seed=0)
     out = (torch.empty_like(batch.q_prefill), torch.empty_like(batch.q_decode))
-    tr = torch.zeros(132, 6, dtype=torch.int64) if trace else None
+    tr = torch.zeros(132, 6 + 3 * 8, dtype=torch.int64) if trace else None
     args, const = launch_args(batch, plan_pod_sm90(batch, config, num_sms=132), *out, tr)
     rep = sm90_compile_report(pod_sm90_kernel, *args, num_warps=4, **const)
     return {k: v for k, v in rep.items() if k != "cp_async"}
