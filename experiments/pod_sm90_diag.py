@@ -255,7 +255,7 @@ def items(out, points, variants=(("default", {}),), launches: int = 5, cap: int 
     launches (an L2 flush before each, as the timings do), each checked against the reference first. One row
     a launch: its span (first CTA start to last end, us) and `items`, a list of [cta, smid, role (1 prefill,
     0 decode), item, start us, end us] for each CTA's first `cap` items (the consumer's view: from taking
-    the item to its last store)."""
+    the item to its last store); then a row of the untraced launch's times (_launch_times)."""
     from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
     flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
     rows = []
@@ -285,11 +285,34 @@ def items(out, points, variants=(("default", {}),), launches: int = 5, cap: int 
                 rows.append(out(dict(what="items", point=point, variant=label, launch=n, grid=work.grid,
                                      decode_ctas=work.decode_ctas, span_us=round((int(t[:, 2].max()) - t0) / 1e3, 1),
                                      ok=ok, **errs, items=recs)))
-            if not ok:
+            if ok:
+                rows.append(out(dict(what="items_timing", point=point, variant=label, **_launch_times(bench, work))))
+            else:
                 rows.append(out(dict(what="items", point=point, variant=label, ok=False, **errs)))
         del bench
         torch.cuda.empty_cache()
     return rows
+
+
+def _launch_times(bench: Bench, work) -> dict:
+    """The untraced launch timed three ways: eager (the harness's default: do_bench, L2 flushed), replayed from
+    a CUDA graph (no host cost), and the host's own cost of one eager call (enqueue only, no sync): where an
+    eager time exceeds the kernel's span, which of the two it is."""
+    import time
+
+    from experiments.harness.timing import TimingConfig, time_run
+    outs = bench.batch.empty_outputs()
+    run = work.runner(bench.batch, *outs)
+    eager = time_run(run, bench.batch.device, TimingConfig(warmup_ms=10, rep_ms=60))
+    graph = time_run(run, bench.batch.device, TimingConfig(warmup_ms=10, rep_ms=60, cuda_graph=True))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        run()
+    host_us = (time.perf_counter() - t) / 20 * 1e6
+    torch.cuda.synchronize()
+    return dict(eager_ms=eager[0], eager_p20=eager[1], eager_p80=eager[2], graph_ms=graph[0], graph_p20=graph[1],
+                graph_p80=graph[2], host_us=round(host_us, 1))
 
 
 def _backend(bench: Bench, name: str) -> dict:

@@ -64,6 +64,14 @@ def test_dynamic_plan_is_two_queues_in_the_static_orders(spec, order):
     assert items[:n_dec] == [-(p + 1) for p in range(n_dec)]
     pre = items[n_dec:n_all]
     assert sorted(pre) == list(range(work.n_prefill_tiles))
+    # First items (no atomic): the i-th CTA of a role takes item i of its queue (the static plan's first
+    # round), CLAIM (2^31 - 2) where the queue is shorter; the claims on a queue start past that round.
+    k, g = work.decode_ctas, work.grid
+    first = work.cta_ptr.tolist()[:g]
+    claim = 2 ** 31 - 2
+    assert first[:k] == (items[:n_dec] + [claim] * k)[:k]
+    assert first[k:] == (pre + [claim] * g)[:g - k]
+    assert q[8:10] == [k, g - k]
     if order == "kv_head":    # static lists fill in this order (list scheduling): each list is a subsequence
         pos = {t: i for i, t in enumerate(pre)}
         for lst in _lists(static)[static.decode_ctas:]:
@@ -79,7 +87,7 @@ def test_dynamic_take_minima_count_the_other_roles_ctas(rounds):
     work = plan_pod_sm90(SPECS["centre"], cfg, num_sms=132, device="cpu")
     k, g = work.decode_ctas, work.grid
     assert 0 < k < g
-    assert work.queue.tolist()[6:] == [math.ceil(rounds * k), math.ceil(rounds * (g - k))]
+    assert work.queue.tolist()[6:10] == [math.ceil(rounds * k), math.ceil(rounds * (g - k)), k, g - k]
     dec_only = BatchSpec.build(**L3, prefill=[], decode=[4096] * 8, page_size=16)
     w = plan_pod_sm90(dec_only, cfg, num_sms=132, device="cpu")
     assert w.queue.tolist()[7] == 0 or w.n_prefill_tiles == 0

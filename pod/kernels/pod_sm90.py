@@ -175,8 +175,10 @@ def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, col_a
         tma.async_copy_global_to_shared(desc, [row, col], bar, dst.slice(c * COPY_ROWS, COPY_ROWS), pred=use)
 
 
-# The end of a CTA's items (an item id no list holds: prefill tiles are >= 0, decode pairs < 0 and > -2^30).
+# The end of a CTA's items (an item id no list holds: prefill tiles are >= 0, decode pairs < 0 and > -2^30),
+# and, in the dynamic schedule, "claim the next one" (_claim_item).
 END = gl.constexpr(2147483647)
+CLAIM = gl.constexpr(2147483646)
 
 
 @gluon.jit
@@ -187,13 +189,17 @@ def _list_item(cta_items, j0, j1, n):
 
 @gluon.jit
 def _claim_item(cta_items, queue, cta, dec_ctas, live):
-    """The dynamic schedule (balance="dynamic"), in the producer: the next item of the CTA's own queue while it
-    lasts, then of the other queue, END once neither gives one. Queue 0 is the decode pairs, cta_items[0:n_dec],
-    queue 1 the prefill tiles, cta_items[n_dec:n_all], each heaviest first. `queue` int32 [8]: the claims on
-    each queue so far, then the CTAs done (atomics: every item goes to exactly one CTA; zero between
-    launches), a pad, then n_dec, n_all and for each queue the fewest items it must still hold for a CTA of
-    the other role to take one (PodSm90Config.cross_rounds: the other role's CTAs each have a round left,
-    so taking one shortens that role; near its end the owners finish it sooner than a newcomer would).
+    """The dynamic schedule (balance="dynamic"), in the producer: the CTA's next item. Queue 0 is the decode
+    pairs, cta_items[0:n_dec], queue 1 the prefill tiles, cta_items[n_dec:n_all], each heaviest first; a CTA's
+    own queue is its planned role's. Its first item is not claimed here: cta_ptr[cta] holds it, the static
+    plan's first round (item i of a queue for the i-th CTA of its role; no atomic: 132 CTAs claiming at once
+    wait ~12 us on one counter), or CLAIM where its queue is shorter than that round. The next items come
+    from its own queue while it lasts, then from the other queue, END once neither gives one.
+    `queue` int32 [12]: the claims on each queue past its first round, then the CTAs done (relaxed atomics:
+    every item goes to exactly one CTA; zero between launches), a pad; n_dec, n_all; for each queue the
+    fewest items it must still hold for a CTA of the other role to take one (PodSm90Config.cross_rounds:
+    the other role's CTAs each have a round left, so taking one shortens that role; near its end the owners
+    finish it sooner than a newcomer would); for each queue its first round (its role's CTA count).
     `live`: bit q set until queue q refused (a cursor only grows: a queue that ran dry, or too short to
     take from, stays so, and is not asked again)."""
     n_dec = gl.load(queue + 4)                           # (loaded here, not kept: the producer has 48 registers)
@@ -204,13 +210,14 @@ def _claim_item(cta_items, queue, cta, dec_ctas, live):
         q = own ^ r
         if item == END:
             if ((live >> q) & 1) == 1:
-                lo = gl.where(q == 0, 0, n_dec)
+                lo = gl.where(q == 0, 0, n_dec) + gl.load(queue + 8 + q)    # past the first round
                 hi = gl.where(q == 0, n_dec, n_all)
                 ok = lo < hi
                 if r == 1:                               # the other role's queue: only while it is long
-                    ok = hi - lo - gl.atomic_add(queue + q, 0) >= gl.load(queue + 6 + q)
+                    left = hi - lo - gl.atomic_add(queue + q, 0, sem="relaxed")
+                    ok = left >= gl.load(queue + 6 + q)
                 if ok:
-                    i = gl.atomic_add(queue + q, 1)
+                    i = gl.atomic_add(queue + q, 1, sem="relaxed")
                     if lo + i < hi:
                         item = gl.load(cta_items + lo + i)
                     else:
@@ -315,10 +322,14 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     v_last = j0 * 0                                      # bit s: slot s last held a decode stage
     n = j0 * 0                                           # items so far: the Q handshake's phase
     live = j0 * 0 + 3                                    # DYNAMIC: both queues may hold items (_claim_item)
-    item = j0 * 0                                        # (not END: the loop claims its first item at the top)
+    if DYNAMIC:
+        item = j0                                        # the first item (cta_ptr[cta]), or CLAIM
+    else:
+        item = j0 * 0                                    # (not END: the loop takes its first item at the top)
     while item != END:
         if DYNAMIC:
-            item, live = _claim_item(cta_items, queue, cta, dec_ctas, live)
+            if item == CLAIM:
+                item, live = _claim_item(cta_items, queue, cta, dec_ctas, live)
         else:
             item = _list_item(cta_items, j0, j1, n)
         if item == END:
@@ -415,9 +426,12 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                                    ROWS * HEAD_DIM * ELT, DYNAMIC)
         if item != END:
             n += 1
+            if DYNAMIC:
+                item = CLAIM
     if DYNAMIC:
         # END to the consumers (once they have read item n - 1), then the last CTA out zeroes the cursors for
-        # the next launch: every CTA counted here has made its last claim (no memset launch; graphs replay).
+        # the next launch: every CTA counted here has made its last claim (its acq_rel add orders them before;
+        # no memset launch; graphs replay).
         mbarrier.wait(q_empty, (n & 1) ^ 1)
         _post_item(item_smem, END, DYNAMIC)
         mbarrier.arrive(q_ready, count=1)
@@ -1214,15 +1228,17 @@ class PodSm90Work:
     n_decode_pairs: int
     work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block)
     dec_items: torch.Tensor         # [pairs * 2, 6] int32 (seq or -1, request, kv head, kv_start, kv_end, part_row)
-    cta_ptr: torch.Tensor           # [grid + 1] int32 (balance "dynamic": zeros, unused)
+    cta_ptr: torch.Tensor           # [grid + 1] int32 (balance "dynamic": each CTA's first item, or 2^31 - 2:
+                                    # claim one)
     cta_items: torch.Tensor         # [items] int32: >= 0 prefill tile, < 0 decode pair -(p + 1) (balance
                                     # "dynamic": the decode queue, then the prefill queue)
     decode: DecodeWork | None       # the decode plan: splits, partial workspace, merge list (None: no decodes)
     estimate_us: dict
     sm_map: torch.Tensor | None = None   # [SM_SLOTS] int32: the list planned for each SM (config.bind != "block")
     claim: torch.Tensor | None = None    # [grid + 2] int32 zeros: _claim_list's workspace (one launch at a time)
-    queue: torch.Tensor | None = None    # [8] int32, balance "dynamic": the queues' claims and CTAs done (zero
-                                         # between launches, like claim), a pad, n_dec, n_all, the two take-minima
+    queue: torch.Tensor | None = None    # [12] int32, balance "dynamic": the queues' claims and CTAs done (zero
+                                         # between launches, like claim), a pad, n_dec, n_all, the two take-minima,
+                                         # the two first rounds (_claim_item), two pads
 
     @property
     def num_tiles(self) -> int:
@@ -1362,10 +1378,15 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
             else np.argsort(-np.asarray(shifted), kind="stable").tolist()    # LPT's order
         n_pairs = len(decode_costs)
         flat = [-(p + 1) for p in range(n_pairs)] + list(pre_order) or [0]
-        cta_ptr = np.zeros(len(cta_lists) + 1, dtype=np.int64)
         owners = (k, len(cta_lists) - k)               # CTAs whose own queue is the decode / prefill one
+        # Each CTA's first item (_claim_item): the i-th of its role's CTAs takes item i of its queue; CLAIM
+        # (2^31 - 2) where the queue is shorter than that.
+        cta_ptr = np.full(len(cta_lists) + 1, 2 ** 31 - 2, dtype=np.int64)
+        cta_ptr[:min(k, n_pairs)] = flat[:min(k, n_pairs)]
+        n_first = min(len(cta_lists) - k, len(pre_order))
+        cta_ptr[k:k + n_first] = pre_order[:n_first]
         take_min = [math.ceil(cfg.cross_rounds * o) if o else 0 for o in owners]
-        queue = [0, 0, 0, 0, n_pairs, n_pairs + len(pre_order), *take_min]
+        queue = [0, 0, 0, 0, n_pairs, n_pairs + len(pre_order), *take_min, *owners, 0, 0]
     else:
         cta_ptr = np.cumsum([0] + [len(lst) for lst in cta_lists])
         flat = [x for lst in cta_lists for x in lst] or [0]
