@@ -280,7 +280,8 @@ POD_SM90_CHECK_SHAPES = (
 def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int, int] = (0, 1),
                    only: tuple[str, ...] | None = None) -> list[dict]:
     """(f) pod/kernels/pod_sm90.py on POD_SM90_CHECK_SHAPES x layouts x dtypes x seeds, each with the
-    planner's grid and with a 4-CTA grid (many items a CTA: ring and Q-handshake phases across items, pairs
+    planner's grid (the default config; "static": its planned lists whatever balance="auto" picks) and with a
+    4-CTA grid (many items a CTA: ring and Q-handshake phases across items, pairs
     of unequal items), a forced 1-CTA decode role, and 2 decode CTAs of 6 that take prefill tiles after
     their pairs (a ring used by both roles), lists bound to blocks ("block"), spread SMs ("stride") or SMs
     chosen by GPC ("gpc_spread", "gpc_pack": the probed GPC map; the default binds them to SMs by %smid) and a
@@ -302,7 +303,7 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     from pod.kernels.pod_sm90 import PodSm90Config, pod_sm90_supports
     dev = _cuda()
     rows = []
-    grids = {"planned": PodSm90Config(), "ctas4": PodSm90Config(num_ctas=4),
+    grids = {"planned": PodSm90Config(), "static": PodSm90Config(balance="static"), "ctas4": PodSm90Config(num_ctas=4),
              "decode1": PodSm90Config(num_ctas=12, decode_ctas=1),
              "steal": PodSm90Config(num_ctas=6, decode_ctas=2, steal="always"),
              "block": PodSm90Config(bind="block"), "stride": PodSm90Config(bind="stride"),

@@ -93,6 +93,21 @@ def test_dynamic_take_minima_count_the_other_roles_ctas(rounds):
     assert w.queue.tolist()[7] == 0 or w.n_prefill_tiles == 0
 
 
+def test_auto_balance_queues_only_decode_heavy_hybrids():
+    """balance="auto" (the default): the queues where both roles run and the plan's decode estimate is at
+    least auto_decode_ratio x its prefill's; the planned lists elsewhere (single-role batches included)."""
+    heavy = BatchSpec.build(**L3, prefill=[(512, 4096)], decode=[8192] * 64, page_size=16)
+    for spec in (*SPECS.values(), heavy, BatchSpec.build(**L3, prefill=[], decode=[4096] * 64, page_size=16),
+                 BatchSpec.build(**L3, prefill=[(2048, 4096)], decode=[], page_size=16)):
+        work = plan_pod_sm90(spec, PodSm90Config(), num_sms=132, device="cpu")
+        est = work.estimate_us
+        want = bool(work.n_prefill_tiles and work.n_decode_pairs and est["decode"] >= 1.5 * est["prefill"])
+        assert (work.queue is not None) == want, (spec, est)
+        assert work.describe()["schedule"] == ("dynamic" if want else "static")
+    assert plan_pod_sm90(heavy, PodSm90Config(), num_sms=132, device="cpu").queue is not None
+    assert plan_pod_sm90(heavy, PodSm90Config(balance="static"), num_sms=132, device="cpu").queue is None
+
+
 def test_balance_setting_is_checked():
     with pytest.raises(ValueError, match="balance"):
         plan_pod_sm90(SPECS["centre"], PodSm90Config(balance="sometimes"), num_sms=132, device="cpu")

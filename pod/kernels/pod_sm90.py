@@ -1055,10 +1055,14 @@ class PodSm90Config:
                                          # once: they should not push out the prefill tiles' K/V, which every
                                          # query tile of a kv head re-reads from L2; pod/kernels/ptx_hints.py)
     prefill_l2: str = "normal"           # the prefill role's K/V copies: "normal" or "evict_last"
-    balance: str = "static"              # which CTA runs which item: "static" (the planned lists) or "dynamic"
+    balance: str = "auto"                # which CTA runs which item: "static" (the planned lists), "dynamic"
                                          # (two queues in the plan's orders, decode pairs and prefill tiles; a CTA
                                          # claims from its planned role's queue, then from the other's once its
-                                         # own is empty: a role that finishes early takes the other's items)
+                                         # own is empty: a role that finishes early takes the other's items) or
+                                         # "auto": dynamic where both roles run and the plan's decode estimate is
+                                         # at least auto_decode_ratio x its prefill's (prefill SMs would idle;
+                                         # H200, 46 paper points, three runs: 1.009-1.011x static, min 0.965)
+    auto_decode_ratio: float = 1.5
     cross_rounds: float = 1.0            # dynamic: a CTA takes an item of the other role only while that queue
                                          # holds at least this many items for each CTA of that role (0: always)
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
@@ -1107,7 +1111,7 @@ DECODE_LOOPS = ("plain", "pipe", "lag", "lazy")   # PodSm90Config.decode_loop ->
 DECODE_L2S = ("normal", "evict_first")            # PodSm90Config.decode_l2 -> DECODE_L2
 PREFILL_L2S = ("normal", "evict_last")            # PodSm90Config.prefill_l2 -> PREFILL_L2
 PREFILL_ORDERS = ("cost", "kv_head")
-BALANCES = ("static", "dynamic")                  # PodSm90Config.balance -> the kernel's DYNAMIC
+BALANCES = ("static", "dynamic", "auto")          # PodSm90Config.balance -> the kernel's DYNAMIC
 SM_SLOTS = 1024                          # sm_map entries: %smid < %nsmid <= 1024 on every NVIDIA GPU so far
 BINDS = ("block", "smid", "stride", "collide", "gpc_spread", "gpc_pack")
 
@@ -1250,12 +1254,13 @@ class PodSm90Work:
 
     def describe(self) -> dict:
         """The config's knobs (those set), then what the plan made of them (`decode_ctas`: the split run,
-        whether planned or forced by config.decode_ctas)."""
+        whether planned or forced by config.decode_ctas; `schedule`: the lists or the queues, balance)."""
         knobs = {k: v for k, v in self.config.to_json().items() if v is not None}
         return {**knobs, **dict(kernel="pod_sm90", grid=self.grid, decode_ctas=self.decode_ctas,
                                 n_prefill_tiles=self.n_prefill_tiles, n_decode_pairs=self.n_decode_pairs,
                                 decode_kv_chunk=self.decode.kv_chunk_len if self.decode is not None else None,
-                                merge_launch=self.needs_merge, estimate_us=self.estimate_us)}
+                                merge_launch=self.needs_merge, estimate_us=self.estimate_us,
+                                schedule="dynamic" if self.queue is not None else "static")}
 
     def runner(self, batch: HybridBatch, out_prefill: torch.Tensor, out_decode: torch.Tensor,
                trace: torch.Tensor | None = None):
@@ -1345,6 +1350,9 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     if cfg.balance == "dynamic" and cfg.steal != "never":
         raise ValueError("PodSm90Config: steal plans decode CTAs' prefill tiles ahead; balance='dynamic' takes "
                          "them at run time (set steal='never')")
+    dynamic = cfg.balance == "dynamic" or (
+        cfg.balance == "auto" and cfg.steal == "never" and bool(prefill_costs) and bool(decode_costs)
+        and t_d >= cfg.auto_decode_ratio * t_p)
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
         # Decode CTAs may take prefill tiles after their pairs (LPT from their decode loads): where that
         # beats the split's makespan (for some k around it), plan it. Only k that leave HBM unsaturated:
@@ -1370,7 +1378,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         else:
             pre_lists, _ = lpt(shifted, grid - k)
         cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
-    if cfg.balance == "dynamic":
+    if dynamic:
         # Two queues in the static plan's orders (the decode pairs longest first; the prefill tiles in
         # prefill_order): the same greedy rule run online, so the lists end where the SMs really are.
         shifted = _shifted(prefill_costs, prefill_extra(k))
@@ -1405,7 +1413,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
                             cta_items=np.array(flat),
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists), gpcs)) if bound else None,
                             claim=np.zeros(len(cta_lists) + 2) if bound else None,
-                            queue=np.array(queue) if cfg.balance == "dynamic" else None)
+                            queue=np.array(queue) if dynamic else None)
     return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
@@ -1470,7 +1478,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
                  TAIL_MASK=cfg.prefill_tail == "mask", OVERLAP=cfg.overlap,
                  DECODE_LOOP=DECODE_LOOPS.index(cfg.decode_loop),
                  DECODE_L2=DECODE_L2S.index(cfg.decode_l2), PREFILL_L2=PREFILL_L2S.index(cfg.prefill_l2),
-                 DYNAMIC=cfg.balance == "dynamic")
+                 DYNAMIC=work.queue is not None)
     return args, const
 
 
