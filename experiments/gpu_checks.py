@@ -296,7 +296,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     queues ("dynamic"; on 4 CTAs that take the other role's items whenever theirs run out, cross_rounds 0, so
     both roles' CTAs run both roles in either order, "dyn_ctas4", also with tails through rebuilt descriptors "dyn_desc" and without overlap "dyn_no_overlap";
     one decode CTA of 12, "dyn_decode1"; lists bound to blocks, "dyn_block", or all SMs asking for list 0,
-    "dyn_collide"): both outputs start as NaN, stale page slots hold NaN;
+    "dyn_collide"; the decode queue's last requests split finer, decode_tail_keys, "dyn_tail",
+    "dyn_tail_ctas4"): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
     equal (the dynamic queues' cursors are reset by the launch itself). `shard=(i, n)`: only cases i, i+n,
     ... (n processes compile their kernels in parallel); `only`: just these grids (names above)."""
@@ -323,7 +324,9 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "dyn_no_overlap": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0, overlap=False),
              "dyn_decode1": PodSm90Config(num_ctas=12, decode_ctas=1, balance="dynamic"),
              "dyn_block": PodSm90Config(balance="dynamic", bind="block"),
-             "dyn_collide": PodSm90Config(num_ctas=12, bind="collide", balance="dynamic")}
+             "dyn_collide": PodSm90Config(num_ctas=12, bind="collide", balance="dynamic"),
+             "dyn_tail": PodSm90Config(balance="dynamic", cross_rounds=0.0, decode_tail_keys=256),
+             "dyn_tail_ctas4": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0, decode_tail_keys=128)}
     # Sharp softmax (decode queries x SHARP_Q: scores spread over tens of log2 units, so a column's maximum
     # keeps jumping past the lazy loop's threshold after an item's first stage): these grids run again on it.
     sharp_grids = ("planned", "decode_lazy", "lazy_ctas4", "dynamic")

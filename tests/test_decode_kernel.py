@@ -207,17 +207,25 @@ def test_balanced_chunk_is_the_brute_force_choice(seed):
         assert choose_kv_chunk_len_balanced(*args) == _balanced_chunk_brute(*args)
 
 
-@pytest.mark.parametrize("mode", [dict(), dict(kv_splits=3), dict(kv_chunk_len=1000)])
+PER_REQUEST_CHUNKS = [random.Random(5).choice([100, 512, 2048, 4096]) for _ in range(39)]
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(kv_splits=3), dict(kv_chunk_len=1000),
+                                  dict(kv_chunk_lens=PER_REQUEST_CHUNKS)], ids=["default", "splits", "chunk", "chunks"])
 def test_plan_items_are_each_requests_splits_longest_first(mode):
     """plan_decode's work rows: (request, first key, end key, partial row or -1) for every split of every
-    request, longest first and in request order among equals; partial rows numbered request by request."""
+    request, longest first and in request order among equals; partial rows numbered request by request.
+    kv_chunk_lens: each request's own split length (64-aligned), the plan's kv_chunk_len their largest."""
     rng = random.Random(11)
     lens = [rng.randint(1, 9000) for _ in range(37)] + [1, 4096]
     spec = BatchSpec.build(8, 2, 64, decode=lens, page_size=16)
     work = plan_decode(spec, 132, block_n=64, device="cpu", **mode)
+    if "kv_chunk_lens" in mode:
+        assert work.kv_chunk_len == max(math.ceil(c / 64) * 64 for c in PER_REQUEST_CHUNKS)
     rows, parts = [], 0
     for r, n in enumerate(lens):
-        c = math.ceil(math.ceil(n / mode["kv_splits"]) / 64) * 64 if "kv_splits" in mode else work.kv_chunk_len
+        c = math.ceil(math.ceil(n / mode["kv_splits"]) / 64) * 64 if "kv_splits" in mode else \
+            math.ceil(PER_REQUEST_CHUNKS[r] / 64) * 64 if "kv_chunk_lens" in mode else work.kv_chunk_len
         s = -(-n // c)
         assert work.splits[r] == s
         rows += [(r, i * c, min(n, (i + 1) * c), parts + i if s > 1 else -1) for i in range(s)]
@@ -229,6 +237,8 @@ def test_plan_items_are_each_requests_splits_longest_first(mode):
     assert work.merge_reqs.tolist() == [r for r, s in enumerate(work.splits) if s > 1]
     with pytest.raises(ValueError, match="kv_splits=0"):
         plan_decode(spec, 132, kv_splits=0, device="cpu")
+    with pytest.raises(ValueError, match="kv_chunk_lens has 2 entries"):
+        plan_decode(spec, 132, kv_chunk_lens=[64, 64], device="cpu")
 
 
 # -- decode_tile reused from another kernel (as the fused POD kernel does) ------------------------

@@ -108,6 +108,45 @@ def test_auto_balance_queues_only_decode_heavy_hybrids():
     assert plan_pod_sm90(heavy, PodSm90Config(balance="static"), num_sms=132, device="cpu").queue is None
 
 
+@pytest.mark.parametrize("spec", ["centre", "ragged"])
+def test_decode_tail_keys_splits_the_shortest_requests_to_the_queue_end(spec):
+    """decode_tail_keys (dynamic): the shortest requests, about the decode work left past the prefill's
+    estimate (tail_chunks), get items of at most that many keys; every key of every (request, kv head) is
+    still in exactly one item, a split request's items own its partial rows, and the queue stays longest
+    first, so the short items end it."""
+    from pod.kernels.pod_sm90 import tail_chunks
+    s_ = SPECS[spec]
+    w0 = plan_pod_sm90(s_, PodSm90Config(balance="dynamic"), num_sms=132, device="cpu")
+    w = plan_pod_sm90(s_, PodSm90Config(balance="dynamic", decode_tail_keys=1024), num_sms=132, device="cpu")
+    est = w0.estimate_us
+    lens = s_.decode_context_lens
+    chunks = tail_chunks(lens, w0.decode.kv_chunk_len, 1024, 1 - est["prefill"] / est["decode"]) \
+        if est["decode"] > est["prefill"] else [w0.decode.kv_chunk_len] * len(lens)
+    rows = [r for r in w.dec_items.tolist() if r[0] >= 0]
+    ptr = w.decode.part_indptr.tolist()
+    for req, n in enumerate(lens):
+        for g in range(s_.heads.num_kv_heads):
+            mine = sorted((r[3], r[4], r[5]) for r in rows if r[1] == req and r[2] == g)
+            assert mine[0][0] == 0 and mine[-1][1] == n and all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+            assert all(e - s0 <= chunks[req] for s0, e, _ in mine)
+            parts = [p for _, _, p in mine]
+            assert parts == (list(range(ptr[req], ptr[req + 1])) if len(mine) > 1 else [-1])
+    lengths = [r[4] - r[3] for r in w.dec_items.tolist()[:2 * w.n_decode_pairs] if r[0] >= 0]
+    assert lengths == sorted(lengths, reverse=True)
+    if spec == "centre":                  # decode-heavy by the estimate: its last requests were split
+        assert est["decode"] > est["prefill"] and w.n_decode_pairs > w0.n_decode_pairs
+    with pytest.raises(ValueError, match="decode_tail_keys"):
+        plan_pod_sm90(s_, PodSm90Config(balance="dynamic", decode_tail_keys=100), num_sms=132, device="cpu")
+
+
+def test_tail_chunks_take_the_shortest_requests_first():
+    from pod.kernels.pod_sm90 import tail_chunks
+    assert tail_chunks([8192, 100, 4096, 4096], 2048, 512, 0.2).tolist() == [2048, 512, 2048, 512]
+    assert tail_chunks([8192, 100, 4096, 4096], 2048, 512, 0.3).tolist() == [2048, 512, 512, 512]
+    assert tail_chunks([1000, 1000], 1024, 256, 0.0).tolist() == [1024, 1024]
+    assert tail_chunks([1000, 1000], 1024, 4096, 1.0).tolist() == [1024, 1024]
+
+
 def test_balance_setting_is_checked():
     with pytest.raises(ValueError, match="balance"):
         plan_pod_sm90(SPECS["centre"], PodSm90Config(balance="sometimes"), num_sms=132, device="cpu")

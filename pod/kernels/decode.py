@@ -398,13 +398,15 @@ SPLIT_POLICIES = {"balanced": choose_kv_chunk_len_balanced, "fit": choose_kv_chu
 
 def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = None, *,
                 ctas_per_sm: int = 2, target_ctas: int | None = None, kv_splits: int | None = None,
-                kv_chunk_len: int | None = None, min_kv_chunk_len: int = 256,
+                kv_chunk_len: int | None = None, kv_chunk_lens=None, min_kv_chunk_len: int = 256,
                 split_policy: str = "balanced", block_n: int | None = None, num_warps: int = 4,
                 num_stages: int | None = None, fuse_merge: bool = False,
                 device: torch.device | str | None = None) -> DecodeWork:
     """Plan the decode part of a batch: split counts, work list, workspace. Shape only, no launch.
 
     Splits (first that is given wins):
+      kv_chunk_lens keys per split for each request (each rounded up to the split alignment; the plan's
+                    kv_chunk_len is their largest);
       kv_chunk_len  keys per split (rounded up to the split alignment);
       kv_splits     at most this many splits per request (1: never split);
       target_ctas   split so that the launch has about this many CTAs;
@@ -436,8 +438,14 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
     target = target_ctas if target_ctas is not None else num_sms * ctas_per_sm
     lens = list(spec.decode_context_lens)
 
+    if kv_chunk_lens is not None and len(kv_chunk_lens) != len(lens):
+        raise ValueError(f"plan_decode: kv_chunk_lens has {len(kv_chunk_lens)} entries for {len(lens)} requests")
+    if kv_chunk_lens is not None and min(kv_chunk_lens, default=1) < 1:
+        raise ValueError(f"plan_decode: kv_chunk_lens={list(kv_chunk_lens)} must be >= 1")
     if not lens:
         chunk = align
+    elif kv_chunk_lens is not None:
+        chunk = int(_round_up(np.asarray(kv_chunk_lens, dtype=np.int64), align).max())
     elif kv_chunk_len is not None:
         chunk = _round_up(kv_chunk_len, align)
     elif kv_splits is not None:
@@ -448,7 +456,9 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
         chunk = SPLIT_POLICIES[split_policy](lens, h.num_kv_heads, target, align, min_kv_chunk_len)
 
     n = np.asarray(lens, dtype=np.int64)
-    if kv_splits is not None and kv_chunk_len is None:
+    if kv_chunk_lens is not None and lens:
+        c = _round_up(np.asarray(kv_chunk_lens, dtype=np.int64), align)
+    elif kv_splits is not None and kv_chunk_len is None:
         c = _round_up(-(-n // kv_splits), align)       # at most kv_splits splits a request, BLOCK_N-aligned
     else:
         c = np.full(len(lens), chunk, dtype=np.int64)

@@ -1065,6 +1065,11 @@ class PodSm90Config:
     auto_decode_ratio: float = 1.5
     cross_rounds: float = 1.0            # dynamic: a CTA takes an item of the other role only while that queue
                                          # holds at least this many items for each CTA of that role (0: always)
+    decode_tail_keys: int | None = None  # dynamic: the shortest requests, about the decode work the plan leaves
+                                         # after its prefill ends, split to items of this many keys (a multiple
+                                         # of 64), so a CTA whose tiles are done takes short items at the end of
+                                         # the decode queue (an 8192-key pair takes ~100 us, as long as a
+                                         # balanced point's imbalance); None: one split length for all
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -1353,6 +1358,14 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     dynamic = cfg.balance == "dynamic" or (
         cfg.balance == "auto" and cfg.steal == "never" and bool(prefill_costs) and bool(decode_costs)
         and t_d >= cfg.auto_decode_ratio * t_p)
+    if cfg.decode_tail_keys is not None and (cfg.decode_tail_keys < 64 or cfg.decode_tail_keys % 64):
+        raise ValueError(f"PodSm90Config.decode_tail_keys: a multiple of 64, not {cfg.decode_tail_keys}")
+    if dynamic and cfg.decode_tail_keys and decode_costs and t_d > t_p:
+        chunks = tail_chunks(spec.decode_context_lens, dec.kv_chunk_len, cfg.decode_tail_keys, 1.0 - t_p / t_d)
+        dec = plan_decode(spec, num_sms, kv_chunk_lens=chunks, block_n=64, device=device)
+        items = _decode_items(spec.decode_context_lens, chunks, h.num_kv_heads)
+        n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
+        decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
         # Decode CTAs may take prefill tiles after their pairs (LPT from their decode loads): where that
         # beats the split's makespan (for some k around it), plan it. Only k that leave HBM unsaturated:
@@ -1425,13 +1438,30 @@ def _kv_head_order(costs: list[float], num_q_heads: int, group: int) -> list[int
     return sorted(range(len(costs)), key=lambda t: ((t % num_q_heads) // group, -costs[t], t))
 
 
-def _decode_items(lens, chunk: int, num_kv_heads: int) -> np.ndarray:
+def tail_chunks(lens, chunk: int, tail_keys: int, frac: float) -> np.ndarray:
+    """Keys per split for each request (decode_tail_keys): `chunk`, but min(chunk, tail_keys) for the
+    shortest requests (the last in request order among equals) whose keys add up to at least `frac` of all:
+    their items sort to the end of the decode queue (longest first)."""
+    n = np.asarray(lens, dtype=np.int64)
+    out = np.full(len(n), chunk, dtype=np.int64)
+    need = max(0.0, min(1.0, frac)) * n.sum()
+    got = 0
+    for r in sorted(range(len(n)), key=lambda r: (n[r], -r)):     # shortest first, later requests first
+        if got >= need:
+            break
+        out[r] = min(chunk, tail_keys)
+        got += n[r]
+    return out
+
+
+def _decode_items(lens, chunk, num_kv_heads: int) -> np.ndarray:
     """int64 [items, 5] (request, kv head, kv_start, kv_end, partial row or -1): the decode plan's items
     (decode.split_items, longest first) for every kv head; all heads of a split have its length, so this is
-    the items by (request, split, kv head) sorted longest first (stable)."""
+    the items by (request, split, kv head) sorted longest first (stable). `chunk`: keys per split, one for
+    all requests or one each."""
     from pod.kernels.decode import split_items
     n = np.asarray(lens, dtype=np.int64)
-    work, _ = split_items(n, np.full(len(n), chunk, dtype=np.int64))
+    work, _ = split_items(n, np.broadcast_to(np.asarray(chunk, dtype=np.int64), n.shape).copy())
     items = np.insert(np.repeat(work, num_kv_heads, axis=0), 1, 0, axis=1)
     items[:, 1] = np.tile(np.arange(num_kv_heads), len(work))
     return items
