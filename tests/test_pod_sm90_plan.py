@@ -1,6 +1,7 @@
 """The Hopper POD kernel's host-side plan (pod/kernels/pod_sm90.py, no GPU): every prefill tile and decode
-pair runs exactly once, a CTA runs its decode pairs before its prefill tiles (the producer's ring drain
-relies on that order when a decode CTA takes prefill tiles), and the stealing choice follows its rules."""
+pair runs exactly once, a static list runs its decode pairs before its prefill tiles (the planner's order;
+the producer's ring bookkeeping takes either), the stealing choice follows its rules, and the dynamic
+schedule's queues, first items and take-minima are what the kernel reads."""
 import math
 import random
 
@@ -137,6 +138,11 @@ def test_decode_tail_keys_splits_the_shortest_requests_to_the_queue_end(spec):
         assert est["decode"] > est["prefill"] and w.n_decode_pairs > w0.n_decode_pairs
     with pytest.raises(ValueError, match="decode_tail_keys"):
         plan_pod_sm90(s_, PodSm90Config(balance="dynamic", decode_tail_keys=100), num_sms=132, device="cpu")
+    # decode only: nothing to balance against, the split stays whole (no partials for nothing)
+    dec = BatchSpec.build(**L3, prefill=[], decode=[4096] * 8, page_size=16)
+    w1 = plan_pod_sm90(dec, PodSm90Config(balance="dynamic", decode_tail_keys=128), num_sms=132, device="cpu")
+    w2 = plan_pod_sm90(dec, PodSm90Config(balance="dynamic"), num_sms=132, device="cpu")
+    assert w1.n_decode_pairs == w2.n_decode_pairs
 
 
 def test_tail_chunks_take_the_shortest_requests_first():

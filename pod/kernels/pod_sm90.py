@@ -37,7 +37,9 @@ Memory layout (NHD, d unit-stride):
 Work lists (int32): work_units [units, 2] (chunk, q_block) as the prefill tile's; prefill tile id =
 unit * Hq + head. dec_items [pairs * 2, 6] = (seq or -1, request, kv_head, kv_start, kv_end, part_row),
 consumer c of pair p takes row 2p + c. cta_items[cta_ptr[c]:cta_ptr[c+1]] lists CTA c's items: >= 0 a
-prefill tile, < 0 the decode pair -(item + 1).
+prefill tile, < 0 the decode pair -(item + 1). balance "dynamic" (PodSm90Config; "auto" picks it where the
+decode outweighs the prefill): cta_items is two queues, the decode pairs then the prefill tiles, cta_ptr[c]
+CTA c's first item, and the producer claims the rest at run time (_claim_item).
 
 Stale keys. Prefill: as the Hopper tile, the last page of a sequence is read through a descriptor that ends
 at the sequence's last valid row (TMA zero-fills past it); the producer rebuilds that pair per prefill item
@@ -195,8 +197,9 @@ def _claim_item(cta_items, queue, cta, dec_ctas, live):
     plan's first round (item i of a queue for the i-th CTA of its role; no atomic: 132 CTAs claiming at once
     wait ~12 us on one counter), or CLAIM where its queue is shorter than that round. The next items come
     from its own queue while it lasts, then from the other queue, END once neither gives one.
-    `queue` int32 [12]: the claims on each queue past its first round, then the CTAs done (relaxed atomics:
-    every item goes to exactly one CTA; zero between launches), a pad; n_dec, n_all; for each queue the
+    `queue` int32 [12]: the claims on each queue past its first round (relaxed atomics: every item goes to
+    exactly one CTA), then the CTAs done (acq_rel: the last one zeroes the three; zero between launches, so
+    one launch of a plan at a time, like _claim_list's workspace), a pad; n_dec, n_all; for each queue the
     fewest items it must still hold for a CTA of the other role to take one (PodSm90Config.cross_rounds:
     the other role's CTAs each have a round left, so taking one shortens that role; near its end the owners
     finish it sooner than a newcomer would); for each queue its first round (its role's CTA count).
@@ -291,7 +294,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     (Q copies are never tagged.)
     DYNAMIC: items come from the two queues (_claim_item), each posted to the consumers with its Q
     (_post_item), then END; else from the CTA's planned list.
-    Ring slots and their V halves: every item releases a slot's `empty` twice (once a consumer), so its phase
+    Ring slots and their V halves: every stage releases its slot's `empty` twice (once a consumer), so its phase
     is the ring round; a decode stage also releases its V half on `empty_v`, a prefill stage does not (both
     halves go with `empty`). So a slot's `empty_v` phase counts the decode stages it has held: v_par bit s is
     that count's parity for slot s, v_last bit s says the slot's last stage was a decode one (its V half may
@@ -1360,12 +1363,13 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         and t_d >= cfg.auto_decode_ratio * t_p)
     if cfg.decode_tail_keys is not None and (cfg.decode_tail_keys < 64 or cfg.decode_tail_keys % 64):
         raise ValueError(f"PodSm90Config.decode_tail_keys: a multiple of 64, not {cfg.decode_tail_keys}")
-    if dynamic and cfg.decode_tail_keys and decode_costs and t_d > t_p:
+    if dynamic and cfg.decode_tail_keys and prefill_costs and decode_costs and t_d > t_p:
         chunks = tail_chunks(spec.decode_context_lens, dec.kv_chunk_len, cfg.decode_tail_keys, 1.0 - t_p / t_d)
         dec = plan_decode(spec, num_sms, kv_chunk_lens=chunks, block_n=64, device=device)
         items = _decode_items(spec.decode_context_lens, chunks, h.num_kv_heads)
         n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
         decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
+        t_d = lpt_makespan(decode_costs, k) * slowdown(k)      # the estimate of the split plan
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
         # Decode CTAs may take prefill tiles after their pairs (LPT from their decode loads): where that
         # beats the split's makespan (for some k around it), plan it. Only k that leave HBM unsaturated:
