@@ -27,7 +27,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pod.batch import BatchSpec, make_batch
@@ -465,6 +464,8 @@ def variant_table(path: str) -> None:
     variant is faster), and each over triton_serial; then per model. Role spans: the mean of how far apart
     the two roles end inside the launch (|prefill - decode| / the later one)."""
     import pandas as pd
+
+    from analysis.speedup import geomean as gm
     rows = [json.loads(line) for line in open(path)]
     df = pd.DataFrame([r for r in rows if r.get("what") == "planned" and r.get("ok") and "median_ms" in r])
     ser = pd.DataFrame([r for r in rows if r.get("what") == "triton_serial" and "median_ms" in r])
@@ -477,15 +478,12 @@ def variant_table(path: str) -> None:
     names = list(dict.fromkeys(df["variant"]))
     base = names[0]
 
-    def gm(x):
-        x = x.dropna()
-        return float(np.exp(np.log(x).mean())) if len(x) else float("nan")
     for v in names:
         r = (t[base] / t[v]).dropna()
         line = f"{v or 'default'}: n={len(r)} vs {base or 'default'} geomean={gm(r):.3f} min={r.min():.3f} max={r.max():.3f}"
         if serial is not None:
             s_ = serial.reindex(t.index.get_level_values(0)).to_numpy() / t[v].to_numpy()
-            line += f"; vs triton_serial {gm(pd.Series(s_)):.3f}"
+            line += f"; vs triton_serial {gm(s_):.3f}"
         sub = df[df.variant == v]
         if {"prefill_span_us", "decode_span_us"} <= set(sub):
             both = sub.dropna(subset=["prefill_span_us", "decode_span_us"])

@@ -194,8 +194,8 @@ def _claim_item(cta_items, queue, cta, dec_ctas, live):
     """The dynamic schedule (balance="dynamic"), in the producer: the CTA's next item. Queue 0 is the decode
     pairs, cta_items[0:n_dec], queue 1 the prefill tiles, cta_items[n_dec:n_all], each heaviest first; a CTA's
     own queue is its planned role's. Its first item is not claimed here: cta_ptr[cta] holds it, the static
-    plan's first round (item i of a queue for the i-th CTA of its role; no atomic: 132 CTAs claiming at once
-    wait ~12 us on one counter), or CLAIM where its queue is shorter than that round. The next items come
+    plan's first round (item i of a queue for the i-th CTA of its role; no atomic, so the launch does not
+    start with every CTA on one counter), or CLAIM where its queue is shorter than that round. The next items come
     from its own queue while it lasts, then from the other queue, END once neither gives one.
     `queue` int32 [12]: the claims on each queue past its first round (relaxed atomics: every item goes to
     exactly one CTA), then the CTAs done (acq_rel: the last one zeroes the three; zero between launches, so
@@ -1322,9 +1322,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     if spec.num_decode:
         p_total = sum(prefill_costs)
         d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
-        chunk = _decode_split_keys(spec, cfg, d_total / (d_total + p_total), grid0)
-        dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, block_n=64, device=device)
-        items = _decode_items(spec.decode_context_lens, dec.kv_chunk_len, h.num_kv_heads)
+        chunk = _decode_split_keys(spec, cfg, d_total / (d_total + p_total), grid0)    # a multiple of 64
+        items = _decode_items(spec.decode_context_lens, chunk, h.num_kv_heads)
         # Pairs are neighbours in that order (longest first): a pair costs its first, longer item's stages.
         n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
         decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
@@ -1363,13 +1362,15 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         and t_d >= cfg.auto_decode_ratio * t_p)
     if cfg.decode_tail_keys is not None and (cfg.decode_tail_keys < 64 or cfg.decode_tail_keys % 64):
         raise ValueError(f"PodSm90Config.decode_tail_keys: a multiple of 64, not {cfg.decode_tail_keys}")
+    chunks = None                                      # keys per split for each request (decode_tail_keys)
     if dynamic and cfg.decode_tail_keys and prefill_costs and decode_costs and t_d > t_p:
-        chunks = tail_chunks(spec.decode_context_lens, dec.kv_chunk_len, cfg.decode_tail_keys, 1.0 - t_p / t_d)
-        dec = plan_decode(spec, num_sms, kv_chunk_lens=chunks, block_n=64, device=device)
+        chunks = tail_chunks(spec.decode_context_lens, chunk, cfg.decode_tail_keys, 1.0 - t_p / t_d)
         items = _decode_items(spec.decode_context_lens, chunks, h.num_kv_heads)
         n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
         decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
         t_d = lpt_makespan(decode_costs, k) * slowdown(k)      # the estimate of the split plan
+    if spec.num_decode:                                # the decode plan (partials, merge) of those items
+        dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, kv_chunk_lens=chunks, block_n=64, device=device)
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
         # Decode CTAs may take prefill tiles after their pairs (LPT from their decode loads): where that
         # beats the split's makespan (for some k around it), plan it. Only k that leave HBM unsaturated:
@@ -1384,10 +1385,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
             steal, k = best
     if steal is not None:
         dec_lists, pre_all, t_d, t_p = steal
-        # A CTA runs its decode pairs first (the producer's drain relies on that order), then its tiles.
+        # A CTA runs its decode pairs first (the planner's order; the producer takes either), then its tiles.
         cta_lists = [[-(p + 1) for p in dl] + list(pl) for dl, pl in zip(dec_lists, pre_all[:k])] \
             + [list(pl) for pl in pre_all[k:]]
-    else:
+    elif not dynamic:
         dec_lists, _ = lpt(decode_costs, k)
         shifted = _shifted(prefill_costs, prefill_extra(k))
         if cfg.prefill_order == "kv_head":
@@ -1395,7 +1396,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         else:
             pre_lists, _ = lpt(shifted, grid - k)
         cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
-    if dynamic:
+    if dynamic:                                        # (no lists to build: k decode CTAs of `grid`)
         # Two queues in the static plan's orders (the decode pairs longest first; the prefill tiles in
         # prefill_order): the same greedy rule run online, so the lists end where the SMs really are.
         shifted = _shifted(prefill_costs, prefill_extra(k))
@@ -1403,12 +1404,12 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
             else np.argsort(-np.asarray(shifted), kind="stable").tolist()    # LPT's order
         n_pairs = len(decode_costs)
         flat = [-(p + 1) for p in range(n_pairs)] + list(pre_order) or [0]
-        owners = (k, len(cta_lists) - k)               # CTAs whose own queue is the decode / prefill one
+        owners = (k, grid - k)                         # CTAs whose own queue is the decode / prefill one
         # Each CTA's first item (_claim_item): the i-th of its role's CTAs takes item i of its queue; CLAIM
         # (2^31 - 2) where the queue is shorter than that.
-        cta_ptr = np.full(len(cta_lists) + 1, 2 ** 31 - 2, dtype=np.int64)
+        cta_ptr = np.full(grid + 1, 2 ** 31 - 2, dtype=np.int64)
         cta_ptr[:min(k, n_pairs)] = flat[:min(k, n_pairs)]
-        n_first = min(len(cta_lists) - k, len(pre_order))
+        n_first = min(grid - k, len(pre_order))
         cta_ptr[k:k + n_first] = pre_order[:n_first]
         take_min = [math.ceil(cfg.cross_rounds * o) if o else 0 for o in owners]
         queue = [0, 0, 0, 0, n_pairs, n_pairs + len(pre_order), *take_min, *owners, 0, 0]
@@ -1428,10 +1429,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         gpcs = gpcs_of(device)
     tables = device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
                             cta_items=np.array(flat),
-                            sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, len(cta_lists), gpcs)) if bound else None,
-                            claim=np.zeros(len(cta_lists) + 2) if bound else None,
+                            sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, grid, gpcs)) if bound else None,
+                            claim=np.zeros(grid + 2) if bound else None,
                             queue=np.array(queue) if dynamic else None)
-    return PodSm90Work(config=cfg, spec=spec, grid=len(cta_lists), decode_ctas=k,
+    return PodSm90Work(config=cfg, spec=spec, grid=grid, decode_ctas=k,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
 
