@@ -231,42 +231,42 @@ def _claim_item(cta_items, queue, cta, dec_ctas, live):
 
 
 @gluon.jit
-def _post_item(item_smem, item, DYNAMIC: gl.constexpr):
-    """The dynamic schedule: the producer hands the item it claimed to both consumers through a 4-byte slot of
-    shared memory, written after both consumers freed the Q buffer (so both have read the previous item) and
-    before the arrive on q_ready that they wait for (an mbarrier arrive releases, its wait acquires)."""
-    if DYNAMIC:
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        item_smem.store(gl.full([1], item, gl.int32, layout=lay))
-        gl.thread_barrier()                              # the store is the warp's before the arrive below
+def _post_item(item_smem, item_ready, item, n):
+    """The dynamic schedule: the producer hands item n to both consumers as soon as it has claimed it, through
+    slot n % 2 of a two-slot ring in shared memory and that slot's `item_ready` mbarrier (one arrive a phase),
+    so a consumer reads the item and its tables while the item's Q and first stages are still in flight.
+    Slot n % 2 held item n - 2, which both consumers read before they freed item n - 2's Q buffer; the
+    producer claims item n only after its q_empty wait for item n - 1, so no slot is written while read, and a
+    slot's barrier never runs a phase ahead of its waiters. (One slot, written after q_empty, made the
+    consumers learn the item only once its Q had landed: 3-5% on short balanced launches; docs/hopper_pod.md.)"""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    item_smem.index(n & 1).store(gl.full([1], item, gl.int32, layout=lay))
+    gl.thread_barrier()                                  # the store is the warp's before the arrive (release)
+    mbarrier.arrive(item_ready.index(n & 1), count=1)
 
 
 @gluon.jit
-def _take_item(item_smem, q_ready, n):
+def _take_item(item_smem, item_ready, n):
     """The dynamic schedule, in a consumer: item n as the producer posted it (END: no more)."""
-    mbarrier.wait(q_ready, n & 1)
+    mbarrier.wait(item_ready.index(n & 1), (n >> 1) & 1)
     lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    return gl.max(item_smem.load(lay), 0)
+    return gl.max(item_smem.index(n & 1).load(lay), 0)
 
 
 @gluon.jit
-def _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, row, col, item_smem, item, ROWS: gl.constexpr,
-                    BYTES: gl.constexpr, DYNAMIC: gl.constexpr):
+def _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, row, col, ROWS: gl.constexpr, BYTES: gl.constexpr):
     """Item n's Q tile (two [ROWS, D] halves, one a consumer) once both consumers freed the buffer."""
     mbarrier.wait(q_empty, (n & 1) ^ 1)
-    _post_item(item_smem, item, DYNAMIC)
     mbarrier.expect(q_ready, BYTES)
     for i in gl.static_range(2):
         tma.async_copy_global_to_shared(q_desc, [row + i * ROWS, col], q_ready, q_smem.index(i))
 
 
 @gluon.jit
-def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, item_smem, item, BYTES: gl.constexpr,
-                   DYNAMIC: gl.constexpr):
+def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, BYTES: gl.constexpr):
     """Decode pair n's two q-head groups (one [64, D] box each; B's only if the pair has a second item,
     seq_b >= 0)."""
     mbarrier.wait(q_empty, (n & 1) ^ 1)
-    _post_item(item_smem, item, DYNAMIC)
     # expect-tx byte counts are constants: one expect for one Q box, the other for two
     mbarrier.expect(q_ready, BYTES, pred=seq_b < 0)
     mbarrier.expect(q_ready, 2 * BYTES, pred=seq_b >= 0)
@@ -276,7 +276,7 @@ def _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, row_a, row_b, seq_b, it
 
 @gluon.jit
 def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
-              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, item_smem, queue,
+              q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v, item_smem, item_ready, queue,
               dec_ctas, num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt,
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
@@ -292,8 +292,9 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
     needs its Q (a deadlock).
     DECODE_L2 / PREFILL_L2: 1 tags the role's K/V copies with an L2 policy (evict-first / evict-last), 0 not.
     (Q copies are never tagged.)
-    DYNAMIC: items come from the two queues (_claim_item), each posted to the consumers with its Q
-    (_post_item), then END; else from the CTA's planned list.
+    DYNAMIC: items come from the two queues (_claim_item), each posted to the consumers as soon as it is
+    claimed (_post_item: a two-slot ring, so they read its tables while its Q lands), then END; else from the
+    CTA's planned list.
     Ring slots and their V halves: every stage releases its slot's `empty` twice (once a consumer), so its phase
     is the ring round; a decode stage also releases its V half on `empty_v`, a prefill stage does not (both
     halves go with `empty`). So a slot's `empty_v` phase counts the decode stages it has held: v_par bit s is
@@ -336,8 +337,11 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
         else:
             item = _list_item(cta_items, j0, j1, n)
         if item == END:
-            pass
+            if DYNAMIC:
+                _post_item(item_smem, item_ready, item, n)   # END: the consumers stop
         elif item >= 0:
+            if DYNAMIC:
+                _post_item(item_smem, item_ready, item, n)
             chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
                 item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
@@ -358,8 +362,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 k_tail = tma.make_tensor_descriptor(K, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
                 v_tail = tma.make_tensor_descriptor(V, [tail_rows, KV_STRIDE], [KV_STRIDE, 1], [COPY_ROWS, HEAD_DIM], lay)
             if not OVERLAP:
-                _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, item_smem, item,
-                                ROWS, BLOCK_M * HEAD_DIM * ELT, DYNAMIC)
+                _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, ROWS,
+                                BLOCK_M * HEAD_DIM * ELT)
             for t in range(n_tiles):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -375,8 +379,10 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 if OVERLAP:
                     if t + 1 == gl.minimum(n_tiles, STAGES - 1):
                         _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM,
-                                        item_smem, item, ROWS, BLOCK_M * HEAD_DIM * ELT, DYNAMIC)
+                                        ROWS, BLOCK_M * HEAD_DIM * ELT)
         else:
+            if DYNAMIC:
+                _post_item(item_smem, item_ready, item, n)
             pair = -item - 1
             seq_a, req_a, g_a, ks_a, nk_a, pr_a, n_a = _decode_info(dec_items, pair, 0, HALF_N)
             seq_b, req_b, g_b, ks_b, nk_b, pr_b, n_b = _decode_info(dec_items, pair, 1, HALF_N)
@@ -395,8 +401,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 col_a = l2_tag_evict_first(col_a)
                 col_b = l2_tag_evict_first(col_b)
             if not OVERLAP:
-                _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b, item_smem, item,
-                               ROWS * HEAD_DIM * ELT, DYNAMIC)
+                _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b, ROWS * HEAD_DIM * ELT)
             # Half-tile t of an item = keys ks + 64t ...: tile index (ks / 64) + t of its sequence. The block
             # table is read a stage ahead, so its latency hides behind this stage's wait and copies.
             rows_next, ci = _pair_rows(block_table, seq_a, seq_b, st_a, st_b, ks_a // HALF_N, ks_b // HALF_N,
@@ -421,23 +426,19 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 it += 1
                 if OVERLAP:
                     if t + 1 == gl.minimum(n_st, STAGES - 1):
-                        _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b, item_smem, item,
-                                       ROWS * HEAD_DIM * ELT, DYNAMIC)
+                        _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
+                                       ROWS * HEAD_DIM * ELT)
             if OVERLAP:
                 if n_st == 0:                            # no stage at all (never planned): Q still lands
-                    _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b, item_smem, item,
-                                   ROWS * HEAD_DIM * ELT, DYNAMIC)
+                    _load_q_decode(qd_desc, q_smem, q_ready, q_empty, n, qrow_a, qrow_b, seq_b,
+                                   ROWS * HEAD_DIM * ELT)
         if item != END:
             n += 1
             if DYNAMIC:
                 item = CLAIM
     if DYNAMIC:
-        # END to the consumers (once they have read item n - 1), then the last CTA out zeroes the cursors for
-        # the next launch: every CTA counted here has made its last claim (its acq_rel add orders them before;
-        # no memset launch; graphs replay).
-        mbarrier.wait(q_empty, (n & 1) ^ 1)
-        _post_item(item_smem, END, DYNAMIC)
-        mbarrier.arrive(q_ready, count=1)
+        # The last CTA out zeroes the cursors for the next launch: every CTA counted here has made its last
+        # claim (its acq_rel add orders them before; no memset launch; graphs replay).
         if gl.atomic_add(queue + 2, 1) == gl.num_programs(0) - 1:
             gl.store(queue, 0)
             gl.store(queue + 1, 0)
@@ -781,7 +782,7 @@ def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
-              vz, item_smem, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
+              vz, item_smem, item_ready, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
               qk_scale, HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
               TRACE: gl.constexpr, DECODE_SKIP: gl.constexpr, DECODE_XCHG: gl.constexpr,
@@ -823,7 +824,7 @@ def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_emp
     item = j0 * 0                                        # (not END: the loop takes its first item at the top)
     while item != END:
         if DYNAMIC:
-            item = _take_item(item_smem, q_ready, n)
+            item = _take_item(item_smem, item_ready, n)
         else:
             item = _list_item(cta_items, j0, j1, n)
         if TRACE > 6:
@@ -968,7 +969,9 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     vz = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())     # TAIL_MASK: V rows zeroed
-    item_smem = gl.allocate_shared_memory(gl.int32, [1], red_layout)             # DYNAMIC: the item posted
+    # DYNAMIC: items n and n + 1 as the producer claimed them (_post_item), each slot with its barrier
+    item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], red_layout)
+    item_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready_k.index(i), count=1)
         mbarrier.init(ready_v.index(i), count=1)
@@ -977,19 +980,21 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_in
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
     mbarrier.init(vz, count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(item_ready.index(i), count=1)
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, vz, item_smem, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     empty, empty_v, vz, item_smem, item_ready, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
                      TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP, DYNAMIC)),
         (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
-                     empty, empty_v, vz, item_smem, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
+                     empty, empty_v, vz, item_smem, item_ready, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
                      TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP, DYNAMIC)),
         (_producer, (Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr,
                      cta_items, cta, q_smem, k_smem, v_smem, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
-                     item_smem, queue, dec_ctas, num_q_heads,
+                     item_smem, item_ready, queue, dec_ctas, num_q_heads,
                      total_q_rows, total_qd_rows, total_kv_rows, stride_bt, GROUP, HEAD_DIM, NUM_KV_HEADS,
                      BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, STAGES, TAIL_MASK, OVERLAP, DECODE_L2, PREFILL_L2, DYNAMIC)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -1081,7 +1086,7 @@ class PodSm90Config:
         return self.decode_gbps_per_sm_d64 if head_dim == 64 else self.decode_gbps_per_sm
 
     def shared_bytes(self, head_dim: int, elt: int = 2) -> int:
-        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (4 * self.stages + 3) + 2 * 4 * 32 * 4
+        return (128 + 2 * self.stages * self.block_n) * head_dim * elt + 8 * (4 * self.stages + 5) + 2 * 4 * 32 * 4 + 8
 
     def to_json(self) -> dict:
         return asdict(self)
