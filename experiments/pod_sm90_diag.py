@@ -293,10 +293,12 @@ def items(out, points, variants=(("default", {}),), launches: int = 5, cap: int 
     return rows
 
 
-def _launch_times(bench: Bench, work) -> dict:
+def _launch_times(bench: Bench, work, each: int = 40) -> dict:
     """The untraced launch timed three ways: eager (the harness's default: do_bench, L2 flushed), replayed from
     a CUDA graph (no host cost), and the host's own cost of one eager call (enqueue only, no sync): where an
-    eager time exceeds the kernel's span, which of the two it is."""
+    eager time exceeds the kernel's span, which of the two it is. `each_ms`: `each` launches one by one in
+    launch order, each after an L2 flush and timed by its own CUDA events, so a spread that the medians hide
+    (a bimodal schedule, a drift) shows."""
     import time
 
     from experiments.harness.timing import TimingConfig, time_run
@@ -309,9 +311,17 @@ def _launch_times(bench: Bench, work) -> dict:
     for _ in range(20):
         run()
     host_us = (time.perf_counter() - t) / 20 * 1e6
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=bench.batch.device)
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(each)]
+    for a, b in marks:
+        flush.zero_()
+        a.record()
+        run()
+        b.record()
     torch.cuda.synchronize()
     return dict(eager_ms=eager[0], eager_p20=eager[1], eager_p80=eager[2], graph_ms=graph[0], graph_p20=graph[1],
-                graph_p80=graph[2], host_us=round(host_us, 1))
+                graph_p80=graph[2], host_us=round(host_us, 1),
+                each_ms=[round(a.elapsed_time(b), 4) for a, b in marks])
 
 
 def _backend(bench: Bench, name: str) -> dict:
@@ -535,6 +545,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                     "PodSm90Config.bind values to time")
     ap.add_argument("--variants", help="curve, items, launch --points: ';'-separated PodSm90Config overrides to time side by side, "
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
+    ap.add_argument("--launches", type=int, default=5, help="items: traced launches a point and variant")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
     ap.add_argument("--decode-only", action="store_true", help="rates: leave out the prefill role")
     ap.add_argument("--model", choices=sorted(f.stem for f in (CONF / "model").glob("*.yaml")),
@@ -614,7 +625,7 @@ def main(argv: list[str]) -> int:
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
                                     tuple((a.binds or "block").split(",")), parse_variants(a.variants)),
-              smmap=smmap, items=lambda o: items(o, points or ["c1024@12288+64x8192"], parse_variants(a.variants)),
+              smmap=smmap, items=lambda o: items(o, points or ["c1024@12288+64x8192"], parse_variants(a.variants), a.launches),
               launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0]),
                                       points[0] if points else None, parse_variants(a.variants)))[a.what]
     rows = fn(out)
