@@ -21,6 +21,7 @@ come from; this says why they are what they are.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -249,6 +250,12 @@ def launch(out, k: int = 16, page: int | None = 16, skip: int = 0, point: str | 
     return rows
 
 
+@functools.lru_cache(maxsize=1)
+def _l2_flush_buffer() -> torch.Tensor:
+    """256 MB to write before a launch so it starts with a cold L2, as do_bench's timings do (one a process)."""
+    return torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+
+
 def items(out, points, variants=(("default", {}),), launches: int = 5, cap: int = 48) -> list[dict]:
     """Where a launch's time goes, item by item: for each HYBRID point and config variant, `launches` traced
     launches (an L2 flush before each, as the timings do), each checked against the reference first. One row
@@ -256,7 +263,7 @@ def items(out, points, variants=(("default", {}),), launches: int = 5, cap: int 
     0 decode), item, start us, end us] for each CTA's first `cap` items (the consumer's view: from taking
     the item to its last store); then a row of the untraced launch's times (_launch_times)."""
     from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    flush = _l2_flush_buffer()
     rows = []
     for point in points:
         heads, prefill, decode, pg = HYBRID[point]
@@ -311,7 +318,7 @@ def _launch_times(bench: Bench, work, each: int = 40) -> dict:
     for _ in range(20):
         run()
     host_us = (time.perf_counter() - t) / 20 * 1e6
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=bench.batch.device)
+    flush = _l2_flush_buffer()
     marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(each)]
     for a, b in marks:
         flush.zero_()

@@ -442,10 +442,11 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
         raise ValueError(f"plan_decode: kv_chunk_lens has {len(kv_chunk_lens)} entries for {len(lens)} requests")
     if kv_chunk_lens is not None and min(kv_chunk_lens, default=1) < 1:
         raise ValueError(f"plan_decode: kv_chunk_lens={list(kv_chunk_lens)} must be >= 1")
+    per_request = _round_up(np.asarray(kv_chunk_lens, dtype=np.int64), align) if kv_chunk_lens is not None else None
     if not lens:
         chunk = align
-    elif kv_chunk_lens is not None:
-        chunk = int(_round_up(np.asarray(kv_chunk_lens, dtype=np.int64), align).max())
+    elif per_request is not None:
+        chunk = int(per_request.max())
     elif kv_chunk_len is not None:
         chunk = _round_up(kv_chunk_len, align)
     elif kv_splits is not None:
@@ -456,8 +457,8 @@ def plan_decode(batch_or_spec: HybridBatch | BatchSpec, num_sms: int | None = No
         chunk = SPLIT_POLICIES[split_policy](lens, h.num_kv_heads, target, align, min_kv_chunk_len)
 
     n = np.asarray(lens, dtype=np.int64)
-    if kv_chunk_lens is not None and lens:
-        c = _round_up(np.asarray(kv_chunk_lens, dtype=np.int64), align)
+    if per_request is not None and lens:
+        c = per_request
     elif kv_splits is not None and kv_chunk_len is None:
         c = _round_up(-(-n // kv_splits), align)       # at most kv_splits splits a request, BLOCK_N-aligned
     else:

@@ -179,8 +179,9 @@ def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, col_a
 
 # The end of a CTA's items (an item id no list holds: prefill tiles are >= 0, decode pairs < 0 and > -2^30),
 # and, in the dynamic schedule, "claim the next one" (_claim_item).
-END = gl.constexpr(2147483647)
-CLAIM = gl.constexpr(2147483646)
+CLAIM_ID = 2 ** 31 - 2                                   # (the host writes it into cta_ptr)
+END = gl.constexpr(2 ** 31 - 1)
+CLAIM = gl.constexpr(CLAIM_ID)
 
 
 @gluon.jit
@@ -237,8 +238,8 @@ def _post_item(item_smem, item_ready, item, n):
     so a consumer reads the item and its tables while the item's Q and first stages are still in flight.
     Slot n % 2 held item n - 2, which both consumers read before they freed item n - 2's Q buffer; the
     producer claims item n only after its q_empty wait for item n - 1, so no slot is written while read, and a
-    slot's barrier never runs a phase ahead of its waiters. (One slot, written after q_empty, made the
-    consumers learn the item only once its Q had landed: 3-5% on short balanced launches; docs/hopper_pod.md.)"""
+    slot's barrier never runs a phase ahead of its waiters. (It replaced one slot written after q_empty; what
+    dynamic loses on short launches, up to 5%, stayed: docs/hopper_pod.md, Session 14.)"""
     lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     item_smem.index(n & 1).store(gl.full([1], item, gl.int32, layout=lay))
     gl.thread_barrier()                                  # the store is the warp's before the arrive (release)
@@ -336,9 +337,11 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                 item, live = _claim_item(cta_items, queue, cta, dec_ctas, live)
         else:
             item = _list_item(cta_items, j0, j1, n)
+        # DYNAMIC: each branch posts its item itself (END included: the consumers stop); one post above the
+        # branches keeps more of the loop's state live across it: 64 B of producer spills instead of 44.
         if item == END:
             if DYNAMIC:
-                _post_item(item_smem, item_ready, item, n)   # END: the consumers stop
+                _post_item(item_smem, item_ready, item, n)
         elif item >= 0:
             if DYNAMIC:
                 _post_item(item_smem, item_ready, item, n)
@@ -1329,9 +1332,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
         chunk = _decode_split_keys(spec, cfg, d_total / (d_total + p_total), grid0)    # a multiple of 64
         items = _decode_items(spec.decode_context_lens, chunk, h.num_kv_heads)
-        # Pairs are neighbours in that order (longest first): a pair costs its first, longer item's stages.
-        n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
-        decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
+        decode_costs = _pair_costs(items, stage_us, cfg.item_us)
 
     grid = max(1, min(grid0, len(prefill_costs) + len(decode_costs)))
 
@@ -1371,8 +1372,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     if dynamic and cfg.decode_tail_keys and prefill_costs and decode_costs and t_d > t_p:
         chunks = tail_chunks(spec.decode_context_lens, chunk, cfg.decode_tail_keys, 1.0 - t_p / t_d)
         items = _decode_items(spec.decode_context_lens, chunks, h.num_kv_heads)
-        n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
-        decode_costs = [n * stage_us + cfg.item_us for n in n_half.tolist()]
+        decode_costs = _pair_costs(items, stage_us, cfg.item_us)
         t_d = lpt_makespan(decode_costs, k) * slowdown(k)      # the estimate of the split plan
     if spec.num_decode:                                # the decode plan (partials, merge) of those items
         dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, kv_chunk_lens=chunks, block_n=64, device=device)
@@ -1411,8 +1411,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         flat = [-(p + 1) for p in range(n_pairs)] + list(pre_order) or [0]
         owners = (k, grid - k)                         # CTAs whose own queue is the decode / prefill one
         # Each CTA's first item (_claim_item): the i-th of its role's CTAs takes item i of its queue; CLAIM
-        # (2^31 - 2) where the queue is shorter than that.
-        cta_ptr = np.full(grid + 1, 2 ** 31 - 2, dtype=np.int64)
+        # where the queue is shorter than that.
+        cta_ptr = np.full(grid + 1, CLAIM_ID, dtype=np.int64)
         cta_ptr[:min(k, n_pairs)] = flat[:min(k, n_pairs)]
         n_first = min(grid - k, len(pre_order))
         cta_ptr[k:k + n_first] = pre_order[:n_first]
@@ -1462,6 +1462,13 @@ def tail_chunks(lens, chunk: int, tail_keys: int, frac: float) -> np.ndarray:
         out[r] = min(chunk, tail_keys)
         got += n[r]
     return out
+
+
+def _pair_costs(items: np.ndarray, stage_us: float, item_us: float) -> list[float]:
+    """The cost model's time of each decode pair: pairs are neighbours in the items' order (longest first),
+    so a pair takes its first, longer item's 64-key stages, plus an item's fixed cost."""
+    n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
+    return [n * stage_us + item_us for n in n_half.tolist()]
 
 
 def _decode_items(lens, chunk, num_kv_heads: int) -> np.ndarray:
