@@ -31,6 +31,9 @@ SERVING_COLUMNS = list(schema.SERVING_COLUMNS)
 CEILING_COLUMNS = ["gpu", "tflops", "gbps"]
 
 _ATTENTION_NUMERIC = schema.numeric_columns(schema.ATTENTION_SCHEMA)
+# Text columns read as text: a commit such as 454e176 or a point id of digits and one "e" is a number to
+# read_csv's guessing (4.54e178), and the provenance would come back garbled.
+_TEXT = {c: str for sch in (schema.ATTENTION_SCHEMA, schema.SERVING_SCHEMA) for c, t in sch.items() if t == schema.STR}
 _SERVING_NUMERIC = schema.numeric_columns(schema.SERVING_SCHEMA)
 # Other spellings of the ceiling columns a measurement script might write.
 _CEILING_ALIASES = {"peak_tflops": "tflops", "matmul_tflops": "tflops", "peak_gbps": "gbps",
@@ -82,7 +85,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     if path.suffix == ".jsonl":
         return pd.read_json(path, lines=True)
-    return pd.read_csv(path)
+    return pd.read_csv(path, dtype=_TEXT)
 
 
 def kind_of(df: pd.DataFrame, path: Path) -> str | None:

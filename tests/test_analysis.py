@@ -138,6 +138,20 @@ def test_load_separates_kinds_and_runs(results_dir):
     assert load_results(results_dir.parent / "nothing").empty
 
 
+def test_csv_provenance_stays_text_when_it_looks_like_a_number(tmp_path):
+    """A short commit of digits and one "e" (454e176) or a point id of digits reads back as the text written,
+    not as a float or an int (read_csv would guess 4.54e178)."""
+    d = tmp_path / "results" / "paper"
+    d.mkdir(parents=True)
+    row = {c: "" for c in ATTENTION_COLUMNS}
+    row.update(point_id="123456e78901", sweep="paper", backend="pod", status="ok", median_ms="1.0",
+               git_commit="454e176", driver="580", torch="2", triton="3", timing_meaningful="True")
+    pd.DataFrame([row]).to_csv(d / "h200.csv", index=False)
+    a = load_results(tmp_path / "results").attention
+    assert a.loc[0, "git_commit"] == "454e176" and a.loc[0, "point_id"] == "123456e78901"
+    assert a.loc[0, "driver"] == "580" and a.loc[0, "median_ms"] == 1.0
+
+
 # -- speed-up math -----------------------------------------------------------------------------------
 def _sp(results_dir):
     sp = attention_speedups(load_results(results_dir).attention)
