@@ -297,7 +297,8 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     both roles' CTAs run both roles in either order, "dyn_ctas4", also with tails through rebuilt descriptors "dyn_desc" and without overlap "dyn_no_overlap";
     one decode CTA of 12, "dyn_decode1"; lists bound to blocks, "dyn_block", or all SMs asking for list 0,
     "dyn_collide"; the decode queue's last requests split finer, decode_tail_keys, "dyn_tail",
-    "dyn_tail_ctas4"): both outputs start as NaN, stale page slots hold NaN;
+    "dyn_tail_ctas4"; the static lists with tails, static_tail_keys, "static_tail", and prefill CTAs that end
+    with decode pairs, "fill", "fill_ctas4"): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
     equal (the dynamic queues' cursors are reset by the launch itself). `shard=(i, n)`: only cases i, i+n,
     ... (n processes compile their kernels in parallel); `only`: just these grids (names above)."""
@@ -326,7 +327,13 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "dyn_block": PodSm90Config(balance="dynamic", bind="block"),
              "dyn_collide": PodSm90Config(num_ctas=12, bind="collide", balance="dynamic"),
              "dyn_tail": PodSm90Config(balance="dynamic", cross_rounds=0.0, decode_tail_keys=256),
-             "dyn_tail_ctas4": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0, decode_tail_keys=128)}
+             "dyn_tail_ctas4": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0, decode_tail_keys=128),
+             "static_tail": PodSm90Config(balance="static", static_tail_keys=128, static_tail_frac=0.5,
+                                          static_tail_gain=-1.0),
+             "fill": PodSm90Config(balance="static", static_tail_keys=128, static_tail_frac=0.5,
+                                   static_tail_gain=-1.0, static_fill="always"),
+             "fill_ctas4": PodSm90Config(num_ctas=4, balance="static", static_tail_keys=64, static_tail_frac=0.5,
+                                         static_tail_gain=-1.0, static_fill="always")}
     # Sharp softmax (decode queries x SHARP_Q: scores spread over tens of log2 units, so a column's maximum
     # keeps jumping past the lazy loop's threshold after an item's first stage): these grids run again on it.
     sharp_grids = ("planned", "decode_lazy", "lazy_ctas4", "dynamic")

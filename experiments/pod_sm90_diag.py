@@ -401,19 +401,36 @@ def parse_variants(text: str | None) -> list[tuple[str, dict]]:
     return out
 
 
+def same_plans(spec, configs, num_sms: int) -> bool:
+    """Whether every config plans the launch the first plans (decode CTAs, items, lists, decode splits):
+    curve --changed skips such points (on the CPU, without the GPU's SM map: binds are not compared)."""
+    from pod.kernels.pod_sm90 import plan_pod_sm90
+    def key(cfg):
+        w = plan_pod_sm90(spec, replace(cfg, bind="block"), num_sms=num_sms, device="cpu")
+        return (w.decode_ctas, w.cta_ptr.tolist(), w.cta_items.tolist(), w.dec_items.tolist(),
+                w.queue.tolist() if w.queue is not None else None)
+    first = key(configs[0])
+    return all(key(c) == first for c in configs[1:])
+
+
 def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1), base=None,
-          binds=("block",), variants=(("default", {}),)) -> list[dict]:
+          binds=("block",), variants=(("default", {}),), changed: bool = False) -> list[dict]:
     """Per point of a sweep: triton_serial, then for each SM binding in `binds` (PodSm90Config.bind) and
     each config variant (`variants`: (label, overrides), parse_variants) the planned launch and the launch
     with decode_ctas forced to each k in `ks` (the planner's estimate recorded beside each): the measured
     time-vs-split curve a planner rule is fitted to (offline, from these rows), what binding the CTA lists
-    to SMs changes, and A/B of a kernel option on the same inputs in the same process."""
+    to SMs changes, and A/B of a kernel option on the same inputs in the same process. `changed`: only the
+    points where some variant plans another launch than the first (same_plans)."""
     from pod.kernels.pod_sm90 import PodSm90Config
     from experiments.harness.points import shard as shard_points
     rows = []
     base = base or PodSm90Config()
     for p in shard_points(sweep_points(sweep), *shard):
         s = p.spec
+        if changed and same_plans(s, [replace(base, **kv) for _, kv in variants],
+                                  torch.cuda.get_device_properties(0).multi_processor_count
+                                  if torch.cuda.is_available() else 132):
+            continue
         c = s.prefill_chunks[0] if s.prefill_chunks else None
         tag = dict(point_id=p.point_id, model=p.model, chunk=c.chunk_len if c else 0, ctx=c.context_len if c else 0,
                    num_decode=s.num_decode, decode_len=max(s.decode_context_lens or [0]),
@@ -547,6 +564,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare/items; launch: the first)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first; "
                                  "curve: the forced decode CTA counts ('none': the planned launch only)")
+    ap.add_argument("--changed", action="store_true",
+                    help="curve: only the points where some variant plans another launch than the first")
     ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
     ap.add_argument("--binds", help="curve (default block) and rates (default smid): comma-separated "
                                     "PodSm90Config.bind values to time")
@@ -631,7 +650,7 @@ def main(argv: list[str]) -> int:
                                     tuple((a.binds or "smid").split(","))),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
-                                    tuple((a.binds or "block").split(",")), parse_variants(a.variants)),
+                                    tuple((a.binds or "block").split(",")), parse_variants(a.variants), a.changed),
               smmap=smmap, items=lambda o: items(o, points or ["c1024@12288+64x8192"], parse_variants(a.variants), a.launches),
               launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0]),
                                       points[0] if points else None, parse_variants(a.variants)))[a.what]

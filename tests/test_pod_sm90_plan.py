@@ -417,3 +417,63 @@ def test_head_dim_64_rate_sets_the_hbm_saturation_point():
         w = plan_pod_sm90(heavy64, PodSm90Config(steal=steal), num_sms=132, device="cpu")
         assert cfg.hbm_gbps // cfg.decode_gbps(128) < w.decode_ctas
         assert w.decode_ctas * cfg.decode_gbps(64) <= cfg.hbm_gbps + cfg.decode_gbps(64)
+
+
+def test_fluid_span_shares_hbm_among_streaming_ctas():
+    """fluid_span: CTAs that stream together share `parallel` CTAs' worth of HBM; a CTA streams after its
+    prefill load; the span is never under the longest prefill load."""
+    from pod.kernels.pod_sm90 import fluid_span
+    assert fluid_span([0.0], [10.0], 4) == pytest.approx(10.0)
+    assert fluid_span([0.0] * 8, [10.0] * 8, 4) == pytest.approx(20.0)        # 8 CTAs at half rate
+    assert fluid_span([0.0, 50.0], [10.0, 0.0], 4) == pytest.approx(50.0)     # a prefill CTA ends last
+    # four stream alone for 5 us, then eight share: all the work (80) at 4 CTAs' rate from then on
+    assert fluid_span([0.0] * 4 + [5.0] * 4, [10.0] * 8, 4) == pytest.approx(20.0)
+    assert fluid_span([], [], 4) == 0.0
+
+
+@pytest.mark.parametrize("spec", ["centre", "ragged"])
+@pytest.mark.parametrize("fill", ["always", "never"])
+def test_static_tail_keys_lists(spec, fill):
+    """static_tail_keys: every decode pair and prefill tile runs exactly once; every key of every (request,
+    kv head) is in exactly one item; the decode CTAs (the first k) hold pairs only; with static_fill
+    "always" prefill CTAs run their tiles first and then decode pairs (some do), with "never" tiles only."""
+    s_ = SPECS[spec]
+    cfg = PodSm90Config(balance="static", static_tail_keys=128, static_tail_frac=0.5, static_tail_gain=-1.0,
+                        static_fill=fill)
+    w = plan_pod_sm90(s_, cfg, num_sms=132, device="cpu")
+    lists = _lists(w)
+    flat = [x for lst in lists for x in lst]
+    assert sorted(flat) == sorted(list(range(w.n_prefill_tiles)) + [-(p + 1) for p in range(w.n_decode_pairs)])
+    k = w.decode_ctas
+    assert all(x < 0 for lst in lists[:k] for x in lst)
+    mixed = 0
+    for lst in lists[k:]:
+        roles = [x < 0 for x in lst]
+        assert roles == sorted(roles)                       # tiles, then pairs
+        mixed += any(roles)
+    assert (mixed > 0) == (fill == "always")
+    rows = [r for r in w.dec_items.tolist() if r[0] >= 0]
+    for req, n in enumerate(s_.decode_context_lens):
+        for g in range(s_.heads.num_kv_heads):
+            mine = sorted((r[3], r[4]) for r in rows if r[1] == req and r[2] == g)
+            assert mine[0][0] == 0 and mine[-1][1] == n and all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+    assert w.describe()["schedule"] == "static"
+
+
+def test_static_tail_keys_pays_where_decode_ctas_end_a_pair_apart():
+    """The centre point: 256 equal pairs on 46 decode CTAs end 5 or 6 pairs in; split tails bring the
+    model's makespan down by more than static_tail_gain, so the plan takes them; bad settings are refused."""
+    s_ = SPECS["centre"]
+    w0 = plan_pod_sm90(s_, PodSm90Config(balance="static"), num_sms=132, device="cpu")
+    w = plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=1024), num_sms=132, device="cpu")
+    assert w.n_decode_pairs > w0.n_decode_pairs and w.needs_merge and not w0.needs_merge
+    assert max(w.estimate_us.values()) < 0.98 * max(w0.estimate_us.values())
+    # a gain no plan reaches keeps the plain lists
+    w2 = plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=1024, static_tail_gain=0.5),
+                       num_sms=132, device="cpu")
+    assert w2.cta_items.tolist() == w0.cta_items.tolist()
+    with pytest.raises(ValueError, match="static_tail_keys"):
+        plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=100), num_sms=132, device="cpu")
+    with pytest.raises(ValueError, match="static_fill"):
+        plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=128, static_fill="maybe"),
+                      num_sms=132, device="cpu")

@@ -52,6 +52,7 @@ ring (prefill: 64 query rows each; decode: one item each), the producer (1 warp)
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -1081,6 +1082,16 @@ class PodSm90Config:
                                          # of 64), so a CTA whose tiles are done takes short items at the end of
                                          # the decode queue (an 8192-key pair takes ~100 us, as long as a
                                          # balanced point's imbalance); None: one split length for all
+    static_tail_keys: int | None = None  # static lists: the shortest requests, about one round of the decode CTAs'
+                                         # pairs, split to items of this many keys (a multiple of 64), so LPT can
+                                         # even out the decode CTAs' last round (unsplit 8192-key pairs take
+                                         # ~110 us: 256 of them on 46 CTAs end 5 or 6 pairs in); planned only where
+                                         # the model's makespan falls by static_tail_gain; None: off
+    static_tail_frac: float = 0.25       # the share of the decode keys split to static_tail_keys
+    static_fill: str = "auto"            # static_tail_keys: prefill CTAs end with decode pairs: "auto" where the
+                                         # model (fluid_span: HBM shared by every streaming CTA) says it pays,
+                                         # "always" (checks), "never" (only the decode CTAs' last round evened)
+    static_tail_gain: float = 0.02
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -1374,6 +1385,31 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         items = _decode_items(spec.decode_context_lens, chunks, h.num_kv_heads)
         decode_costs = _pair_costs(items, stage_us, cfg.item_us)
         t_d = lpt_makespan(decode_costs, k) * slowdown(k)      # the estimate of the split plan
+    fill = None                                        # static lists whose prefill CTAs end with decode pairs
+    if not dynamic and cfg.steal == "never" and cfg.static_tail_keys and prefill_costs and decode_costs:
+        # The static lists' CTAs end a whole item apart (LPT of equal pairs; tiles of a long context take
+        # ~200 us): split about `static_tail_frac` of the decode keys (the shortest requests) finer, and plan
+        # every pair over all CTAs, LPT from each CTA's prefill load (a prefill CTA runs its tiles, then the
+        # pairs that fill its idle end), for decode CTA counts up to the split's; kept where the model's
+        # makespan falls by static_tail_gain (it pays a merge and an item's fixed cost a pair).
+        if cfg.static_tail_keys < 64 or cfg.static_tail_keys % 64:
+            raise ValueError(f"PodSm90Config.static_tail_keys: a multiple of 64, not {cfg.static_tail_keys}")
+        if cfg.static_fill not in ("auto", "always", "never"):
+            raise ValueError(f"PodSm90Config.static_fill: 'auto', 'always' or 'never', not {cfg.static_fill!r}")
+        t_chunks = tail_chunks(spec.decode_context_lens, chunk, cfg.static_tail_keys, cfg.static_tail_frac)
+        t_items = _decode_items(spec.decode_context_lens, t_chunks, h.num_kv_heads)
+        t_costs = _pair_costs(t_items, stage_us, cfg.item_us)
+        best = None
+        parallel = cfg.hbm_gbps / rate
+        for kc in sorted({max(1, min(grid - 1, len(t_costs), round(k * f))) for f in FILL_K_FACTORS}):
+            for fill_on in {"auto": (False, True), "always": (True,), "never": (False,)}[cfg.static_fill]:
+                plan = _fill_lists(prefill_costs, t_costs, grid, kc, fill_on, parallel, prefill_extra(kc),
+                                   cfg.prefill_order, h)
+                if best is None or plan[3] < best[3]:
+                    best = plan
+        if best[3] < (1.0 - cfg.static_tail_gain) * max(t_p, t_d):
+            chunks, items, decode_costs = t_chunks, t_items, t_costs
+            fill, k, t_p, t_d = best[:2], best[4], best[2], best[3]
     if spec.num_decode:                                # the decode plan (partials, merge) of those items
         dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, kv_chunk_lens=chunks, block_n=64, device=device)
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
@@ -1393,6 +1429,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         # A CTA runs its decode pairs first (the planner's order; the producer takes either), then its tiles.
         cta_lists = [[-(p + 1) for p in dl] + list(pl) for dl, pl in zip(dec_lists, pre_all[:k])] \
             + [list(pl) for pl in pre_all[k:]]
+    elif fill is not None:
+        pre_lists, dec_all = fill
+        cta_lists = [[-(p + 1) for p in dec_all[c]] for c in range(k)] \
+            + [list(pl) + [-(p + 1) for p in dec_all[k + i]] for i, pl in enumerate(pre_lists)]
     elif not dynamic:
         dec_lists, _ = lpt(decode_costs, k)
         shifted = _shifted(prefill_costs, prefill_extra(k))
@@ -1440,6 +1480,55 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     return PodSm90Work(config=cfg, spec=spec, grid=grid, decode_ctas=k,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
+
+
+FILL_K_FACTORS = (0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1)   # static_tail_keys: decode CTA counts tried, x the split's
+
+
+def fluid_span(starts, works, parallel: float) -> float:
+    """When the last CTA ends, each CTA c streaming `works[c]` us of decode (at the full rate) from
+    `starts[c]` (its prefill load; 0 for a decode CTA), all streaming CTAs sharing HBM: each runs at
+    min(1, parallel / streaming) of the full rate (`parallel`: how many CTAs HBM feeds at the full rate).
+    Processor sharing: every streaming CTA advances alike, so each ends when the shared progress V (the
+    integral of the rate) has grown by its work since it started."""
+    pending = sorted((t, w) for t, w in zip(starts, works) if w > 0)
+    end = max(starts, default=0.0)
+    t = v = 0.0
+    finish: list[float] = []                           # heap of the streaming CTAs' V at their end
+    i = 0
+    while i < len(pending) or finish:
+        f = min(1.0, parallel / len(finish)) if finish else 1.0
+        t_in = pending[i][0] if i < len(pending) else math.inf
+        t_out = t + (finish[0] - v) / f if finish else math.inf
+        if t_in <= t_out:
+            if finish:
+                v += (t_in - t) * f
+            t = t_in
+            heapq.heappush(finish, v + pending[i][1])
+            i += 1
+        else:
+            v, t = heapq.heappop(finish), t_out
+    return max(end, t)
+
+
+def _fill_lists(prefill_costs, decode_costs, grid: int, k: int, fill: bool, parallel: float, extra: float,
+                order: str, h):
+    """static_tail_keys' plan on k decode CTAs: prefill tiles onto CTAs k..grid-1 (prefill_order), then every
+    decode pair LPT onto the k decode CTAs, or (`fill`) onto all grid CTAs from their prefill loads (a
+    prefill CTA runs its tiles, then its pairs). Returns (prefill lists [grid - k], decode lists [grid], the
+    prefill makespan, the makespan with HBM shared (fluid_span), k)."""
+    shifted = _shifted(prefill_costs, extra)
+    if order == "kv_head":
+        pre_lists, t_p = list_schedule(shifted, grid - k, _kv_head_order(shifted, h.num_q_heads, h.group_size))
+    else:
+        pre_lists, t_p = lpt(shifted, grid - k)
+    loads = [0.0] * k + [sum(shifted[i] for i in lst) for lst in pre_lists]
+    if fill:
+        dec_lists, _ = lpt(decode_costs, grid, loads)
+    else:
+        dec_lists = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
+    works = [sum(decode_costs[p] for p in lst) for lst in dec_lists]
+    return pre_lists, dec_lists, t_p, fluid_span(loads, works, parallel), k
 
 
 def _kv_head_order(costs: list[float], num_q_heads: int, group: int) -> list[int]:
