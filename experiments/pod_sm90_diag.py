@@ -373,11 +373,18 @@ def split(out, points=None, base=None) -> list[dict]:
 CURVE_KS = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 124)
 
 
-def sweep_points(sweep: str = "paper"):
-    """The points of conf/sweep/<sweep>.yaml (models from conf/model/), as the harness expands them."""
+def sweep_points(sweep: str = "paper", sample: str | None = None):
+    """The points of conf/sweep/<sweep>.yaml (models from conf/model/), as the harness expands them;
+    `sample` "SEED:PER_STRATUM" draws another sample of a generated grid (paper_grid: fresh points)."""
     from omegaconf import OmegaConf
     from experiments.harness.points import expand_points
-    return expand_points(OmegaConf.to_container(OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml")), _models())
+    conf = OmegaConf.to_container(OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml"))
+    if sample:
+        if "sample" not in conf.get("generate", {}):
+            raise ValueError(f"--sample: sweep {sweep!r} draws no sample")
+        seed, per = (int(x) for x in sample.split(":"))
+        conf["generate"]["sample"] = {"seed": seed, "per_stratum": per}
+    return expand_points(conf, _models())
 
 
 def parse_variants(text: str | None) -> list[tuple[str, dict]]:
@@ -414,7 +421,7 @@ def same_plans(spec, configs, num_sms: int) -> bool:
 
 
 def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1), base=None,
-          binds=("block",), variants=(("default", {}),), changed: bool = False) -> list[dict]:
+          binds=("block",), variants=(("default", {}),), changed: bool = False, sample: str | None = None) -> list[dict]:
     """Per point of a sweep: triton_serial, then for each SM binding in `binds` (PodSm90Config.bind) and
     each config variant (`variants`: (label, overrides), parse_variants) the planned launch and the launch
     with decode_ctas forced to each k in `ks` (the planner's estimate recorded beside each): the measured
@@ -425,7 +432,7 @@ def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1
     from experiments.harness.points import shard as shard_points
     rows = []
     base = base or PodSm90Config()
-    for p in shard_points(sweep_points(sweep), *shard):
+    for p in shard_points(sweep_points(sweep, sample), *shard):
         s = p.spec
         if changed and same_plans(s, [replace(base, **kv) for _, kv in variants],
                                   torch.cuda.get_device_properties(0).multi_processor_count
@@ -564,6 +571,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--points", help="comma-separated HYBRID names (split/compare/items; launch: the first)")
     ap.add_argument("--ks", help="rates: comma-separated CTA counts (default 8..132); launch: the first; "
                                  "curve: the forced decode CTA counts ('none': the planned launch only)")
+    ap.add_argument("--sample", help="curve: SEED:PER_STRATUM, another sample of a generated sweep (paper_grid)")
     ap.add_argument("--changed", action="store_true",
                     help="curve: only the points where some variant plans another launch than the first")
     ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
@@ -650,7 +658,7 @@ def main(argv: list[str]) -> int:
                                     tuple((a.binds or "smid").split(","))),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
-                                    tuple((a.binds or "block").split(",")), parse_variants(a.variants), a.changed),
+                                    tuple((a.binds or "block").split(",")), parse_variants(a.variants), a.changed, a.sample),
               smmap=smmap, items=lambda o: items(o, points or ["c1024@12288+64x8192"], parse_variants(a.variants), a.launches),
               launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0]),
                                       points[0] if points else None, parse_variants(a.variants)))[a.what]

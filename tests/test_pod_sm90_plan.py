@@ -1,6 +1,7 @@
 """The Hopper POD kernel's host-side plan (pod/kernels/pod_sm90.py, no GPU): every prefill tile and decode
-pair runs exactly once, a static list runs its decode pairs before its prefill tiles (the planner's order;
-the producer's ring bookkeeping takes either), the stealing choice follows its rules, and the dynamic
+pair runs exactly once, a static list's roles change at most once (a decode CTA's pairs before the tiles
+it steals, a prefill CTA's tiles before the pairs it fills its end with; the producer's ring bookkeeping
+takes either order), the stealing choice follows its rules, and the dynamic
 schedule's queues, first items and take-minima are what the kernel reads."""
 import math
 import random
@@ -36,15 +37,19 @@ def _lists(work):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=list(CONFIGS))
 @pytest.mark.parametrize("spec", SPECS, ids=list(SPECS))
-def test_every_item_once_and_decode_first(spec, cfg):
+def test_every_item_once_and_roles_change_once(spec, cfg):
     work = plan_pod_sm90(SPECS[spec], CONFIGS[cfg], num_sms=132, device="cpu")
     lists = _lists(work)
     flat = [x for lst in lists for x in lst]
     assert sorted(x for x in flat if x >= 0) == list(range(work.n_prefill_tiles))
     assert sorted(-x - 1 for x in flat if x < 0) == list(range(work.n_decode_pairs))
-    for lst in lists:
-        n_dec = sum(x < 0 for x in lst)
-        assert all(x < 0 for x in lst[:n_dec]), lst      # decode pairs first, then prefill tiles
+    for c, lst in enumerate(lists):
+        roles = [x < 0 for x in lst]
+        assert sum(a != b for a, b in zip(roles, roles[1:])) <= 1, lst   # one run of each role
+        if c < work.decode_ctas:                                      # a decode CTA: pairs first (steal)
+            assert roles == sorted(roles, reverse=True), lst
+        else:                                                         # a prefill CTA: tiles first (fill)
+            assert roles == sorted(roles), lst
 
 
 @pytest.mark.parametrize("order", ["kv_head", "cost"])
@@ -53,7 +58,8 @@ def test_dynamic_plan_is_two_queues_in_the_static_orders(spec, order):
     """balance="dynamic": cta_items holds the decode queue (every pair once, longest first: pair order) and
     then the prefill queue (every tile once, in the order the static plan lists them by); `queue` bounds
     them and holds zeroed claim counters; the grid and the split are the static plan's."""
-    static = plan_pod_sm90(SPECS[spec], PodSm90Config(prefill_order=order), num_sms=132, device="cpu")
+    static = plan_pod_sm90(SPECS[spec], PodSm90Config(prefill_order=order, static_tail_keys=None), num_sms=132,
+                           device="cpu")
     work = plan_pod_sm90(SPECS[spec], PodSm90Config(prefill_order=order, balance="dynamic"), num_sms=132,
                          device="cpu")
     assert (work.grid, work.decode_ctas) == (static.grid, static.decode_ctas)
@@ -464,8 +470,9 @@ def test_static_tail_keys_pays_where_decode_ctas_end_a_pair_apart():
     """The centre point: 256 equal pairs on 46 decode CTAs end 5 or 6 pairs in; split tails bring the
     model's makespan down by more than static_tail_gain, so the plan takes them; bad settings are refused."""
     s_ = SPECS["centre"]
-    w0 = plan_pod_sm90(s_, PodSm90Config(balance="static"), num_sms=132, device="cpu")
+    w0 = plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=None), num_sms=132, device="cpu")
     w = plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=1024), num_sms=132, device="cpu")
+    assert plan_pod_sm90(s_, PodSm90Config(balance="static"), num_sms=132, device="cpu").needs_merge   # default on
     assert w.n_decode_pairs > w0.n_decode_pairs and w.needs_merge and not w0.needs_merge
     assert max(w.estimate_us.values()) < 0.98 * max(w0.estimate_us.values())
     # a gain no plan reaches keeps the plain lists

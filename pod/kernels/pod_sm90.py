@@ -1082,16 +1082,18 @@ class PodSm90Config:
                                          # of 64), so a CTA whose tiles are done takes short items at the end of
                                          # the decode queue (an 8192-key pair takes ~100 us, as long as a
                                          # balanced point's imbalance); None: one split length for all
-    static_tail_keys: int | None = None  # static lists: the shortest requests, about one round of the decode CTAs'
-                                         # pairs, split to items of this many keys (a multiple of 64), so LPT can
-                                         # even out the decode CTAs' last round (unsplit 8192-key pairs take
-                                         # ~110 us: 256 of them on 46 CTAs end 5 or 6 pairs in); planned only where
-                                         # the model's makespan falls by static_tail_gain; None: off
-    static_tail_frac: float = 0.25       # the share of the decode keys split to static_tail_keys
+    static_tail_keys: int | None = 2048  # static lists: the shortest requests, static_tail_frac of the decode keys,
+                                         # split to items of this many keys (a multiple of 64), so LPT can even out
+                                         # the CTAs' ends (unsplit 8192-key pairs take ~110 us: 256 of them on 46
+                                         # CTAs end 5 or 6 pairs in), and prefill CTAs whose tiles end early take
+                                         # pairs (static_fill); planned only where the model's makespan falls by
+                                         # static_tail_gain (H200, 22 points it changes at gain 0: 1.031x, but
+                                         # 0.95-0.99x where the model saw < 5%: docs/hopper_pod.md); None: off
+    static_tail_frac: float = 0.5        # the share of the decode keys split to static_tail_keys
     static_fill: str = "auto"            # static_tail_keys: prefill CTAs end with decode pairs: "auto" where the
                                          # model (fluid_span: HBM shared by every streaming CTA) says it pays,
                                          # "always" (checks), "never" (only the decode CTAs' last round evened)
-    static_tail_gain: float = 0.02
+    static_tail_gain: float = 0.05
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -1401,7 +1403,9 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         t_costs = _pair_costs(t_items, stage_us, cfg.item_us)
         best = None
         parallel = cfg.hbm_gbps / rate
-        for kc in sorted({max(1, min(grid - 1, len(t_costs), round(k * f))) for f in FILL_K_FACTORS}):
+        cands = [k] if cfg.decode_ctas is not None else \
+            sorted({max(1, min(grid - 1, len(t_costs), round(k * f))) for f in FILL_K_FACTORS})
+        for kc in cands:
             for fill_on in {"auto": (False, True), "always": (True,), "never": (False,)}[cfg.static_fill]:
                 plan = _fill_lists(prefill_costs, t_costs, grid, kc, fill_on, parallel, prefill_extra(kc),
                                    cfg.prefill_order, h)
