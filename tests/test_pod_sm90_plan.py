@@ -458,6 +458,7 @@ def test_static_tail_keys_lists(spec, fill):
         assert roles == sorted(roles)                       # tiles, then pairs
         mixed += any(roles)
     assert (mixed > 0) == (fill == "always")
+    assert w.describe()["static_tails"] == 1 + mixed
     rows = [r for r in w.dec_items.tolist() if r[0] >= 0]
     for req, n in enumerate(s_.decode_context_lens):
         for g in range(s_.heads.num_kv_heads):
@@ -478,7 +479,7 @@ def test_static_tail_keys_pays_where_decode_ctas_end_a_pair_apart():
     # a gain no plan reaches keeps the plain lists
     w2 = plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=1024, static_tail_gain=0.5),
                        num_sms=132, device="cpu")
-    assert w2.cta_items.tolist() == w0.cta_items.tolist()
+    assert w2.cta_items.tolist() == w0.cta_items.tolist() and w2.tails == w0.tails == 0 < w.tails
     with pytest.raises(ValueError, match="static_tail_keys"):
         plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=100), num_sms=132, device="cpu")
     with pytest.raises(ValueError, match="static_fill"):

@@ -1269,6 +1269,8 @@ class PodSm90Work:
     estimate_us: dict
     sm_map: torch.Tensor | None = None   # [SM_SLOTS] int32: the list planned for each SM (config.bind != "block")
     claim: torch.Tensor | None = None    # [grid + 2] int32 zeros: _claim_list's workspace (one launch at a time)
+    tails: int = 0                       # static_tail_keys: prefill CTAs that end with decode pairs, + 1 (0: no
+                                         # static tails planned; 1: tails on the decode CTAs only)
     queue: torch.Tensor | None = None    # [12] int32, balance "dynamic": the queues' claims and CTAs done (zero
                                          # between launches, like claim), a pad, n_dec, n_all, the two take-minima,
                                          # the two first rounds (_claim_item), two pads
@@ -1289,6 +1291,7 @@ class PodSm90Work:
                                 n_prefill_tiles=self.n_prefill_tiles, n_decode_pairs=self.n_decode_pairs,
                                 decode_kv_chunk=self.decode.kv_chunk_len if self.decode is not None else None,
                                 merge_launch=self.needs_merge, estimate_us=self.estimate_us,
+                                static_tails=self.tails,
                                 schedule="dynamic" if self.queue is not None else "static")}
 
     def runner(self, batch: HybridBatch, out_prefill: torch.Tensor, out_decode: torch.Tensor,
@@ -1481,7 +1484,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, grid, gpcs)) if bound else None,
                             claim=np.zeros(grid + 2) if bound else None,
                             queue=np.array(queue) if dynamic else None)
-    return PodSm90Work(config=cfg, spec=spec, grid=grid, decode_ctas=k,
+    tails = 0 if fill is None else 1 + sum(1 for lst in fill[1][k:] if lst)
+    return PodSm90Work(config=cfg, spec=spec, grid=grid, decode_ctas=k, tails=tails,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
 
