@@ -1404,17 +1404,23 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         t_chunks = tail_chunks(spec.decode_context_lens, chunk, cfg.static_tail_keys, cfg.static_tail_frac)
         t_items = _decode_items(spec.decode_context_lens, t_chunks, h.num_kv_heads)
         t_costs = _pair_costs(t_items, stage_us, cfg.item_us)
-        best = None
+        # No plan of these items ends before all CTAs' work spread evenly, nor before the decode's work at
+        # HBM's rate (fluid_span): where even that misses the gain, skip the search (the same answer, sooner).
         parallel = cfg.hbm_gbps / rate
-        cands = [k] if cfg.decode_ctas is not None else \
+        floor = max((sum(prefill_costs) + sum(t_costs)) / grid, sum(t_costs) / parallel)
+        search = floor < (1.0 - cfg.static_tail_gain) * max(t_p, t_d)
+        best = None
+        cands = [] if not search else [k] if cfg.decode_ctas is not None else \
             sorted({max(1, min(grid - 1, len(t_costs), round(k * f))) for f in FILL_K_FACTORS})
+        fills = {"auto": (False, True), "always": (True,), "never": (False,)}[cfg.static_fill]
+        # (a shift of every cost leaves the kv-head order as it is: one order for every k)
+        pre_order = _kv_head_order(prefill_costs, h.num_q_heads, h.group_size) \
+            if cfg.prefill_order == "kv_head" else None
         for kc in cands:
-            for fill_on in {"auto": (False, True), "always": (True,), "never": (False,)}[cfg.static_fill]:
-                plan = _fill_lists(prefill_costs, t_costs, grid, kc, fill_on, parallel, prefill_extra(kc),
-                                   cfg.prefill_order, h)
+            for plan in _fill_plans(prefill_costs, t_costs, grid, kc, fills, parallel, prefill_extra(kc), pre_order):
                 if best is None or plan[3] < best[3]:
                     best = plan
-        if best[3] < (1.0 - cfg.static_tail_gain) * max(t_p, t_d):
+        if best is not None and best[3] < (1.0 - cfg.static_tail_gain) * max(t_p, t_d):
             chunks, items, decode_costs = t_chunks, t_items, t_costs
             fill, k, t_p, t_d = best[:2], best[4], best[2], best[3]
     if spec.num_decode:                                # the decode plan (partials, merge) of those items
@@ -1519,24 +1525,28 @@ def fluid_span(starts, works, parallel: float) -> float:
     return max(end, t)
 
 
-def _fill_lists(prefill_costs, decode_costs, grid: int, k: int, fill: bool, parallel: float, extra: float,
-                order: str, h):
-    """static_tail_keys' plan on k decode CTAs: prefill tiles onto CTAs k..grid-1 (prefill_order), then every
-    decode pair LPT onto the k decode CTAs, or (`fill`) onto all grid CTAs from their prefill loads (a
-    prefill CTA runs its tiles, then its pairs). Returns (prefill lists [grid - k], decode lists [grid], the
-    prefill makespan, the makespan with HBM shared (fluid_span), k)."""
+def _fill_plans(prefill_costs, decode_costs, grid: int, k: int, fills, parallel: float, extra: float,
+                pre_order: list[int] | None) -> list[tuple]:
+    """static_tail_keys' plans on k decode CTAs: prefill tiles onto CTAs k..grid-1 (list scheduling in
+    `pre_order`, or LPT where None), then every decode pair LPT onto the k decode CTAs (fill False) or onto all
+    grid CTAs from their prefill loads (fill True: a prefill CTA runs its tiles, then its pairs). One plan a
+    value in `fills`, each (prefill lists [grid - k], decode lists [grid], the prefill makespan, the makespan
+    with HBM shared (fluid_span), k)."""
     shifted = _shifted(prefill_costs, extra)
-    if order == "kv_head":
-        pre_lists, t_p = list_schedule(shifted, grid - k, _kv_head_order(shifted, h.num_q_heads, h.group_size))
+    if pre_order is not None:
+        pre_lists, t_p = list_schedule(shifted, grid - k, pre_order)
     else:
         pre_lists, t_p = lpt(shifted, grid - k)
     loads = [0.0] * k + [sum(shifted[i] for i in lst) for lst in pre_lists]
-    if fill:
-        dec_lists, _ = lpt(decode_costs, grid, loads)
-    else:
-        dec_lists = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
-    works = [sum(decode_costs[p] for p in lst) for lst in dec_lists]
-    return pre_lists, dec_lists, t_p, fluid_span(loads, works, parallel), k
+    plans = []
+    for fill in fills:
+        if fill:
+            dec_lists, _ = lpt(decode_costs, grid, loads)
+        else:
+            dec_lists = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
+        works = [sum(decode_costs[p] for p in lst) for lst in dec_lists]
+        plans.append((pre_lists, dec_lists, t_p, fluid_span(loads, works, parallel), k))
+    return plans
 
 
 def _kv_head_order(costs: list[float], num_q_heads: int, group: int) -> list[int]:
