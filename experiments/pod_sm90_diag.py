@@ -430,13 +430,14 @@ def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1
     points where some variant plans another launch than the first (same_plans)."""
     from pod.kernels.pod_sm90 import PodSm90Config
     from experiments.harness.points import shard as shard_points
+    from pod.env import device_num_sms
     rows = []
     base = base or PodSm90Config()
+    configs = [replace(base, **kv) for _, kv in variants]
+    num_sms = device_num_sms("cuda") if torch.cuda.is_available() else 132
     for p in shard_points(sweep_points(sweep, sample), *shard):
         s = p.spec
-        if changed and same_plans(s, [replace(base, **kv) for _, kv in variants],
-                                  torch.cuda.get_device_properties(0).multi_processor_count
-                                  if torch.cuda.is_available() else 132):
+        if changed and same_plans(s, configs, num_sms):
             continue
         c = s.prefill_chunks[0] if s.prefill_chunks else None
         tag = dict(point_id=p.point_id, model=p.model, chunk=c.chunk_len if c else 0, ctx=c.context_len if c else 0,

@@ -1384,45 +1384,47 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         and t_d >= cfg.auto_decode_ratio * t_p)
     if cfg.decode_tail_keys is not None and (cfg.decode_tail_keys < 64 or cfg.decode_tail_keys % 64):
         raise ValueError(f"PodSm90Config.decode_tail_keys: a multiple of 64, not {cfg.decode_tail_keys}")
+    if cfg.static_tail_keys is not None and (cfg.static_tail_keys < 64 or cfg.static_tail_keys % 64):
+        raise ValueError(f"PodSm90Config.static_tail_keys: a multiple of 64, not {cfg.static_tail_keys}")
+    if cfg.static_fill not in STATIC_FILLS:
+        raise ValueError(f"PodSm90Config.static_fill: one of {tuple(STATIC_FILLS)}, not {cfg.static_fill!r}")
     chunks = None                                      # keys per split for each request (decode_tail_keys)
     if dynamic and cfg.decode_tail_keys and prefill_costs and decode_costs and t_d > t_p:
         chunks = tail_chunks(spec.decode_context_lens, chunk, cfg.decode_tail_keys, 1.0 - t_p / t_d)
         items = _decode_items(spec.decode_context_lens, chunks, h.num_kv_heads)
         decode_costs = _pair_costs(items, stage_us, cfg.item_us)
         t_d = lpt_makespan(decode_costs, k) * slowdown(k)      # the estimate of the split plan
-    fill = None                                        # static lists whose prefill CTAs end with decode pairs
+    # The prefill tiles' order for list scheduling (None: LPT); a shift of every cost leaves it as it is, so
+    # one order serves every decode CTA count.
+    pre_order = _kv_head_order(prefill_costs, h.num_q_heads, h.group_size) if cfg.prefill_order == "kv_head" \
+        else None
+    parallel = cfg.hbm_gbps / rate                     # decode CTAs HBM feeds at the full rate (fluid_span)
+    lists, tails = None, 0                             # the static tail plan: (prefill lists, decode lists)
     if not dynamic and cfg.steal == "never" and cfg.static_tail_keys and prefill_costs and decode_costs:
         # The static lists' CTAs end a whole item apart (LPT of equal pairs; tiles of a long context take
         # ~200 us): split about `static_tail_frac` of the decode keys (the shortest requests) finer, and plan
         # every pair over all CTAs, LPT from each CTA's prefill load (a prefill CTA runs its tiles, then the
         # pairs that fill its idle end), for decode CTA counts up to the split's; kept where the model's
         # makespan falls by static_tail_gain (it pays a merge and an item's fixed cost a pair).
-        if cfg.static_tail_keys < 64 or cfg.static_tail_keys % 64:
-            raise ValueError(f"PodSm90Config.static_tail_keys: a multiple of 64, not {cfg.static_tail_keys}")
-        if cfg.static_fill not in ("auto", "always", "never"):
-            raise ValueError(f"PodSm90Config.static_fill: 'auto', 'always' or 'never', not {cfg.static_fill!r}")
         t_chunks = tail_chunks(spec.decode_context_lens, chunk, cfg.static_tail_keys, cfg.static_tail_frac)
         t_items = _decode_items(spec.decode_context_lens, t_chunks, h.num_kv_heads)
         t_costs = _pair_costs(t_items, stage_us, cfg.item_us)
         # No plan of these items ends before all CTAs' work spread evenly, nor before the decode's work at
         # HBM's rate (fluid_span): where even that misses the gain, skip the search (the same answer, sooner).
-        parallel = cfg.hbm_gbps / rate
         floor = max((sum(prefill_costs) + sum(t_costs)) / grid, sum(t_costs) / parallel)
         search = floor < (1.0 - cfg.static_tail_gain) * max(t_p, t_d)
         best = None
         cands = [] if not search else [k] if cfg.decode_ctas is not None else \
             sorted({max(1, min(grid - 1, len(t_costs), round(k * f))) for f in FILL_K_FACTORS})
-        fills = {"auto": (False, True), "always": (True,), "never": (False,)}[cfg.static_fill]
-        # (a shift of every cost leaves the kv-head order as it is: one order for every k)
-        pre_order = _kv_head_order(prefill_costs, h.num_q_heads, h.group_size) \
-            if cfg.prefill_order == "kv_head" else None
         for kc in cands:
-            for plan in _fill_plans(prefill_costs, t_costs, grid, kc, fills, parallel, prefill_extra(kc), pre_order):
+            for plan in _fill_plans(prefill_costs, t_costs, grid, kc, STATIC_FILLS[cfg.static_fill], parallel,
+                                    prefill_extra(kc), pre_order):
                 if best is None or plan[3] < best[3]:
                     best = plan
         if best is not None and best[3] < (1.0 - cfg.static_tail_gain) * max(t_p, t_d):
             chunks, items, decode_costs = t_chunks, t_items, t_costs
-            fill, k, t_p, t_d = best[:2], best[4], best[2], best[3]
+            lists, k, t_p, t_d = best[:2], best[4], best[2], best[3]
+            tails = 1 + sum(1 for lst in lists[1][k:] if lst)
     if spec.num_decode:                                # the decode plan (partials, merge) of those items
         dec = plan_decode(spec, num_sms, kv_chunk_len=chunk, kv_chunk_lens=chunks, block_n=64, device=device)
     if cfg.steal != "never" and prefill_costs and 0 < k < grid:
@@ -1442,24 +1444,17 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         # A CTA runs its decode pairs first (the planner's order; the producer takes either), then its tiles.
         cta_lists = [[-(p + 1) for p in dl] + list(pl) for dl, pl in zip(dec_lists, pre_all[:k])] \
             + [list(pl) for pl in pre_all[k:]]
-    elif fill is not None:
-        pre_lists, dec_all = fill
+    elif not dynamic:
+        # The decode CTAs' pairs; a prefill CTA's tiles, then the pairs the tail plan filled its end with.
+        pre_lists, dec_all = lists or _fill_plans(prefill_costs, decode_costs, grid, k, (False,), parallel,
+                                                  prefill_extra(k), pre_order)[0][:2]
         cta_lists = [[-(p + 1) for p in dec_all[c]] for c in range(k)] \
             + [list(pl) + [-(p + 1) for p in dec_all[k + i]] for i, pl in enumerate(pre_lists)]
-    elif not dynamic:
-        dec_lists, _ = lpt(decode_costs, k)
-        shifted = _shifted(prefill_costs, prefill_extra(k))
-        if cfg.prefill_order == "kv_head":
-            pre_lists, _ = list_schedule(shifted, grid - k, _kv_head_order(shifted, h.num_q_heads, h.group_size))
-        else:
-            pre_lists, _ = lpt(shifted, grid - k)
-        cta_lists = [[-(p + 1) for p in lst] for lst in dec_lists] + [list(lst) for lst in pre_lists]
     if dynamic:                                        # (no lists to build: k decode CTAs of `grid`)
         # Two queues in the static plan's orders (the decode pairs longest first; the prefill tiles in
         # prefill_order): the same greedy rule run online, so the lists end where the SMs really are.
-        shifted = _shifted(prefill_costs, prefill_extra(k))
-        pre_order = _kv_head_order(shifted, h.num_q_heads, h.group_size) if cfg.prefill_order == "kv_head" \
-            else np.argsort(-np.asarray(shifted), kind="stable").tolist()    # LPT's order
+        if pre_order is None:                          # LPT's order
+            pre_order = np.argsort(-np.asarray(_shifted(prefill_costs, prefill_extra(k))), kind="stable").tolist()
         n_pairs = len(decode_costs)
         flat = [-(p + 1) for p in range(n_pairs)] + list(pre_order) or [0]
         owners = (k, grid - k)                         # CTAs whose own queue is the decode / prefill one
@@ -1490,12 +1485,12 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, grid, gpcs)) if bound else None,
                             claim=np.zeros(grid + 2) if bound else None,
                             queue=np.array(queue) if dynamic else None)
-    tails = 0 if fill is None else 1 + sum(1 for lst in fill[1][k:] if lst)
     return PodSm90Work(config=cfg, spec=spec, grid=grid, decode_ctas=k, tails=tails,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
 
 
+STATIC_FILLS = {"auto": (False, True), "always": (True,), "never": (False,)}   # static_fill -> plans tried
 FILL_K_FACTORS = (0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1)   # static_tail_keys: decode CTA counts tried, x the split's
 
 
