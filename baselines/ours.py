@@ -145,7 +145,20 @@ def autotune_config(batch: HybridBatch, candidates: dict[str, PodConfig], timer=
     return candidates[best], timings
 
 
-def _prepare_pod(batch: HybridBatch, config: PodConfig | None, autotune: dict[str, PodConfig] | None = None):
+def _sm90_config(options: BackendOptions):
+    """The Hopper POD kernel's planner settings that `options` ask for (pod and pod_sm90 alike)."""
+    from pod.kernels.pod_sm90 import PodSm90Config
+    cfg = PodSm90Config()
+    if options.pod_sm90_decode_gbps > 0:          # the planner's rate at every head_dim
+        cfg = replace(cfg, decode_gbps_per_sm=options.pod_sm90_decode_gbps,
+                      decode_gbps_per_sm_d64=options.pod_sm90_decode_gbps)
+    if not options.pod_sm90_static_tails:
+        cfg = replace(cfg, static_tail_keys=None)
+    return cfg
+
+
+def _prepare_pod(batch: HybridBatch, config: PodConfig | None, autotune: dict[str, PodConfig] | None = None,
+                 options: BackendOptions = DEFAULT_OPTIONS):
     timings = None
     if config is None:
         # The dispatcher may pick another variant (and kernel) for the next batch: compile them all the first
@@ -153,7 +166,7 @@ def _prepare_pod(batch: HybridBatch, config: PodConfig | None, autotune: dict[st
         _warm_once(("pod variants", _shape_key(batch)), lambda: warmup(batch))
     if autotune and not interpreting():
         config, timings = autotune_config(batch, autotune)
-    p: Plan = plan(batch, config)
+    p: Plan = plan(batch, config, sm90_config=_sm90_config(options))
     launch = p.runner(batch)
     _warm_once(("pod", _shape_key(batch), repr(p.config)), launch)
 
@@ -178,7 +191,7 @@ def prepare_pod(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
     if options.pod_autotune and config is None:
         cands = pod_autotune_candidates(batch.spec, device_num_sms(batch.device),
                                         **dispatch_facts(batch.spec, batch.device))
-    return _prepare_pod(batch, config, cands)
+    return _prepare_pod(batch, config, cands, options)
 
 
 @register_backend("pod_paper", availability=triton_available,
@@ -202,14 +215,11 @@ def hopper_available() -> str | None:
 @register_backend("pod_sm90", availability=hopper_available,
                   description="POD on Hopper: one persistent launch, SM-level roles, the Hopper tile for both")
 def prepare_pod_sm90(batch: HybridBatch, options: BackendOptions = DEFAULT_OPTIONS):
-    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90, pod_sm90_supports
+    from pod.kernels.pod_sm90 import plan_pod_sm90, pod_sm90_supports
     why = pod_sm90_supports(batch.spec)
     if why is not None:
         raise BackendUnavailable(f"pod_sm90 does not handle this batch: {why}")
-    cfg = PodSm90Config()
-    if options.pod_sm90_decode_gbps > 0:          # the planner's rate at every head_dim
-        cfg = replace(cfg, decode_gbps_per_sm=options.pod_sm90_decode_gbps,
-                      decode_gbps_per_sm_d64=options.pod_sm90_decode_gbps)
+    cfg = _sm90_config(options)
     if options.pod_sm90_decode_ctas > 0:
         cfg = replace(cfg, decode_ctas=options.pod_sm90_decode_ctas)
     work = plan_pod_sm90(batch, cfg)

@@ -561,11 +561,40 @@ def sweep_table(path: str, ours: str = "pod_sm90", against=("triton_serial", "fi
         print(bad[["point_id", "backend", "status", "reason"]].to_string(max_colwidth=80))
 
 
+def plan_time(sweep: str = "paper", variants=(("default", {}),), repeat: int = 5, num_sms: int = 132) -> list[dict]:
+    """Host time of plan_pod_sm90 (the best of `repeat`, ms) per hybrid point of a sweep and variant, on this
+    machine's CPU, and what each plan is (schedule, tails): the search's price a serving step pays. Prints
+    the mean per schedule and variant; no GPU needed (plans for `num_sms` SMs on the CPU)."""
+    import time
+    from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
+    rows = []
+    for p in sweep_points(sweep):
+        spec = p.spec
+        if not (spec.num_decode and spec.prefill_chunks):
+            continue
+        for label, kv in variants:
+            cfg = replace(PodSm90Config(), **kv)
+            best = math.inf
+            for _ in range(repeat):
+                t = time.perf_counter()
+                w = plan_pod_sm90(spec, cfg, num_sms=num_sms, device="cpu")
+                best = min(best, time.perf_counter() - t)
+            rows.append(dict(point=p.point_id, variant=label, plan_ms=best * 1e3, tails=w.tails,
+                             schedule=w.describe()["schedule"]))
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    if len(df):
+        print(df.groupby(["variant", "schedule"]).agg(points=("plan_ms", "size"), plan_ms=("plan_ms", "mean"),
+                                                      max_ms=("plan_ms", "max"), tails=("tails", lambda t: int((t > 0).sum())))
+              .round(3).to_string())
+    return rows
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from experiments.cli import command
     ap = argparse.ArgumentParser(prog=command("experiments.pod_sm90_diag"), description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=("rates", "split", "compare", "curve", "launch", "items", "smmap", "table",
-                                     "sweep-table", "variant-table"))
+                                     "sweep-table", "variant-table", "plan-time"))
     ap.add_argument("file", nargs="?", help="table, variant-table: a JSON-lines file this module wrote (variant-table: "
                                             "of curve --variants); sweep-table: a sweep CSV")
     ap.add_argument("--out", help="append the JSON lines here too")
@@ -575,10 +604,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sample", help="curve: SEED:PER_STRATUM, another sample of a generated sweep (paper_grid)")
     ap.add_argument("--changed", action="store_true",
                     help="curve: only the points where some variant plans another launch than the first")
-    ap.add_argument("--sweep", default="paper", help="curve: the sweep config (conf/sweep/) whose points it runs")
+    ap.add_argument("--sweep", default="paper", help="curve, plan-time: the sweep config (conf/sweep/) whose points it runs")
     ap.add_argument("--binds", help="curve (default block) and rates (default smid): comma-separated "
                                     "PodSm90Config.bind values to time")
-    ap.add_argument("--variants", help="curve, items, launch --points: ';'-separated PodSm90Config overrides to time side by side, "
+    ap.add_argument("--variants", help="curve, items, launch --points, plan-time: ';'-separated PodSm90Config overrides to time side by side, "
                                        "each 'FIELD=VALUE,...' (e.g. 'overlap=True;overlap=False')")
     ap.add_argument("--launches", type=int, default=5, help="items: traced launches a point and variant")
     ap.add_argument("--shard", default="0/1", help="curve: I/N, the points i with i %% N == I")
@@ -633,6 +662,9 @@ def main(argv: list[str]) -> int:
         return 0
     if a.what == "variant-table":
         variant_table(a.file)
+        return 0
+    if a.what == "plan-time":
+        plan_time(a.sweep, parse_variants(a.variants))
         return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("pod_sm90_diag: needs an sm_90 GPU (H100/H200)", file=sys.stderr)

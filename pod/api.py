@@ -17,6 +17,7 @@ The backends `pod` and `pod_paper` (baselines/ours.py) are thin adapters over th
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from pod.kernels.pod_fused import (COUNTER_WORDS, DECODE_TILE_CONSTEXPRS, PREFIL
                                    pod_fused_kernel)
 from pod.kernels.prefill import PrefillConfig, plan_prefill, prefill_launch_args
 from pod.prefill import plan_chunked_prefill, resolve_prefill_kernel
+
+if TYPE_CHECKING:
+    from pod.kernels.pod_sm90 import PodSm90Config
 
 
 def _simulate_smid(device: torch.device) -> bool:
@@ -124,9 +128,11 @@ def dispatch_facts(spec: BatchSpec, device: torch.device) -> dict:
 
 
 def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None, *,
-         device: str | torch.device | None = None, **overrides) -> Plan:
+         device: str | torch.device | None = None, sm90_config: PodSm90Config | None = None,
+         **overrides) -> Plan:
     """Shape-only work for a batch. `config=None` lets the dispatcher choose; keyword overrides
-    (e.g. kv_splits=4, variant="serial") apply on top of the chosen or given config."""
+    (e.g. kv_splits=4, variant="serial") apply on top of the chosen or given config. `sm90_config`: the
+    Hopper POD kernel's planner settings where the dispatcher runs it (default PodSm90Config())."""
     spec, device = unpack_batch_or_spec(batch_or_spec, device)
     base = config or PodConfig()
     num_sms = base.num_sms or device_num_sms(device)
@@ -140,7 +146,7 @@ def plan(batch_or_spec: HybridBatch | BatchSpec, config: PodConfig | None = None
         # One launch of the Hopper POD kernel (its own planner: SM split, lists, decode splits); the
         # standalone prefill plan stays for describe()'s tile count.
         from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
-        sm90 = plan_pod_sm90(spec, PodSm90Config(), num_sms=num_sms, device=device)
+        sm90 = plan_pod_sm90(spec, sm90_config or PodSm90Config(), num_sms=num_sms, device=device)
         pre = plan_chunked_prefill(spec, None, device=device)
         dec = sm90.decode
         launches = ()

@@ -5,6 +5,7 @@ takes either order), the stealing choice follows its rules, and the dynamic
 schedule's queues, first items and take-minima are what the kernel reads."""
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -485,3 +486,52 @@ def test_static_tail_keys_pays_where_decode_ctas_end_a_pair_apart():
     with pytest.raises(ValueError, match="static_fill"):
         plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=128, static_fill="maybe"),
                       num_sms=132, device="cpu")
+
+
+def test_static_tail_search_prunes_to_the_exhaustive_answer():
+    """_best_fill_plan builds only the plans whose lower bound does not exceed the best makespan so far: on
+    random costs it returns what building every (decode CTA count, fill) plan and keeping the first shortest
+    returns, bit for bit; the bounds it prunes with never exceed a plan's makespan."""
+    from pod.kernels.pod_sm90 import (_best_fill_plan, _decode_fill, _fluid_floor, _list_sums, _prefill_lists,
+                                      _kv_head_order)
+    rng = random.Random(5)
+    for trial in range(60):
+        grid = rng.choice([8, 16, 33])
+        pre = [rng.choice([40.0, 90.0, 150.0, 210.0]) * rng.choice([1, 1, 1.5]) for _ in range(rng.randint(4, 90))]
+        dec = sorted((rng.choice([20.0, 55.0, 110.0]) for _ in range(rng.randint(2, 200))), reverse=True)
+        parallel = rng.choice([3.0, 6.5, 100.0])
+        order = _kv_head_order(pre, 8, 4) if trial % 2 else None
+        cands = sorted({rng.randint(1, grid - 1) for _ in range(rng.randint(1, 5))})
+        fills = rng.choice([(False, True), (True,), (False,)])
+        extra = lambda kc: 0.25 * kc
+        built = []
+        for kc in cands:
+            pre_lists, loads, t_p = _prefill_lists(pre, grid, kc, extra(kc), order)
+            for fill in fills:
+                dec_lists, span = _decode_fill(dec, grid, kc, fill, loads, parallel)
+                built.append((pre_lists, dec_lists, t_p, span, kc))
+                assert _fluid_floor(loads, sum(dec), parallel) <= span * (1 + 1e-9) if fill else True
+                assert t_p <= span
+        want = min(built, key=lambda p: p[3])              # min keeps the first of equals
+        assert _best_fill_plan(pre, dec, grid, cands, fills, parallel, extra, order) == want
+    assert _list_sums([1.0, 2.0, 0.1, 0.2], [[3, 2, 0], [], [1]]) == [0.2 + 0.1 + 1.0, 0.0, 2.0]
+    assert _fluid_floor([0.0, 0.0, 10.0], 10.0, 99) == 5.0          # two CTAs pour 10 us by t = 5
+    assert _fluid_floor([0.0] * 8, 80.0, 4) == 20.0                   # HBM feeds 4 at the full rate
+    assert _best_fill_plan(pre, dec, grid, [], (True,), 1.0, extra, None) is None
+
+
+def test_static_tails_can_be_switched_off_for_pod_and_pod_sm90():
+    """backend_options.pod_sm90_static_tails=false reaches the Hopper planner through both adapters (pod
+    through pod.api.plan's sm90_config): at a point where the default plan takes tails, it plans none."""
+    from baselines.ours import _sm90_config
+    from baselines.registry import BackendOptions
+    from pod.api import plan
+    from pod.dispatch import PodConfig
+    s_ = SPECS["centre"]
+    assert _sm90_config(BackendOptions()).static_tail_keys == PodSm90Config().static_tail_keys
+    off = _sm90_config(BackendOptions(pod_sm90_static_tails=False))
+    assert off.static_tail_keys is None
+    fused = PodConfig(variant="fused_sm90", num_sms=132)
+    on_plan = plan(s_, fused, device="cpu", sm90_config=PodSm90Config(balance="static"))
+    off_plan = plan(s_, fused, device="cpu", sm90_config=replace(off, balance="static"))
+    assert on_plan.sm90.tails > 0 and off_plan.sm90.tails == 0

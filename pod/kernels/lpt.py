@@ -33,6 +33,8 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
         return [[] for _ in range(max(bins, 0))], max(start or [0.0])
     c = np.asarray(costs)
     order_np = np.argsort(-c, kind="stable")              # heaviest first, ties in index order
+    if start and len(set(start)) == bins:                 # no two bins alike: no groups to keep
+        return list_schedule(costs, bins, order_np.tolist(), start)
     sorted_c = c[order_np]
     bounds = [0, *(np.flatnonzero(sorted_c[1:] != sorted_c[:-1]) + 1).tolist(), len(costs)]
     order = order_np.tolist()
@@ -66,13 +68,15 @@ def lpt(costs: list[float], bins: int, start: list[float] | None = None) -> tupl
     return lists, max(load for load, _, _ in heap)
 
 
-def list_schedule(costs, bins: int, order) -> tuple[list[list[int]], float]:
+def list_schedule(costs, bins: int, order, start: list[float] | None = None) -> tuple[list[list[int]], float]:
     """Graham's list scheduling: items in the given `order` (indices), each to the least-loaded bin (ties
-    to the lowest bin). Returns each bin's items in the order it runs them, and the makespan (at most
-    total / bins + the largest cost: the item that ends last started when every bin was busy)."""
+    to the lowest bin; `start`: each bin's load before these items). Returns each bin's items in the order
+    it runs them, and the makespan (without start loads at most total / bins + the largest cost: the item
+    that ends last started when every bin was busy)."""
     if bins <= 0:
         return [], 0.0
-    heap = [(0.0, b) for b in range(bins)]
+    heap = [(float(start[b]) if start else 0.0, b) for b in range(bins)]
+    heapq.heapify(heap)
     lists: list[list[int]] = [[] for _ in range(bins)]
     for i in order:
         load, b = heap[0]

@@ -1413,14 +1413,10 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         # HBM's rate (fluid_span): where even that misses the gain, skip the search (the same answer, sooner).
         floor = max((sum(prefill_costs) + sum(t_costs)) / grid, sum(t_costs) / parallel)
         search = floor < (1.0 - cfg.static_tail_gain) * max(t_p, t_d)
-        best = None
         cands = [] if not search else [k] if cfg.decode_ctas is not None else \
             sorted({max(1, min(grid - 1, len(t_costs), round(k * f))) for f in FILL_K_FACTORS})
-        for kc in cands:
-            for plan in _fill_plans(prefill_costs, t_costs, grid, kc, STATIC_FILLS[cfg.static_fill], parallel,
-                                    prefill_extra(kc), pre_order):
-                if best is None or plan[3] < best[3]:
-                    best = plan
+        best = _best_fill_plan(prefill_costs, t_costs, grid, cands, STATIC_FILLS[cfg.static_fill], parallel,
+                               prefill_extra, pre_order)
         if best is not None and best[3] < (1.0 - cfg.static_tail_gain) * max(t_p, t_d):
             chunks, items, decode_costs = t_chunks, t_items, t_costs
             lists, k, t_p, t_d = best[:2], best[4], best[2], best[3]
@@ -1446,8 +1442,11 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
             + [list(pl) for pl in pre_all[k:]]
     elif not dynamic:
         # The decode CTAs' pairs; a prefill CTA's tiles, then the pairs the tail plan filled its end with.
-        pre_lists, dec_all = lists or _fill_plans(prefill_costs, decode_costs, grid, k, (False,), parallel,
-                                                  prefill_extra(k), pre_order)[0][:2]
+        if lists is None:
+            pre_lists, loads, _ = _prefill_lists(prefill_costs, grid, k, prefill_extra(k), pre_order)
+            dec_all = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
+        else:
+            pre_lists, dec_all = lists
         cta_lists = [[-(p + 1) for p in dec_all[c]] for c in range(k)] \
             + [list(pl) + [-(p + 1) for p in dec_all[k + i]] for i, pl in enumerate(pre_lists)]
     if dynamic:                                        # (no lists to build: k decode CTAs of `grid`)
@@ -1520,28 +1519,97 @@ def fluid_span(starts, works, parallel: float) -> float:
     return max(end, t)
 
 
-def _fill_plans(prefill_costs, decode_costs, grid: int, k: int, fills, parallel: float, extra: float,
-                pre_order: list[int] | None) -> list[tuple]:
-    """static_tail_keys' plans on k decode CTAs: prefill tiles onto CTAs k..grid-1 (list scheduling in
-    `pre_order`, or LPT where None), then every decode pair LPT onto the k decode CTAs (fill False) or onto all
-    grid CTAs from their prefill loads (fill True: a prefill CTA runs its tiles, then its pairs). One plan a
-    value in `fills`, each (prefill lists [grid - k], decode lists [grid], the prefill makespan, the makespan
-    with HBM shared (fluid_span), k)."""
+def _prefill_lists(prefill_costs, grid: int, k: int, extra: float, pre_order: list[int] | None):
+    """The prefill tiles onto CTAs k..grid-1 (list scheduling in `pre_order`, or LPT where None), every cost
+    + `extra`: (lists, each CTA's load for all grid CTAs (0 for the k decode CTAs), the makespan)."""
     shifted = _shifted(prefill_costs, extra)
     if pre_order is not None:
         pre_lists, t_p = list_schedule(shifted, grid - k, pre_order)
     else:
         pre_lists, t_p = lpt(shifted, grid - k)
-    loads = [0.0] * k + [sum(shifted[i] for i in lst) for lst in pre_lists]
-    plans = []
-    for fill in fills:
-        if fill:
-            dec_lists, _ = lpt(decode_costs, grid, loads)
+    return pre_lists, [0.0] * k + _list_sums(shifted, pre_lists), t_p
+
+
+def _list_sums(costs, lists) -> list[float]:
+    """Each list's cost, added in list order from 0.0 (what sum() over it gives, bit for bit: bincount adds
+    its weights one by one in input order) without a Python loop an item."""
+    flat = [i for lst in lists for i in lst]
+    if not flat:
+        return [0.0] * len(lists)
+    owner = np.repeat(np.arange(len(lists)), [len(lst) for lst in lists])
+    return np.bincount(owner, weights=np.asarray(costs, dtype=np.float64)[flat], minlength=len(lists)).tolist()
+
+
+def _decode_fill(decode_costs, grid: int, k: int, fill: bool, loads: list[float], parallel: float):
+    """Every decode pair LPT onto the k decode CTAs (fill False) or onto all grid CTAs from their prefill
+    `loads` (fill True: a prefill CTA runs its tiles, then its pairs): (lists [grid], the makespan with HBM
+    shared, fluid_span)."""
+    if fill:
+        dec_lists, _ = lpt(decode_costs, grid, loads)
+    else:
+        dec_lists = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
+    return dec_lists, fluid_span(loads, _list_sums(decode_costs, dec_lists), parallel)
+
+
+def _fluid_floor(starts: list[float], work: float, parallel: float) -> float:
+    """When `work` (us at the full rate) would end if it were divisible at will: every CTA streams from its
+    start, together at most `parallel` CTAs' rate (fluid_span's HBM), i.e. the L with the integral over
+    0..L of min(parallel, CTAs started by t) = work. No plan of these starts ends its decode sooner."""
+    xs = sorted(starts)
+    t, done = 0.0, 0.0
+    for n in range(1, len(xs) + 1):                    # n CTAs stream from xs[n - 1] to the next start
+        rate = min(parallel, n)
+        t = xs[n - 1]
+        nxt = xs[n] if n < len(xs) else math.inf
+        if done + rate * (nxt - t) >= work:
+            return t + (work - done) / rate
+        done += rate * (nxt - t)
+    return t
+
+
+# fluid_span's result against the bounds below, computed from the same costs in another order: a relative slack
+_SPAN_SLACK = 1e-9
+
+
+def _best_fill_plan(prefill_costs, decode_costs, grid: int, cands, fills, parallel: float, prefill_extra,
+                    pre_order: list[int] | None):
+    """static_tail_keys' search: the plan of the shortest modelled makespan over decode CTA counts `cands`
+    (ascending) and `fills` (ties to the first in that order), as (prefill lists [grid - k], decode lists
+    [grid], the prefill makespan, the makespan, k), or None without candidates.
+
+    Best first (the search runs on every serving step's plan): each candidate is a heap entry keyed by a
+    lower bound of its makespan, made exact in steps - first from sums alone (the prefill spread over its
+    CTAs, the largest pair, the decode at HBM's rate or over its k CTAs), then with its prefill lists (their
+    makespan; fill False: the k decode CTAs' LPT, True: the decode poured at will onto every CTA from its
+    load, _fluid_floor), then the plan itself (fluid_span). A plan popped with its exact makespan is the
+    answer: every other entry's key bounds its own makespan from below. Most candidates never get lists."""
+    if not cands:
+        return None
+    total, largest = sum(decode_costs), max(decode_costs, default=0.0)
+    bounds = RunBounds(runs_of(decode_costs))
+    pre_total, pre_max, n_pre = sum(prefill_costs), max(prefill_costs, default=0.0), len(prefill_costs)
+    pre: dict = {}                                     # kc -> its prefill lists, every CTA's load, makespan
+    heap = []
+    for i, (kc, fill) in enumerate((kc, fill) for kc in cands for fill in fills):
+        x = prefill_extra(kc)
+        lo = max((pre_total + n_pre * x) / (grid - kc), pre_max + x, largest, total / parallel,
+                 total / min(kc, parallel) if not fill else 0.0, bounds.bounds(kc)[0] if not fill else 0.0)
+        heap.append((lo * (1 - _SPAN_SLACK), i, 0, kc, fill, None))
+    heapq.heapify(heap)
+    while True:
+        key, i, stage, kc, fill, plan = heapq.heappop(heap)
+        if stage == 2:
+            return plan
+        if kc not in pre:
+            pre[kc] = _prefill_lists(prefill_costs, grid, kc, prefill_extra(kc), pre_order)
+        pre_lists, loads, t_p = pre[kc]
+        if stage == 0:
+            spread = _fluid_floor(loads, total, parallel) if fill else \
+                max(lpt_makespan(decode_costs, kc), total / min(kc, parallel))
+            heapq.heappush(heap, (max(key, max(t_p, largest, spread) * (1 - _SPAN_SLACK)), i, 1, kc, fill, None))
         else:
-            dec_lists = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
-        works = [sum(decode_costs[p] for p in lst) for lst in dec_lists]
-        plans.append((pre_lists, dec_lists, t_p, fluid_span(loads, works, parallel), k))
-    return plans
+            dec_lists, span = _decode_fill(decode_costs, grid, kc, fill, loads, parallel)
+            heapq.heappush(heap, (span, i, 2, kc, fill, (pre_lists, dec_lists, t_p, span, kc)))
 
 
 def _kv_head_order(costs: list[float], num_q_heads: int, group: int) -> list[int]:
