@@ -147,13 +147,13 @@ def autotune_config(batch: HybridBatch, candidates: dict[str, PodConfig], timer=
 
 def _sm90_config(options: BackendOptions):
     """The Hopper POD kernel's planner settings that `options` ask for (pod and pod_sm90 alike)."""
-    from pod.kernels.pod_sm90 import PodSm90Config
+    from pod.kernels.pod_sm90 import STATIC_TAIL_KEYS, PodSm90Config
     cfg = PodSm90Config()
     if options.pod_sm90_decode_gbps > 0:          # the planner's rate at every head_dim
         cfg = replace(cfg, decode_gbps_per_sm=options.pod_sm90_decode_gbps,
                       decode_gbps_per_sm_d64=options.pod_sm90_decode_gbps)
-    if not options.pod_sm90_static_tails:
-        cfg = replace(cfg, static_tail_keys=None)
+    if options.pod_sm90_static_tails:
+        cfg = replace(cfg, static_tail_keys=STATIC_TAIL_KEYS)
     return cfg
 
 

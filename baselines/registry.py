@@ -46,7 +46,7 @@ class BackendOptions:
     pod_autotune: bool = False         # pod: time pod_autotune_candidates per batch and keep the fastest
     pod_sm90_decode_gbps: float = 0.0  # pod_sm90: a decode SM's K/V rate in its planner's cost model, every head_dim (0: its defaults)
     pod_sm90_decode_ctas: int = 0      # pod_sm90: force the SM split (decode CTAs; 0: the planner's)
-    pod_sm90_static_tails: bool = True  # pod, pod_sm90: the planner's static-tail search (false: PodSm90Config.static_tail_keys=None)
+    pod_sm90_static_tails: bool = False  # pod, pod_sm90: the planner's static-tail search (PodSm90Config.static_tail_keys=STATIC_TAIL_KEYS)
     fi_prefill_backend: str = "auto"   # FlashInfer prefill wrappers' backend: auto (fa3 on Hopper) | fa2 | fa3
 
     @classmethod

@@ -244,6 +244,7 @@ def run(p: Plan, batch: HybridBatch,
 # with a split decode (fused, the merge launch; serial), a tiny chunk beside short decodes (the portable
 # prefill tile), decode-only, prefill-only (the Hopper tile on sm_90).
 WARMUP_BATCHES = (([(512, 1536)], [8192, 8192]), ([(64, 0)], [256] * 3), ([], [4096] * 4), ([(2048, 0)], []))
+SM90_WARMUP_BALANCES = ("static", "dynamic")    # the Hopper POD kernel's schedules, one compiled variant each
 # The decode kernel's autotuner keys on its split length's power of two: every bucket a serving run may meet
 # (H200, fig12 Llama-3-8B at 1ffa7d7: one 0.51 s step in pod's run, an autotune of a bucket that the
 # warm-up had only met fused; gone at 55de78a), tuned on decodes of that length, at most
@@ -258,8 +259,9 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
     """Compile (and autotune) the kernels `plan` may launch for batches with this one's heads, dtype and KV
     layout, on WARMUP_BATCHES (synthetic, a few MB): a serving engine calls it before its first timed step,
     where a kernel's first launch would be a compile (seconds) or a cache load (tenths of a second) inside
-    one iteration. The fused variant of the device (fused_sm90 on Hopper where it handles the layout,
-    else fused) and serial are both launched on the hybrid. `decode_buckets` (a GPU): then autotune the decode
+    one iteration. The fused variant of the device (fused_sm90 on Hopper where it handles the layout, once
+    a schedule: "fused_sm90:static", "fused_sm90:dynamic"; else fused) and serial are both launched on the
+    hybrid. `decode_buckets` (a GPU): then autotune the decode
     kernel for every split-length bucket (WARMUP_DECODE_CHUNKS) on synthetic decodes: no later step pays an
     autotune (0.5 s), but a bucket keeps the config picked there, not on the real batches (the H200 paper
     sweep ran our decode 1.026x slower geomean, up to 1.25x, with every bucket tuned this way; the attention
@@ -283,6 +285,14 @@ def warmup(batch_or_spec: HybridBatch | BatchSpec, device: str | torch.device | 
             facts = dispatch_facts(small, device)
             variants |= {"fused_sm90" if facts["hopper"] and facts["sm90_supported"] else "fused", "serial"}
         for variant in sorted(variants):
+            if variant == "fused_sm90":
+                # Its kernel compiles once a schedule (the queues are a constexpr: DYNAMIC): both, whichever
+                # this batch gets (H200, fig12: the queues' variant compiled 6 s into the timed run before).
+                from pod.kernels.pod_sm90 import PodSm90Config
+                for balance in SM90_WARMUP_BALANCES:
+                    plan(batch, variant=variant, sm90_config=PodSm90Config(balance=balance)).runner(batch)()
+                    launched.append(f"{variant}:{balance}")
+                continue
             p = chosen if variant == chosen.config.variant else plan(batch, variant=variant)
             p.runner(batch)()
             launched.append(variant)

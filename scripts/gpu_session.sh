@@ -2,11 +2,13 @@
 # One call on a GPU machine that has no network: set up its python with carried wheels, then run stages.
 # Usage (repo root, on the GPU machine):  bash scripts/gpu_session.sh STAGE [STAGE ...]
 #   env              GPU, driver, versions
-#   fi_install       FlashInfer modules built earlier (.fi_so/fi_so.tar.xz.*) into the wheel's AOT folder
+#   fi_install       FlashInfer modules built earlier into the wheel's AOT folder: every set carried in .fi_so/
+#                    (SET.tar.xz.00, .01, ...: fi_pack's parts; several sets, e.g. head_dim 128 and 64, side by side)
 #   fi_bg            build FlashInfer's fi_serial / fi_pod JIT modules in the background (log: $OUT/fi_*.log;
 #                    FI_MODEL: the catalog model whose heads they are built for, default llama3_8b)
 #   fi_join          wait (at most FI_WAIT s) for them
-#   fi_pack          every built FlashInfer .so -> $OUT/fi_so.tar.xz.NN (15 MB parts; carry them as .fi_so/)
+#   fi_pack          every built FlashInfer .so -> $OUT/$FI_SET.tar.xz.NN (FI_SET default fi_so; 15 MB parts;
+#                    carry them in .fi_so/, one name a set: FI_SET=fi_so_hd64 beside a head_dim-128 fi_so)
 #   extras           keep the carried .extras/SET.tar.xz.<i>of<n> parts (scripts/pack_extras.sh) in /tmp/extras
 #                    and unpack each set under /tmp once all its parts came (over one call or several;
 #                    EXTRAS_ROOT instead of /tmp: tests)
@@ -43,9 +45,13 @@ for stage in "$@"; do
       } 2>&1 | log ;;
     fi_install)
       aot=$(python3 -c "import flashinfer,os;print(os.path.join(os.path.dirname(flashinfer.__file__),'data','aot'))" 2>/dev/null)
-      if [ -n "$aot" ] && ls .fi_so/fi_so.tar.xz.* >/dev/null 2>&1; then
-        cat .fi_so/fi_so.tar.xz.* | tar -C /tmp -xJf -
-        for so in /tmp/fi_so/*.so; do n=$(basename "$so" .so); mkdir -p "$aot/$n"; cp "$so" "$aot/$n/"; done
+      if [ -n "$aot" ] && ls .fi_so/*.tar.xz.00 >/dev/null 2>&1; then
+        for first in .fi_so/*.tar.xz.00; do               # one set: its parts in order, one tar of fi_so/*.so
+          d=$(mktemp -d); cat "${first%.00}".* | tar -C "$d" -xJf - || echo "fi_install: $first's set is broken" | log
+          for so in "$d"/fi_so/*.so; do
+            [ -e "$so" ] || continue; n=$(basename "$so" .so); mkdir -p "$aot/$n"; cp "$so" "$aot/$n/"; done
+          rm -rf "$d"
+        done
         ls "$aot" | log
       else echo "no carried FlashInfer modules" | log; fi ;;
     fi_bg)
@@ -61,7 +67,8 @@ for stage in "$@"; do
     fi_pack)
       mkdir -p /tmp/fi_so; find .fi_cache -name "*.so" -exec cp {} /tmp/fi_so/ \;
       ls -la /tmp/fi_so | log
-      XZ_OPT=${XZ_OPT:--T0} tar -C /tmp -cJf - fi_so | split -b 15m -d - "$OUT/fi_so.tar.xz." && ls -la "$OUT"/fi_so.tar.xz.* | log ;;
+      XZ_OPT=${XZ_OPT:--T0} tar -C /tmp -cJf - fi_so | split -b 15m -d - "$OUT/${FI_SET:-fi_so}.tar.xz." \
+        && ls -la "$OUT/${FI_SET:-fi_so}".tar.xz.* | log ;;
     extras)
       X=${EXTRAS_ROOT:-/tmp}; mkdir -p "$X/extras"
       for part in .extras/*.tar.xz.*of*; do              # a part packed anew replaces the set's old parts

@@ -1,4 +1,5 @@
-"""scripts/gpu_session.sh's `extras` stage: package sets carried in parts over several device calls.
+"""scripts/gpu_session.sh's `extras` stage: package sets carried in parts over several device calls; and
+`fi_install`: FlashInfer's built modules, one carried set a head_dim.
 
 Each call carries some `.extras/SET.tar.xz.<i>of<n>` parts (a new call's .extras replaces the last one's);
 the stage keeps them on the machine and unpacks a set only once all n parts have come, exactly once.
@@ -9,6 +10,7 @@ import io
 import lzma
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -90,3 +92,32 @@ def test_a_corrupt_part_leaves_nothing_and_a_repacked_set_replaces_the_old(tmp_p
     assert "p: packed anew" in out and "p: unpacked (3 parts)" in out
     assert (root / "site" / "pkg" / "big.bin").read_bytes() == new["pkg/big.bin"]
     assert sorted(f.name for f in (root / "extras").glob("p.*")) == [f"p.tar.xz.{i}of3" for i in (1, 2, 3)]
+
+
+def test_fi_install_installs_every_carried_set(tmp_path):
+    """`fi_install`: each set of FlashInfer modules carried in .fi_so/ (fi_pack's SET.tar.xz.NN parts of a tar
+    of fi_so/*.so; one set a head_dim) lands in the wheel's AOT folder, a module a folder."""
+    tree = tmp_path / "repo"
+    (tree / "flashinfer").mkdir(parents=True)
+    (tree / "flashinfer" / "__init__.py").write_text("")           # stands in for the installed wheel
+    sets = {"fi_so": ({"a.so": b"A" * 3000, "b.so": b"B" * 10}, 2), "fi_so_hd64": ({"c.so": b"C"}, 1)}
+    (tree / ".fi_so").mkdir()
+    for name, (mods, n) in sets.items():
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            for mod, data in mods.items():
+                info = tarfile.TarInfo(f"fi_so/{mod}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        blob = lzma.compress(raw.getvalue())
+        step = -(-len(blob) // n)
+        for i in range(n):
+            (tree / ".fi_so" / f"{name}.tar.xz.{i:02d}").write_bytes(blob[i * step:(i + 1) * step])
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tree / "out"), "HOME": str(tree)}
+    res = subprocess.run(["bash", str(SCRIPT), "fi_install"], cwd=tree, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    aot = tree / "flashinfer" / "data" / "aot"
+    for mods, _ in sets.values():
+        for mod, data in mods.items():
+            assert (aot / mod[:-3] / mod).read_bytes() == data

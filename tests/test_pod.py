@@ -532,3 +532,25 @@ def test_warmup_runs_once_a_layout(monkeypatch):
     monkeypatch.setattr(api, "_WARMED", {})
     spec = BatchSpec.build(4, 2, 64, decode=[8], dtype="float16", page_size=16)
     assert api.warmup(spec, "cpu") == ["serial"] and api.warmup(spec, "cpu") == []
+
+
+def test_warmup_compiles_both_schedules_of_the_hopper_kernel(monkeypatch):
+    """On Hopper the warm-up launches the Hopper POD kernel once a schedule (static lists and run-time
+    queues are a constexpr apart: two compiled variants), so neither compiles inside a timed step."""
+    import types
+    import pod.api as api
+    monkeypatch.setattr(api, "WARMUP_BATCHES", (([(5, 7)], [20, 9]),))
+    monkeypatch.setattr(api, "_WARMED", {})
+    monkeypatch.setattr(api, "dispatch_facts", lambda spec, device: {"hopper": True, "sm90_supported": True})
+    calls = []
+
+    def fake_plan(batch, config=None, *, device=None, sm90_config=None, **overrides):
+        calls.append((overrides.get("variant"), sm90_config.balance if sm90_config else None))
+        variant = overrides.get("variant", "serial")
+        return types.SimpleNamespace(config=types.SimpleNamespace(variant=variant),
+                                     runner=lambda b: (lambda: None))
+    monkeypatch.setattr(api, "plan", fake_plan)
+    spec = BatchSpec.build(4, 2, 64, prefill=[(8, 8)], decode=[8], dtype="float16", page_size=16)
+    assert api.warmup(spec, "cpu") == ["fused_sm90:static", "fused_sm90:dynamic", "serial"]
+    assert ("fused_sm90", "static") in calls and ("fused_sm90", "dynamic") in calls
+    assert set(api.SM90_WARMUP_BALANCES) == {"static", "dynamic"}

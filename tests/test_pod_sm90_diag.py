@@ -34,6 +34,7 @@ def test_same_plans_tells_which_points_a_variant_changes():
     centre = BatchSpec.build(32, 8, 128, [(1024, 12288)], [8192] * 64, page_size=16)
     off = PodSm90Config(static_tail_keys=None)
     assert same_plans(centre, [off, replace(off, bind="stride")], 132)       # binds are not compared
-    assert not same_plans(centre, [off, PodSm90Config()], 132)              # the default splits its tails here
+    tails = PodSm90Config(static_tail_keys=2048)
+    assert not same_plans(centre, [off, tails], 132)                         # the search splits its tails here
     prefill_only = BatchSpec.build(32, 8, 128, [(1024, 4096)], [], page_size=16)
-    assert same_plans(prefill_only, [off, PodSm90Config()], 132)            # no decode to split
+    assert same_plans(prefill_only, [off, tails], 132)                       # no decode to split

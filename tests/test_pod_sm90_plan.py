@@ -474,7 +474,7 @@ def test_static_tail_keys_pays_where_decode_ctas_end_a_pair_apart():
     s_ = SPECS["centre"]
     w0 = plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=None), num_sms=132, device="cpu")
     w = plan_pod_sm90(s_, PodSm90Config(balance="static", static_tail_keys=1024), num_sms=132, device="cpu")
-    assert plan_pod_sm90(s_, PodSm90Config(balance="static"), num_sms=132, device="cpu").needs_merge   # default on
+    assert not plan_pod_sm90(s_, PodSm90Config(balance="static"), num_sms=132, device="cpu").needs_merge   # default off
     assert w.n_decode_pairs > w0.n_decode_pairs and w.needs_merge and not w0.needs_merge
     assert max(w.estimate_us.values()) < 0.98 * max(w0.estimate_us.values())
     # a gain no plan reaches keeps the plain lists
@@ -520,18 +520,21 @@ def test_static_tail_search_prunes_to_the_exhaustive_answer():
     assert _best_fill_plan(pre, dec, grid, [], (True,), 1.0, extra, None) is None
 
 
-def test_static_tails_can_be_switched_off_for_pod_and_pod_sm90():
-    """backend_options.pod_sm90_static_tails=false reaches the Hopper planner through both adapters (pod
-    through pod.api.plan's sm90_config): at a point where the default plan takes tails, it plans none."""
+def test_static_tails_are_opt_in_for_pod_and_pod_sm90():
+    """The static-tail search is off by default (its host time lost in serving); backend_options
+    .pod_sm90_static_tails=true reaches the Hopper planner through both adapters (pod through pod.api.plan's
+    sm90_config): at a point where the search pays in the model, the plan takes tails only then."""
     from baselines.ours import _sm90_config
     from baselines.registry import BackendOptions
     from pod.api import plan
     from pod.dispatch import PodConfig
+    from pod.kernels.pod_sm90 import STATIC_TAIL_KEYS
     s_ = SPECS["centre"]
-    assert _sm90_config(BackendOptions()).static_tail_keys == PodSm90Config().static_tail_keys
-    off = _sm90_config(BackendOptions(pod_sm90_static_tails=False))
-    assert off.static_tail_keys is None
+    assert PodSm90Config().static_tail_keys is None and _sm90_config(BackendOptions()).static_tail_keys is None
+    on = _sm90_config(BackendOptions(pod_sm90_static_tails=True))
+    assert on.static_tail_keys == STATIC_TAIL_KEYS
     fused = PodConfig(variant="fused_sm90", num_sms=132)
-    on_plan = plan(s_, fused, device="cpu", sm90_config=PodSm90Config(balance="static"))
-    off_plan = plan(s_, fused, device="cpu", sm90_config=replace(off, balance="static"))
-    assert on_plan.sm90.tails > 0 and off_plan.sm90.tails == 0
+    on_plan = plan(s_, fused, device="cpu", sm90_config=replace(on, balance="static"))
+    off_plan = plan(s_, fused, device="cpu", sm90_config=PodSm90Config(balance="static"))
+    default = plan(s_, fused, device="cpu")
+    assert on_plan.sm90.tails > 0 and off_plan.sm90.tails == 0 and default.sm90.tails == 0

@@ -1082,13 +1082,16 @@ class PodSm90Config:
                                          # of 64), so a CTA whose tiles are done takes short items at the end of
                                          # the decode queue (an 8192-key pair takes ~100 us, as long as a
                                          # balanced point's imbalance); None: one split length for all
-    static_tail_keys: int | None = 2048  # static lists: the shortest requests, static_tail_frac of the decode keys,
-                                         # split to items of this many keys (a multiple of 64), so LPT can even out
-                                         # the CTAs' ends (unsplit 8192-key pairs take ~110 us: 256 of them on 46
-                                         # CTAs end 5 or 6 pairs in), and prefill CTAs whose tiles end early take
-                                         # pairs (static_fill); planned only where the model's makespan falls by
-                                         # static_tail_gain (H200, 22 points it changes at gain 0: 1.031x, but
-                                         # 0.95-0.99x where the model saw < 5%: docs/hopper_pod.md); None: off
+    static_tail_keys: int | None = None  # static lists: the shortest requests, static_tail_frac of the decode keys,
+                                         # split to items of this many keys (a multiple of 64; STATIC_TAIL_KEYS),
+                                         # so LPT can even out the CTAs' ends (unsplit 8192-key pairs take ~110 us:
+                                         # 256 of them on 46 CTAs end 5 or 6 pairs in), and prefill CTAs whose
+                                         # tiles end early take pairs (static_fill); planned only where the model's
+                                         # makespan falls by static_tail_gain. Off by default: its search costs a
+                                         # static plan ~4 ms of host time, which a serving step pays and did not
+                                         # win back (H200, Fig 12 Llama-3-8B / Llama-2-7B: attention time the same,
+                                         # requests/min 0.93x / 0.89x); the kernel alone runs 1.05x at the grid
+                                         # points where it plans tails (docs/hopper_pod.md, Sessions 15-16)
     static_tail_frac: float = 0.5        # the share of the decode keys split to static_tail_keys
     static_fill: str = "auto"            # static_tail_keys: prefill CTAs end with decode pairs: "auto" where the
                                          # model (fluid_span: HBM shared by every streaming CTA) says it pays,
@@ -1490,6 +1493,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
 
 
 STATIC_FILLS = {"auto": (False, True), "always": (True,), "never": (False,)}   # static_fill -> plans tried
+STATIC_TAIL_KEYS = 2048          # static_tail_keys where turned on (backend_options.pod_sm90_static_tails)
 FILL_K_FACTORS = (0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1)   # static_tail_keys: decode CTA counts tried, x the split's
 
 
