@@ -22,12 +22,12 @@ pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("xz")
                                 reason="needs bash, tar and xz")
 
 
-def _parts(payload: dict[str, bytes], n: int) -> list[bytes]:
-    """A tar.xz of site/<name> files, cut into n parts as pack_extras.sh's `split` does."""
+def _parts(payload: dict[str, bytes], n: int, top: str = "site") -> list[bytes]:
+    """A tar.xz of <top>/<name> files, cut into n parts as pack_extras.sh's (and fi_pack's) `split` does."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         for name, data in payload.items():
-            info = tarfile.TarInfo(f"site/{name}")
+            info = tarfile.TarInfo(f"{top}/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     blob = lzma.compress(raw.getvalue())
@@ -103,16 +103,8 @@ def test_fi_install_installs_every_carried_set(tmp_path):
     sets = {"fi_so": ({"a.so": b"A" * 3000, "b.so": b"B" * 10}, 2), "fi_so_hd64": ({"c.so": b"C"}, 1)}
     (tree / ".fi_so").mkdir()
     for name, (mods, n) in sets.items():
-        raw = io.BytesIO()
-        with tarfile.open(fileobj=raw, mode="w") as tar:
-            for mod, data in mods.items():
-                info = tarfile.TarInfo(f"fi_so/{mod}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        blob = lzma.compress(raw.getvalue())
-        step = -(-len(blob) // n)
-        for i in range(n):
-            (tree / ".fi_so" / f"{name}.tar.xz.{i:02d}").write_bytes(blob[i * step:(i + 1) * step])
+        for i, part in enumerate(_parts(mods, n, top="fi_so")):
+            (tree / ".fi_so" / f"{name}.tar.xz.{i:02d}").write_bytes(part)
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tree / "out"), "HOME": str(tree)}
     res = subprocess.run(["bash", str(SCRIPT), "fi_install"], cwd=tree, env=env, capture_output=True, text=True,
                          timeout=60)
