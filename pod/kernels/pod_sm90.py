@@ -1339,7 +1339,7 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         q_pos0 = ch.context_len + b * 128
         n_kv = -(-min(ch.context_len + ch.chunk_len, q_pos0 + 128) // cfg.block_n)
         unit_cost.append(n_kv * tile_us + cfg.item_us)
-    prefill_costs = [unit_cost[t // h.num_q_heads] for t in range(len(units) * h.num_q_heads)]
+    prefill_costs = np.repeat(np.asarray(unit_cost, dtype=np.float64), h.num_q_heads).tolist()
 
     # Decode items (request, kv head, key range): split so LPT can balance them over the decode CTAs.
     rate = cfg.decode_gbps(h.head_dim)                 # GB/s a decode CTA
@@ -1619,7 +1619,8 @@ def _best_fill_plan(prefill_costs, decode_costs, grid: int, cands, fills, parall
 def _kv_head_order(costs: list[float], num_q_heads: int, group: int) -> list[int]:
     """Prefill tiles (index = unit x num_q_heads + q head) by kv head, the longest first within one (ties in
     index order): list scheduling in this order starts the tiles that read one kv head's K/V together."""
-    return sorted(range(len(costs)), key=lambda t: ((t % num_q_heads) // group, -costs[t], t))
+    t = np.arange(len(costs))
+    return np.lexsort((t, -np.asarray(costs, dtype=np.float64), (t % num_q_heads) // group)).tolist()
 
 
 def tail_chunks(lens, chunk: int, tail_keys: int, frac: float) -> np.ndarray:
