@@ -1643,7 +1643,7 @@ def _pair_costs(items: np.ndarray, stage_us: float, item_us: float) -> list[floa
     """The cost model's time of each decode pair: pairs are neighbours in the items' order (longest first),
     so a pair takes its first, longer item's 64-key stages, plus an item's fixed cost."""
     n_half = (items[0::2, 3] - items[0::2, 2] + 63) // 64
-    return [n * stage_us + item_us for n in n_half.tolist()]
+    return (n_half * stage_us + item_us).tolist()       # float64 as Python's n * stage_us + item_us
 
 
 def _decode_items(lens, chunk, num_kv_heads: int) -> np.ndarray:
