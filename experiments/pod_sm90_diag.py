@@ -566,6 +566,7 @@ def plan_time(sweep: str = "paper", variants=(("default", {}),), repeat: int = 5
     machine's CPU, and what each plan is (schedule, tails): the search's price a serving step pays. Prints
     the mean per schedule and variant; no GPU needed (plans for `num_sms` SMs on the CPU)."""
     import time
+    import pandas as pd
     from pod.kernels.pod_sm90 import PodSm90Config, plan_pod_sm90
     rows = []
     for p in sweep_points(sweep):
@@ -581,7 +582,6 @@ def plan_time(sweep: str = "paper", variants=(("default", {}),), repeat: int = 5
                 best = min(best, time.perf_counter() - t)
             rows.append(dict(point=p.point_id, variant=label, plan_ms=best * 1e3, tails=w.tails,
                              schedule=w.describe()["schedule"]))
-    import pandas as pd
     df = pd.DataFrame(rows)
     if len(df):
         print(df.groupby(["variant", "schedule"]).agg(points=("plan_ms", "size"), plan_ms=("plan_ms", "mean"),

@@ -492,8 +492,8 @@ def test_static_tail_search_prunes_to_the_exhaustive_answer():
     """_best_fill_plan builds only the plans whose lower bound does not exceed the best makespan so far: on
     random costs it returns what building every (decode CTA count, fill) plan and keeping the first shortest
     returns, bit for bit; the bounds it prunes with never exceed a plan's makespan."""
-    from pod.kernels.pod_sm90 import (_best_fill_plan, _decode_fill, _fluid_floor, _list_sums, _prefill_lists,
-                                      _kv_head_order)
+    from pod.kernels.pod_sm90 import (_best_fill_plan, _decode_lists, _fluid_floor, _list_sums, _prefill_lists,
+                                      _kv_head_order, fluid_span)
     rng = random.Random(5)
     for trial in range(60):
         grid = rng.choice([8, 16, 33])
@@ -506,9 +506,11 @@ def test_static_tail_search_prunes_to_the_exhaustive_answer():
         extra = lambda kc: 0.25 * kc
         built = []
         for kc in cands:
-            pre_lists, loads, t_p = _prefill_lists(pre, grid, kc, extra(kc), order)
+            pre_lists, t_p, shifted = _prefill_lists(pre, grid, kc, extra(kc), order)
+            loads = [0.0] * kc + [sum(shifted[i] for i in lst) for lst in pre_lists]
             for fill in fills:
-                dec_lists, span = _decode_fill(dec, grid, kc, fill, loads, parallel)
+                dec_lists = _decode_lists(dec, grid, kc, fill, loads)
+                span = fluid_span(loads, [sum(dec[p] for p in lst) for lst in dec_lists], parallel)
                 built.append((pre_lists, dec_lists, t_p, span, kc))
                 assert _fluid_floor(loads, sum(dec), parallel) <= span * (1 + 1e-9) if fill else True
                 assert t_p <= span

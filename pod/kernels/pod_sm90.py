@@ -1446,8 +1446,8 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     elif not dynamic:
         # The decode CTAs' pairs; a prefill CTA's tiles, then the pairs the tail plan filled its end with.
         if lists is None:
-            pre_lists, loads, _ = _prefill_lists(prefill_costs, grid, k, prefill_extra(k), pre_order)
-            dec_all = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
+            pre_lists, _, _ = _prefill_lists(prefill_costs, grid, k, prefill_extra(k), pre_order)
+            dec_all = _decode_lists(decode_costs, grid, k, False)
         else:
             pre_lists, dec_all = lists
         cta_lists = [[-(p + 1) for p in dec_all[c]] for c in range(k)] \
@@ -1525,13 +1525,13 @@ def fluid_span(starts, works, parallel: float) -> float:
 
 def _prefill_lists(prefill_costs, grid: int, k: int, extra: float, pre_order: list[int] | None):
     """The prefill tiles onto CTAs k..grid-1 (list scheduling in `pre_order`, or LPT where None), every cost
-    + `extra`: (lists, each CTA's load for all grid CTAs (0 for the k decode CTAs), the makespan)."""
+    + `extra`: (lists, the makespan, the shifted costs they were scheduled by)."""
     shifted = _shifted(prefill_costs, extra)
     if pre_order is not None:
         pre_lists, t_p = list_schedule(shifted, grid - k, pre_order)
     else:
         pre_lists, t_p = lpt(shifted, grid - k)
-    return pre_lists, [0.0] * k + _list_sums(shifted, pre_lists), t_p
+    return pre_lists, t_p, shifted
 
 
 def _list_sums(costs, lists) -> list[float]:
@@ -1544,15 +1544,12 @@ def _list_sums(costs, lists) -> list[float]:
     return np.bincount(owner, weights=np.asarray(costs, dtype=np.float64)[flat], minlength=len(lists)).tolist()
 
 
-def _decode_fill(decode_costs, grid: int, k: int, fill: bool, loads: list[float], parallel: float):
+def _decode_lists(decode_costs, grid: int, k: int, fill: bool, loads: list[float] | None = None) -> list[list[int]]:
     """Every decode pair LPT onto the k decode CTAs (fill False) or onto all grid CTAs from their prefill
-    `loads` (fill True: a prefill CTA runs its tiles, then its pairs): (lists [grid], the makespan with HBM
-    shared, fluid_span)."""
+    `loads` (fill True: a prefill CTA runs its tiles, then its pairs): one list a CTA [grid]."""
     if fill:
-        dec_lists, _ = lpt(decode_costs, grid, loads)
-    else:
-        dec_lists = lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
-    return dec_lists, fluid_span(loads, _list_sums(decode_costs, dec_lists), parallel)
+        return lpt(decode_costs, grid, loads)[0]
+    return lpt(decode_costs, k)[0] + [[] for _ in range(grid - k)]
 
 
 def _fluid_floor(starts: list[float], work: float, parallel: float) -> float:
@@ -1592,7 +1589,7 @@ def _best_fill_plan(prefill_costs, decode_costs, grid: int, cands, fills, parall
     total, largest = sum(decode_costs), max(decode_costs, default=0.0)
     bounds = RunBounds(runs_of(decode_costs))
     pre_total, pre_max, n_pre = sum(prefill_costs), max(prefill_costs, default=0.0), len(prefill_costs)
-    pre: dict = {}                                     # kc -> its prefill lists, every CTA's load, makespan
+    pre: dict = {}                                     # kc -> its prefill lists, makespan, every CTA's load
     heap = []
     for i, (kc, fill) in enumerate((kc, fill) for kc in cands for fill in fills):
         x = prefill_extra(kc)
@@ -1605,14 +1602,16 @@ def _best_fill_plan(prefill_costs, decode_costs, grid: int, cands, fills, parall
         if stage == 2:
             return plan
         if kc not in pre:
-            pre[kc] = _prefill_lists(prefill_costs, grid, kc, prefill_extra(kc), pre_order)
-        pre_lists, loads, t_p = pre[kc]
+            pre_lists, t_p, shifted = _prefill_lists(prefill_costs, grid, kc, prefill_extra(kc), pre_order)
+            pre[kc] = pre_lists, t_p, [0.0] * kc + _list_sums(shifted, pre_lists)
+        pre_lists, t_p, loads = pre[kc]
         if stage == 0:
             spread = _fluid_floor(loads, total, parallel) if fill else \
                 max(lpt_makespan(decode_costs, kc), total / min(kc, parallel))
             heapq.heappush(heap, (max(key, max(t_p, largest, spread) * (1 - _SPAN_SLACK)), i, 1, kc, fill, None))
         else:
-            dec_lists, span = _decode_fill(decode_costs, grid, kc, fill, loads, parallel)
+            dec_lists = _decode_lists(decode_costs, grid, kc, fill, loads)
+            span = fluid_span(loads, _list_sums(decode_costs, dec_lists), parallel)
             heapq.heappush(heap, (span, i, 2, kc, fill, (pre_lists, dec_lists, t_p, span, kc)))
 
 
