@@ -117,7 +117,7 @@ def _pod(bench: Bench, cfg, trace: bool = False) -> tuple[dict, object]:
     if cfg.decode_skip:
         row["unchecked"] = f"decode_skip={cfg.decode_skip}: decode output knowingly wrong"
     row.update(grid=work.grid, decode_ctas=work.decode_ctas, est_us=work.estimate_us,
-               merge=work.needs_merge)
+               merge=work.needs_merge, prefill_pieces=work.prefill_pieces)
     if trace and row["ok"]:
         tr = torch.zeros(work.grid, 6, dtype=torch.int64, device="cuda")
         work.runner(bench.batch, *outs, trace=tr)()
@@ -421,13 +421,15 @@ def same_plans(spec, configs, num_sms: int) -> bool:
 
 
 def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1), base=None,
-          binds=("block",), variants=(("default", {}),), changed: bool = False, sample: str | None = None) -> list[dict]:
+          binds=("block",), variants=(("default", {}),), changed: bool = False, sample: str | None = None,
+          min_context: int = 0) -> list[dict]:
     """Per point of a sweep: triton_serial, then for each SM binding in `binds` (PodSm90Config.bind) and
     each config variant (`variants`: (label, overrides), parse_variants) the planned launch and the launch
     with decode_ctas forced to each k in `ks` (the planner's estimate recorded beside each): the measured
     time-vs-split curve a planner rule is fitted to (offline, from these rows), what binding the CTA lists
     to SMs changes, and A/B of a kernel option on the same inputs in the same process. `changed`: only the
-    points where some variant plans another launch than the first (same_plans)."""
+    points where some variant plans another launch than the first (same_plans); `min_context`: only points
+    with a prefill chunk of at least this much context."""
     from pod.kernels.pod_sm90 import PodSm90Config
     from experiments.harness.points import shard as shard_points
     from pod.env import device_num_sms
@@ -437,7 +439,8 @@ def curve(out, sweep: str = "paper", ks=CURVE_KS, shard: tuple[int, int] = (0, 1
     num_sms = device_num_sms("cuda") if torch.cuda.is_available() else 132
     for p in shard_points(sweep_points(sweep, sample), *shard):
         s = p.spec
-        if changed and same_plans(s, configs, num_sms):
+        if max((c.context_len for c in s.prefill_chunks), default=0) < min_context or \
+                changed and same_plans(s, configs, num_sms):
             continue
         c = s.prefill_chunks[0] if s.prefill_chunks else None
         tag = dict(point_id=p.point_id, model=p.model, chunk=c.chunk_len if c else 0, ctx=c.context_len if c else 0,
@@ -604,6 +607,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sample", help="curve: SEED:PER_STRATUM, another sample of a generated sweep (paper_grid)")
     ap.add_argument("--changed", action="store_true",
                     help="curve: only the points where some variant plans another launch than the first")
+    ap.add_argument("--min-context", type=int, default=0,
+                    help="curve: only the points with a prefill chunk of at least this much context")
     ap.add_argument("--sweep", default="paper", help="curve, plan-time: the sweep config (conf/sweep/) whose points it runs")
     ap.add_argument("--binds", help="curve (default block) and rates (default smid): comma-separated "
                                     "PodSm90Config.bind values to time")
@@ -691,7 +696,7 @@ def main(argv: list[str]) -> int:
                                     tuple((a.binds or "smid").split(","))),
               split=lambda o: split(o, points, base), compare=lambda o: compare(o, points, base),
               curve=lambda o: curve(o, a.sweep, ks if a.ks else CURVE_KS, tuple(int(x) for x in a.shard.split("/")), base,
-                                    tuple((a.binds or "block").split(",")), parse_variants(a.variants), a.changed, a.sample),
+                                    tuple((a.binds or "block").split(",")), parse_variants(a.variants), a.changed, a.sample, a.min_context),
               smmap=smmap, items=lambda o: items(o, points or ["c1024@12288+64x8192"], parse_variants(a.variants), a.launches),
               launch=lambda o: launch(o, ks[0] if ks and a.ks else 16, page, int(a.skip.split(",")[0]),
                                       points[0] if points else None, parse_variants(a.variants)))[a.what]

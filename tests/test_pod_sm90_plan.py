@@ -540,3 +540,84 @@ def test_static_tails_are_opt_in_for_pod_and_pod_sm90():
     off_plan = plan(s_, fused, device="cpu", sm90_config=PodSm90Config(balance="static"))
     default = plan(s_, fused, device="cpu")
     assert on_plan.sm90.tails > 0 and off_plan.sm90.tails == 0 and default.sm90.tails == 0
+
+
+# -- prefill tiles cut along their keys (prefill_piece_*) ------------------------------------------------------
+PIECE_SPEC = BatchSpec.build(num_q_heads=4, num_kv_heads=2, head_dim=64, prefill=[(200, 700), (130, 0), (1, 390)],
+                             decode=[300, 77], page_size=16)
+
+
+def _emulate_pieces(batch, work):
+    """What the kernel computes for each prefill item of `work` (piece * Hq + head), in fp32 on the CPU: each
+    piece's rows against its KV tiles, written to O (uncut) or to its partial rows (output normalised by the
+    piece's own sum, base-2 lse), then pod.kernels.merge over the cut tokens (Triton's interpreter)."""
+    import torch
+    from pod.kernels.common import LOG2E
+    from pod.kernels.merge import merge_partials
+    spec, h = batch.spec, batch.spec.heads
+    out = torch.full(batch.q_prefill.shape, float("nan"))
+    pm = work.prefill_merge
+    part_o = torch.full_like(pm.part_o, float("nan")) if pm else None
+    part_lse = torch.full_like(pm.part_lse, float("nan")) if pm else None
+    for piece, (c, b, t_lo, t_hi, prow, stride) in enumerate(work.work_units.tolist()):
+        a = int(batch.q_indptr[c])
+        chunk_len = int(batch.q_indptr[c + 1]) - a
+        k, v = batch.sequence_kv(c)
+        kv_len = k.shape[0]
+        rows = min(128, chunk_len - b * 128)
+        q_pos = kv_len - chunk_len + b * 128 + torch.arange(rows)
+        keys = torch.arange(t_lo * 128, min(t_hi * 128, kv_len))
+        for head in range(h.num_q_heads):
+            q = batch.q_prefill[a + b * 128:a + b * 128 + rows, head].float()
+            kk, vv = k[keys, head // h.group_size].float(), v[keys, head // h.group_size].float()
+            s = (q @ kk.T) * batch.sm_scale
+            s = s.masked_fill(keys[None, :] > q_pos[:, None], float("-inf"))
+            assert torch.isfinite(s.max(1).values).all()     # every row sees a key of the piece's first tile
+            o = torch.softmax(s, 1) @ vv
+            if prow < 0:
+                out[a + b * 128:a + b * 128 + rows, head] = o.to(out.dtype)
+            else:
+                r = prow + torch.arange(rows) * stride
+                part_o[r, head] = o
+                part_lse[r, head] = torch.logsumexp(s, 1) * LOG2E
+    if pm:
+        merge_partials(pm.merge_reqs, pm.part_indptr, part_o, part_lse, out)
+    return out
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 5])
+def test_prefill_pieces_cover_every_tile_once_and_merge_to_the_reference(tiles):
+    import torch
+    from pod.batch import make_batch
+    from pod.kernels.pod_sm90 import _unit_tiles
+    from pod.kernels.prefill import plan_units
+    from pod.reference import reference_prefill
+    batch = make_batch(PIECE_SPEC, "cpu", seed=3)
+    work = plan_pod_sm90(batch, PodSm90Config(prefill_piece_tiles=tiles), num_sms=132, device="cpu")
+    units, _ = plan_units(PIECE_SPEC, 128)
+    n_kv, max_lo = _unit_tiles(PIECE_SPEC, units, 128)
+    seen = {}
+    for c, b, t_lo, t_hi, prow, stride in work.work_units.tolist():
+        u = units.index((c, b))
+        seen.setdefault(u, []).append((t_lo, t_hi))
+        assert t_lo <= max_lo[u] and t_hi - t_lo <= max(tiles, 1) or t_lo == max_lo[u]
+    for u, ranges in seen.items():                   # a unit's pieces tile [0, n_kv) in order
+        assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]] and ranges[-1][1] == n_kv[u]
+    assert work.prefill_pieces == len(work.work_units) > len(units)
+    flat = [x for lst in _lists(work) for x in lst] if work.queue is None else work.cta_items.tolist()
+    assert sorted(x for x in flat if x >= 0) == list(range(work.n_prefill_tiles))
+    assert work.n_prefill_tiles == len(work.work_units) * PIECE_SPEC.heads.num_q_heads
+    got = _emulate_pieces(batch, work)
+    ref = reference_prefill(batch)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+def test_prefill_pieces_are_off_by_default_and_cut_only_coarse_tiles():
+    base = PodSm90Config()
+    on = replace(base, prefill_piece_frac=1 / 3, prefill_piece_gain=-1.0)
+    long_ctx = BatchSpec.build(**L3, prefill=[(512, 15872)], decode=[8192] * 32, page_size=16)
+    short_ctx = BatchSpec.build(**L3, prefill=[(2048, 2048)], decode=[2048] * 16, page_size=16)
+    assert plan_pod_sm90(long_ctx, base, num_sms=132, device="cpu").prefill_merge is None
+    w = plan_pod_sm90(long_ctx, on, num_sms=132, device="cpu")      # 128 tiles of 128 KV tiles on ~90 CTAs
+    assert w.prefill_pieces > 4 and w.describe()["prefill_pieces"] == w.prefill_pieces
+    assert plan_pod_sm90(short_ctx, on, num_sms=132, device="cpu").prefill_merge is None   # 512 short tiles
