@@ -298,9 +298,7 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
     one decode CTA of 12, "dyn_decode1"; lists bound to blocks, "dyn_block", or all SMs asking for list 0,
     "dyn_collide"; the decode queue's last requests split finer, decode_tail_keys, "dyn_tail",
     "dyn_tail_ctas4"; the static lists with tails, static_tail_keys, "static_tail", and prefill CTAs that end
-    with decode pairs, "fill", "fill_ctas4"; prefill tiles cut along their keys into pieces of 1-3 KV tiles,
-    merged after the launch, prefill_piece_tiles: "pieces", "pieces1_ctas4", "pieces_static", "pieces_dyn",
-    "pieces_desc", "pieces_no_overlap"): both outputs start as NaN, stale page slots hold NaN;
+    with decode pairs, "fill", "fill_ctas4"): both outputs start as NaN, stale page slots hold NaN;
     a run passes when both parts are within `tol` of the fp32 reference and a second launch is bitwise
     equal (the dynamic queues' cursors are reset by the launch itself). `shard=(i, n)`: only cases i, i+n,
     ... (n processes compile their kernels in parallel); `only`: just these grids (names above)."""
@@ -335,13 +333,7 @@ def check_pod_sm90(seeds=(1, 2), tol: float = 2e-2, out=print, shard: tuple[int,
              "fill": PodSm90Config(balance="static", static_tail_keys=128, static_tail_frac=0.5,
                                    static_tail_gain=-1.0, static_fill="always"),
              "fill_ctas4": PodSm90Config(num_ctas=4, balance="static", static_tail_keys=64, static_tail_frac=0.5,
-                                         static_tail_gain=-1.0, static_fill="always"),
-             "pieces": PodSm90Config(prefill_piece_tiles=2),
-             "pieces1_ctas4": PodSm90Config(num_ctas=4, prefill_piece_tiles=1),
-             "pieces_static": PodSm90Config(balance="static", prefill_piece_tiles=3),
-             "pieces_dyn": PodSm90Config(num_ctas=4, balance="dynamic", cross_rounds=0.0, prefill_piece_tiles=2),
-             "pieces_desc": PodSm90Config(num_ctas=4, prefill_tail="desc", prefill_piece_tiles=1),
-             "pieces_no_overlap": PodSm90Config(num_ctas=4, overlap=False, prefill_piece_tiles=2)}
+                                         static_tail_gain=-1.0, static_fill="always")}
     # Sharp softmax (decode queries x SHARP_Q: scores spread over tens of log2 units, so a column's maximum
     # keeps jumping past the lazy loop's threshold after an item's first stage): these grids run again on it.
     sharp_grids = ("planned", "decode_lazy", "lazy_ctas4", "dynamic")
@@ -401,7 +393,7 @@ def _check_pod_sm90_grids(batch, row: dict, tag: str, grids: dict, tol: float, o
         err_d = max_rel_error(outs[0][1], ref_d) if spec.num_decode else 0.0
         same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
         r = dict(row, plan=tag + gname, grid=work.grid, decode_ctas=work.decode_ctas,
-                 merge=work.needs_merge, prefill_pieces=work.prefill_pieces, prefill_err=err_p, decode_err=err_d, repeat_equal=same,
+                 merge=work.needs_merge, prefill_err=err_p, decode_err=err_d, repeat_equal=same,
                  ok=err_p < tol and err_d < tol and same)
         rows.append(r)
         out(json.dumps(r))

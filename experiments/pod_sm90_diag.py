@@ -117,7 +117,7 @@ def _pod(bench: Bench, cfg, trace: bool = False) -> tuple[dict, object]:
     if cfg.decode_skip:
         row["unchecked"] = f"decode_skip={cfg.decode_skip}: decode output knowingly wrong"
     row.update(grid=work.grid, decode_ctas=work.decode_ctas, est_us=work.estimate_us,
-               merge=work.needs_merge, prefill_pieces=work.prefill_pieces)
+               merge=work.needs_merge)
     if trace and row["ok"]:
         tr = torch.zeros(work.grid, 6, dtype=torch.int64, device="cuda")
         work.runner(bench.batch, *outs, trace=tr)()

@@ -34,10 +34,8 @@ Memory layout (NHD, d unit-stride):
                dropped; rows past the tensor are zero-filled by TMA)
     K, V       contiguous [total_kv, Hkv, D] or paged [pages, PAGE_SIZE, Hkv, D], as 2-D [rows, Hkv*D]
     PartO      fp32 [partial_rows, Hq, D], PartLse fp32 [partial_rows, Hq] (split decodes only)
-    PreO, PreLse   fp32 [partial_rows, Hq, D], [partial_rows, Hq]: pieces of prefill tiles cut along their keys
-Work lists (int32): work_units [pieces, 6] (chunk, q_block, first KV tile, end KV tile, partial row or -1,
-its stride): a piece is a prefill tile's 128 query rows against a range of its 128-key tiles (all of them
-unless the plan cut the tile: prefill_piece_*); prefill item id = piece * Hq + head. dec_items [pairs * 2, 6] = (seq or -1, request, kv_head, kv_start, kv_end, part_row),
+Work lists (int32): work_units [units, 2] (chunk, q_block) as the prefill tile's; prefill tile id =
+unit * Hq + head. dec_items [pairs * 2, 6] = (seq or -1, request, kv_head, kv_start, kv_end, part_row),
 consumer c of pair p takes row 2p + c. cta_items[cta_ptr[c]:cta_ptr[c+1]] lists CTA c's items: >= 0 a
 prefill tile, < 0 the decode pair -(item + 1). balance "dynamic" (PodSm90Config; "auto" picks it where the
 decode outweighs the prefill): cta_items is two queues, the decode pairs then the prefill tiles, cta_ptr[c]
@@ -70,7 +68,7 @@ from pod.batch import BatchSpec, HybridBatch
 from pod.kernels.common import LOG2E
 from pod.kernels.lpt import RunBounds, list_schedule, lpt, lpt_makespan, runs_of, shifted_runs
 from pod.kernels.tables import device_tables
-from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _tail_rows
+from pod.kernels.prefill_sm90 import _attend_rows, _issue_kv_tile, _prefill_tile_info, _tail_rows
 from pod.kernels.ptx_hints import install as _install_ptx_hints, l2_tag_evict_first, l2_tag_evict_last
 
 if TYPE_CHECKING:
@@ -185,37 +183,6 @@ def _issue_pair_half(desc, bar, dst, rows, ci, single, both, use_a, use_b, col_a
 CLAIM_ID = 2 ** 31 - 2                                   # (the host writes it into cta_ptr)
 END = gl.constexpr(2 ** 31 - 1)
 CLAIM = gl.constexpr(CLAIM_ID)
-
-
-PIECE_COLS = 6      # work_units: (chunk, q block, first KV tile, end KV tile, first partial row or -1, row stride)
-PIECE_ROW = gl.constexpr(PIECE_COLS)
-
-
-@gluon.jit
-def _piece_info(item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M: gl.constexpr,
-                PAGED: gl.constexpr):
-    """Prefill item = piece * Hq + q head, a piece = a row of work_units: 128 query rows of one chunk
-    (first row m0, at position q_pos0 of the sequence) against its KV tiles [t_lo, t_hi) (a whole tile's
-    keys: [0, every key a row sees)); its output goes to O (part_row < 0) or, for a tile cut along its keys,
-    row r's fp32 partial to part_row + r * part_stride."""
-    unit = item // num_q_heads
-    head = item % num_q_heads
-    row = work_units + PIECE_ROW * unit
-    chunk = gl.load(row)
-    m0 = gl.load(row + 1) * BLOCK_M
-    t_lo = gl.load(row + 2)
-    t_hi = gl.load(row + 3)
-    part_row = gl.load(row + 4)
-    part_stride = gl.load(row + 5)
-    q_start = gl.load(q_indptr + chunk)
-    chunk_len = gl.load(q_indptr + chunk + 1) - q_start
-    kv_len = gl.load(kv_lens + chunk)
-    if PAGED:
-        kv_start = kv_len * 0
-    else:
-        kv_start = gl.load(kv_indptr + chunk)
-    q_pos0 = kv_len - chunk_len + m0
-    return chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, t_lo, t_hi, part_row, part_stride
 
 
 @gluon.jit
@@ -379,8 +346,8 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
         elif item >= 0:
             if DYNAMIC:
                 _post_item(item_smem, item_ready, item, n)
-            chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, t_lo, t_hi, _, _ = _piece_info(
-                item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, PAGED)
+            chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
+                item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             tail_rows, last_idx = _tail_rows(block_table, chunk, kv_start, kv_len, stride_bt, PAGE_SIZE, PAGED)
             kv_col = (head // GROUP) * HEAD_DIM
             if PREFILL_L2 == 1:                          # re-read by every query tile of the kv head: keep in L2
@@ -401,7 +368,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
             if not OVERLAP:
                 _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM, ROWS,
                                 BLOCK_M * HEAD_DIM * ELT)
-            for t in range(t_lo, t_hi):
+            for t in range(n_tiles):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 # A slot a decode stage used last: its V half too (in "desc" the drain above waited for it)
@@ -414,7 +381,7 @@ def _producer(Q, Qd, K, V, block_table, q_indptr, kv_lens, kv_indptr, work_units
                                kv_col, BLOCK_N, COPY_ROWS, PAGE_SIZE, PAGED)
                 it += 1
                 if OVERLAP:
-                    if t - t_lo + 1 == gl.minimum(t_hi - t_lo, STAGES - 1):
+                    if t + 1 == gl.minimum(n_tiles, STAGES - 1):
                         _load_q_prefill(q_desc, q_smem, q_ready, q_empty, n, q_start + m0, head * HEAD_DIM,
                                         ROWS, BLOCK_M * HEAD_DIM * ELT)
         else:
@@ -818,7 +785,7 @@ def _skip_stages(ready_k, ready_v, empty, empty_v, it, n, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(O, Od, PartO, PartLse, PreO, PreLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
+def _consumer(O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red, q_ready, q_empty, ready_k, ready_v, empty, empty_v,
               vz, item_smem, item_ready, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta, trace, num_q_heads,
               qk_scale, HALF: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
@@ -869,15 +836,14 @@ def _consumer(O, Od, PartO, PartLse, PreO, PreLse, q_smem, k_smem, v_smem, red, 
         if item == END:
             pass
         elif item >= 0:
-            chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, t_lo, t_hi, part_row, part_stride = \
-                _piece_info(item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, PAGED)
-            n_tiles = t_hi - t_lo
+            chunk, head, m0, q_start, chunk_len, kv_len, kv_start, q_pos0, n_tiles = _prefill_tile_info(
+                item, work_units, q_indptr, kv_lens, kv_indptr, num_q_heads, BLOCK_M, BLOCK_N, PAGED)
             row0 = q_pos0 + HALF * ROWS
             mbarrier.wait(q_ready, n & 1)
             if TAIL_MASK or OVERLAP:
                 acc, l_i, m_i, pb = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
                                                  gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
-                                                 ROWS, HEAD_DIM, BLOCK_N, STAGES, 4, False, t_lo)
+                                                 ROWS, HEAD_DIM, BLOCK_N, STAGES, 4, False)
                 if OVERLAP:
                     # The last S = Q K^T has completed (_attend_rows waited on it): this item reads its Q no
                     # more, so the producer may load the next item's Q while this one runs its last P V.
@@ -886,7 +852,7 @@ def _consumer(O, Od, PartO, PartLse, PreO, PreLse, q_smem, k_smem, v_smem, red, 
                 sl = (it + n_tiles - 1) % STAGES
                 mbarrier.wait(ready_v.index(sl), ((it + n_tiles - 1) // STAGES) & 1)
                 if TAIL_MASK:
-                    valid = kv_len - (t_hi - 1) * BLOCK_N         # keys of the last tile before kv_len
+                    valid = kv_len - (n_tiles - 1) * BLOCK_N      # keys of the last tile before kv_len
                     if valid < BLOCK_N:
                         _zero_rows_from(v_smem.index(sl).slice(HALF * ROWS, ROWS), z_rows, valid, z_layout)
                         fence_async_shared()
@@ -899,22 +865,9 @@ def _consumer(O, Od, PartO, PartLse, PreO, PreLse, q_smem, k_smem, v_smem, red, 
             else:
                 acc, l_i, m_i, pb = _attend_rows(my_q, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles,
                                                  gl.minimum(row0 + 1, kv_len) // BLOCK_N, row0, kv_len, qk_scale,
-                                                 ROWS, HEAD_DIM, BLOCK_N, STAGES, 4, True, t_lo)
+                                                 ROWS, HEAD_DIM, BLOCK_N, STAGES, 4)
             acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-            if part_row >= 0:
-                # A piece of a tile cut along its keys: row r's fp32 output (normalised by this piece's sum)
-                # and base-2 lse at partial row part_row + r * part_stride; pod.kernels.merge adds the pieces.
-                if not OVERLAP:                          # (OVERLAP freed the Q buffer after the last S)
-                    gl.thread_barrier()
-                    mbarrier.arrive(q_empty, count=1)
-                r = HALF * ROWS + o_rows
-                prow = (part_row + r * part_stride).to(gl.int64) * num_q_heads + head
-                keep = m0 + r < chunk_len
-                p_ptrs = PreO + gl.expand_dims(prow * HEAD_DIM, 1) + gl.expand_dims(o_cols, 0)
-                gl.store(p_ptrs, acc, mask=gl.expand_dims(keep, 1))
-                lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, o_layout))
-                gl.store(PreLse + prow, lse, mask=keep)
-            elif OVERLAP:
+            if OVERLAP:
                 # O = acc / l straight from the wgmma layout (4-byte stores: the Q buffer holds the next Q).
                 o_ptrs = O + gl.expand_dims((q_start + m0 + HALF * ROWS + o_rows).to(gl.int64) * Q_STRIDE, 1) \
                     + head * HEAD_DIM + gl.expand_dims(o_cols, 0)
@@ -988,7 +941,7 @@ def _consumer(O, Od, PartO, PartLse, PreO, PreLse, q_smem, k_smem, v_smem, red, 
 # The batch's sizes are not specialised on (== 1, % 16): a serving engine's batches change them every
 # iteration, and each new specialisation would be a multi-second compile inside a timed step.
 @gluon.jit(do_not_specialize=["dec_ctas", "total_q_rows", "total_qd_rows", "total_kv_rows", "stride_bt"])
-def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, PreO, PreLse, q_indptr, kv_lens, kv_indptr, block_table, work_units,
+def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, q_indptr, kv_lens, kv_indptr, block_table, work_units,
                     dec_items, cta_ptr, cta_items, trace, sm_map, claim, queue, dec_ctas,
                     num_q_heads, total_q_rows, total_qd_rows, total_kv_rows, stride_bt, qk_scale,
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
@@ -1035,11 +988,11 @@ def pod_sm90_kernel(Q, Qd, K, V, O, Od, PartO, PartLse, PreO, PreLse, q_indptr, 
         mbarrier.init(item_ready.index(i), count=1)
     fence_async_shared()                                 # the inits are visible to the TMA engine
     gl.warp_specialize([
-        (_consumer, (O, Od, PartO, PartLse, PreO, PreLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
+        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red0, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, item_smem, item_ready, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 0, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
                      TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP, DYNAMIC)),
-        (_consumer, (O, Od, PartO, PartLse, PreO, PreLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
+        (_consumer, (O, Od, PartO, PartLse, q_smem, k_smem, v_smem, red1, q_ready, q_empty, ready_k, ready_v,
                      empty, empty_v, vz, item_smem, item_ready, q_indptr, kv_lens, kv_indptr, work_units, dec_items, cta_ptr, cta_items, cta,
                      trace, num_q_heads, qk_scale, 1, GROUP, HEAD_DIM, NUM_KV_HEADS, BLOCK_M, BLOCK_N, PAGED, STAGES,
                      TRACE, DECODE_SKIP, DECODE_XCHG, DECODE_EARLY_K, TAIL_MASK, OVERLAP, DECODE_LOOP, DYNAMIC)),
@@ -1144,17 +1097,6 @@ class PodSm90Config:
                                          # model (fluid_span: HBM shared by every streaming CTA) says it pays,
                                          # "always" (checks), "never" (only the decode CTAs' last round evened)
     static_tail_gain: float = 0.05
-    prefill_piece_frac: float | None = None   # cut a prefill tile along its keys into pieces of at most this
-                                         # fraction of a prefill CTA's expected share (whole 128-key tiles; each
-                                         # piece writes an fp32 partial, merged after the launch like a split
-                                         # decode), planned where the model's makespan with the merge falls by
-                                         # prefill_piece_gain: a 16K-context tile takes ~250 us, and a few
-                                         # hundred of them on the prefill CTAs end a whole tile apart. None: off
-    prefill_piece_tiles: int | None = None    # force: every tile cut into pieces of at most this many KV tiles
-                                         # (checks; overrides prefill_piece_frac)
-    prefill_piece_min_tiles: int = 8     # prefill_piece_frac: no piece shorter than this many KV tiles
-    prefill_piece_gain: float = 0.03
-    prefill_merge_us: float = 8.0        # the prefill merge launch's fixed cost in the model
     decode_skip: int = 0                 # diagnostics only (wrong decode output): links of the decode chain
                                          # left out (_decode_rows' SKIP bits; 16: stream K/V unread)
 
@@ -1312,17 +1254,6 @@ def lpt_with_stealing(prefill_costs: list[float], decode_costs: list[float], gri
 
 
 @dataclass
-class PrefillMerge:
-    """Where a plan cuts long prefill tiles along their keys (prefill_piece_*): the pieces' partials and the
-    merge that adds them up after the launch (pod.kernels.merge over prefill tokens, as over decode requests)."""
-    pieces: int                     # prefill pieces of the plan (units it cut count once a piece)
-    merge_reqs: torch.Tensor        # int32 [tokens to merge]: rows of Q / O
-    part_indptr: torch.Tensor       # int32 [prefill tokens + 1]: token t's partial rows
-    part_o: torch.Tensor            # fp32 [rows, Hq, D]: each piece's output, normalised by its own sum
-    part_lse: torch.Tensor          # fp32 [rows, Hq]: its base-2 log-sum-exp
-
-
-@dataclass
 class PodSm90Work:
     """The plan of one batch shape for the Hopper POD kernel (shape-only; `runner` binds a launch)."""
     config: PodSm90Config
@@ -1331,8 +1262,7 @@ class PodSm90Work:
     decode_ctas: int
     n_prefill_tiles: int
     n_decode_pairs: int
-    work_units: torch.Tensor        # [pieces, PIECE_COLS] int32 (chunk, q_block, first KV tile, end KV tile,
-                                    # first partial row or -1, its stride)
+    work_units: torch.Tensor        # [units, 2] int32 (chunk, q_block)
     dec_items: torch.Tensor         # [pairs * 2, 6] int32 (seq or -1, request, kv head, kv_start, kv_end, part_row)
     cta_ptr: torch.Tensor           # [grid + 1] int32 (balance "dynamic": each CTA's first item, or 2^31 - 2:
                                     # claim one)
@@ -1342,7 +1272,6 @@ class PodSm90Work:
     estimate_us: dict
     sm_map: torch.Tensor | None = None   # [SM_SLOTS] int32: the list planned for each SM (config.bind != "block")
     claim: torch.Tensor | None = None    # [grid + 2] int32 zeros: _claim_list's workspace (one launch at a time)
-    prefill_merge: PrefillMerge | None = None   # prefill_piece_*: the cut tiles' partials and merge (None: none)
     tails: int = 0                       # static_tail_keys: prefill CTAs that end with decode pairs, + 1 (0: no
                                          # static tails planned; 1: tails on the decode CTAs only)
     queue: torch.Tensor | None = None    # [12] int32, balance "dynamic": the queues' claims and CTAs done (zero
@@ -1357,11 +1286,6 @@ class PodSm90Work:
     def needs_merge(self) -> bool:
         return bool(self.decode is not None and self.decode.needs_merge)
 
-    @property
-    def prefill_pieces(self) -> int:
-        """Prefill pieces where the plan cut tiles along their keys, else 0."""
-        return self.prefill_merge.pieces if self.prefill_merge is not None else 0
-
     def describe(self) -> dict:
         """The config's knobs (those set), then what the plan made of them (`decode_ctas`: the split run,
         whether planned or forced by config.decode_ctas; `schedule`: the lists or the queues, balance)."""
@@ -1369,8 +1293,7 @@ class PodSm90Work:
         return {**knobs, **dict(kernel="pod_sm90", grid=self.grid, decode_ctas=self.decode_ctas,
                                 n_prefill_tiles=self.n_prefill_tiles, n_decode_pairs=self.n_decode_pairs,
                                 decode_kv_chunk=self.decode.kv_chunk_len if self.decode is not None else None,
-                                merge_launch=self.needs_merge, prefill_pieces=self.prefill_pieces,
-                                estimate_us=self.estimate_us,
+                                merge_launch=self.needs_merge, estimate_us=self.estimate_us,
                                 static_tails=self.tails,
                                 schedule="dynamic" if self.queue is not None else "static")}
 
@@ -1410,15 +1333,19 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     # Prefill tiles: the Hopper tile's work list; cost = KV tiles computed x a full tile's FLOPs.
     units, _ = plan_units(spec, 128)
     tile_us = 4 * 128 * 128 * h.head_dim / (cfg.prefill_tflops_per_sm * 1e6)
-    n_kv, max_lo = _unit_tiles(spec, units, cfg.block_n)
-    pieces = np.stack([np.arange(len(units)), np.zeros(len(units), np.int64), n_kv], axis=1)
-    prefill_costs = _piece_costs(pieces, tile_us, cfg.item_us, h.num_q_heads)
+    unit_cost = []
+    for c, b in units:
+        ch = spec.prefill_chunks[c]
+        q_pos0 = ch.context_len + b * 128
+        n_kv = -(-min(ch.context_len + ch.chunk_len, q_pos0 + 128) // cfg.block_n)
+        unit_cost.append(n_kv * tile_us + cfg.item_us)
+    prefill_costs = np.repeat(np.asarray(unit_cost, dtype=np.float64), h.num_q_heads).tolist()
 
     # Decode items (request, kv head, key range): split so LPT can balance them over the decode CTAs.
     rate = cfg.decode_gbps(h.head_dim)                 # GB/s a decode CTA
     stage_us = 2 * cfg.block_n * h.head_dim * spec.torch_dtype.itemsize / (rate * 1e3)
     grid0 = cfg.num_ctas or num_sms
-    dec, decode_costs, d_total = None, [], 0.0         # decode_costs: one a pair
+    dec, decode_costs = None, []                       # decode_costs: one a pair
     if spec.num_decode:
         p_total = sum(prefill_costs)
         d_total = sum(-(-n // 64) for n in spec.decode_context_lens) * h.num_kv_heads / 2 * stage_us
@@ -1427,8 +1354,6 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
         decode_costs = _pair_costs(items, stage_us, cfg.item_us)
 
     grid = max(1, min(grid0, len(prefill_costs) + len(decode_costs)))
-    # Long-context prefill tiles cut along their keys (prefill_piece_*): which ones, if any (None: none).
-    max_tiles = _piece_tiles(cfg, n_kv, tile_us, sum(prefill_costs), d_total, grid)
 
     def slowdown(k):                          # k decode CTAs share HBM
         return max(1.0, k * rate / cfg.hbm_gbps)
@@ -1436,25 +1361,12 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     def prefill_extra(k):                     # a prefill item's extra latency beside k decode CTAs
         return cfg.item_us_hbm * min(1.0, k * rate / cfg.hbm_gbps)
 
-    def split(pre_costs):                     # (decode CTAs, prefill estimate, decode estimate)
-        if cfg.decode_ctas is not None and pre_costs and decode_costs:
-            kk = max(1, min(cfg.decode_ctas, grid - 1))
-            return (kk, lpt_makespan(_shifted(pre_costs, prefill_extra(kk)), grid - kk),
-                    lpt_makespan(decode_costs, kk) * slowdown(kk))
-        return split_sms(pre_costs, decode_costs, grid, slowdown, cfg.plateau_tol, prefill_extra)
-
-    k, t_p, t_d = split(prefill_costs)
-    if max_tiles is not None:
-        # Pieces of at most max_tiles KV tiles: planned where the model's makespan, with the merge launch they
-        # need, falls by prefill_piece_gain (always where prefill_piece_tiles forces them).
-        cut = _cut_pieces(n_kv, max_lo, max_tiles)
-        if len(cut) > len(pieces):
-            cut_costs = _piece_costs(cut, tile_us, cfg.item_us, h.num_q_heads)
-            k2, t_p2, t_d2 = split(cut_costs)
-            merge_us = _piece_merge_us(spec, units, cut, cfg)
-            if cfg.prefill_piece_tiles is not None or \
-                    max(t_p2, t_d2) + merge_us < (1.0 - cfg.prefill_piece_gain) * max(t_p, t_d):
-                pieces, prefill_costs, (k, t_p, t_d) = cut, cut_costs, (k2, t_p2, t_d2)
+    if cfg.decode_ctas is not None and prefill_costs and decode_costs:
+        k = max(1, min(cfg.decode_ctas, grid - 1))
+        t_p = lpt_makespan(_shifted(prefill_costs, prefill_extra(k)), grid - k)
+        t_d = lpt_makespan(decode_costs, k) * slowdown(k)
+    else:
+        k, t_p, t_d = split_sms(prefill_costs, decode_costs, grid, slowdown, cfg.plateau_tol, prefill_extra)
     k = min(k, len(decode_costs))
     steal = None
     if cfg.prefill_tail not in ("mask", "desc"):
@@ -1570,23 +1482,12 @@ def plan_pod_sm90(batch_or_spec: HybridBatch | BatchSpec, config: PodSm90Config 
     if cfg.bind.startswith("gpc_") and gpcs is None:
         from pod.kernels.sm_map import gpcs_of
         gpcs = gpcs_of(device)
-    work_units, pm = _piece_tables(spec, units, pieces)
-    tables = device_tables(device, work_units=work_units, dec_items=rows, cta_ptr=cta_ptr,
+    tables = device_tables(device, work_units=np.array(units or [(0, 0)]), dec_items=rows, cta_ptr=cta_ptr,
                             cta_items=np.array(flat),
                             sm_map=np.array(sm_map_for(cfg.bind, num_sms, k, grid, gpcs)) if bound else None,
                             claim=np.zeros(grid + 2) if bound else None,
-                            queue=np.array(queue) if dynamic else None,
-                            pre_indptr=pm[0] if pm else None, pre_reqs=pm[1] if pm else None)
-    prefill_merge = None
-    if pm:
-        rows_p = int(pm[0][-1])
-        prefill_merge = PrefillMerge(
-            pieces=len(pieces), merge_reqs=tables.pop("pre_reqs"), part_indptr=tables.pop("pre_indptr"),
-            part_o=torch.empty(rows_p, h.num_q_heads, h.head_dim, dtype=torch.float32, device=device),
-            part_lse=torch.empty(rows_p, h.num_q_heads, dtype=torch.float32, device=device))
-    else:
-        del tables["pre_indptr"], tables["pre_reqs"]
-    return PodSm90Work(config=cfg, spec=spec, grid=grid, decode_ctas=k, tails=tails, prefill_merge=prefill_merge,
+                            queue=np.array(queue) if dynamic else None)
+    return PodSm90Work(config=cfg, spec=spec, grid=grid, decode_ctas=k, tails=tails,
                        n_prefill_tiles=len(prefill_costs), n_decode_pairs=len(decode_costs), decode=dec,
                        estimate_us=dict(prefill=round(t_p, 1), decode=round(t_d, 1)), **tables)
 
@@ -1714,103 +1615,6 @@ def _best_fill_plan(prefill_costs, decode_costs, grid: int, cands, fills, parall
             heapq.heappush(heap, (span, i, 2, kc, fill, (pre_lists, dec_lists, t_p, span, kc)))
 
 
-def _unit_tiles(spec: BatchSpec, units, block_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each (chunk, q block) unit: the KV tiles any of its rows sees, and the last tile a piece may start
-    at (its row 0, at position q_pos0, sees that tile's first key: every piece's first tile gives every row
-    a finite maximum)."""
-    n_kv, max_lo = np.zeros(len(units), np.int64), np.zeros(len(units), np.int64)
-    for i, (c, b) in enumerate(units):
-        ch = spec.prefill_chunks[c]
-        q_pos0 = ch.context_len + b * 128
-        n_kv[i] = -(-min(ch.context_len + ch.chunk_len, q_pos0 + 128) // block_n)
-        max_lo[i] = q_pos0 // block_n
-    return n_kv, max_lo
-
-
-def _piece_costs(pieces: np.ndarray, tile_us: float, item_us: float, num_q_heads: int) -> list[float]:
-    """The cost model's time of each prefill item (piece x q head, item = piece * Hq + head): its KV tiles x
-    a full tile's time, plus an item's fixed cost."""
-    per = (pieces[:, 2] - pieces[:, 1]) * tile_us + item_us
-    return np.repeat(per.astype(np.float64), num_q_heads).tolist()
-
-
-def _piece_tiles(cfg: PodSm90Config, n_kv: np.ndarray, tile_us: float, p_total: float, d_total: float,
-                 grid: int) -> int | None:
-    """KV tiles a prefill piece may hold, or None where no unit would be cut. prefill_piece_tiles forces
-    it; prefill_piece_frac cuts a unit longer than that fraction of a prefill CTA's expected share (the
-    prefill's work over the CTAs the roles' work shares leave it), the way decode items are split."""
-    if not len(n_kv):
-        return None
-    if cfg.prefill_piece_tiles is not None:
-        m = cfg.prefill_piece_tiles
-    elif cfg.prefill_piece_frac is not None:
-        k_est = round(grid * d_total / (d_total + p_total)) if d_total else 0
-        share = p_total / max(1, grid - k_est)
-        m = max(cfg.prefill_piece_min_tiles, int(cfg.prefill_piece_frac * share / tile_us))
-    else:
-        return None
-    return m if int(n_kv.max()) > m else None
-
-
-def _cut_pieces(n_kv: np.ndarray, max_lo: np.ndarray, max_tiles: int) -> np.ndarray:
-    """int64 [pieces, 3] (unit, first KV tile, end KV tile): each unit cut into ceil(n / max_tiles) pieces
-    of near-equal tile counts, no cut past max_lo (a piece's first key is seen by every row); a unit's
-    pieces are neighbours, in the units' order."""
-    out = []
-    for u, (n, lo_max) in enumerate(zip(n_kv.tolist(), max_lo.tolist())):
-        p = -(-n // max_tiles)
-        cuts = sorted({0, n, *(min(i * n // p, lo_max) for i in range(1, p))})
-        out += [(u, a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    return np.asarray(out, dtype=np.int64).reshape(-1, 3)
-
-
-def _piece_rows(spec: BatchSpec, units, pieces: np.ndarray) -> np.ndarray:
-    """Partial rows a prefill token owns (its unit's piece count where that unit is cut, else 0), one entry
-    per prefill token in Q's row order."""
-    counts = np.zeros(sum(ch.chunk_len for ch in spec.prefill_chunks), np.int64)
-    per_unit = np.bincount(pieces[:, 0], minlength=len(units))
-    starts = np.concatenate([[0], np.cumsum([ch.chunk_len for ch in spec.prefill_chunks])])
-    for u in np.flatnonzero(per_unit > 1).tolist():
-        c, b = units[u]
-        r0 = int(starts[c]) + b * 128
-        counts[r0:min(r0 + 128, int(starts[c + 1]))] = per_unit[u]
-    return counts
-
-
-def _piece_merge_us(spec: BatchSpec, units, pieces: np.ndarray, cfg: PodSm90Config) -> float:
-    """The cost model's time of the prefill merge: its launch, then every partial (fp32 O and lse) written by
-    the pieces and read by the merge at HBM's rate."""
-    rows = int(_piece_rows(spec, units, pieces).sum())
-    h = spec.heads
-    return cfg.prefill_merge_us + 2 * rows * h.num_q_heads * (h.head_dim + 1) * 4 / (cfg.hbm_gbps * 1e3)
-
-
-def _piece_tables(spec: BatchSpec, units, pieces: np.ndarray):
-    """(work_units [pieces, PIECE_COLS], (partial indptr over prefill tokens, tokens to merge) or None).
-    A cut unit's token r (r < its valid rows) keeps its piece p's partial at row indptr[token] + p (stride =
-    its pieces); an uncut unit writes O directly (partial row -1)."""
-    if not len(units):
-        return np.zeros((1, PIECE_COLS), np.int64), None
-    per_unit = np.bincount(pieces[:, 0], minlength=len(units))
-    wu = np.zeros((len(pieces), PIECE_COLS), np.int64)
-    u_arr = np.asarray(units, dtype=np.int64)
-    wu[:, :2] = u_arr[pieces[:, 0]]
-    wu[:, 2:4] = pieces[:, 1:]
-    wu[:, 4] = -1
-    if not (per_unit > 1).any():
-        return wu, None
-    counts = _piece_rows(spec, units, pieces)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    starts = np.concatenate([[0], np.cumsum([ch.chunk_len for ch in spec.prefill_chunks])])
-    u = pieces[:, 0]                                   # a unit's pieces are neighbours, units ascending
-    p_in_unit = np.arange(len(pieces)) - np.searchsorted(u, u)
-    token0 = starts[u_arr[u, 0]] + u_arr[u, 1] * 128
-    cut = per_unit[u] > 1
-    wu[cut, 4] = indptr[token0[cut]] + p_in_unit[cut]
-    wu[cut, 5] = per_unit[u][cut]
-    return wu, (indptr, np.flatnonzero(counts))
-
-
 def _kv_head_order(costs: list[float], num_q_heads: int, group: int) -> list[int]:
     """Prefill tiles (index = unit x num_q_heads + q head) by kv head, the longest first within one (ties in
     index order): list scheduling in this order starts the tiles that read one kv head's K/V together."""
@@ -1878,10 +1682,7 @@ def launch_args(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Tensor
     dec = work.decode
     part_o = dec.part_o if dec is not None else work.cta_ptr.new_zeros(1, dtype=torch.float32)
     part_lse = dec.part_lse if dec is not None else part_o
-    pm = work.prefill_merge
-    pre_o = pm.part_o if pm is not None else part_o
-    pre_lse = pm.part_lse if pm is not None else part_lse
-    args = (q, qd, k, v, o, od, part_o, part_lse, pre_o, pre_lse, batch.q_indptr, batch.kv_lens, kv_indptr, bt,
+    args = (q, qd, k, v, o, od, part_o, part_lse, batch.q_indptr, batch.kv_lens, kv_indptr, bt,
             work.work_units, work.dec_items, work.cta_ptr, work.cta_items,
             trace if trace is not None else work.cta_ptr,
             work.sm_map if work.sm_map is not None else work.cta_ptr,
@@ -1914,15 +1715,12 @@ def pod_sm90_runner(batch: HybridBatch, work: PodSm90Work, out_prefill: torch.Te
     grid = (work.grid,)
     dec = work.decode
     merge = work.needs_merge
-    pm = work.prefill_merge
 
     def launch():
         if work.num_tiles:
             pod_sm90_kernel[grid](*args, **const, num_warps=4)
         if merge:
             merge_partials(dec.merge_reqs, dec.part_indptr, dec.part_o, dec.part_lse, out_decode)
-        if pm is not None:
-            merge_partials(pm.merge_reqs, pm.part_indptr, pm.part_o, pm.part_lse, out_prefill)
         return out_prefill, out_decode
     return launch
 

@@ -159,13 +159,12 @@ def _causal_mask(s, t, q_pos, kv_len, BLOCK_N: gl.constexpr, col_layout: gl.cons
 @gluon.jit
 def _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles, n_full, q_pos0, kv_len, qk_scale,
                  ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 WARPS: gl.constexpr, LAST_PV: gl.constexpr = True, t0=0):
+                 WARPS: gl.constexpr, LAST_PV: gl.constexpr = True):
     """ROWS query rows (q_smem, first row at position q_pos0; WARPS / 4 warpgroups of 64 rows) against the
-    n_tiles KV tiles t0, t0+1, ... of the sequence (n_full: the tiles before this one need no mask) that
-    occupy ring slots it, it+1, ... (stage = slot % STAGES); every row must see a key of tile t0. Releases
-    each stage after its P V. Returns the un-normalised output, the row sums, the row maxima (exp2 domain)
-    and the last tile's P (MMA operand). LAST_PV=False: the last tile's P V and release are the caller's (it
-    may fix that stage's V first)."""
+    n_tiles KV tiles that occupy ring slots it, it+1, ... (stage = slot % STAGES). Releases each stage
+    after its P V. Returns the un-normalised output, the row sums, the row maxima (exp2 domain) and the last
+    tile's P (MMA operand). LAST_PV=False: the last tile's P V and release are the caller's (it may fix that
+    stage's V first)."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -177,11 +176,11 @@ def _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles, n
     q_pos = q_pos0 + gl.arange(0, ROWS, layout=row_layout)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
 
-    # Tile t0: every row sees its first key, so m_i is finite from here on (no -inf - -inf).
+    # Tile 0: every row sees key 0, so m_i is finite from here on (no -inf - -inf).
     mbarrier.wait(ready_k.index(it % STAGES), (it // STAGES) & 1)
     s = warpgroup_mma(q_smem, k_smem.index(it % STAGES).permute((1, 0)), zero_s, use_acc=False)
-    if t0 >= n_full:
-        s = _causal_mask(s, t0, q_pos, kv_len, BLOCK_N, col_layout)
+    if n_full == 0:
+        s = _causal_mask(s, 0, q_pos, kv_len, BLOCK_N, col_layout)
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p, 1)
@@ -198,8 +197,8 @@ def _attend_rows(q_smem, k_smem, v_smem, ready_k, ready_v, empty, it, n_tiles, n
         o_tok = warpgroup_mma(pb, v_smem.index(sp), acc, is_async=True)
         # wgmma groups retire in order: one outstanding means S_t is done, P_{t-1} V_{t-1} may still run.
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-        if t0 + t >= n_full:
-            s = _causal_mask(s, t0 + t, q_pos, kv_len, BLOCK_N, col_layout)
+        if t >= n_full:
+            s = _causal_mask(s, t, q_pos, kv_len, BLOCK_N, col_layout)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
