@@ -48,8 +48,11 @@ for stage in "$@"; do
       if [ -n "$aot" ] && ls .fi_so/*.tar.xz.00 >/dev/null 2>&1; then
         for first in .fi_so/*.tar.xz.00; do               # one set: its parts in order, one tar of fi_so/*.so
           d=$(mktemp -d); cat "${first%.00}".* | tar -C "$d" -xJf - || echo "fi_install: $first's set is broken" | log
+          # Each module renamed into place, not copied over: a process that has the old file mapped (a sweep
+          # running while another set is installed beside it) keeps reading the pages it loaded.
           for so in "$d"/fi_so/*.so; do
-            [ -e "$so" ] || continue; n=$(basename "$so" .so); mkdir -p "$aot/$n"; cp "$so" "$aot/$n/"; done
+            [ -e "$so" ] || continue; n=$(basename "$so" .so); mkdir -p "$aot/$n"
+            cp "$so" "$aot/$n/.$n.so.new" && mv -f "$aot/$n/.$n.so.new" "$aot/$n/$n.so"; done
           rm -rf "$d"
         done
         ls "$aot" | log
